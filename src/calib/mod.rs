@@ -1,0 +1,80 @@
+//! Text → tokens, and calibration windows.
+//!
+//! Text files are read as is; `.jsonl` files contribute one field per line (default `text`),
+//! joined with "\n\n". The whole text is tokenized once with the model's tokenizer.json (its
+//! post-processor adds BOS as transformers would). Calibration windows are `samples` random
+//! windows of `seq_len` consecutive tokens, start positions drawn from a ChaCha8 generator seeded
+//! with `seed` — the GPTQ reference's protocol (random windows of the tokenized text).
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !path.exists() {
+        bail!("{}: tokenizer.json not found", path.display());
+    }
+    Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
+}
+
+/// Read a text file, or the `field` of every line of a `.jsonl` file joined with "\n\n".
+pub fn read_text(path: &Path, field: &str) -> Result<String> {
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} (missing, or not UTF-8)", path.display()))?;
+    let is_jsonl = path
+        .extension()
+        .map(|e| e == "jsonl" || e == "json")
+        .unwrap_or(false);
+    if !is_jsonl {
+        return Ok(raw);
+    }
+    let mut parts = Vec::new();
+    for (i, line) in raw.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let s = v
+            .get(field)
+            .and_then(|s| s.as_str())
+            .with_context(|| format!("{}:{}: no string field `{field}`", path.display(), i + 1))?;
+        parts.push(s.to_string());
+    }
+    if parts.is_empty() {
+        bail!("{}: no records", path.display());
+    }
+    Ok(parts.join("\n\n"))
+}
+
+/// Tokenize a whole text once, special tokens added by the tokenizer's post-processor.
+pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let enc = tok
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// `samples` windows of `seq_len` tokens at random start positions (seeded, reproducible).
+pub fn random_windows(
+    tokens: &[u32],
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if tokens.len() <= seq_len {
+        bail!(
+            "calibration text has {} tokens, fewer than one window of seq_len {seq_len}",
+            tokens.len()
+        );
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Ok((0..samples)
+        .map(|_| {
+            let s = rng.gen_range(0..tokens.len() - seq_len);
+            tokens[s..s + seq_len].to_vec()
+        })
+        .collect())
+}

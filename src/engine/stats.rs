@@ -1,0 +1,125 @@
+//! Statistics of a linear input X [n, d] accumulated over the calibration set:
+//! - Hessian H = 2/n · Σ x xᵀ (GPTQ, SparseGPT; Frantar et al. 2022, eq. 1's second derivative)
+//! - per-channel max |x| (SmoothQuant), mean |x| (AWQ)
+//! - column L2 norms ‖X_j‖₂ (Wanda)
+
+use ndarray::Array2;
+
+/// Which statistics a pass needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsRequest {
+    pub hessian: bool,
+    pub act_absmax: bool,
+    pub act_mean_abs: bool,
+    pub col_norm: bool,
+}
+
+impl StatsRequest {
+    pub fn any(&self) -> bool {
+        self.hessian || self.act_absmax || self.act_mean_abs || self.col_norm
+    }
+    pub fn union(self, o: StatsRequest) -> StatsRequest {
+        StatsRequest {
+            hessian: self.hessian || o.hessian,
+            act_absmax: self.act_absmax || o.act_absmax,
+            act_mean_abs: self.act_mean_abs || o.act_mean_abs,
+            col_norm: self.col_norm || o.col_norm,
+        }
+    }
+}
+
+/// Running sums for one input site.
+#[derive(Clone, Debug)]
+pub struct SiteStats {
+    pub dim: usize,
+    /// Rows (tokens) seen.
+    pub n: usize,
+    /// Σ x xᵀ (f64), when requested.
+    pub xtx: Option<Array2<f64>>,
+    pub absmax: Option<Vec<f32>>,
+    pub sum_abs: Option<Vec<f64>>,
+    pub sum_sq: Option<Vec<f64>>,
+}
+
+impl SiteStats {
+    pub fn new(dim: usize, req: StatsRequest) -> Self {
+        SiteStats {
+            dim,
+            n: 0,
+            xtx: req.hessian.then(|| Array2::zeros((dim, dim))),
+            absmax: req.act_absmax.then(|| vec![0f32; dim]),
+            sum_abs: req.act_mean_abs.then(|| vec![0f64; dim]),
+            sum_sq: req.col_norm.then(|| vec![0f64; dim]),
+        }
+    }
+
+    /// Add a batch of rows x [n, d] (row-major). `xtx_batch`, when given, is the batch's XᵀX
+    /// computed by a fast GEMM (f32); otherwise it is computed here.
+    pub fn add(&mut self, x: &[f32], rows: usize, xtx_batch: Option<&[f32]>) {
+        let d = self.dim;
+        debug_assert_eq!(x.len(), rows * d);
+        self.n += rows;
+        if let Some(h) = self.xtx.as_mut() {
+            match xtx_batch {
+                Some(b) => h
+                    .as_slice_mut()
+                    .expect("contiguous")
+                    .iter_mut()
+                    .zip(b)
+                    .for_each(|(a, v)| *a += *v as f64),
+                None => {
+                    for r in 0..rows {
+                        let row = &x[r * d..(r + 1) * d];
+                        for i in 0..d {
+                            for j in 0..d {
+                                h[[i, j]] += row[i] as f64 * row[j] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(m) = self.absmax.as_mut() {
+            for r in 0..rows {
+                for (a, v) in m.iter_mut().zip(&x[r * d..(r + 1) * d]) {
+                    *a = a.max(v.abs());
+                }
+            }
+        }
+        if let Some(s) = self.sum_abs.as_mut() {
+            for r in 0..rows {
+                for (a, v) in s.iter_mut().zip(&x[r * d..(r + 1) * d]) {
+                    *a += v.abs() as f64;
+                }
+            }
+        }
+        if let Some(s) = self.sum_sq.as_mut() {
+            for r in 0..rows {
+                for (a, v) in s.iter_mut().zip(&x[r * d..(r + 1) * d]) {
+                    *a += (*v as f64) * (*v as f64);
+                }
+            }
+        }
+    }
+
+    /// H = 2/n · Σ x xᵀ.
+    pub fn hessian(&self) -> Option<Array2<f64>> {
+        let n = self.n.max(1) as f64;
+        self.xtx.as_ref().map(|s| s * (2.0 / n))
+    }
+
+    /// Per-channel mean |x|.
+    pub fn mean_abs(&self) -> Option<Vec<f64>> {
+        let n = self.n.max(1) as f64;
+        self.sum_abs
+            .as_ref()
+            .map(|s| s.iter().map(|v| v / n).collect())
+    }
+
+    /// Per-channel ‖X_j‖₂ over all calibration tokens.
+    pub fn col_norm(&self) -> Option<Vec<f64>> {
+        self.sum_sq
+            .as_ref()
+            .map(|s| s.iter().map(|v| v.sqrt()).collect())
+    }
+}

@@ -1,0 +1,3 @@
+//! Evaluation: perplexity by the fixed protocol of DESIGN.md.
+
+pub mod ppl;

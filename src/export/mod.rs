@@ -1,0 +1,296 @@
+//! Writers of compressed checkpoints. An exporter only lays out bytes: it never runs an
+//! algorithm. Tensors that no pass changed are copied byte for byte from the source.
+
+pub mod pack;
+pub mod writer;
+
+use crate::engine::LayerSink;
+use crate::model::layer::{LayerWeights, Linear};
+use crate::model::safetensors_file::from_f32;
+use crate::model::{Checkpoint, DType};
+use crate::quant::{QuantArgs, Strategy};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use writer::SafetensorsWriter;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Fake-quantized / pruned weights in the original dtype: loads anywhere.
+    #[default]
+    Dense,
+    /// compressed-tensors `pack-quantized` (vLLM, transformers).
+    CompressedTensors,
+    /// GPTQ v1 (AutoGPTQ, GPTQModel, transformers, TGI, vLLM).
+    Gptq,
+}
+
+impl Format {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Dense => "dense",
+            Format::CompressedTensors => "compressed-tensors",
+            Format::Gptq => "gptq",
+        }
+    }
+}
+
+/// Files copied unchanged from the model folder besides the weights.
+const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+];
+
+pub struct Exporter {
+    pub format: Format,
+    dir: PathBuf,
+    writer: Option<SafetensorsWriter>,
+    /// (module name, args) of every quantized linear written.
+    quantized: Vec<(String, QuantArgs, bool)>,
+    /// Decoder-layer linears left unquantized.
+    unquantized: Vec<String>,
+}
+
+impl Exporter {
+    /// Start writing into `dir` (an empty work folder). Writes the embedding first.
+    pub fn begin(
+        format: Format,
+        dir: &Path,
+        ckpt: &Checkpoint,
+        max_shard_bytes: usize,
+    ) -> Result<Self> {
+        let mut e = Exporter {
+            format,
+            dir: dir.to_path_buf(),
+            writer: Some(SafetensorsWriter::new(dir, max_shard_bytes)),
+            quantized: Vec::new(),
+            unquantized: Vec::new(),
+        };
+        e.copy_raw(ckpt, "model.embed_tokens.weight")?;
+        Ok(e)
+    }
+
+    fn w(&mut self) -> Result<&mut SafetensorsWriter> {
+        self.writer.as_mut().context("exporter already finished")
+    }
+
+    fn copy_raw(&mut self, ckpt: &Checkpoint, name: &str) -> Result<()> {
+        let (info, bytes) = ckpt.raw(name)?;
+        let (dtype, shape) = (info.dtype, info.shape.clone());
+        self.w()?.add(name, dtype, &shape, bytes)?;
+        ckpt.release(name);
+        Ok(())
+    }
+
+    fn write_linear(&mut self, ckpt: &Checkpoint, prefix: &str, lin: &Linear) -> Result<()> {
+        let wname = format!("{prefix}.weight");
+        match (&lin.quant, self.format) {
+            (Some(q), Format::CompressedTensors) => {
+                for (n, dt, shape, bytes) in pack::compressed_tensors_tensors(prefix, q)? {
+                    self.w()?.add(&n, dt, &shape, &bytes)?;
+                }
+                self.quantized
+                    .push((prefix.to_string(), q.args.clone(), q.g_idx.is_some()));
+            }
+            (Some(q), Format::Gptq) => {
+                for (n, dt, shape, bytes) in pack::gptq_tensors(prefix, q)? {
+                    self.w()?.add(&n, dt, &shape, &bytes)?;
+                }
+                self.quantized
+                    .push((prefix.to_string(), q.args.clone(), q.g_idx.is_some()));
+            }
+            _ => {
+                if lin.quant.is_none() {
+                    self.unquantized.push(prefix.to_string());
+                }
+                if lin.modified || !ckpt.has(&wname) {
+                    let s = lin.weight.as_slice().context("weight not contiguous")?;
+                    let shape = [lin.weight.nrows(), lin.weight.ncols()];
+                    let bytes = from_f32(lin.dtype, s);
+                    self.w()?.add(&wname, lin.dtype, &shape, &bytes)?;
+                } else {
+                    self.copy_raw(ckpt, &wname)?;
+                }
+            }
+        }
+        let bname = format!("{prefix}.bias");
+        if ckpt.has(&bname) {
+            self.copy_raw(ckpt, &bname)?;
+        }
+        Ok(())
+    }
+
+    /// Write the tail (final norm, LM head), config.json with its quantization block, the
+    /// tokenizer and side files. Returns the names of the files written.
+    pub fn finish(mut self, ckpt: &Checkpoint) -> Result<Vec<String>> {
+        self.copy_raw(ckpt, "model.norm.weight")?;
+        if ckpt.has("lm_head.weight") {
+            self.copy_raw(ckpt, "lm_head.weight")?;
+        }
+        let writer = self.writer.take().context("exporter already finished")?;
+        let mut files = writer.finish()?;
+        let mut config = ckpt.config.raw.clone();
+        match self.format {
+            Format::Dense => {}
+            Format::CompressedTensors => {
+                if let Some(q) = self.compressed_tensors_config(ckpt)? {
+                    config["quantization_config"] = q;
+                }
+            }
+            Format::Gptq => {
+                if let Some(q) = self.gptq_config()? {
+                    config["quantization_config"] = q.clone();
+                    let p = self.dir.join("quantize_config.json");
+                    std::fs::write(&p, serde_json::to_vec_pretty(&q)?)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    files.push("quantize_config.json".into());
+                }
+            }
+        }
+        let p = self.dir.join("config.json");
+        std::fs::write(&p, serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        files.push("config.json".into());
+        for f in SIDE_FILES {
+            let src = ckpt.dir.join(f);
+            if src.is_file() {
+                let dst = self.dir.join(f);
+                let bytes = std::fs::read(&src)
+                    .with_context(|| format!("cannot read {}", src.display()))?;
+                std::fs::write(&dst, bytes)
+                    .with_context(|| format!("cannot write {}", dst.display()))?;
+                files.push(f.to_string());
+            }
+        }
+        Ok(files)
+    }
+
+    fn distinct_args(&self) -> Result<Option<(QuantArgs, bool)>> {
+        let Some((_, first, gi)) = self.quantized.first() else {
+            return Ok(None);
+        };
+        for (name, a, _) in &self.quantized {
+            if a != first {
+                bail!("export: linear `{name}` uses a different quantization scheme than the others; one scheme per checkpoint is supported");
+            }
+        }
+        Ok(Some((first.clone(), *gi)))
+    }
+
+    /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
+    fn compressed_tensors_config(&self, ckpt: &Checkpoint) -> Result<Option<Value>> {
+        let Some((a, act_order)) = self.distinct_args()? else {
+            return Ok(None);
+        };
+        let mut ignore: Vec<String> = Vec::new();
+        if ckpt.has("lm_head.weight") {
+            ignore.push("lm_head".into());
+        }
+        ignore.extend(self.unquantized.iter().cloned());
+        let (strategy, group_size) = match a.strategy {
+            Strategy::Group => ("group", json!(a.group_size)),
+            Strategy::Channel => ("channel", Value::Null),
+            Strategy::Tensor => ("tensor", Value::Null),
+        };
+        Ok(Some(json!({
+            "config_groups": {
+                "group_0": {
+                    "format": "pack-quantized",
+                    "input_activations": null,
+                    "output_activations": null,
+                    "targets": ["Linear"],
+                    "weights": {
+                        "actorder": if act_order { json!("group") } else { Value::Null },
+                        "block_structure": null,
+                        "dynamic": false,
+                        "group_size": group_size,
+                        "num_bits": a.bits,
+                        "observer": "memoryless_minmax",
+                        "observer_kwargs": {},
+                        "scale_dtype": null,
+                        "strategy": strategy,
+                        "symmetric": a.symmetric,
+                        "type": "int",
+                        "zp_dtype": if a.symmetric { Value::Null } else { json!("torch.int8") }
+                    }
+                }
+            },
+            "format": "pack-quantized",
+            "global_compression_ratio": null,
+            "ignore": ignore,
+            "kv_cache_scheme": null,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": "0.19.0"
+        })))
+    }
+
+    /// quantize_config.json / `quantization_config` of a GPTQ v1 checkpoint.
+    fn gptq_config(&self) -> Result<Option<Value>> {
+        let Some((a, act_order)) = self.distinct_args()? else {
+            return Ok(None);
+        };
+        if !self.unquantized.is_empty() {
+            bail!(
+                "export gptq: every decoder linear must be quantized (GPTQ v1 has no per-module ignore list); left dense: {}",
+                self.unquantized.join(", ")
+            );
+        }
+        if a.strategy == Strategy::Tensor {
+            bail!(
+                "export gptq: strategy `tensor` cannot be written in GPTQ v1; use group or channel"
+            );
+        }
+        let group_size: i64 = if a.strategy == Strategy::Group {
+            a.group_size as i64
+        } else {
+            -1
+        };
+        Ok(Some(json!({
+            "bits": a.bits,
+            "group_size": group_size,
+            "desc_act": act_order,
+            "sym": a.symmetric,
+            "static_groups": false,
+            "true_sequential": true,
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq"
+        })))
+    }
+}
+
+impl LayerSink for Exporter {
+    fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
+        let p = LayerWeights::prefix(layer.index);
+        // Tensors in the source's name order keeps identity output layouts stable.
+        for (n, (v, dt)) in &layer.norms {
+            let name = format!("{p}{n}.weight");
+            if layer.norms_modified {
+                let bytes = from_f32(*dt, v);
+                self.w()?.add(&name, *dt, &[v.len()], &bytes)?;
+            } else {
+                self.copy_raw(ckpt, &name)?;
+            }
+        }
+        for (n, lin) in &layer.linears {
+            self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
+        }
+        Ok(())
+    }
+}
+
+/// Storage dtype used for newly written scales: the checkpoint's own float dtype.
+pub fn scale_dtype_for(weight_dtype: DType) -> DType {
+    match weight_dtype {
+        DType::BF16 | DType::F16 | DType::F32 => weight_dtype,
+        _ => DType::F32,
+    }
+}

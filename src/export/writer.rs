@@ -1,0 +1,151 @@
+//! A streaming safetensors writer: tensors are appended to a spill file as they arrive, so
+//! memory stays O(one tensor); at `finish` each shard gets its header and is written out.
+//! One shard → `model.safetensors`; several → `model-0000i-of-0000N.safetensors` plus
+//! `model.safetensors.index.json`, as transformers and vLLM expect.
+
+use crate::model::DType;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+struct Entry {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+struct Shard {
+    spill: PathBuf,
+    entries: Vec<Entry>,
+    bytes: usize,
+}
+
+pub struct SafetensorsWriter {
+    dir: PathBuf,
+    max_shard_bytes: usize,
+    shards: Vec<Shard>,
+    out: Option<BufWriter<File>>,
+    names: std::collections::HashSet<String>,
+}
+
+impl SafetensorsWriter {
+    pub fn new(dir: &Path, max_shard_bytes: usize) -> Self {
+        SafetensorsWriter {
+            dir: dir.to_path_buf(),
+            max_shard_bytes: max_shard_bytes.max(1),
+            shards: Vec::new(),
+            out: None,
+            names: Default::default(),
+        }
+    }
+
+    pub fn add(&mut self, name: &str, dtype: DType, shape: &[usize], data: &[u8]) -> Result<()> {
+        let want = shape.iter().product::<usize>() * dtype.size();
+        if want != data.len() {
+            bail!(
+                "internal: tensor `{name}` {:?} {} needs {want} bytes, got {}",
+                shape,
+                dtype.name(),
+                data.len()
+            );
+        }
+        if !self.names.insert(name.to_string()) {
+            bail!("internal: tensor `{name}` written twice");
+        }
+        let start_new = match self.shards.last() {
+            None => true,
+            Some(s) => s.bytes > 0 && s.bytes + data.len() > self.max_shard_bytes,
+        };
+        if start_new {
+            if let Some(mut w) = self.out.take() {
+                w.flush()?;
+            }
+            let spill = self.dir.join(format!(".shard{}.spill", self.shards.len()));
+            let f = File::create(&spill)
+                .with_context(|| format!("cannot create {}", spill.display()))?;
+            self.out = Some(BufWriter::with_capacity(1 << 20, f));
+            self.shards.push(Shard {
+                spill,
+                entries: Vec::new(),
+                bytes: 0,
+            });
+        }
+        let shard = self.shards.last_mut().context("no shard")?;
+        let out = self.out.as_mut().context("no spill file")?;
+        out.write_all(data)
+            .with_context(|| format!("cannot write {} (disk full?)", shard.spill.display()))?;
+        shard.bytes += data.len();
+        shard.entries.push(Entry {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            len: data.len(),
+        });
+        Ok(())
+    }
+
+    /// Write the shard files (and the index when there are several). Returns the file names.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        if let Some(mut w) = self.out.take() {
+            w.flush()?;
+        }
+        let n = self.shards.len();
+        let mut files = Vec::new();
+        let mut weight_map = Map::new();
+        let mut total = 0usize;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let fname = if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            };
+            let mut header = Map::new();
+            header.insert("__metadata__".into(), json!({"format": "pt"}));
+            let mut off = 0usize;
+            for e in &shard.entries {
+                header.insert(
+                    e.name.clone(),
+                    json!({"dtype": e.dtype.name(), "shape": e.shape, "data_offsets": [off, off + e.len]}),
+                );
+                off += e.len;
+                weight_map.insert(e.name.clone(), Value::String(fname.clone()));
+            }
+            total += off;
+            let mut hb = serde_json::to_vec(&Value::Object(header))?;
+            while hb.len() % 8 != 0 {
+                hb.push(b' ');
+            }
+            let path = self.dir.join(&fname);
+            let f =
+                File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            w.write_all(&(hb.len() as u64).to_le_bytes())?;
+            w.write_all(&hb)?;
+            let mut spill = File::open(&shard.spill)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = spill.read(&mut buf)?;
+                if k == 0 {
+                    break;
+                }
+                w.write_all(&buf[..k])
+                    .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+            }
+            w.flush()
+                .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+            std::fs::remove_file(&shard.spill)?;
+            files.push(fname);
+        }
+        if n > 1 {
+            let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let p = self.dir.join("model.safetensors.index.json");
+            std::fs::write(&p, serde_json::to_vec_pretty(&idx)?)
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            files.push("model.safetensors.index.json".into());
+        }
+        Ok(files)
+    }
+}

@@ -1,0 +1,26 @@
+//! `compress`: offline LLM compression.
+//!
+//! Data flows one way (see DESIGN.md):
+//! checkpoint ([`model`]) → calibration tokens ([`calib`]) → layer stream ([`engine`]) running
+//! [`passes`] → [`export`] writers → evaluation ([`eval`]) → report ([`report`]).
+//! Passes never touch file formats; exporters never run algorithms; the engine alone knows the
+//! order of work.
+
+// Numeric kernels index several arrays in lockstep and take many parameters, as the papers do.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
+pub mod backend;
+pub mod calib;
+pub mod engine;
+pub mod eval;
+pub mod export;
+pub mod inspect;
+pub mod linalg;
+pub mod model;
+pub mod passes;
+pub mod pipeline;
+pub mod progress;
+pub mod quant;
+pub mod report;
+pub mod runner;
+pub mod util;

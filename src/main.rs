@@ -1,0 +1,148 @@
+//! `compress` command line: a thin layer over the library (see `compress::runner`).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use compress::runner::{self, RunOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "compress",
+    version,
+    about = "Offline LLM compression: GPTQ/RTN quantization, layer-wise streaming, exporters for vLLM / transformers, evaluation reports",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Pipeline YAML to run (same as `compress run PIPELINE`).
+    pipeline: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// No progress bars or log lines (errors still go to stderr).
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct RunArgs {
+    /// Override the pipeline's `model`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Override the pipeline's `output`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline.
+    Run {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Perplexity of a checkpoint (dense or one we wrote) on text files.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// Text file, or .jsonl whose `text` fields are joined with "\n\n". Repeatable.
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Windows per forward batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a checkpoint: architecture, shapes, dtypes, sizes, quantization metadata.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
+    let opts = RunOptions {
+        model: a.model,
+        output: a.output,
+        overwrite: a.overwrite,
+    };
+    let report = runner::run_pipeline(&pipeline, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if !compress::progress::quiet() {
+        println!("{}", report.to_markdown());
+    }
+    Ok(())
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    compress::progress::set_quiet(cli.quiet);
+    match cli.cmd {
+        Some(Cmd::Run { pipeline, run }) => run_cmd(pipeline, run),
+        Some(Cmd::Eval {
+            model,
+            data,
+            seq_len,
+            batch,
+            json,
+        }) => {
+            anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
+            anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+            let ckpt = compress::model::Checkpoint::open(&model)?;
+            let res = runner::eval_perplexity(&ckpt, &data, seq_len, batch, "eval")?;
+            if json {
+                let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "results": res});
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "{:<24} {:>12} {:>10} {:>8}",
+                    "dataset", "perplexity", "tokens", "windows"
+                );
+                for (k, r) in &res {
+                    println!(
+                        "{:<24} {:>12.4} {:>10} {:>8}",
+                        k, r.perplexity, r.tokens, r.windows
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(Cmd::Inspect { dir, json }) => {
+            let v = compress::inspect::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", compress::inspect::to_text(&v));
+            }
+            Ok(())
+        }
+        None => match cli.pipeline {
+            Some(p) => run_cmd(p, cli.run),
+            None => anyhow::bail!("no pipeline given: run `compress PIPELINE.yaml` (see --help)"),
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! A Hugging Face model folder: config.json, one or many safetensors files (with
+//! `model.safetensors.index.json`), tokenizer.json. Tensors stay memory-mapped; a caller reads
+//! one tensor at a time, so the whole model is never in RAM.
+
+use super::config::ModelConfig;
+use super::safetensors_file::{to_f32, DType, SafetensorsFile, TensorInfo};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub files: Vec<SafetensorsFile>,
+    /// tensor name → index into `files`
+    index: BTreeMap<String, usize>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: model directory not found", dir.display());
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| {
+                    format!("{}: missing object `weight_map`", index_path.display())
+                })?;
+            let mut by_file: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, f) in map {
+                let fname = f.as_str().with_context(|| {
+                    format!(
+                        "{}: `weight_map.{name}` must be a file name",
+                        index_path.display()
+                    )
+                })?;
+                if fname.contains('/') || fname.contains("..") {
+                    bail!("{}: `weight_map.{name}`: file name `{fname}` must not leave the model folder", index_path.display());
+                }
+                let fi = match by_file.get(fname) {
+                    Some(i) => *i,
+                    None => {
+                        files.push(SafetensorsFile::open(&dir.join(fname))?);
+                        by_file.insert(fname.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                if !files[fi].tensors.contains_key(name) {
+                    bail!(
+                        "{}: tensor `{name}` is listed in {} but missing from the file",
+                        dir.join(fname).display(),
+                        index_path.display()
+                    );
+                }
+                index.insert(name.clone(), fi);
+            }
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                bail!(
+                    "{}: no model.safetensors or model.safetensors.index.json found",
+                    dir.display()
+                );
+            }
+            let f = SafetensorsFile::open(&single)?;
+            for name in f.tensors.keys() {
+                index.insert(name.clone(), 0);
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            index,
+        })
+    }
+
+    /// Check that every tensor of a dense checkpoint is present with the right shape and a
+    /// floating-point dtype.
+    pub fn validate_dense(&self) -> Result<()> {
+        for (name, shape) in self.config.expected_tensors() {
+            let (info, file) = self.info(&name)?;
+            if info.shape != shape {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
+                    file.display(),
+                    info.shape,
+                    shape
+                );
+            }
+            if !info.dtype.is_float() {
+                bail!(
+                    "{}: tensor `{name}` has dtype {}, expected a floating-point dtype",
+                    file.display(),
+                    info.dtype.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// Tensor metadata and the file that holds it.
+    pub fn info(&self, name: &str) -> Result<(&TensorInfo, &Path)> {
+        let fi = *self
+            .index
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", self.dir.display()))?;
+        let f = &self.files[fi];
+        Ok((&f.tensors[name], &f.path))
+    }
+
+    /// The tensor's stored bytes, untouched.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        let fi = *self
+            .index
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", self.dir.display()))?;
+        let f = &self.files[fi];
+        let info = &f.tensors[name];
+        Ok((info, f.bytes(info)))
+    }
+
+    /// Let the OS drop a tensor's pages from our resident set (see `SafetensorsFile::release`).
+    pub fn release(&self, name: &str) {
+        if let Some(&fi) = self.index.get(name) {
+            let f = &self.files[fi];
+            f.release(&f.tensors[name]);
+        }
+    }
+
+    /// Release every tensor whose name starts with `prefix`.
+    pub fn release_prefix(&self, prefix: &str) {
+        for (name, &fi) in self.index.range(prefix.to_string()..) {
+            if !name.starts_with(prefix) {
+                break;
+            }
+            let f = &self.files[fi];
+            f.release(&f.tensors[name]);
+        }
+    }
+
+    /// The tensor as f32, refusing NaN/Inf (a corrupt or diverged checkpoint).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (info, bytes) = self.raw(name)?;
+        let (_, path) = self.info(name)?;
+        let v = to_f32(info.dtype, bytes).with_context(|| {
+            format!(
+                "{}: tensor `{name}` has dtype {}, expected a floating-point dtype",
+                path.display(),
+                info.dtype.name()
+            )
+        })?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds a non-finite value ({}) at flat index {i}",
+                path.display(),
+                v[i]
+            );
+        }
+        Ok(v)
+    }
+
+    /// Storage dtype of the checkpoint's floating-point weights (of the embedding).
+    pub fn weight_dtype(&self) -> DType {
+        self.info("model.embed_tokens.weight")
+            .map(|(i, _)| i.dtype)
+            .unwrap_or(DType::F32)
+    }
+
+    /// Bytes on disk of all safetensors files.
+    pub fn safetensors_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter_map(|f| std::fs::metadata(&f.path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+}
+
+/// Total size of the regular files in a folder (not recursive).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

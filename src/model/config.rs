@@ -1,0 +1,313 @@
+//! `config.json` of the Llama family: llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k RMSNorm).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Architectures whose decoder layer we run exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// `None` = default RoPE; linear scaling is folded into `rope_linear_factor`.
+    pub rope_llama3: Option<Llama3Scaling>,
+    pub rope_linear_factor: f64,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub qk_norm: bool,
+    /// The whole config.json as read, so exporters can write it back with additions.
+    pub raw: Value,
+}
+
+fn get_usize(v: &Value, key: &str, file: &Path) -> Result<usize> {
+    match v.get(key) {
+        Some(x) => x.as_u64().map(|x| x as usize).with_context(|| {
+            format!(
+                "{}: field `{key}` must be a non-negative integer, found {x}",
+                file.display()
+            )
+        }),
+        None => bail!("{}: missing field `{key}`", file.display()),
+    }
+}
+
+fn get_f64_or(v: &Value, key: &str, default: f64, file: &Path) -> Result<f64> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x.as_f64().with_context(|| {
+            format!(
+                "{}: field `{key}` must be a number, found {x}",
+                file.display()
+            )
+        }),
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        Self::from_value(raw, path)
+    }
+
+    pub fn from_value(raw: Value, file: &Path) -> Result<Self> {
+        if !raw.is_object() {
+            bail!("{}: expected a JSON object", file.display());
+        }
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{}: missing string field `model_type`", file.display()))?;
+        let arch = match model_type {
+            "llama" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => bail!(
+                "{}: field `model_type`: unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3)",
+                file.display()
+            ),
+        };
+        let hidden_size = get_usize(&raw, "hidden_size", file)?;
+        let num_heads = get_usize(&raw, "num_attention_heads", file)?;
+        let num_kv_heads = match raw.get("num_key_value_heads") {
+            None | Some(Value::Null) => num_heads,
+            Some(_) => get_usize(&raw, "num_key_value_heads", file)?,
+        };
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!(
+                "{}: field `num_key_value_heads` ({num_kv_heads}) must divide `num_attention_heads` ({num_heads})",
+                file.display()
+            );
+        }
+        let head_dim = match raw.get("head_dim") {
+            None | Some(Value::Null) => {
+                if hidden_size % num_heads != 0 {
+                    bail!("{}: `hidden_size` is not a multiple of `num_attention_heads` and no `head_dim` is given", file.display());
+                }
+                hidden_size / num_heads
+            }
+            Some(_) => get_usize(&raw, "head_dim", file)?,
+        };
+        if head_dim % 2 != 0 {
+            bail!(
+                "{}: field `head_dim` must be even for RoPE, found {head_dim}",
+                file.display()
+            );
+        }
+        // transformers >= 5 nests RoPE settings in `rope_parameters`; older files use
+        // `rope_theta` and `rope_scaling` at the top level.
+        let rope = raw.get("rope_parameters").filter(|v| v.is_object());
+        let rope_theta = match rope.and_then(|r| r.get("rope_theta")) {
+            Some(v) => v.as_f64().with_context(|| {
+                format!(
+                    "{}: field `rope_parameters.rope_theta` must be a number",
+                    file.display()
+                )
+            })?,
+            None => get_f64_or(&raw, "rope_theta", 10000.0, file)?,
+        };
+        let scaling = rope
+            .or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()))
+            .cloned();
+        let mut rope_llama3 = None;
+        let mut rope_linear_factor = 1.0;
+        if let Some(s) = scaling {
+            let ty = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            let num = |k: &str| -> Result<f64> {
+                s.get(k).and_then(|v| v.as_f64()).with_context(|| {
+                    format!(
+                        "{}: rope scaling `{ty}` needs numeric field `{k}`",
+                        file.display()
+                    )
+                })
+            };
+            match ty {
+                "default" => {}
+                "linear" => rope_linear_factor = num("factor")?,
+                "llama3" => {
+                    rope_llama3 = Some(Llama3Scaling {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    })
+                }
+                other => bail!(
+                    "{}: field `rope_type`: unsupported RoPE scaling `{other}` (supported: default, linear, llama3)",
+                    file.display()
+                ),
+            }
+        }
+        let act = raw
+            .get("hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or("silu");
+        if act != "silu" {
+            bail!(
+                "{}: field `hidden_act`: only `silu` is supported, found `{act}`",
+                file.display()
+            );
+        }
+        let attention_bias = match arch {
+            Arch::Qwen2 => true,
+            _ => raw
+                .get("attention_bias")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        };
+        if raw
+            .get("mlp_bias")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+        {
+            bail!(
+                "{}: field `mlp_bias`: MLP biases are not supported",
+                file.display()
+            );
+        }
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: get_usize(&raw, "intermediate_size", file)?,
+            num_layers: get_usize(&raw, "num_hidden_layers", file)?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: get_usize(&raw, "vocab_size", file)?,
+            rms_norm_eps: get_f64_or(&raw, "rms_norm_eps", 1e-6, file)?,
+            rope_theta,
+            rope_llama3,
+            rope_linear_factor,
+            tie_word_embeddings: raw
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            attention_bias,
+            qk_norm: arch == Arch::Qwen3,
+            raw,
+        };
+        Ok(cfg)
+    }
+
+    /// Name and shape of every tensor a checkpoint of this config must hold.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_layers {
+            v.extend(self.layer_tensors(l));
+        }
+        v.push(("model.norm.weight".into(), vec![h]));
+        if !self.tie_word_embeddings {
+            v.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        v
+    }
+
+    /// Tensors of decoder layer `l` with their shapes.
+    pub fn layer_tensors(&self, l: usize) -> Vec<(String, Vec<usize>)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (qd, kvd) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let p = format!("model.layers.{l}.");
+        let mut v = vec![
+            (format!("{p}input_layernorm.weight"), vec![h]),
+            (format!("{p}self_attn.q_proj.weight"), vec![qd, h]),
+            (format!("{p}self_attn.k_proj.weight"), vec![kvd, h]),
+            (format!("{p}self_attn.v_proj.weight"), vec![kvd, h]),
+            (format!("{p}self_attn.o_proj.weight"), vec![h, qd]),
+            (format!("{p}post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}mlp.down_proj.weight"), vec![h, i]),
+        ];
+        if self.attention_bias {
+            v.push((format!("{p}self_attn.q_proj.bias"), vec![qd]));
+            v.push((format!("{p}self_attn.k_proj.bias"), vec![kvd]));
+            v.push((format!("{p}self_attn.v_proj.bias"), vec![kvd]));
+        }
+        if self.qk_norm {
+            v.push((format!("{p}self_attn.q_norm.weight"), vec![hd]));
+            v.push((format!("{p}self_attn.k_norm.weight"), vec![hd]));
+        }
+        v
+    }
+
+    /// Total parameter count implied by the config.
+    pub fn num_params(&self) -> usize {
+        self.expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// RoPE inverse frequencies, with linear or Llama-3 scaling applied as transformers does.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        // transformers computes these in float32: 1 / base^(2i/d).
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| (1.0f32 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)) as f64)
+            .collect();
+        if let Some(s) = &self.rope_llama3 {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        inv.iter()
+            .map(|f| (*f / self.rope_linear_factor) as f32)
+            .collect()
+    }
+}

@@ -1,0 +1,12 @@
+//! Checkpoint reading (config.json, safetensors), architectures and the forward pass.
+
+pub mod checkpoint;
+pub mod config;
+pub mod dequant;
+pub mod layer;
+pub mod llama;
+pub mod safetensors_file;
+
+pub use checkpoint::Checkpoint;
+pub use config::ModelConfig;
+pub use safetensors_file::DType;

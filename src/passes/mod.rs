@@ -1,0 +1,126 @@
+//! Compression passes: one file per method, each reading like its paper. This module holds
+//! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
+
+pub mod gptq;
+pub mod rtn;
+pub mod select;
+
+use crate::engine::Pass;
+use crate::quant::{Observer, QuantArgs, Strategy};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// One entry of `passes:` in the pipeline YAML.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum PassSpec {
+    /// Round-to-nearest weight quantization (no calibration).
+    Rtn(rtn::RtnSpec),
+    /// GPTQ (Frantar et al. 2022).
+    Gptq(gptq::GptqSpec),
+}
+
+impl PassSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PassSpec::Rtn(_) => "rtn",
+            PassSpec::Gptq(_) => "gptq",
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            PassSpec::Rtn(s) => s.scheme.args()?.validate(),
+            PassSpec::Gptq(s) => s.validate(),
+        }
+    }
+
+    pub fn needs_calibration(&self) -> bool {
+        !matches!(self, PassSpec::Rtn(_))
+    }
+
+    pub fn build(&self) -> Result<Box<dyn Pass>> {
+        Ok(match self {
+            PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
+            PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
+        })
+    }
+}
+
+/// The weight quantization scheme shared by RTN and GPTQ (compressed-tensors vocabulary).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheme {
+    #[serde(default = "default_bits")]
+    pub bits: u32,
+    /// `group` (default), `channel` or `tensor`.
+    #[serde(default = "default_strategy")]
+    pub strategy: Strategy,
+    /// Input columns per group (strategy `group`); -1 means per channel.
+    #[serde(default = "default_group")]
+    pub group_size: i64,
+    #[serde(default = "default_true")]
+    pub sym: bool,
+    /// `minmax` (default) or `mse` (clip search).
+    #[serde(default = "default_observer")]
+    pub observer: Observer,
+    /// Which linears: `re:<regex>` matched against the module name, `Linear` for all, or a
+    /// name suffix such as `mlp.down_proj`.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Linears to leave alone (same syntax). `lm_head` is never inside a decoder layer.
+    #[serde(default = "default_ignore")]
+    pub ignore: Vec<String>,
+}
+
+fn default_bits() -> u32 {
+    4
+}
+fn default_strategy() -> Strategy {
+    Strategy::Group
+}
+fn default_group() -> i64 {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+fn default_observer() -> Observer {
+    Observer::MinMax
+}
+fn default_targets() -> Vec<String> {
+    vec!["Linear".into()]
+}
+fn default_ignore() -> Vec<String> {
+    vec!["lm_head".into()]
+}
+
+impl Scheme {
+    pub fn args(&self) -> Result<QuantArgs> {
+        let strategy = if self.group_size == -1 && self.strategy == Strategy::Group {
+            Strategy::Channel
+        } else {
+            self.strategy
+        };
+        if strategy == Strategy::Group && self.group_size <= 0 {
+            bail!(
+                "field `group_size` must be positive (or -1 for per channel), found {}",
+                self.group_size
+            );
+        }
+        if !(2..=8).contains(&self.bits) {
+            bail!("field `bits` must be between 2 and 8, found {}", self.bits);
+        }
+        Ok(QuantArgs {
+            bits: self.bits,
+            symmetric: self.sym,
+            strategy,
+            group_size: self.group_size.max(0) as usize,
+            observer: self.observer,
+        })
+    }
+
+    pub fn selector(&self) -> Result<select::Selector> {
+        select::Selector::new(&self.targets, &self.ignore)
+    }
+}

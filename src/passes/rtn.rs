@@ -1,0 +1,73 @@
+//! Round-to-nearest: w_q = s · (clamp(round(w/s) + z) − z) with min-max (or MSE-searched)
+//! ranges per group, channel or tensor. No calibration; the baseline every report compares to.
+
+use super::Scheme;
+use crate::engine::stats::StatsRequest;
+use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::export::scale_dtype_for;
+use crate::model::layer::LINEARS;
+use crate::quant::{quantize_rtn, QuantArgs};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtnSpec {
+    #[serde(flatten)]
+    pub scheme: Scheme,
+}
+
+pub struct Rtn {
+    args: QuantArgs,
+    select: super::select::Selector,
+}
+
+impl Rtn {
+    pub fn new(spec: &RtnSpec) -> Result<Self> {
+        Ok(Rtn {
+            args: spec.scheme.args()?,
+            select: spec.scheme.selector()?,
+        })
+    }
+}
+
+impl Pass for Rtn {
+    fn name(&self) -> String {
+        "rtn".into()
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest::default()
+    }
+
+    fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        for name in LINEARS {
+            let module = ctx.module_name(name);
+            if !self.select.selects(&module) {
+                continue;
+            }
+            let t = Instant::now();
+            let lin = ctx
+                .layer
+                .linears
+                .get_mut(name)
+                .expect("all linears present");
+            let q = quantize_rtn(lin.weight.view(), &self.args, scale_dtype_for(lin.dtype))
+                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            lin.weight = q.dequantize();
+            lin.quant = Some(q);
+            lin.modified = true;
+            ctx.records.push(LinearRecord {
+                layer: ctx.index(),
+                linear: name.to_string(),
+                pass: "rtn".into(),
+                rel_output_error: None,
+                loss: None,
+                seconds: t.elapsed().as_secs_f64(),
+                notes: Default::default(),
+            });
+        }
+        Ok(())
+    }
+}

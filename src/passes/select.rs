@@ -1,0 +1,56 @@
+//! `targets` / `ignore` patterns: `re:<regex>` (matched from the start of the module name, as
+//! compressed-tensors does), `Linear` (every linear), or a module name / name suffix.
+
+use anyhow::{Context, Result};
+use regex::Regex;
+
+enum Pat {
+    Re(Regex),
+    All,
+    Name(String),
+}
+
+impl Pat {
+    fn parse(s: &str) -> Result<Pat> {
+        Ok(if let Some(r) = s.strip_prefix("re:") {
+            Pat::Re(Regex::new(&format!("^(?:{r})")).with_context(|| format!("bad regex `{r}`"))?)
+        } else if s == "Linear" {
+            Pat::All
+        } else {
+            Pat::Name(s.to_string())
+        })
+    }
+    fn matches(&self, module: &str) -> bool {
+        match self {
+            Pat::Re(r) => r.is_match(module),
+            Pat::All => true,
+            Pat::Name(n) => module == n || module.ends_with(&format!(".{n}")),
+        }
+    }
+}
+
+pub struct Selector {
+    targets: Vec<Pat>,
+    ignore: Vec<Pat>,
+}
+
+impl Selector {
+    pub fn new(targets: &[String], ignore: &[String]) -> Result<Self> {
+        Ok(Selector {
+            targets: targets
+                .iter()
+                .map(|s| Pat::parse(s))
+                .collect::<Result<_>>()?,
+            ignore: ignore
+                .iter()
+                .map(|s| Pat::parse(s))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Whether the pass applies to the linear with this full module name.
+    pub fn selects(&self, module: &str) -> bool {
+        self.targets.iter().any(|p| p.matches(module))
+            && !self.ignore.iter().any(|p| p.matches(module))
+    }
+}

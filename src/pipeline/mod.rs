@@ -1,0 +1,181 @@
+//! The pipeline YAML (schema v1). Unknown keys are rejected; errors name the file and point
+//! to the line. Relative paths resolve against the current directory.
+//!
+//! ```yaml
+//! model: ../shared/models/ref-llama-9m
+//! output: out/ref-llama-9m-w4a16
+//! device: cpu                 # cpu | cuda:N | auto
+//! calibration: {path: ../shared/data/calib/c4_calib.jsonl, field: text, samples: 128, seq_len: 512, seed: 0}
+//! passes:
+//!   - gptq: {bits: 4, group_size: 128}
+//! export: {format: compressed-tensors}
+//! eval: {datasets: [../shared/data/eval/wikitext2/wiki.test.raw], seq_len: 512}
+//! ```
+
+use crate::export::Format;
+use crate::passes::PassSpec;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub model: PathBuf,
+    pub output: PathBuf,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+    #[serde(default)]
+    pub passes: Vec<PassSpec>,
+    #[serde(default)]
+    pub export: Export,
+    #[serde(default)]
+    pub eval: Option<EvalSpec>,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    pub path: PathBuf,
+    #[serde(default = "default_field")]
+    pub field: String,
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Windows per forward batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_field() -> String {
+    "text".into()
+}
+fn default_samples() -> usize {
+    128
+}
+fn default_seq() -> usize {
+    512
+}
+fn default_batch() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    #[serde(default)]
+    pub format: Format,
+    /// Largest safetensors shard in bytes (default 4 GiB).
+    #[serde(default)]
+    pub max_shard_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    #[serde(default)]
+    pub datasets: Vec<PathBuf>,
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+    /// Also evaluate the input model, for the before/after table (default true).
+    #[serde(default = "default_true")]
+    pub baseline: bool,
+    /// Windows per forward batch.
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_eval_batch() -> usize {
+    4
+}
+
+/// Where the work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if crate::backend::cuda_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
+        s if s.starts_with("cuda") => {
+            let n = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .with_context(|| format!("`device: {s}`: expected cuda:N"))?,
+                None if s == "cuda" => 0,
+                None => bail!("`device: {s}`: expected cpu, cuda:N or auto"),
+            };
+            Ok(Device::Cuda(n))
+        }
+        _ => bail!("`device: {s}`: expected cpu, cuda:N or auto"),
+    }
+}
+
+impl Pipeline {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline {}", path.display()))?;
+        Self::from_str(&text, path)
+    }
+
+    pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        let p: Pipeline =
+            serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        p.validate(path)?;
+        Ok(p)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let f = path.display();
+        parse_device(&self.device).with_context(|| format!("{f}: field `device`"))?;
+        if let Some(c) = &self.calibration {
+            if c.samples == 0 {
+                bail!("{f}: field `calibration.samples` must be at least 1");
+            }
+            if c.seq_len < 2 {
+                bail!("{f}: field `calibration.seq_len` must be at least 2");
+            }
+            if c.batch == 0 {
+                bail!("{f}: field `calibration.batch` must be at least 1");
+            }
+        }
+        if let Some(e) = &self.eval {
+            if e.seq_len < 2 {
+                bail!("{f}: field `eval.seq_len` must be at least 2");
+            }
+            if e.batch == 0 {
+                bail!("{f}: field `eval.batch` must be at least 1");
+            }
+        }
+        for (i, p) in self.passes.iter().enumerate() {
+            p.validate()
+                .with_context(|| format!("{f}: passes[{i}] ({})", p.name()))?;
+        }
+        if !self.passes.is_empty()
+            && self.calibration.is_none()
+            && self.passes.iter().any(|p| p.needs_calibration())
+        {
+            bail!("{f}: the passes need calibration data: add a `calibration:` block");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+//! The evaluation report (`report.json`, schema `compress.report/1`, and `report.md`).
+//! The JSON schema is documented in README.md; fields are only ever added.
+
+use crate::engine::LinearRecord;
+use crate::eval::ppl::PplResult;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub const SCHEMA: &str = "compress.report/1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub architecture: String,
+    pub num_layers: usize,
+    pub parameters: usize,
+    pub dtype: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputInfo {
+    pub path: String,
+    pub format: String,
+    /// Bytes of the weight files written.
+    pub size_bytes: u64,
+    /// Original weight bytes / written weight bytes.
+    pub compression_ratio: f64,
+    /// Average stored bits per parameter of the decoder-layer linears.
+    pub bits_per_weight: Option<f64>,
+    pub files: Vec<String>,
+    /// For a pipeline without passes: whether every tensor is byte-identical to the input.
+    pub identical_to_input: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetEval {
+    pub file: String,
+    pub before: Option<PplResult>,
+    /// Measured on the written artifact, read back from disk.
+    pub after: Option<PplResult>,
+    /// 100 · (after − before) / before.
+    pub delta_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Timing {
+    pub total_seconds: f64,
+    pub calibration_seconds: f64,
+    pub compress_seconds: f64,
+    pub eval_before_seconds: f64,
+    pub eval_after_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub tool_version: &'static str,
+    pub model: ModelInfo,
+    pub pipeline: serde_json::Value,
+    pub output: OutputInfo,
+    pub eval_seq_len: Option<usize>,
+    pub eval: BTreeMap<String, DatasetEval>,
+    pub layers: Vec<LinearRecord>,
+    pub warnings: Vec<String>,
+    pub timing: Timing,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+impl Report {
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("# compress report — {}\n\n", self.model.path));
+        s.push_str(&format!(
+            "- model: `{}` ({}, {} layers, {} parameters, {})\n",
+            self.model.path,
+            self.model.architecture,
+            self.model.num_layers,
+            self.model.parameters,
+            self.model.dtype
+        ));
+        s.push_str(&format!(
+            "- output: `{}` (format {}, {} files)\n",
+            self.output.path,
+            self.output.format,
+            self.output.files.len()
+        ));
+        s.push_str(&format!(
+            "- size on disk: {} → {} (ratio {:.3}×)\n",
+            mib(self.model.size_bytes),
+            mib(self.output.size_bytes),
+            self.output.compression_ratio
+        ));
+        if let Some(b) = self.output.bits_per_weight {
+            s.push_str(&format!("- bits per weight (decoder linears): {b:.3}\n"));
+        }
+        if let Some(same) = self.output.identical_to_input {
+            s.push_str(&format!(
+                "- identity pipeline: output tensors {} byte-identical to the input\n",
+                if same { "are" } else { "are NOT" }
+            ));
+        }
+        s.push_str(&format!(
+            "- wall time: {:.2} s (calibration {:.2} s, compression {:.2} s, eval {:.2} s + {:.2} s)\n",
+            self.timing.total_seconds,
+            self.timing.calibration_seconds,
+            self.timing.compress_seconds,
+            self.timing.eval_before_seconds,
+            self.timing.eval_after_seconds
+        ));
+        if let Some(p) = self.peak_rss_bytes {
+            s.push_str(&format!("- peak memory (RSS): {}\n", mib(p)));
+        }
+        if !self.eval.is_empty() {
+            s.push_str(&format!(
+                "\n## Perplexity (seq_len {}, artifact read back from disk)\n\n| dataset | before | after | Δ % | windows |\n|---|---:|---:|---:|---:|\n",
+                self.eval_seq_len.unwrap_or(0)
+            ));
+            for (k, d) in &self.eval {
+                let f = |p: &Option<PplResult>| {
+                    p.as_ref()
+                        .map(|r| format!("{:.4}", r.perplexity))
+                        .unwrap_or("—".into())
+                };
+                let w = d
+                    .after
+                    .as_ref()
+                    .or(d.before.as_ref())
+                    .map(|r| r.windows)
+                    .unwrap_or(0);
+                s.push_str(&format!(
+                    "| {k} | {} | {} | {} | {w} |\n",
+                    f(&d.before),
+                    f(&d.after),
+                    d.delta_pct
+                        .map(|x| format!("{x:+.3}"))
+                        .unwrap_or("—".into())
+                ));
+            }
+        }
+        if !self.layers.is_empty() {
+            s.push_str("\n## Per-linear results\n\n| layer | linear | pass | rel. output error | loss | seconds |\n|---:|---|---|---:|---:|---:|\n");
+            for r in &self.layers {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {:.3} |\n",
+                    r.layer,
+                    r.linear,
+                    r.pass,
+                    r.rel_output_error
+                        .map(|x| format!("{x:.3e}"))
+                        .unwrap_or("—".into()),
+                    r.loss.map(|x| format!("{x:.4e}")).unwrap_or("—".into()),
+                    r.seconds
+                ));
+            }
+        }
+        s.push_str("\n## Warnings\n\n");
+        if self.warnings.is_empty() {
+            s.push_str("none\n");
+        } else {
+            for w in &self.warnings {
+                s.push_str(&format!("- {w}\n"));
+            }
+        }
+        s.push_str(&format!(
+            "\n## Pipeline as run\n\n```json\n{}\n```\n\n_compress {} · report schema {}_\n",
+            serde_json::to_string_pretty(&self.pipeline).unwrap_or_default(),
+            self.tool_version,
+            self.schema
+        ));
+        s
+    }
+}

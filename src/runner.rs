@@ -1,0 +1,307 @@
+//! What the CLI commands do, as library functions (the binary is a thin clap layer).
+
+use crate::eval::ppl::{perplexity, PplResult};
+use crate::export::Exporter;
+use crate::model::checkpoint::dir_bytes;
+use crate::model::llama::Model;
+use crate::model::Checkpoint;
+use crate::pipeline::{parse_device, Device, Pipeline};
+use crate::report::{DatasetEval, ModelInfo, OutputInfo, Report, Timing, SCHEMA};
+use crate::{calib, info};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Key of a dataset in reports: its file name.
+pub fn dataset_key(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// Perplexity of a checkpoint on each file (text, or `.jsonl` `text` fields joined by "\n\n").
+pub fn eval_perplexity(
+    ckpt: &Checkpoint,
+    files: &[PathBuf],
+    seq_len: usize,
+    batch: usize,
+    label: &str,
+) -> Result<BTreeMap<String, PplResult>> {
+    let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
+    let model = Model::load(ckpt, seq_len)?;
+    let mut out = BTreeMap::new();
+    for f in files {
+        let text = calib::read_text(f, "text")?;
+        let tokens = calib::tokenize(&tok, &text)?;
+        let windows = tokens.len() / seq_len;
+        let pb = crate::progress::bar(windows as u64, &format!("{label} {}", dataset_key(f)));
+        let r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
+            pb.set_position(w as u64)
+        })
+        .with_context(|| format!("evaluating {}", f.display()))?;
+        pb.finish_and_clear();
+        info!(
+            "{label} {}: perplexity {:.4} ({} windows)",
+            dataset_key(f),
+            r.perplexity,
+            r.windows
+        );
+        out.insert(dataset_key(f), r);
+    }
+    Ok(out)
+}
+
+/// Options of `compress run` that are not part of the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub model: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub overwrite: bool,
+}
+
+fn check_device(p: &Pipeline) -> Result<()> {
+    match parse_device(&p.device)? {
+        Device::Cpu => Ok(()),
+        Device::Cuda(n) => {
+            if cfg!(feature = "cuda") && crate::backend::cuda_available() {
+                bail!("device cuda:{n}: the CUDA path does not run compression passes yet; use `device: cpu`")
+            } else if cfg!(feature = "cuda") {
+                bail!("device cuda:{n}: no CUDA device or driver found")
+            } else {
+                bail!("device cuda:{n}: this build has no CUDA support (rebuild with `--features cuda`)")
+            }
+        }
+    }
+}
+
+/// Bytes and stored bits per weight of the decoder-layer linears of a written checkpoint.
+fn linear_bits(ckpt: &Checkpoint) -> Option<f64> {
+    let cfg = &ckpt.config;
+    let mut numel = 0usize;
+    for l in 0..cfg.num_layers {
+        for (n, s) in cfg.layer_tensors(l) {
+            if n.ends_with("_proj.weight") {
+                numel += s.iter().product::<usize>();
+            }
+        }
+    }
+    let mut bytes = 0usize;
+    for n in ckpt.names() {
+        if n.starts_with("model.layers.") && n.contains("_proj.") && !n.ends_with(".bias") {
+            if let Ok((info, _)) = ckpt.info(n) {
+                bytes += info.end - info.start;
+            }
+        }
+    }
+    (numel > 0).then(|| bytes as f64 * 8.0 / numel as f64)
+}
+
+/// Every tensor of `a` and `b` has the same name, dtype, shape and bytes.
+pub fn tensors_identical(a: &Checkpoint, b: &Checkpoint) -> Result<bool> {
+    let na: Vec<&String> = a.names().collect();
+    let nb: Vec<&String> = b.names().collect();
+    if na != nb {
+        return Ok(false);
+    }
+    for n in na {
+        let (ia, ba) = a.raw(n)?;
+        let (ib, bb) = b.raw(n)?;
+        if ia.dtype != ib.dtype || ia.shape != ib.shape || ba != bb {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Run a pipeline end to end: compress into a work folder, evaluate the written artifact,
+/// write the report, then rename the folder into place.
+pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
+    let t_all = Instant::now();
+    let mut p = Pipeline::from_file(pipeline_path)?;
+    if let Some(m) = &opts.model {
+        p.model = m.clone();
+    }
+    if let Some(o) = &opts.output {
+        p.output = o.clone();
+    }
+    check_device(&p).with_context(|| format!("{}: field `device`", pipeline_path.display()))?;
+    let ckpt = Checkpoint::open(&p.model)?;
+    if ckpt.config.raw.get("quantization_config").is_some() {
+        bail!(
+            "{}: config.json has a `quantization_config`: the input is already quantized; compress a dense checkpoint",
+            p.model.join("config.json").display()
+        );
+    }
+    ckpt.validate_dense()?;
+    let output = p.output.clone();
+    if output.exists() {
+        if opts.overwrite {
+            info!("removing existing output {}", output.display());
+        } else {
+            bail!(
+                "output {} already exists (pass --overwrite to replace it)",
+                output.display()
+            );
+        }
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let work = crate::util::work_dir_for(&output);
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("cannot remove stale work folder {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let result = run_in(&p, &ckpt, &work, opts, t_all);
+    match result {
+        Ok(mut report) => {
+            if output.exists() {
+                std::fs::remove_dir_all(&output)
+                    .with_context(|| format!("cannot remove {}", output.display()))?;
+            }
+            crate::util::publish(&work, &output)?;
+            report.output.path = output.display().to_string();
+            info!("wrote {}", output.display());
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn run_in(
+    p: &Pipeline,
+    ckpt: &Checkpoint,
+    work: &Path,
+    _opts: &RunOptions,
+    t_all: Instant,
+) -> Result<Report> {
+    let mut timing = Timing::default();
+    let passes = p
+        .passes
+        .iter()
+        .map(|s| s.build())
+        .collect::<Result<Vec<_>>>()?;
+    // Calibration windows, only when some pass needs statistics.
+    let t = Instant::now();
+    let needs_calib = p.passes.iter().any(|s| s.needs_calibration());
+    let (windows, batch) = match (&p.calibration, needs_calib) {
+        (Some(c), true) => {
+            let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
+            let text = calib::read_text(&c.path, &c.field)?;
+            let tokens = calib::tokenize(&tok, &text)?;
+            let w = calib::random_windows(&tokens, c.samples, c.seq_len, c.seed)
+                .with_context(|| format!("calibration file {}", c.path.display()))?;
+            info!(
+                "calibration: {} windows × {} tokens from {}",
+                w.len(),
+                c.seq_len,
+                c.path.display()
+            );
+            (w, c.batch)
+        }
+        _ => (Vec::new(), 1),
+    };
+    timing.calibration_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
+    let mut exporter = Exporter::begin(p.export.format, work, ckpt, max_shard)?;
+    info!(
+        "compressing {} ({} layers) with {} pass(es), format {}",
+        p.model.display(),
+        ckpt.config.num_layers,
+        passes.len(),
+        p.export.format.name()
+    );
+    let er = crate::engine::run(ckpt, &passes, &windows, batch, &mut exporter)?;
+    let files = exporter.finish(ckpt)?;
+    timing.compress_seconds = t.elapsed().as_secs_f64();
+
+    // Read the artifact back: everything below is measured on what was written.
+    let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
+    let identical = if p.passes.is_empty() {
+        Some(tensors_identical(ckpt, &out)?)
+    } else {
+        None
+    };
+    let mut eval = BTreeMap::new();
+    let mut seq = None;
+    if let Some(e) = &p.eval {
+        seq = Some(e.seq_len);
+        let before = if e.baseline {
+            let t = Instant::now();
+            let r = eval_perplexity(ckpt, &e.datasets, e.seq_len, e.batch, "before")?;
+            timing.eval_before_seconds = t.elapsed().as_secs_f64();
+            Some(r)
+        } else {
+            None
+        };
+        let t = Instant::now();
+        let after = eval_perplexity(&out, &e.datasets, e.seq_len, e.batch, "after")?;
+        timing.eval_after_seconds = t.elapsed().as_secs_f64();
+        for f in &e.datasets {
+            let k = dataset_key(f);
+            let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
+            let a = after.get(&k).cloned();
+            let delta = match (&b, &a) {
+                (Some(b), Some(a)) => Some(100.0 * (a.perplexity - b.perplexity) / b.perplexity),
+                _ => None,
+            };
+            eval.insert(
+                k,
+                DatasetEval {
+                    file: f.display().to_string(),
+                    before: b,
+                    after: a,
+                    delta_pct: delta,
+                },
+            );
+        }
+    }
+    let in_bytes = ckpt.safetensors_bytes();
+    let out_bytes = out.safetensors_bytes();
+    timing.total_seconds = t_all.elapsed().as_secs_f64();
+    let report = Report {
+        schema: SCHEMA,
+        tool_version: env!("CARGO_PKG_VERSION"),
+        model: ModelInfo {
+            path: p.model.display().to_string(),
+            architecture: ckpt.config.arch.name().into(),
+            num_layers: ckpt.config.num_layers,
+            parameters: ckpt.config.num_params(),
+            dtype: ckpt.weight_dtype().name().into(),
+            size_bytes: in_bytes,
+        },
+        pipeline: serde_json::to_value(p)?,
+        output: OutputInfo {
+            path: p.output.display().to_string(),
+            format: p.export.format.name().into(),
+            size_bytes: out_bytes,
+            compression_ratio: in_bytes as f64 / out_bytes.max(1) as f64,
+            bits_per_weight: linear_bits(&out),
+            files,
+            identical_to_input: identical,
+        },
+        eval_seq_len: seq,
+        eval,
+        layers: er.records,
+        warnings: er.warnings,
+        timing,
+        peak_rss_bytes: crate::util::peak_rss_bytes(),
+    };
+    drop(out);
+    std::fs::write(
+        work.join("report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )
+    .with_context(|| format!("cannot write {}", work.join("report.json").display()))?;
+    std::fs::write(work.join("report.md"), report.to_markdown())
+        .with_context(|| format!("cannot write {}", work.join("report.md").display()))?;
+    let _ = dir_bytes(work);
+    Ok(report)
+}

@@ -1,0 +1,161 @@
+//! Our RTN quantizer + compressed-tensors packer against checkpoints written by llm-compressor /
+//! compressed-tensors themselves (../shared/golden/compressed_tensors): every tensor of every
+//! decoder-layer linear must match in name, dtype, shape and bytes.
+
+use compress::export::pack::{compressed_tensors_tensors, read_compressed_tensors};
+use compress::model::safetensors_file::{to_f32, DType, SafetensorsFile};
+use compress::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
+use ndarray::ArrayView2;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+/// The weight scheme of a golden folder, from its config.json `quantization_config`.
+fn scheme(dir: &PathBuf) -> QuantArgs {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let qc = &cfg["quantization_config"];
+    assert_eq!(qc["format"], "pack-quantized");
+    let groups = qc["config_groups"].as_object().unwrap();
+    assert_eq!(groups.len(), 1);
+    let w = &groups.values().next().unwrap()["weights"];
+    assert_eq!(w["type"], "int");
+    assert_eq!(w["observer"], "memoryless_minmax");
+    assert!(w["actorder"].is_null());
+    let strategy = match w["strategy"].as_str().unwrap() {
+        "group" => Strategy::Group,
+        "channel" => Strategy::Channel,
+        "tensor" => Strategy::Tensor,
+        s => panic!("unexpected strategy {s}"),
+    };
+    QuantArgs {
+        bits: w["num_bits"].as_u64().unwrap() as u32,
+        symmetric: w["symmetric"].as_bool().unwrap(),
+        strategy,
+        group_size: w["group_size"].as_u64().unwrap_or(0) as usize,
+        observer: Observer::MinMax,
+    }
+}
+
+fn check_folder(name: &str, expect: (u32, bool, Strategy, usize)) {
+    let dir = shared().join("golden/compressed_tensors").join(name);
+    let args = scheme(&dir);
+    assert_eq!(
+        (args.bits, args.symmetric, args.strategy, args.group_size),
+        expect,
+        "{name}: scheme in config.json changed"
+    );
+    let golden = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    let model =
+        SafetensorsFile::open(&shared().join("models/ref-llama-9m/model.safetensors")).unwrap();
+    let n_layers = (0..)
+        .take_while(|l| {
+            model
+                .tensors
+                .contains_key(&format!("model.layers.{l}.self_attn.q_proj.weight"))
+        })
+        .count();
+    assert!(n_layers > 0);
+
+    let mut failures = Vec::new();
+    let mut n_tensors = 0;
+    for l in 0..n_layers {
+        for lin in LINEARS {
+            let prefix = format!("model.layers.{l}.{lin}");
+            let info = &model.tensors[&format!("{prefix}.weight")];
+            assert_eq!(info.dtype, DType::BF16);
+            let w = to_f32(info.dtype, model.bytes(info)).unwrap();
+            let view = ArrayView2::from_shape((info.shape[0], info.shape[1]), &w).unwrap();
+            let q = quantize_rtn(view, &args, DType::BF16).unwrap();
+            let ours = compressed_tensors_tensors(&prefix, &q).unwrap();
+
+            // Same set of tensor names for this module.
+            let gold_names: BTreeSet<String> = golden
+                .tensors
+                .keys()
+                .filter(|k| k.starts_with(&format!("{prefix}.")))
+                .cloned()
+                .collect();
+            let our_names: BTreeSet<String> = ours.iter().map(|t| t.0.clone()).collect();
+            assert_eq!(our_names, gold_names, "{name}: tensor names of {prefix}");
+
+            for (tname, dtype, shape, bytes) in &ours {
+                n_tensors += 1;
+                let g = &golden.tensors[tname];
+                assert_eq!(*dtype, g.dtype, "{name}: dtype of {tname}");
+                assert_eq!(*shape, g.shape, "{name}: shape of {tname}");
+                let gb = golden.bytes(g);
+                if bytes.as_slice() != gb {
+                    let es = dtype.size();
+                    let bad = bytes
+                        .chunks(es)
+                        .zip(gb.chunks(es))
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    failures.push(format!(
+                        "{tname}: {bad} of {} elements differ",
+                        bytes.len() / es
+                    ));
+                }
+            }
+
+            // Read-back through the golden tensors gives our dequantized weights.
+            let get = |n: &str| -> anyhow::Result<(DType, Vec<usize>, Vec<u8>)> {
+                let t = golden
+                    .tensors
+                    .get(n)
+                    .ok_or_else(|| anyhow::anyhow!("missing {n}"))?;
+                Ok((t.dtype, t.shape.clone(), golden.bytes(t).to_vec()))
+            };
+            let dense =
+                read_compressed_tensors(&get, &prefix, args.bits, args.group_size, args.symmetric)
+                    .unwrap();
+            let ours_dense = q.dequantize();
+            assert_eq!(
+                dense.as_slice(),
+                ours_dense.as_slice().unwrap(),
+                "{name}: read-back of {prefix}"
+            );
+        }
+    }
+    assert!(n_tensors > 0);
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {n_tensors} tensors differ from the golden checkpoint:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn rtn_w4g128_symmetric_matches_compressed_tensors() {
+    check_folder("ref-llama-9m-rtn-w4g128", (4, true, Strategy::Group, 128));
+}
+
+#[test]
+fn rtn_w4g128_asymmetric_matches_compressed_tensors() {
+    check_folder(
+        "ref-llama-9m-rtn-w4g128-asym",
+        (4, false, Strategy::Group, 128),
+    );
+}
+
+/// llm-compressor 0.14's W8A16 preset is 8-bit symmetric *group 128* (not per channel):
+/// the golden config.json says so and the scales are [out, in/128].
+#[test]
+fn rtn_w8_symmetric_matches_compressed_tensors() {
+    check_folder("ref-llama-9m-rtn-w8ch", (8, true, Strategy::Group, 128));
+}
