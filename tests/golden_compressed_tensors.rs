@@ -7,7 +7,7 @@ use compress::model::safetensors_file::{to_f32, DType, SafetensorsFile};
 use compress::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
 use ndarray::ArrayView2;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const LINEARS: [&str; 7] = [
     "self_attn.q_proj",
@@ -24,7 +24,7 @@ fn shared() -> PathBuf {
 }
 
 /// The weight scheme of a golden folder, from its config.json `quantization_config`.
-fn scheme(dir: &PathBuf) -> QuantArgs {
+fn scheme(dir: &Path) -> QuantArgs {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let qc = &cfg["quantization_config"];

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
+#[allow(clippy::too_many_arguments)]
 fn random_linear(
     rng: &mut ChaCha8Rng,
     bits: u32,

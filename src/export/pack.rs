@@ -39,7 +39,7 @@ pub fn i64s_to_bytes(v: &[i64]) -> Vec<u8> {
 
 pub fn bytes_to_i32s(b: &[u8]) -> Result<Vec<i32>> {
     ensure!(
-        b.len() % 4 == 0,
+        b.len().is_multiple_of(4),
         "int32 tensor: {} bytes is not a multiple of 4",
         b.len()
     );
@@ -413,7 +413,7 @@ fn check_bits_gptq(bits: u32) -> Result<()> {
 pub fn pack_stream(values: &[u32], bits: u32) -> Result<Vec<u32>> {
     let nbits = values.len() * bits as usize;
     ensure!(
-        nbits % 32 == 0,
+        nbits.is_multiple_of(32),
         "pack: {} values of {bits} bits do not fill whole 32-bit words",
         values.len()
     );
@@ -466,7 +466,7 @@ pub fn gptq_pack_qweight(codes: &[i8], out: usize, inn: usize, bits: u32) -> Res
         codes.len()
     );
     ensure!(
-        inn % 32 == 0,
+        inn.is_multiple_of(32),
         "GPTQ packing needs the input dimension ({inn}) to be a multiple of 32"
     );
     let h = 1i32 << (bits - 1);
@@ -489,7 +489,7 @@ pub fn gptq_pack_qweight(codes: &[i8], out: usize, inn: usize, bits: u32) -> Res
 pub fn gptq_unpack_qweight(qweight: &[i32], out: usize, inn: usize, bits: u32) -> Result<Vec<i8>> {
     check_bits_gptq(bits)?;
     ensure!(
-        inn % 32 == 0,
+        inn.is_multiple_of(32),
         "GPTQ: input dimension {inn} is not a multiple of 32"
     );
     let rows = inn / 32 * bits as usize;
@@ -522,7 +522,7 @@ pub fn gptq_pack_qzeros(zeros_u: &[u32], groups: usize, out: usize, bits: u32) -
         zeros_u.len()
     );
     ensure!(
-        out % 32 == 0,
+        out.is_multiple_of(32),
         "GPTQ packing needs the output dimension ({out}) to be a multiple of 32"
     );
     let mask = (1u32 << bits) - 1;
@@ -546,7 +546,7 @@ pub fn gptq_unpack_qzeros(
 ) -> Result<Vec<u32>> {
     check_bits_gptq(bits)?;
     ensure!(
-        out % 32 == 0,
+        out.is_multiple_of(32),
         "GPTQ: output dimension {out} is not a multiple of 32"
     );
     let wpr = out / 32 * bits as usize;
@@ -762,6 +762,7 @@ pub fn read_gptq(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 

@@ -27,7 +27,8 @@ pub struct Pipeline {
     pub device: String,
     #[serde(default)]
     pub calibration: Option<Calibration>,
-    #[serde(default)]
+    /// Each entry is a one-key map: `- gptq: {bits: 4}`.
+    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub passes: Vec<PassSpec>,
     #[serde(default)]
     pub export: Export,

@@ -140,7 +140,7 @@ impl QuantArgs {
         Ok(match self.strategy {
             Strategy::Tensor | Strategy::Channel => 1,
             Strategy::Group => {
-                if in_features % self.group_size != 0 {
+                if !in_features.is_multiple_of(self.group_size) {
                     bail!(
                         "quantization: input dimension {in_features} is not divisible by group_size {}",
                         self.group_size
@@ -339,11 +339,7 @@ pub fn quantize_rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Resul
 impl QuantizedLinear {
     /// Parameter groups per row (`scales.len() / out`).
     pub fn n_groups(&self) -> usize {
-        if self.shape.0 == 0 {
-            0
-        } else {
-            self.scales.len() / self.shape.0
-        }
+        self.scales.len().checked_div(self.shape.0).unwrap_or(0)
     }
 
     /// The parameter group of input column `j` (g_idx when present, else contiguous groups).
@@ -383,7 +379,7 @@ impl QuantizedLinear {
             self.codes.len()
         );
         ensure!(
-            out > 0 && self.scales.len() % out == 0,
+            out > 0 && self.scales.len().is_multiple_of(out),
             "quantized linear: {} scales for {out} rows",
             self.scales.len()
         );
@@ -473,6 +469,7 @@ impl QuantizedLinear {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
@@ -633,10 +630,10 @@ mod tests {
         let mut q = quantize_rtn(w.view(), &a, DType::F32).unwrap();
         let plain = q.dequantize();
         // Identity g_idx gives the same result.
-        q.g_idx = Some((0..64).map(|j| (j / 16) as i32).collect());
+        q.g_idx = Some((0..64).map(|j| j / 16).collect());
         assert_eq!(q.dequantize(), plain);
         // Permuted g_idx: column j takes group g_idx[j].
-        q.g_idx = Some((0..64).map(|j| (j % 4) as i32).collect());
+        q.g_idx = Some((0..64).map(|j| j % 4).collect());
         let d = q.dequantize();
         for r in 0..4 {
             for j in 0..64 {
