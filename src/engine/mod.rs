@@ -8,10 +8,9 @@
 pub mod stats;
 
 use crate::model::layer::{LayerWeights, Site};
-use crate::model::llama::{CandleLayer, Outer, Rope};
+use crate::model::llama::{Act, DecoderLayer, Outer, Rope};
 use crate::model::{Checkpoint, ModelConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use serde::Serialize;
 use stats::{SiteStats, StatsRequest};
 use std::collections::BTreeMap;
@@ -48,7 +47,7 @@ pub trait Pass: Send + Sync {
 pub struct LayerCtx<'a> {
     pub layer: LayerWeights,
     pub config: &'a ModelConfig,
-    inputs: &'a [Tensor],
+    inputs: &'a [Act],
     rope: Option<&'a Rope>,
     request: StatsRequest,
     stats: BTreeMap<Site, SiteStats>,
@@ -67,24 +66,47 @@ impl<'a> LayerCtx<'a> {
         format!("{}{linear}", LayerWeights::prefix(self.layer.index))
     }
 
-    /// Statistics of `site`, computed on the current weights if they are stale.
+    /// Statistics of `site` on the current weights. When stale, the layer is re-run on the
+    /// calibration inputs only as far as `site` (its statistics need nothing later), so
+    /// "true sequential" quantization costs partial forwards, not full ones.
     pub fn stats(&mut self, site: Site) -> Result<&SiteStats> {
         if !self.fresh {
-            self.refresh()?;
+            self.stats.clear();
+            self.fresh = true;
+        }
+        if !self.stats.contains_key(&site) {
+            let rope = self
+                .rope
+                .context("a pass asked for statistics but no calibration data was given")?;
+            let st = collect_stats(
+                &self.layer,
+                self.config,
+                self.inputs,
+                rope,
+                self.request,
+                Some(site),
+            )?;
+            self.stats.extend(st);
         }
         self.stats
             .get(&site)
             .with_context(|| format!("statistics of {} were not collected", site.name()))
     }
 
-    /// Re-run the layer with its current weights on the calibration inputs and recollect the
-    /// requested statistics at every site ("true sequential": later linears see the
-    /// quantized outputs of earlier ones).
+    /// Collect statistics at every site in one forward over the calibration inputs, with the
+    /// current weights (for passes that quantize all linears from the original inputs).
     pub fn refresh(&mut self) -> Result<()> {
         let rope = self
             .rope
             .context("a pass asked for statistics but no calibration data was given")?;
-        self.stats = collect_stats(&self.layer, self.config, self.inputs, rope, self.request)?;
+        self.stats = collect_stats(
+            &self.layer,
+            self.config,
+            self.inputs,
+            rope,
+            self.request,
+            None,
+        )?;
         self.fresh = true;
         Ok(())
     }
@@ -100,26 +122,22 @@ impl<'a> LayerCtx<'a> {
     }
 }
 
-/// Run `layer` over every calibration batch, accumulating `req` at all four input sites.
+/// Run `layer` over every calibration batch, accumulating `req` at the input sites up to
+/// `until` (all four when `None`).
 pub fn collect_stats(
     layer: &LayerWeights,
     cfg: &ModelConfig,
-    inputs: &[Tensor],
+    inputs: &[Act],
     rope: &Rope,
     req: StatsRequest,
+    until: Option<Site>,
 ) -> Result<BTreeMap<Site, SiteStats>> {
-    let cl = CandleLayer::new(layer, cfg)?;
+    let cl = DecoderLayer::new(layer, cfg);
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
     for x in inputs {
-        let mut hook = |site: Site, t: &Tensor| -> Result<()> {
-            let (rows, d) = t.dims2()?;
+        let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
             let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
-            let xtx = if req.hessian {
-                Some(t.t()?.matmul(t)?.flatten_all()?.to_vec1::<f32>()?)
-            } else {
-                None
-            };
-            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            let xtx = req.hessian.then(|| crate::model::ops::gram(v, rows, d));
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 bail!(
                     "layer {}: calibration activation at input `{}` is not finite ({}) at row {}",
@@ -129,10 +147,10 @@ pub fn collect_stats(
                     i / d
                 );
             }
-            st.add(&v, rows, xtx.as_deref());
+            st.add(v, rows, xtx.as_deref());
             Ok(())
         };
-        cl.forward(x, rope, &mut hook)?;
+        cl.forward_until(x, rope, &mut hook, until)?;
     }
     Ok(stats)
 }
@@ -212,8 +230,8 @@ pub fn run(
             let layer = ctx.layer;
             // X_{i+1} = compressed layer (X_i)
             if let Some(rope) = rope.as_ref() {
-                let cl = CandleLayer::new(&layer, cfg)?;
-                let mut no_hook = |_: Site, _: &Tensor| Ok(());
+                let cl = DecoderLayer::new(&layer, cfg);
+                let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
                 for x in hidden.iter_mut() {
                     *x = cl.forward(x, rope, &mut no_hook)?;
                 }

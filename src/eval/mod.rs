@@ -1,3 +1,4 @@
 //! Evaluation: perplexity by the fixed protocol of DESIGN.md.
 
 pub mod ppl;
+pub mod tasks;

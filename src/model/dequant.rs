@@ -20,15 +20,29 @@ fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
     let method = q
         .get("quant_method")
         .and_then(|m| m.as_str())
-        .with_context(|| format!("{}: `quantization_config.quant_method` missing", file.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: `quantization_config.quant_method` missing",
+                file.display()
+            )
+        })?;
     match method {
         "compressed-tensors" => {
             let groups = q
                 .get("config_groups")
                 .and_then(|g| g.as_object())
-                .with_context(|| format!("{}: `quantization_config.config_groups` missing", file.display()))?;
+                .with_context(|| {
+                    format!(
+                        "{}: `quantization_config.config_groups` missing",
+                        file.display()
+                    )
+                })?;
             if groups.len() != 1 {
-                bail!("{}: only one quantization config group is supported, found {}", file.display(), groups.len());
+                bail!(
+                    "{}: only one quantization config group is supported, found {}",
+                    file.display(),
+                    groups.len()
+                );
             }
             let w = groups
                 .values()
@@ -37,20 +51,32 @@ fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
                 .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
             let fmt = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
             if fmt != "pack-quantized" {
-                bail!("{}: compressed-tensors format `{fmt}` is not supported (pack-quantized is)", file.display());
+                bail!(
+                    "{}: compressed-tensors format `{fmt}` is not supported (pack-quantized is)",
+                    file.display()
+                );
             }
-            let bits = w.get("num_bits").and_then(Value::as_u64).context("`num_bits` missing")? as u32;
+            let bits = w
+                .get("num_bits")
+                .and_then(Value::as_u64)
+                .context("`num_bits` missing")? as u32;
             let gs = w.get("group_size").and_then(Value::as_u64).unwrap_or(0) as usize;
             let sym = w.get("symmetric").and_then(Value::as_bool).unwrap_or(true);
             Ok(Some((bits, gs, sym, method.to_string())))
         }
         "gptq" => {
-            let bits = q.get("bits").and_then(Value::as_u64).context("gptq `bits` missing")? as u32;
+            let bits = q
+                .get("bits")
+                .and_then(Value::as_u64)
+                .context("gptq `bits` missing")? as u32;
             let gs = q.get("group_size").and_then(Value::as_i64).unwrap_or(-1);
             let sym = q.get("sym").and_then(Value::as_bool).unwrap_or(true);
             Ok(Some((bits, gs.max(0) as usize, sym, method.to_string())))
         }
-        other => bail!("{}: quantization method `{other}` is not supported", file.display()),
+        other => bail!(
+            "{}: quantization method `{other}` is not supported",
+            file.display()
+        ),
     }
 }
 
@@ -74,16 +100,28 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
             pack::read_compressed_tensors(&get, prefix, bits, gs, sym),
             format!("{prefix}.weight_scale"),
         ),
-        _ => (pack::read_gptq(&get, prefix, bits, gs, sym), format!("{prefix}.scales")),
+        _ => (
+            pack::read_gptq(&get, prefix, bits, gs, sym),
+            format!("{prefix}.scales"),
+        ),
     };
-    let path = ckpt.info(&scale_name).map(|(_, p)| p.display().to_string()).unwrap_or_default();
+    let path = ckpt
+        .info(&scale_name)
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_default();
     let v = v.with_context(|| format!("{path}: reading quantized `{prefix}`"))?;
     if v.len() != shape.iter().product::<usize>() {
-        bail!("{path}: quantized `{prefix}` has {} values, config.json implies {shape:?}", v.len());
+        bail!(
+            "{path}: quantized `{prefix}` has {} values, config.json implies {shape:?}",
+            v.len()
+        );
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         bail!("{path}: quantized `{prefix}` dequantizes to a non-finite value at flat index {i}");
     }
-    let dt = ckpt.info(&scale_name).map(|(i, _)| i.dtype).unwrap_or(DType::F32);
+    let dt = ckpt
+        .info(&scale_name)
+        .map(|(i, _)| i.dtype)
+        .unwrap_or(DType::F32);
     Ok((v, dt))
 }

@@ -1,32 +1,44 @@
-//! The Llama-family forward pass on candle tensors, f32 compute whatever the storage dtype.
-//! Matches transformers' `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3 variants):
-//! RMSNorm → attention with RoPE (rotate-half convention) and GQA → residual → RMSNorm →
-//! SwiGLU MLP → residual.
+//! The Llama-family forward pass, f32 compute whatever the storage dtype. Matches
+//! transformers' `LlamaForCausalLM` (and the Mistral / Qwen2 / Qwen3 variants):
+//! RMSNorm → attention with RoPE (rotate-half) and GQA → residual → RMSNorm → SwiGLU MLP →
+//! residual. Kernels are in `ops` (faer GEMM, rayon) and `attention`.
 
+use super::attention::causal_attention;
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
 use super::layer::{read_checked, LayerWeights, Site};
-use anyhow::{Context, Result};
-use candle_core::{DType as CDType, Device, Tensor};
+use super::ops;
+use anyhow::{ensure, Context, Result};
 
-pub fn device() -> Device {
-    Device::Cpu
+/// Hidden states [b, t, hidden], row-major.
+#[derive(Clone, Debug)]
+pub struct Act {
+    pub data: Vec<f32>,
+    pub b: usize,
+    pub t: usize,
 }
+
+impl Act {
+    pub fn rows(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// Sees each distinct linear input as rows × cols (this is where statistics are collected).
+pub type Hook<'a> = dyn FnMut(Site, &[f32], usize, usize) -> Result<()> + 'a;
 
 /// Precomputed RoPE tables (cos and sin of position × inverse frequency, [max_t, head_dim/2]).
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     max_t: usize,
 }
 
 impl Rope {
     pub fn new(cfg: &ModelConfig, max_t: usize) -> Result<Self> {
         let inv = cfg.rope_inv_freq();
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(max_t * half);
-        let mut sin = Vec::with_capacity(max_t * half);
+        let mut cos = Vec::with_capacity(max_t * inv.len());
+        let mut sin = Vec::with_capacity(max_t * inv.len());
         for t in 0..max_t {
             for f in &inv {
                 // transformers: freqs = inv_freq (f32) × position (f32), then cos/sin in f32.
@@ -35,176 +47,119 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        let dev = device();
-        let mut mask = vec![0f32; max_t * max_t];
-        for i in 0..max_t {
-            for j in i + 1..max_t {
-                mask[i * max_t + j] = f32::NEG_INFINITY;
-            }
-        }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_t, half), &dev)?,
-            sin: Tensor::from_vec(sin, (max_t, half), &dev)?,
-            mask: Tensor::from_vec(mask, (max_t, max_t), &dev)?,
-            max_t,
-        })
+        Ok(Rope { cos, sin, max_t })
     }
 }
 
-fn tensor2(v: &[f32], r: usize, c: usize) -> Result<Tensor> {
-    Ok(Tensor::from_slice(v, (r, c), &device())?)
+/// A decoder layer ready to run (borrowing the host weights).
+pub struct DecoderLayer<'a> {
+    w: &'a LayerWeights,
+    cfg: &'a ModelConfig,
 }
 
-fn tensor1(v: &[f32]) -> Result<Tensor> {
-    Ok(Tensor::from_slice(v, v.len(), &device())?)
-}
-
-/// x [n, in] · Wᵀ [in, out] (+ b)
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
-}
-
-/// A decoder layer ready to run: its weights as candle tensors.
-pub struct CandleLayer {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    input_norm: Tensor,
-    post_norm: Tensor,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
-    eps: f32,
-}
-
-impl CandleLayer {
-    pub fn new(lw: &LayerWeights, cfg: &ModelConfig) -> Result<Self> {
-        let t = |name: &str| -> Result<Tensor> {
-            let w = &lw.linears[name].weight;
-            let s = w.as_slice().context("weight not contiguous")?;
-            tensor2(s, w.nrows(), w.ncols())
-        };
-        let b = |name: &str| -> Result<Option<Tensor>> {
-            lw.linears[name].bias.as_deref().map(tensor1).transpose()
-        };
-        let n = |name: &str| -> Result<Option<Tensor>> {
-            lw.norms.get(name).map(|(v, _)| tensor1(v)).transpose()
-        };
-        Ok(CandleLayer {
-            q: t("self_attn.q_proj")?,
-            k: t("self_attn.k_proj")?,
-            v: t("self_attn.v_proj")?,
-            o: t("self_attn.o_proj")?,
-            bq: b("self_attn.q_proj")?,
-            bk: b("self_attn.k_proj")?,
-            bv: b("self_attn.v_proj")?,
-            gate: t("mlp.gate_proj")?,
-            up: t("mlp.up_proj")?,
-            down: t("mlp.down_proj")?,
-            input_norm: n("input_layernorm")?.context("missing input_layernorm")?,
-            post_norm: n("post_attention_layernorm")?
-                .context("missing post_attention_layernorm")?,
-            q_norm: n("self_attn.q_norm")?,
-            k_norm: n("self_attn.k_norm")?,
-            n_heads: cfg.num_heads,
-            n_kv: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            eps: cfg.rms_norm_eps as f32,
-        })
+impl<'a> DecoderLayer<'a> {
+    pub fn new(w: &'a LayerWeights, cfg: &'a ModelConfig) -> Self {
+        DecoderLayer { w, cfg }
     }
 
-    /// Run the layer on hidden states x [b, t, hidden]. `hook` sees each distinct linear input
-    /// as a 2-D tensor [b·t, in_features] (this is where statistics are collected).
-    pub fn forward(
+    fn lin(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let l = &self.w.linears[name];
+        let (out, k) = l.weight.dim();
+        let ws = l.weight.as_slice().context("weight not contiguous")?;
+        Ok(ops::linear(x, n, k, ws, out, l.bias.as_deref()))
+    }
+
+    fn norm(&self, name: &str) -> Result<&[f32]> {
+        self.w
+            .norms
+            .get(name)
+            .map(|(v, _)| v.as_slice())
+            .with_context(|| format!("layer {}: missing `{name}`", self.w.index))
+    }
+
+    pub fn forward(&self, x: &Act, rope: &Rope, hook: &mut Hook) -> Result<Act> {
+        self.forward_until(x, rope, hook, None)?
+            .context("forward stopped early")
+    }
+
+    /// As `forward`, but return `None` right after the hook has seen `stop` (statistics of an
+    /// early site need only the start of the layer).
+    pub fn forward_until(
         &self,
-        x: &Tensor,
+        x: &Act,
         rope: &Rope,
-        hook: &mut dyn FnMut(Site, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        let (b, t, hidden) = x.dims3()?;
-        anyhow::ensure!(
+        hook: &mut Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Act>> {
+        let cfg = self.cfg;
+        let (b, t) = (x.b, x.t);
+        let n = b * t;
+        let d = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        ensure!(
             t <= rope.max_t,
-            "sequence of {t} tokens exceeds the RoPE table"
+            "sequence of {t} tokens exceeds the RoPE table ({})",
+            rope.max_t
         );
-        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let x2 = x.reshape((b * t, hidden))?;
+        ensure!(x.data.len() == n * d, "hidden state has the wrong size");
         // --- attention ---
-        let h = candle_nn::ops::rms_norm(&x2, &self.input_norm, self.eps)?;
-        hook(Site::AttnIn, &h)?;
-        let q = linear(&h, &self.q, self.bq.as_ref())?;
-        let k = linear(&h, &self.k, self.bk.as_ref())?;
-        let v = linear(&h, &self.v, self.bv.as_ref())?;
-        let mut q = q.reshape((b, t, nh, hd))?;
-        let mut k = k.reshape((b, t, nkv, hd))?;
-        if let Some(qn) = &self.q_norm {
-            q = candle_nn::ops::rms_norm(&q, qn, self.eps)?;
+        let h = ops::rms_norm(&x.data, d, self.norm("input_layernorm")?, eps);
+        hook(Site::AttnIn, &h, n, d)?;
+        if stop == Some(Site::AttnIn) {
+            return Ok(None);
         }
-        if let Some(kn) = &self.k_norm {
-            k = candle_nn::ops::rms_norm(&k, kn, self.eps)?;
+        let mut q = self.lin("self_attn.q_proj", &h, n)?;
+        let mut k = self.lin("self_attn.k_proj", &h, n)?;
+        let v = self.lin("self_attn.v_proj", &h, n)?;
+        drop(h);
+        if cfg.qk_norm {
+            q = ops::rms_norm(&q, hd, self.norm("self_attn.q_norm")?, eps);
+            k = ops::rms_norm(&k, hd, self.norm("self_attn.k_norm")?, eps);
         }
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let cos = rope.cos.narrow(0, 0, t)?;
-        let sin = rope.sin.narrow(0, 0, t)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-        // GQA: each KV head serves n_heads / n_kv query heads.
-        let rep = nh / nkv;
-        let (k, v) = if rep > 1 {
-            let k = k
-                .unsqueeze(2)?
-                .expand((b, nkv, rep, t, hd))?
-                .reshape((b, nh, t, hd))?;
-            let v = v
-                .unsqueeze(2)?
-                .expand((b, nkv, rep, t, hd))?
-                .reshape((b, nh, t, hd))?;
-            (k, v)
-        } else {
-            (k, v)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let mask = rope.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let scores = scores.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attn = probs.matmul(&v)?; // [b, nh, t, hd]
-        let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        hook(Site::OIn, &attn)?;
-        let o = linear(&attn, &self.o, None)?;
-        let x2 = (x2 + o)?;
+        let q = ops::rope_transpose(&q, b, t, nh, hd, &rope.cos, &rope.sin);
+        let k = ops::rope_transpose(&k, b, t, nkv, hd, &rope.cos, &rope.sin);
+        let v = ops::heads_transpose(&v, b, t, nkv, hd);
+        let attn = causal_attention(&q, &k, &v, b, nh, nkv, t, hd);
+        drop((q, k, v));
+        hook(Site::OIn, &attn, n, nh * hd)?;
+        if stop == Some(Site::OIn) {
+            return Ok(None);
+        }
+        let o = self.lin("self_attn.o_proj", &attn, n)?;
+        drop(attn);
+        let mut r = x.data.clone();
+        ops::add_assign(&mut r, &o);
+        drop(o);
         // --- MLP (SwiGLU) ---
-        let h = candle_nn::ops::rms_norm(&x2, &self.post_norm, self.eps)?;
-        hook(Site::MlpIn, &h)?;
-        let g = linear(&h, &self.gate, None)?;
-        let u = linear(&h, &self.up, None)?;
-        let act = (candle_nn::ops::silu(&g)? * u)?;
-        hook(Site::DownIn, &act)?;
-        let d = linear(&act, &self.down, None)?;
-        let out = (x2 + d)?;
-        Ok(out.reshape((b, t, hidden))?)
+        let h = ops::rms_norm(&r, d, self.norm("post_attention_layernorm")?, eps);
+        hook(Site::MlpIn, &h, n, d)?;
+        if stop == Some(Site::MlpIn) {
+            return Ok(None);
+        }
+        let g = self.lin("mlp.gate_proj", &h, n)?;
+        let u = self.lin("mlp.up_proj", &h, n)?;
+        drop(h);
+        let act = ops::silu_mul(&g, &u);
+        drop((g, u));
+        hook(Site::DownIn, &act, n, cfg.intermediate_size)?;
+        if stop == Some(Site::DownIn) {
+            return Ok(None);
+        }
+        let dn = self.lin("mlp.down_proj", &act, n)?;
+        ops::add_assign(&mut r, &dn);
+        Ok(Some(Act { data: r, b, t }))
     }
 }
 
 /// Embedding table, final norm and LM head: the parts outside the decoder layers.
 pub struct Outer {
-    embed: Tensor,
-    norm: Tensor,
-    head: Tensor,
+    embed: Vec<f32>,
+    norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    head: Option<Vec<f32>>,
+    hidden: usize,
+    vocab: usize,
     eps: f32,
 }
 
@@ -212,49 +167,70 @@ impl Outer {
     pub fn load(ckpt: &Checkpoint) -> Result<Self> {
         let cfg = &ckpt.config;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_v = read_checked(ckpt, "model.embed_tokens.weight", &[v, h])?;
-        let embed = tensor2(&embed_v, v, h)?;
+        let embed = read_checked(ckpt, "model.embed_tokens.weight", &[v, h])?;
         let head = if cfg.tie_word_embeddings && !ckpt.has("lm_head.weight") {
-            embed.clone()
+            None
         } else {
-            let (w, _) = crate::model::dequant::dense_weight(ckpt, "lm_head", &[v, h])?;
-            tensor2(&w, v, h)?
+            Some(crate::model::dequant::dense_weight(ckpt, "lm_head", &[v, h])?.0)
         };
-        let norm = tensor1(&read_checked(ckpt, "model.norm.weight", &[h])?)?;
+        let norm = read_checked(ckpt, "model.norm.weight", &[h])?;
         Ok(Outer {
             embed,
             norm,
             head,
+            hidden: h,
+            vocab: v,
             eps: cfg.rms_norm_eps as f32,
         })
     }
 
     /// Token ids [b, t] → hidden states [b, t, hidden].
-    pub fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        let idx = Tensor::from_slice(ids, b * t, &device())?;
-        let e = self.embed.index_select(&idx, 0)?;
-        Ok(e.reshape((b, t, ()))?)
+    pub fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Act> {
+        ensure!(
+            ids.len() == b * t,
+            "expected {} ids, got {}",
+            b * t,
+            ids.len()
+        );
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
+            anyhow::bail!("token id {bad} is outside the vocabulary ({})", self.vocab);
+        }
+        Ok(Act {
+            data: ops::embed(&self.embed, self.hidden, ids),
+            b,
+            t,
+        })
     }
 
-    /// Final RMSNorm (as transformers' last hidden state).
-    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let x2 = x.reshape((b * t, h))?;
-        Ok(candle_nn::ops::rms_norm(&x2, &self.norm, self.eps)?.reshape((b, t, h))?)
+    /// Final RMSNorm (transformers' last hidden state).
+    pub fn final_norm(&self, x: &Act) -> Vec<f32> {
+        ops::rms_norm(&x.data, self.hidden, &self.norm, self.eps)
+    }
+
+    /// Logits of selected rows only (row r = sequence r / t, position r % t): [rows, vocab].
+    pub fn logits_rows(&self, x: &Act, rows: &[usize]) -> Vec<f32> {
+        let h = self.hidden;
+        let mut sel = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            sel.extend_from_slice(&x.data[r * h..(r + 1) * h]);
+        }
+        let n = ops::rms_norm(&sel, h, &self.norm, self.eps);
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        ops::linear(&n, rows.len(), h, head, self.vocab, None)
     }
 
     /// Hidden [b, t, hidden] (before the final norm) → logits [b·t, vocab].
-    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let n = self.final_norm(x)?.reshape((b * t, h))?;
-        Ok(n.matmul(&self.head.t()?)?)
+    pub fn logits(&self, x: &Act) -> Vec<f32> {
+        let n = self.final_norm(x);
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        ops::linear(&n, x.rows(), self.hidden, head, self.vocab, None)
     }
 }
 
 /// The whole model resident in memory (evaluation).
 pub struct Model {
     pub outer: Outer,
-    pub layers: Vec<CandleLayer>,
+    pub layers: Vec<LayerWeights>,
     pub rope: Rope,
     pub config: ModelConfig,
 }
@@ -265,8 +241,7 @@ impl Model {
         let outer = Outer::load(ckpt)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let lw = LayerWeights::load(ckpt, l)?;
-            layers.push(CandleLayer::new(&lw, &cfg)?);
+            layers.push(LayerWeights::load(ckpt, l)?);
         }
         Ok(Model {
             outer,
@@ -276,20 +251,23 @@ impl Model {
         })
     }
 
+    pub fn layer(&self, l: usize) -> DecoderLayer<'_> {
+        DecoderLayer::new(&self.layers[l], &self.config)
+    }
+
     /// Hidden states after every layer (before the final norm), [b, t, hidden].
-    pub fn hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Act> {
         let mut x = self.outer.embed(ids, b, t)?;
-        let mut no_hook = |_: Site, _: &Tensor| Ok(());
-        for l in &self.layers {
-            x = l.forward(&x, &self.rope, &mut no_hook)?;
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        for l in 0..self.layers.len() {
+            x = self.layer(l).forward(&x, &self.rope, &mut no_hook)?;
         }
         Ok(x)
     }
 
-    /// Logits [b·t, vocab] as a flat f32 vector.
+    /// Logits [b·t, vocab], row-major.
     pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
         let x = self.hidden(ids, b, t)?;
-        let l = self.outer.logits(&x)?;
-        Ok(l.to_dtype(CDType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self.outer.logits(&x))
     }
 }

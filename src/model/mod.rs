@@ -1,10 +1,12 @@
 //! Checkpoint reading (config.json, safetensors), architectures and the forward pass.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod dequant;
 pub mod layer;
 pub mod llama;
+pub mod ops;
 pub mod safetensors_file;
 
 pub use checkpoint::Checkpoint;

@@ -382,9 +382,15 @@ impl Pass for Gptq {
         } else {
             vec![LINEARS.to_vec()]
         };
+        if !self.spec.true_sequential {
+            // every linear's statistics from the layer's original inputs, one forward
+            ctx.refresh()?;
+        }
         for group in groups {
-            // statistics on the current (partially quantized) layer
-            ctx.invalidate();
+            if self.spec.true_sequential {
+                // statistics on the current (partially quantized) layer
+                ctx.invalidate();
+            }
             for name in group {
                 let module = ctx.module_name(name);
                 if !self.select.selects(&module) {

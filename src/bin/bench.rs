@@ -1,0 +1,1009 @@
+//! `bench`: benchmarks that print figures and ratios (DESIGN.md, "benches/ or src/bin/bench.rs").
+//!
+//! ```text
+//! bench gen-checkpoint --preset 1b --out /tmp/bench-1b         # random-weight Llama checkpoint
+//! bench identity --model /tmp/bench-1b --out /tmp/bench-1b-id  # peak RSS of `passes: []`
+//! bench eval-speed --model M --data FILE --windows 64          # perplexity tokens/s
+//! ```
+//!
+//! Memory of `identity` is measured on a child process (the `compress` binary beside this one),
+//! so nothing the bench itself allocated is counted: after the child is reaped,
+//! `getrusage(RUSAGE_CHILDREN).ru_maxrss` is the kernel's high-water mark of its resident set
+//! over its whole life, including the last milliseconds (reading back, identity check, report).
+//! A poller reading `/proc/<pid>/status` every 20 ms gives a cross-check (`VmHWM` at the last
+//! sample) and *when* the peak happened. Caveat of `RUSAGE_CHILDREN` on Linux: at `exec` the
+//! kernel folds the spawning process's high-water mark into the child's, so the figure is
+//! max(child, bench at spawn); the bench keeps itself small before spawning and prints its own
+//! high-water mark as the floor. `--stages` runs the same work in-process stage by stage,
+//! resetting the high-water mark between stages (`echo 5 > /proc/self/clear_refs`), to show
+//! which stage the peak belongs to.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use compress::export::writer::SafetensorsWriter;
+use compress::model::{Checkpoint, DType, ModelConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmarks of the compress engine: checkpoint generator, identity-pipeline memory, eval throughput"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Preset {
+    /// hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000
+    /// (TinyLlama-1.1B shape, ≈1.1 B parameters, ≈2.2 GB in bf16).
+    #[value(name = "1b")]
+    OneB,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DtypeArg {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::F32 => DType::F32,
+        }
+    }
+    fn hf_name(self) -> &'static str {
+        match self {
+            DtypeArg::Bf16 => "bfloat16",
+            DtypeArg::F16 => "float16",
+            DtypeArg::F32 => "float32",
+        }
+    }
+}
+
+fn default_ref_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ref-llama-9m")
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a random-weight Llama-shaped HF checkpoint (weights ~ N(0, 0.02), norms = 1).
+    GenCheckpoint {
+        #[arg(long)]
+        out: PathBuf,
+        /// Shape preset; explicit shape flags override its values.
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
+        #[arg(long)]
+        hidden: Option<usize>,
+        #[arg(long)]
+        intermediate: Option<usize>,
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long)]
+        heads: Option<usize>,
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long)]
+        vocab: Option<usize>,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DtypeArg,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest safetensors shard in bytes (default 4 GiB: the 1b preset is one file).
+        #[arg(long, default_value_t = 4 << 30)]
+        shard_bytes: usize,
+        /// Model folder whose config.json keys, tokenizer.json and tokenizer_config.json are
+        /// copied (default: ../shared/models/ref-llama-9m).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        overwrite: bool,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the identity pipeline (`passes: []`, dense export) and measure wall time and peak RSS.
+    Identity {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        overwrite: bool,
+        /// The `compress` binary to run (default: the one beside this binary).
+        #[arg(long)]
+        compress: Option<PathBuf>,
+        /// Run the pipeline in this process (`runner::run_pipeline`; peak = own VmHWM).
+        #[arg(long, conflicts_with = "stages")]
+        in_process: bool,
+        /// In-process, stage by stage, resetting the high-water mark between stages; the
+        /// last stage is the identity check done with per-tensor page release.
+        #[arg(long)]
+        stages: bool,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens per second of perplexity evaluation on the first N windows of a text file.
+    EvalSpeed {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Windows to evaluate (fewer if the text is shorter).
+        #[arg(long, default_value_t = 64)]
+        windows: usize,
+        /// Windows per forward batch (as `compress eval --batch`).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn proc_status_kb(path: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn own_rss() -> Option<u64> {
+    proc_status_kb("/proc/self/status", "VmRSS:")
+}
+
+/// Reset this process's RSS high-water mark to its current RSS (Linux ≥ 4.0).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+#[cfg(target_os = "linux")]
+mod rusage {
+    use std::os::raw::{c_int, c_long};
+
+    /// `struct rusage` of Linux: two `struct timeval` then fourteen `long`s.
+    #[repr(C)]
+    struct RUsage {
+        utime: [c_long; 2],
+        stime: [c_long; 2],
+        maxrss: c_long,
+        rest: [c_long; 13],
+    }
+
+    extern "C" {
+        fn getrusage(who: c_int, usage: *mut RUsage) -> c_int;
+    }
+
+    const RUSAGE_CHILDREN: c_int = -1;
+
+    /// (max RSS of any reaped child in bytes, children's user seconds, system seconds).
+    pub fn children() -> Option<(u64, f64, f64)> {
+        let mut u = RUsage {
+            utime: [0; 2],
+            stime: [0; 2],
+            maxrss: 0,
+            rest: [0; 13],
+        };
+        // SAFETY: `u` has the layout of Linux's `struct rusage` and outlives the call.
+        let rc = unsafe { getrusage(RUSAGE_CHILDREN, &mut u) };
+        if rc != 0 {
+            return None;
+        }
+        let secs = |t: [c_long; 2]| t[0] as f64 + t[1] as f64 * 1e-6;
+        Some((u.maxrss as u64 * 1024, secs(u.utime), secs(u.stime)))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod rusage {
+    pub fn children() -> Option<(u64, f64, f64)> {
+        None
+    }
+}
+
+/// splitmix64: independent seeds for (seed, tensor, chunk), so output does not depend on the
+/// number of threads.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn put(dtype: DType, buf: &mut [u8], i: usize, x: f32) {
+    match dtype {
+        DType::BF16 => {
+            buf[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
+        }
+        DType::F16 => {
+            buf[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+        }
+        _ => buf[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
+    }
+}
+
+/// Fill `out` (numel × dtype bytes) with N(0, std²) samples (Box–Muller), in parallel chunks.
+fn fill_normal(out: &mut [u8], dtype: DType, std: f32, seed: u64, tensor: u64) {
+    const CHUNK: usize = 1 << 16; // elements
+    let es = dtype.size();
+    out.par_chunks_mut(CHUNK * es)
+        .enumerate()
+        .for_each(|(ci, buf)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(mix(seed) ^ tensor) ^ ci as u64));
+            let n = buf.len() / es;
+            let mut i = 0;
+            while i < n {
+                let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
+                let u2: f64 = rng.gen::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let t = std::f64::consts::TAU * u2;
+                put(dtype, buf, i, (r * t.cos()) as f32 * std);
+                if i + 1 < n {
+                    put(dtype, buf, i + 1, (r * t.sin()) as f32 * std);
+                }
+                i += 2;
+            }
+        });
+}
+
+fn fill_const(out: &mut [u8], dtype: DType, x: f32) {
+    let n = out.len() / dtype.size();
+    for i in 0..n {
+        put(dtype, out, i, x);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gen-checkpoint
+
+struct Shape {
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gen_checkpoint(
+    out: &Path,
+    shape: Shape,
+    dtype: DtypeArg,
+    seed: u64,
+    shard_bytes: usize,
+    reference: &Path,
+    overwrite: bool,
+    as_json: bool,
+) -> Result<()> {
+    let Shape {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        vocab,
+    } = shape;
+    if hidden == 0 || intermediate == 0 || layers == 0 || heads == 0 || kv_heads == 0 || vocab == 0
+    {
+        bail!("every shape value must be positive");
+    }
+    if hidden % heads != 0 || (hidden / heads) % 2 != 0 {
+        bail!("--hidden ({hidden}) must be a multiple of --heads ({heads}) with an even head_dim");
+    }
+    if heads % kv_heads != 0 {
+        bail!("--kv-heads ({kv_heads}) must divide --heads ({heads})");
+    }
+    if out.exists() {
+        if !overwrite {
+            bail!(
+                "output {} already exists (pass --overwrite to replace it)",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot remove {}", out.display()))?;
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let work = compress::util::work_dir_for(out);
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("cannot remove {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let t0 = Instant::now();
+
+    // config.json: the reference model's keys, with our shape.
+    let ref_cfg = reference.join("config.json");
+    let mut cfg: Value = match std::fs::read_to_string(&ref_cfg) {
+        Ok(t) => serde_json::from_str(&t)
+            .with_context(|| format!("{}: not valid JSON", ref_cfg.display()))?,
+        Err(_) => {
+            eprintln!(
+                "[bench] warning: {} not readable; writing a minimal llama config.json",
+                ref_cfg.display()
+            );
+            json!({
+                "architectures": ["LlamaForCausalLM"], "attention_bias": false,
+                "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1,
+                "hidden_act": "silu", "initializer_range": 0.02,
+                "max_position_embeddings": 2048, "mlp_bias": false, "pad_token_id": null,
+                "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                "tie_word_embeddings": false, "use_cache": true
+            })
+        }
+    };
+    let o = cfg
+        .as_object_mut()
+        .context("reference config.json is not an object")?;
+    o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+    o.insert("model_type".into(), json!("llama"));
+    o.insert("dtype".into(), json!(dtype.hf_name()));
+    o.insert("hidden_size".into(), json!(hidden));
+    o.insert("intermediate_size".into(), json!(intermediate));
+    o.insert("num_hidden_layers".into(), json!(layers));
+    o.insert("num_attention_heads".into(), json!(heads));
+    o.insert("num_key_value_heads".into(), json!(kv_heads));
+    o.insert("head_dim".into(), json!(hidden / heads));
+    o.insert("vocab_size".into(), json!(vocab));
+    o.insert("tie_word_embeddings".into(), json!(false));
+    o.insert("attention_bias".into(), json!(false));
+    o.insert("mlp_bias".into(), json!(false));
+    let cfg_path = work.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
+        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    let mc = ModelConfig::from_file(&cfg_path)?;
+
+    // Tokenizer files, so the checkpoint is usable by eval (token ids < 8192).
+    let mut copied = Vec::new();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = reference.join(f);
+        if src.is_file() {
+            // read + write, not fs::copy: the copy must not inherit read-only permissions.
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            compress::util::write_file(&work.join(f), &bytes)?;
+            copied.push(f);
+        } else {
+            eprintln!(
+                "[bench] warning: {} missing; the checkpoint has no {f}",
+                src.display()
+            );
+        }
+    }
+    if vocab < 8192 && copied.contains(&"tokenizer.json") {
+        eprintln!("[bench] warning: vocab {vocab} < 8192: the copied tokenizer can emit ids past the embedding");
+    }
+
+    // Weights, tensor by tensor: memory stays O(largest tensor).
+    let dt = dtype.dtype();
+    let tensors = mc.expected_tensors();
+    let total: u64 = tensors
+        .iter()
+        .map(|(_, s)| (s.iter().product::<usize>() * dt.size()) as u64)
+        .sum();
+    let mut w = SafetensorsWriter::new(&work, shard_bytes);
+    let pb = compress::progress::bar(tensors.len() as u64, "tensors");
+    let mut gen_s = 0.0;
+    for (ti, (name, shape)) in tensors.iter().enumerate() {
+        let numel: usize = shape.iter().product();
+        let mut bytes = vec![0u8; numel * dt.size()];
+        let t = Instant::now();
+        if name.ends_with("norm.weight") {
+            fill_const(&mut bytes, dt, 1.0);
+        } else if name.ends_with(".bias") {
+            fill_const(&mut bytes, dt, 0.0);
+        } else {
+            fill_normal(&mut bytes, dt, 0.02, seed, ti as u64);
+        }
+        gen_s += t.elapsed().as_secs_f64();
+        w.add(name, dt, shape, &bytes)?;
+        pb.inc(1);
+    }
+    let mut files = w.finish()?;
+    pb.finish_and_clear();
+    files.push("config.json".into());
+    files.extend(copied.iter().map(|s| s.to_string()));
+    compress::util::publish(&work, out)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let params = mc.num_params();
+    let size = Checkpoint::open(out)?.safetensors_bytes();
+    let peak = compress::util::peak_rss_bytes().unwrap_or(0);
+    let v = json!({
+        "out": out.display().to_string(),
+        "hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads,
+        "kv_heads": kv_heads, "vocab": vocab, "dtype": dt.name(), "seed": seed,
+        "parameters": params, "tensors": tensors.len(), "safetensors_bytes": size,
+        "files": files, "seconds": secs, "generate_seconds": gen_s,
+        "peak_rss_bytes": peak,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("gen-checkpoint {}", out.display());
+        println!("| figure | value |\n|---|---:|");
+        println!(
+            "| shape | h{hidden} i{intermediate} L{layers} heads {heads}/{kv_heads} vocab {vocab} {} |",
+            dt.name()
+        );
+        println!("| parameters | {params} ({:.3} B) |", params as f64 / 1e9);
+        println!("| safetensors bytes | {size} ({}) |", mib(size));
+        println!("| files | {} |", files.join(", "));
+        println!("| wall time | {secs:.1} s |");
+        println!(
+            "| of which sampling | {gen_s:.1} s ({:.0} M params/s) |",
+            params as f64 / gen_s.max(1e-9) / 1e6
+        );
+        println!(
+            "| write throughput | {:.0} MiB/s |",
+            total as f64 / 1048576.0 / secs.max(1e-9)
+        );
+        println!(
+            "| generator peak RSS | {} ({:.1}% of size) |",
+            mib(peak),
+            100.0 * peak as f64 / size.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// identity
+
+fn yaml_str(p: &Path) -> Result<String> {
+    // A JSON string is a valid YAML double-quoted scalar.
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(serde_json::to_string(&abs.display().to_string())?)
+}
+
+fn write_identity_yaml(model: &Path, out: &Path) -> Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!(
+        "bench-identity-{}-{}.yaml",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let text = format!(
+        "# written by `bench identity`\nmodel: {}\noutput: {}\npasses: []\nexport:\n  format: dense\n",
+        yaml_str(model)?,
+        yaml_str(out)?
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+struct ChildRun {
+    wall: f64,
+    report: Value,
+    rusage_maxrss: Option<u64>,
+    user_s: f64,
+    sys_s: f64,
+    polled_hwm: Option<u64>,
+    polled_peak_rss: u64,
+    polled_peak_at: f64,
+    samples: usize,
+    bench_floor: Option<u64>,
+}
+
+fn run_child(compress_bin: &Path, yaml: &Path, overwrite: bool) -> Result<ChildRun> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let bench_floor = compress::util::peak_rss_bytes();
+    let mut cmd = Command::new(compress_bin);
+    cmd.arg("run")
+        .arg(yaml)
+        .arg("--json")
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if overwrite {
+        cmd.arg("--overwrite");
+    }
+    let t0 = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", compress_bin.display()))?;
+    let mut stdout = child.stdout.take().context("no child stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status_path = format!("/proc/{}/status", child.id());
+    let (mut hwm, mut peak, mut peak_at, mut samples) = (None, 0u64, 0.0, 0usize);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if let Some(h) = proc_status_kb(&status_path, "VmHWM:") {
+            hwm = Some(h);
+        }
+        if let Some(r) = proc_status_kb(&status_path, "VmRSS:") {
+            samples += 1;
+            if r > peak {
+                peak = r;
+                peak_at = t0.elapsed().as_secs_f64();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let text = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{} exited with {status}", compress_bin.display());
+    }
+    let report: Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("{}: stdout is not one JSON report", compress_bin.display()))?;
+    let ru = rusage::children();
+    Ok(ChildRun {
+        wall,
+        report,
+        rusage_maxrss: ru.map(|r| r.0),
+        user_s: ru.map(|r| r.1).unwrap_or(0.0),
+        sys_s: ru.map(|r| r.2).unwrap_or(0.0),
+        polled_hwm: hwm,
+        polled_peak_rss: peak,
+        polled_peak_at: peak_at,
+        samples,
+        bench_floor,
+    })
+}
+
+/// Stage-by-stage in-process measurement. Each stage starts with the high-water mark reset to
+/// the current RSS.
+fn identity_stages(model: &Path, out: &Path, size: u64) -> Result<Vec<Value>> {
+    use compress::export::{Exporter, Format};
+    let mut rows = Vec::new();
+    let mut stage = |name: &str, f: &mut dyn FnMut() -> Result<String>| -> Result<()> {
+        let reset = reset_peak_rss();
+        let before = own_rss().unwrap_or(0);
+        let t = Instant::now();
+        let note = f()?;
+        let secs = t.elapsed().as_secs_f64();
+        let peak = compress::util::peak_rss_bytes().unwrap_or(0);
+        let after = own_rss().unwrap_or(0);
+        rows.push(json!({
+            "stage": name, "seconds": secs, "rss_before_bytes": before,
+            "peak_rss_bytes": peak, "rss_after_bytes": after,
+            "peak_over_size": peak as f64 / size.max(1) as f64,
+            "hwm_reset": reset, "note": note,
+        }));
+        Ok(())
+    };
+    let work = compress::util::work_dir_for(out);
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    {
+        let mut ckpt = None;
+        stage("open + validate input", &mut || {
+            let c = Checkpoint::open(model)?;
+            c.validate_dense()?;
+            ckpt = Some(c);
+            Ok(String::new())
+        })?;
+        let c = ckpt.as_ref().context("no checkpoint")?;
+        stage("stream layers + dense export", &mut || {
+            let mut ex = Exporter::begin(Format::Dense, &work, c, 4 << 30)?;
+            compress::engine::run(c, &[], &[], 1, &mut ex)?;
+            let files = ex.finish(c)?;
+            Ok(files.join(", "))
+        })?;
+    }
+    stage("identity check as runner does (no release)", &mut || {
+        let a = Checkpoint::open(model)?;
+        let b = Checkpoint::open(&work)?;
+        let same = compress::runner::tensors_identical(&a, &b)?;
+        Ok(format!("identical: {same}"))
+    })?;
+    stage("identity check, releasing each tensor", &mut || {
+        let a = Checkpoint::open(model)?;
+        let b = Checkpoint::open(&work)?;
+        let na: Vec<&String> = a.names().collect();
+        let nb: Vec<&String> = b.names().collect();
+        let mut same = na == nb;
+        if same {
+            for n in na {
+                let (ia, ba) = a.raw(n)?;
+                let (ib, bb) = b.raw(n)?;
+                let eq = ia.dtype == ib.dtype && ia.shape == ib.shape && ba == bb;
+                a.release(n);
+                b.release(n);
+                if !eq {
+                    same = false;
+                    break;
+                }
+            }
+        }
+        Ok(format!("identical: {same}"))
+    })?;
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    compress::util::publish(&work, out)?;
+    Ok(rows)
+}
+
+fn identity(
+    model: &Path,
+    out: &Path,
+    overwrite: bool,
+    compress_bin: Option<PathBuf>,
+    in_process: bool,
+    stages: bool,
+    as_json: bool,
+) -> Result<()> {
+    // Size from file metadata only: the bench maps nothing before the child runs.
+    let size = Checkpoint::open(model)?.safetensors_bytes();
+    if out.exists() && !overwrite {
+        bail!(
+            "output {} already exists (pass --overwrite to replace it)",
+            out.display()
+        );
+    }
+    let limit = 0.25;
+    if stages {
+        let rows = identity_stages(model, out, size)?;
+        if as_json {
+            println!(
+                "{}",
+                serde_json::to_string(
+                    &json!({"model": model.display().to_string(), "size_bytes": size, "stages": rows})
+                )?
+            );
+        } else {
+            println!(
+                "identity stages (in-process, high-water mark reset per stage): {} ({} safetensors)",
+                model.display(),
+                mib(size)
+            );
+            println!(
+                "| stage | seconds | RSS before | peak RSS | RSS after | peak / size | note |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---|");
+            for r in &rows {
+                let b = |k: &str| r[k].as_u64().unwrap_or(0);
+                println!(
+                    "| {} | {:.2} | {} | {} | {} | {:.1}% | {} |",
+                    r["stage"].as_str().unwrap_or(""),
+                    r["seconds"].as_f64().unwrap_or(0.0),
+                    mib(b("rss_before_bytes")),
+                    mib(b("peak_rss_bytes")),
+                    mib(b("rss_after_bytes")),
+                    100.0 * r["peak_over_size"].as_f64().unwrap_or(0.0),
+                    r["note"].as_str().unwrap_or("")
+                );
+            }
+            if rows.iter().any(|r| r["hwm_reset"] == json!(false)) {
+                println!("(warning: /proc/self/clear_refs not writable: peaks are cumulative)");
+            }
+        }
+        return Ok(());
+    }
+
+    let yaml = write_identity_yaml(model, out)?;
+    let result = if in_process {
+        let t0 = Instant::now();
+        let r = compress::runner::run_pipeline(
+            &yaml,
+            &compress::runner::RunOptions {
+                model: None,
+                output: None,
+                overwrite,
+            },
+        );
+        let wall = t0.elapsed().as_secs_f64();
+        r.and_then(|rep| {
+            let v = serde_json::to_value(&rep)?;
+            Ok((wall, v, compress::util::peak_rss_bytes(), None))
+        })
+    } else {
+        let bin = match compress_bin {
+            Some(b) => b,
+            None => std::env::current_exe()?.with_file_name(if cfg!(windows) {
+                "compress.exe"
+            } else {
+                "compress"
+            }),
+        };
+        run_child(&bin, &yaml, overwrite)
+            .map(|c| (c.wall, c.report.clone(), c.rusage_maxrss, Some(c)))
+    };
+    let _ = std::fs::remove_file(&yaml);
+    let (wall, report, peak, child) = result?;
+    let peak = peak.unwrap_or(0);
+    let identical = report["output"]["identical_to_input"].as_bool();
+    let out_size = report["output"]["size_bytes"].as_u64().unwrap_or(0);
+    let report_peak = report["peak_rss_bytes"].as_u64();
+    let ratio = peak as f64 / size.max(1) as f64;
+    let mut v = json!({
+        "model": model.display().to_string(),
+        "output": out.display().to_string(),
+        "mode": if in_process { "in-process" } else { "child" },
+        "parameters": report["model"]["parameters"],
+        "size_bytes": size,
+        "output_size_bytes": out_size,
+        "wall_seconds": wall,
+        "report_total_seconds": report["timing"]["total_seconds"],
+        "report_compress_seconds": report["timing"]["compress_seconds"],
+        "peak_rss_bytes": peak,
+        "peak_rss_over_size": ratio,
+        "under_25_percent": ratio < limit,
+        "report_peak_rss_bytes": report_peak,
+        "identical_to_input": identical,
+    });
+    if let Some(c) = &child {
+        v["child_user_seconds"] = json!(c.user_s);
+        v["child_sys_seconds"] = json!(c.sys_s);
+        v["polled_vmhwm_bytes"] = json!(c.polled_hwm);
+        v["polled_peak_vmrss_bytes"] = json!(c.polled_peak_rss);
+        v["polled_peak_at_seconds"] = json!(c.polled_peak_at);
+        v["polled_samples"] = json!(c.samples);
+        v["bench_rss_floor_bytes"] = json!(c.bench_floor);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!(
+        "identity pipeline ({}): {} → {}",
+        if in_process {
+            "in-process"
+        } else {
+            "child process"
+        },
+        model.display(),
+        out.display()
+    );
+    println!("| figure | value |\n|---|---:|");
+    if let Some(p) = report["model"]["parameters"].as_u64() {
+        println!("| parameters | {p} ({:.3} B) |", p as f64 / 1e9);
+    }
+    println!("| checkpoint size on disk (safetensors) | {} |", mib(size));
+    println!("| output size on disk (safetensors) | {} |", mib(out_size));
+    println!("| wall time | {wall:.2} s |");
+    if let Some(t) = report["timing"]["compress_seconds"].as_f64() {
+        println!("| of which stream + export (report) | {t:.2} s |");
+    }
+    println!(
+        "| throughput (size / wall) | {:.0} MiB/s |",
+        size as f64 / 1048576.0 / wall.max(1e-9)
+    );
+    let src = if in_process {
+        "own VmHWM"
+    } else {
+        "getrusage(RUSAGE_CHILDREN).ru_maxrss"
+    };
+    println!("| peak RSS ({src}) | {} |", mib(peak));
+    println!(
+        "| peak RSS / size on disk | {:.1}% ({} 25%) |",
+        100.0 * ratio,
+        if ratio < limit { "<" } else { "≥" }
+    );
+    if let Some(c) = &child {
+        if let (Some(h), true) = (c.polled_hwm, c.samples > 0) {
+            println!(
+                "| child VmHWM at last 20 ms poll ({} samples) | {} |",
+                c.samples,
+                mib(h)
+            );
+        }
+        if c.samples > 0 {
+            println!(
+                "| child VmRSS max over polls | {} at {:.2} s of {wall:.2} s |",
+                mib(c.polled_peak_rss),
+                c.polled_peak_at
+            );
+        }
+        println!(
+            "| child CPU user / sys | {:.2} s / {:.2} s |",
+            c.user_s, c.sys_s
+        );
+        if let Some(f) = c.bench_floor {
+            println!("| bench's own peak RSS at spawn (floor) | {} |", mib(f));
+        }
+    }
+    if let Some(r) = report_peak {
+        println!(
+            "| report.peak_rss_bytes (before report written) | {} |",
+            mib(r)
+        );
+    }
+    println!(
+        "| report identical_to_input | {} |",
+        identical.map(|b| b.to_string()).unwrap_or("absent".into())
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// eval-speed
+
+fn eval_speed(
+    model: &Path,
+    data: &Path,
+    seq_len: usize,
+    windows: usize,
+    batch: usize,
+    as_json: bool,
+) -> Result<()> {
+    anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
+    anyhow::ensure!(windows >= 1, "--windows must be at least 1");
+    anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+    let t = Instant::now();
+    let ckpt = Checkpoint::open(model)?;
+    let m = compress::model::llama::Model::load(&ckpt, seq_len)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let tok = compress::calib::load_tokenizer(&ckpt.tokenizer_path())?;
+    let text = compress::calib::read_text(data, "text")?;
+    let tokens = compress::calib::tokenize(&tok, &text)?;
+    let tok_s = t.elapsed().as_secs_f64();
+    let avail = tokens.len() / seq_len;
+    let n = windows.min(avail);
+    anyhow::ensure!(
+        n > 0,
+        "{}: {} tokens, fewer than one window of {seq_len}",
+        data.display(),
+        tokens.len()
+    );
+    if n < windows {
+        eprintln!(
+            "[bench] only {n} windows of {seq_len} tokens in {}",
+            data.display()
+        );
+    }
+    let t = Instant::now();
+    let r =
+        compress::eval::ppl::perplexity(&m, &tokens[..n * seq_len], seq_len, batch, &mut |_| {})?;
+    let eval_s = t.elapsed().as_secs_f64();
+    let toks = n * seq_len;
+    let tps = toks as f64 / eval_s.max(1e-9);
+    let threads = rayon::current_num_threads();
+    let peak = compress::util::peak_rss_bytes().unwrap_or(0);
+    let params = ckpt.config.num_params();
+    // The embedding is a lookup, not a matmul: FLOPs ≈ 2 × (other parameters) per token.
+    let matmul_params = params - ckpt.config.vocab_size * ckpt.config.hidden_size;
+    let gflops = 2.0 * matmul_params as f64 * tps / 1e9;
+    let v = json!({
+        "model": model.display().to_string(), "data": data.display().to_string(),
+        "seq_len": seq_len, "windows": n, "batch": batch, "tokens": toks,
+        "parameters": params, "threads": threads,
+        "load_seconds": load_s, "tokenize_seconds": tok_s, "eval_seconds": eval_s,
+        "tokens_per_second": tps, "ms_per_window": 1e3 * eval_s / n as f64,
+        "perplexity_of_these_windows": r.perplexity, "peak_rss_bytes": peak,
+        "gflops_per_second_approx": gflops,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!("eval-speed {} on {}", model.display(), data.display());
+    println!("| figure | value |\n|---|---:|");
+    println!("| parameters | {params} |");
+    println!("| windows × seq_len (batch) | {n} × {seq_len} ({batch}) |");
+    println!("| threads (rayon) | {threads} |");
+    println!("| model load | {load_s:.2} s |");
+    println!(
+        "| tokenize whole file | {tok_s:.2} s ({} tokens) |",
+        tokens.len()
+    );
+    println!("| eval time | {eval_s:.2} s |");
+    println!("| tokens / s | {tps:.0} |");
+    println!("| ms / window | {:.1} |", 1e3 * eval_s / n as f64);
+    println!("| ≈ GFLOP/s (2 × non-embedding params × tokens/s; attention scores excluded) | {gflops:.1} |");
+    println!("| perplexity of these {n} windows | {:.4} |", r.perplexity);
+    println!("| peak RSS | {} |", mib(peak));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::GenCheckpoint {
+            out,
+            preset,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            dtype,
+            seed,
+            shard_bytes,
+            reference,
+            overwrite,
+            json,
+        } => {
+            let p = preset.map(|p| match p {
+                Preset::OneB => [2048, 5632, 22, 32, 4, 32000],
+            });
+            let pick = |v: Option<usize>, i: usize, flag: &str| -> Result<usize> {
+                v.or(p.map(|p| p[i]))
+                    .with_context(|| format!("--{flag} is required without --preset"))
+            };
+            let shape = Shape {
+                hidden: pick(hidden, 0, "hidden")?,
+                intermediate: pick(intermediate, 1, "intermediate")?,
+                layers: pick(layers, 2, "layers")?,
+                heads: pick(heads, 3, "heads")?,
+                kv_heads: pick(kv_heads, 4, "kv-heads")?,
+                vocab: pick(vocab, 5, "vocab")?,
+            };
+            let reference = reference.unwrap_or_else(default_ref_model);
+            gen_checkpoint(
+                &out,
+                shape,
+                dtype,
+                seed,
+                shard_bytes,
+                &reference,
+                overwrite,
+                json,
+            )
+        }
+        Cmd::Identity {
+            model,
+            out,
+            overwrite,
+            compress,
+            in_process,
+            stages,
+            json,
+        } => identity(&model, &out, overwrite, compress, in_process, stages, json),
+        Cmd::EvalSpeed {
+            model,
+            data,
+            seq_len,
+            windows,
+            batch,
+            json,
+        } => eval_speed(&model, &data, seq_len, windows, batch, json),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    compress::progress::set_quiet(false);
+    match real_main(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The forward pass's numeric kernels on row-major f32 slices: GEMM (faer), RMSNorm, RoPE,
+//! SiLU·mul, embedding lookup. Each is tested against a direct evaluation in `tests`.
+
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// y [n, out] = x [n, k] · wᵀ (w is [out, k], the PyTorch Linear layout), plus bias.
+pub fn linear(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    out: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    debug_assert_eq!(x.len(), n * k);
+    debug_assert_eq!(w.len(), out * k);
+    let mut y = vec![0f32; n * out];
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut y, n, out),
+        Accum::Replace,
+        MatRef::from_row_major_slice(x, n, k),
+        MatRef::from_row_major_slice(w, out, k).transpose(),
+        1.0,
+        Par::rayon(0),
+    );
+    if let Some(b) = bias {
+        y.par_chunks_mut(out)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+    y
+}
+
+/// xᵀx [k, k] for x [n, k] (the Hessian statistic), f32 GEMM.
+pub fn gram(x: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut g = vec![0f32; k * k];
+    let xm = MatRef::from_row_major_slice(x, n, k);
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut g, k, k),
+        Accum::Replace,
+        xm.transpose(),
+        xm,
+        1.0,
+        Par::rayon(0),
+    );
+    g
+}
+
+/// RMSNorm over rows of width d: x / sqrt(mean(x²) + eps) · w (mean accumulated in f64).
+pub fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+            let r = 1.0 / ((ms as f32) + eps).sqrt();
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = g * (v * r);
+            }
+        });
+    y
+}
+
+/// Rotary embedding (rotate-half convention of transformers) applied to x [b, t, h, hd],
+/// written transposed to [b, h, t, hd] (the layout attention wants).
+/// cos/sin are [max_t, hd/2].
+pub fn rope_transpose(
+    x: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+) -> Vec<f32> {
+    let half = hd / 2;
+    assert_eq!(x.len(), b * t * h * hd);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+        let (bi, hi) = (bh / h, bh % h);
+        for ti in 0..t {
+            let src = &x[((bi * t + ti) * h + hi) * hd..][..hd];
+            let dst = &mut out[ti * hd..(ti + 1) * hd];
+            let (c, s) = (
+                &cos[ti * half..(ti + 1) * half],
+                &sin[ti * half..(ti + 1) * half],
+            );
+            for i in 0..half {
+                let (x1, x2) = (src[i], src[i + half]);
+                dst[i] = x1 * c[i] - x2 * s[i];
+                dst[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    });
+    y
+}
+
+/// [b, t, h, hd] → [b, h, t, hd] without rotation (values).
+pub fn heads_transpose(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<f32> {
+    assert_eq!(x.len(), b * t * h * hd);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+        let (bi, hi) = (bh / h, bh % h);
+        for ti in 0..t {
+            out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[((bi * t + ti) * h + hi) * hd..][..hd]);
+        }
+    });
+    y
+}
+
+/// SwiGLU's gate: silu(g) · u, elementwise (silu(x) = x / (1 + e^{−x})).
+pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+    y
+}
+
+/// out[i] = table[ids[i]] for rows of width d.
+pub fn embed(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
+    let mut y = vec![0f32; ids.len() * d];
+    for (o, &id) in y.chunks_mut(d).zip(ids) {
+        o.copy_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+    }
+    y
+}
+
+/// a += b elementwise.
+pub fn add_assign(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(4096)
+        .zip(b.par_chunks(4096))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.gen_range(-1.5f32..1.5)).collect()
+    }
+
+    #[test]
+    fn linear_matches_definition() {
+        let (n, k, o) = (37, 70, 29);
+        let (x, w, b) = (rnd(n * k, 1), rnd(o * k, 2), rnd(o, 3));
+        let y = linear(&x, n, k, &w, o, Some(&b));
+        for i in 0..n {
+            for j in 0..o {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum::<f64>()
+                    + b[j] as f64;
+                assert!((y[i * o + j] as f64 - want).abs() < 1e-4, "({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn gram_matches_definition() {
+        let (n, k) = (53, 19);
+        let x = rnd(n * k, 4);
+        let g = gram(&x, n, k);
+        for i in 0..k {
+            for j in 0..k {
+                let want: f64 = (0..n)
+                    .map(|r| x[r * k + i] as f64 * x[r * k + j] as f64)
+                    .sum();
+                assert!((g[i * k + j] as f64 - want).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_rope_silu_match_definitions() {
+        let d = 16;
+        let (x, w) = (rnd(3 * d, 5), rnd(d, 6));
+        let y = rms_norm(&x, d, &w, 1e-5);
+        for r in 0..3 {
+            let ms: f64 = x[r * d..(r + 1) * d]
+                .iter()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>()
+                / d as f64;
+            for c in 0..d {
+                let want = w[c] as f64 * x[r * d + c] as f64 / (ms + 1e-5).sqrt();
+                assert!((y[r * d + c] as f64 - want).abs() < 1e-5);
+            }
+        }
+        // rope: [b=1, t=3, h=2, hd=4]; rotate_half(x) = [-x2, x1]
+        let (t, h, hd) = (3, 2, 4);
+        let x = rnd(t * h * hd, 7);
+        let ang: Vec<f32> = (0..t * hd / 2).map(|i| i as f32 * 0.3).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
+        let y = rope_transpose(&x, 1, t, h, hd, &cos, &sin);
+        for ti in 0..t {
+            for hi in 0..h {
+                let v = &x[(ti * h + hi) * hd..][..hd];
+                for i in 0..hd {
+                    let f = i % (hd / 2);
+                    let (c, s) = (cos[ti * 2 + f], sin[ti * 2 + f]);
+                    let rot = if i < hd / 2 {
+                        -v[i + hd / 2]
+                    } else {
+                        v[i - hd / 2]
+                    };
+                    let want = v[i] * c + rot * s;
+                    assert!((y[(hi * t + ti) * hd + i] - want).abs() < 1e-6);
+                }
+            }
+        }
+        let (g, u) = (rnd(50, 8), rnd(50, 9));
+        let y = silu_mul(&g, &u);
+        for i in 0..50 {
+            let want = g[i] as f64 / (1.0 + (-(g[i] as f64)).exp()) * u[i] as f64;
+            assert!((y[i] as f64 - want).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Smoke test of the `bench` binary: generate a tiny random Llama checkpoint, check that
+//! `compress inspect` counts the parameters its config implies, run the identity pipeline on it
+//! through `bench identity` (which runs `compress` as a child) and check the output tensors are
+//! byte-identical to the input.
+
+use compress::model::Checkpoint;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_bench");
+const COMPRESS: &str = env!("CARGO_BIN_EXE_compress");
+
+fn run_json(bin: &str, args: &[&str]) -> Value {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{bin} {args:?}: stdout is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn bench_generates_inspectable_checkpoint_and_identity_is_byte_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    let (h, i, layers, heads, kv, vocab) = (64usize, 160usize, 2usize, 4usize, 2usize, 8192usize);
+    let gen = run_json(
+        BENCH,
+        &[
+            "gen-checkpoint",
+            "--out",
+            p(&model),
+            "--hidden",
+            &h.to_string(),
+            "--intermediate",
+            &i.to_string(),
+            "--layers",
+            &layers.to_string(),
+            "--heads",
+            &heads.to_string(),
+            "--kv-heads",
+            &kv.to_string(),
+            "--vocab",
+            &vocab.to_string(),
+            "--seed",
+            "7",
+            "--json",
+        ],
+    );
+
+    // Parameter count written out by hand from the shapes (untied head, GQA).
+    let hd = h / heads;
+    let per_layer = 2 * h // input / post-attention norms
+        + heads * hd * h // q
+        + 2 * kv * hd * h // k, v
+        + h * heads * hd // o
+        + 3 * i * h; // gate, up, down
+    let want = 2 * vocab * h + layers * per_layer + h;
+    assert_eq!(gen["parameters"].as_u64(), Some(want as u64));
+
+    let info = run_json(COMPRESS, &["inspect", p(&model), "--json"]);
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["parameters"].as_u64(), Some(want as u64));
+    assert_eq!(info["stored_elements"].as_u64(), Some(want as u64));
+    assert_eq!(info["layers"].as_u64(), Some(layers as u64));
+    assert_eq!(info["kv_heads"].as_u64(), Some(kv as u64));
+    assert_eq!(
+        info["dtypes"]["BF16"].as_u64(),
+        info["tensor_count"].as_u64()
+    );
+    assert_eq!(
+        info["size_on_disk_bytes"].as_u64(),
+        gen["safetensors_bytes"].as_u64()
+    );
+    let ref_tok =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ref-llama-9m/tokenizer.json");
+    if ref_tok.is_file() {
+        assert_eq!(
+            std::fs::read(model.join("tokenizer.json")).unwrap(),
+            std::fs::read(&ref_tok).unwrap()
+        );
+    }
+
+    // Weights look like N(0, 0.02); norms are exactly one.
+    let ck = Checkpoint::open(&model).unwrap();
+    ck.validate_dense().unwrap();
+    let q = ck.f32("model.layers.0.mlp.gate_proj.weight").unwrap();
+    let n = q.len() as f64;
+    let mean = q.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let std = (q.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(mean.abs() < 1e-3, "mean {mean}");
+    assert!((std - 0.02).abs() < 1e-3, "std {std}");
+    assert!(ck
+        .f32("model.layers.1.input_layernorm.weight")
+        .unwrap()
+        .iter()
+        .all(|&x| x == 1.0));
+
+    // Identity pipeline through the bench (child `compress` process).
+    let out = tmp.path().join("tiny-identity");
+    let r = run_json(
+        BENCH,
+        &[
+            "identity",
+            "--model",
+            p(&model),
+            "--out",
+            p(&out),
+            "--compress",
+            COMPRESS,
+            "--json",
+        ],
+    );
+    assert_eq!(r["identical_to_input"], Value::Bool(true), "{r}");
+    assert!(r["peak_rss_bytes"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert_eq!(r["size_bytes"], gen["safetensors_bytes"]);
+
+    // Check byte identity independently of the report.
+    let a = Checkpoint::open(&model).unwrap();
+    let b = Checkpoint::open(&out).unwrap();
+    let na: Vec<&String> = a.names().collect();
+    let nb: Vec<&String> = b.names().collect();
+    assert_eq!(na, nb);
+    for name in na {
+        let (ia, ba) = a.raw(name).unwrap();
+        let (ib, bb) = b.raw(name).unwrap();
+        assert_eq!(ia.dtype, ib.dtype, "{name}");
+        assert_eq!(ia.shape, ib.shape, "{name}");
+        assert!(ba == bb, "tensor {name} differs");
+    }
+    assert!(out.join("report.json").is_file());
+}
