@@ -78,3 +78,37 @@ pub fn random_windows(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_reproducible_and_in_range() {
+        let tokens: Vec<u32> = (0..1000).collect();
+        let a = random_windows(&tokens, 16, 64, 0).unwrap();
+        let b = random_windows(&tokens, 16, 64, 0).unwrap();
+        let c = random_windows(&tokens, 16, 64, 1).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        for w in &a {
+            assert_eq!(w.len(), 64);
+            // consecutive tokens of the text
+            assert!(w.windows(2).all(|p| p[1] == p[0] + 1));
+        }
+        assert!(random_windows(&tokens[..10], 1, 64, 0).is_err());
+    }
+
+    #[test]
+    fn jsonl_fields_are_joined_and_errors_name_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.jsonl");
+        std::fs::write(&p, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        assert_eq!(read_text(&p, "text").unwrap(), "a\n\nb");
+        let e = read_text(&p, "body").unwrap_err().to_string();
+        assert!(e.contains("c.jsonl:1") && e.contains("body"), "{e}");
+        std::fs::write(&p, "{\"text\": \"a\"}\nnot json\n").unwrap();
+        let e = read_text(&p, "text").unwrap_err().to_string();
+        assert!(e.contains("c.jsonl:2"), "{e}");
+    }
+}

@@ -123,3 +123,59 @@ impl SiteStats {
             .map(|s| s.iter().map(|v| v.sqrt()).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn every_statistic_matches_a_direct_computation() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let d = 12;
+        let batches: Vec<(usize, Vec<f32>)> = [7usize, 13, 5]
+            .iter()
+            .map(|&n| (n, (0..n * d).map(|_| rng.gen_range(-3.0f32..3.0)).collect()))
+            .collect();
+        let req = StatsRequest {
+            hessian: true,
+            act_absmax: true,
+            act_mean_abs: true,
+            col_norm: true,
+        };
+        // once with the GEMM-provided XᵀX, once computed inside
+        let mut a = SiteStats::new(d, req);
+        let mut b = SiteStats::new(d, req);
+        for (n, x) in &batches {
+            a.add(x, *n, Some(&crate::model::ops::gram(x, *n, d)));
+            b.add(x, *n, None);
+        }
+        let rows: Vec<&[f32]> = batches.iter().flat_map(|(_, x)| x.chunks(d)).collect();
+        let n = rows.len() as f64;
+        assert_eq!(a.n, rows.len());
+        let (ha, hb) = (a.hessian().unwrap(), b.hessian().unwrap());
+        for i in 0..d {
+            for j in 0..d {
+                let want = 2.0 / n * rows.iter().map(|r| r[i] as f64 * r[j] as f64).sum::<f64>();
+                assert!((ha[[i, j]] - want).abs() < 1e-4 * want.abs().max(1.0));
+                assert!((hb[[i, j]] - want).abs() < 1e-9 * want.abs().max(1.0));
+            }
+            let absmax = rows.iter().map(|r| r[i].abs()).fold(0f32, f32::max);
+            assert_eq!(a.absmax.as_ref().unwrap()[i], absmax);
+            let mean_abs = rows.iter().map(|r| r[i].abs() as f64).sum::<f64>() / n;
+            assert!((a.mean_abs().unwrap()[i] - mean_abs).abs() < 1e-9);
+            let norm = rows
+                .iter()
+                .map(|r| (r[i] as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((a.col_norm().unwrap()[i] - norm).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn nothing_is_allocated_that_was_not_requested() {
+        let s = SiteStats::new(8, StatsRequest::default());
+        assert!(s.xtx.is_none() && s.absmax.is_none() && s.sum_abs.is_none() && s.sum_sq.is_none());
+    }
+}

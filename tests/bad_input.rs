@@ -1,0 +1,334 @@
+//! Every bad input gives one clear error naming the file and field, exit code 2, and leaves
+//! no output behind.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A writable copy of the reference model in a temp dir.
+fn model_copy(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(common::ref_model().join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+fn pipeline(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses: []\n{extra}",
+            model.display(),
+            dir.join("out").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Run `compress` expecting failure: exit code 2, stderr containing every `needle`, no output.
+fn fails(args: &[&str], dir: &Path, needles: &[&str]) {
+    let o = Command::new(common::bin())
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`: {err}");
+    }
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "expected one error line: {err}"
+    );
+    assert!(!dir.join("out").exists(), "output folder was created");
+    assert!(
+        !dir.join(".out.partial").exists(),
+        "work folder was left behind"
+    );
+}
+
+fn run_fails(dir: &Path, p: &Path, needles: &[&str]) {
+    fails(&[p.to_str().unwrap()], dir, needles);
+}
+
+#[test]
+fn malformed_yaml() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.yaml");
+    std::fs::write(&p, "model: [unclosed\noutput: x\n").unwrap();
+    run_fails(d.path(), &p, &["p.yaml", "line"]);
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = pipeline(d.path(), &common::ref_model(), "calibraton: {path: x}\n");
+    run_fails(
+        d.path(),
+        &p,
+        &["p.yaml", "unknown field `calibraton`", "line 4"],
+    );
+    let p = pipeline(d.path(), &common::ref_model(), "");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - gptq: {{bits: 4, bitz: 3}}\n",
+            common::ref_model().display(),
+            d.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    run_fails(d.path(), &p, &["p.yaml", "unknown field `bitz`"]);
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - magic: {{}}\n",
+            common::ref_model().display(),
+            d.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    run_fails(d.path(), &p, &["p.yaml", "unknown variant `magic`"]);
+}
+
+#[test]
+fn invalid_values_name_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = pipeline(d.path(), &common::ref_model(), "device: tpu\n");
+    run_fails(d.path(), &p, &["p.yaml", "device"]);
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 9}}\n",
+            common::ref_model().display(),
+            d.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    run_fails(d.path(), &p, &["p.yaml", "passes[0]", "bits"]);
+    // GPTQ without calibration data
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - gptq: {{bits: 4}}\n",
+            common::ref_model().display(),
+            d.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    run_fails(d.path(), &p, &["p.yaml", "calibration"]);
+}
+
+#[test]
+fn missing_safetensors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    std::fs::remove_file(m.join("model.safetensors")).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["model.safetensors"]);
+}
+
+#[test]
+fn missing_model_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let p = pipeline(d.path(), &d.path().join("nope"), "");
+    run_fails(d.path(), &p, &["nope", "not found"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let f = m.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 1000]).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["model.safetensors", "truncated"]);
+    // cut inside the header
+    std::fs::write(&f, &bytes[..100]).unwrap();
+    run_fails(d.path(), &p, &["model.safetensors", "truncated"]);
+}
+
+/// Rewrite the header of a safetensors file with `edit` applied to its JSON.
+fn edit_header(f: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(f).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut h);
+    let mut hb = serde_json::to_vec(&h).unwrap();
+    while hb.len() < n {
+        hb.push(b' ');
+    }
+    assert_eq!(hb.len(), n, "edited header must keep its length");
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(&hb);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(f, out).unwrap();
+}
+
+#[test]
+fn header_that_lies_about_offsets() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let name = "model.layers.0.mlp.up_proj.weight";
+    edit_header(&m.join("model.safetensors"), |h| {
+        h[name]["data_offsets"][1] = serde_json::json!(999_999_999u64);
+    });
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["model.safetensors", name]);
+    // overlapping tensors
+    let m2 = d.path().join("model");
+    std::fs::copy(
+        common::ref_model().join("model.safetensors"),
+        m2.join("model.safetensors"),
+    )
+    .unwrap();
+    edit_header(&m2.join("model.safetensors"), |h| {
+        let src = h["model.layers.0.mlp.gate_proj.weight"]["data_offsets"].clone();
+        h[name]["data_offsets"] = src;
+    });
+    run_fails(d.path(), &p, &["model.safetensors", "overlap"]);
+}
+
+#[test]
+fn absurd_header_size() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let f = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    std::fs::write(&f, bytes).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["model.safetensors", "header"]);
+}
+
+#[test]
+fn wrong_shapes() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let cfg = m.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["intermediate_size"] = serde_json::json!(512);
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(
+        d.path(),
+        &p,
+        &[
+            "model.safetensors",
+            "model.layers.0.mlp.gate_proj.weight",
+            "shape",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let cfg = m.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["num_hidden_layers"] = serde_json::json!(7);
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["missing tensor", "model.layers.6."]);
+}
+
+#[test]
+fn nan_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let f = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let (tensors, _) = compress::model::safetensors_file::parse_header(&bytes, &f).unwrap();
+    let name = "model.layers.2.self_attn.v_proj.weight";
+    let t = &tensors[name];
+    // bf16 NaN at element 5
+    bytes[t.start + 10..t.start + 12].copy_from_slice(&0x7fc0u16.to_le_bytes());
+    std::fs::write(&f, bytes).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["model.safetensors", name, "non-finite"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let d = tempfile::tempdir().unwrap();
+    let m = model_copy(d.path());
+    let cfg = m.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["model_type"] = serde_json::json!("gpt2");
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let p = pipeline(d.path(), &m, "");
+    run_fails(d.path(), &p, &["config.json", "model_type", "gpt2"]);
+    // the same through `compress eval` and `compress inspect`
+    fails(
+        &["eval", "--model", m.to_str().unwrap(), "--data", "x.txt"],
+        d.path(),
+        &["config.json", "gpt2"],
+    );
+    fails(
+        &["inspect", m.to_str().unwrap()],
+        d.path(),
+        &["config.json", "gpt2"],
+    );
+}
+
+#[test]
+fn output_exists_needs_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("out")).unwrap();
+    std::fs::write(d.path().join("out/keep"), "x").unwrap();
+    let p = pipeline(d.path(), &common::ref_model(), "");
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    assert!(
+        d.path().join("out/keep").exists(),
+        "existing output was touched"
+    );
+}
+
+#[test]
+fn unwritable_output_location() {
+    // The output's parent is a regular file: nothing can be created there (this holds for
+    // root too, unlike permission bits).
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("file"), "x").unwrap();
+    let p = d.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n",
+            common::ref_model().display(),
+            d.path().join("file/out").display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot create") && err.contains("file"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(d.path().join("file")).unwrap(), "x");
+}
