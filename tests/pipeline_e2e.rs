@@ -183,3 +183,18 @@ fn gptq_every_format_reads_back_and_evaluates() {
     assert_eq!(q["bits"], 4);
     assert_eq!(q["desc_act"], true);
 }
+
+#[test]
+fn example_pipelines_parse() {
+    for e in
+        std::fs::read_dir(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines"))
+            .unwrap()
+    {
+        let p = e.unwrap().path();
+        let pl = compress::pipeline::Pipeline::from_file(&p)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        for s in &pl.passes {
+            s.build().unwrap();
+        }
+    }
+}
