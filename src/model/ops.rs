@@ -31,18 +31,28 @@ pub fn linear(
     y
 }
 
-/// xᵀx [k, k] for x [n, k] (the Hessian statistic), f32 GEMM.
+/// xᵀx [k, k] for x [n, k] (the Hessian statistic), f32 GEMM. Only the lower triangle is
+/// computed (half the work of a full product) and mirrored.
 pub fn gram(x: &[f32], n: usize, k: usize) -> Vec<f32> {
+    use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
     let mut g = vec![0f32; k * k];
     let xm = MatRef::from_row_major_slice(x, n, k);
-    faer::linalg::matmul::matmul(
+    tri_matmul(
         MatMut::from_row_major_slice_mut(&mut g, k, k),
+        BlockStructure::TriangularLower,
         Accum::Replace,
         xm.transpose(),
+        BlockStructure::Rectangular,
         xm,
+        BlockStructure::Rectangular,
         1.0,
         Par::rayon(0),
     );
+    for i in 0..k {
+        for j in i + 1..k {
+            g[i * k + j] = g[j * k + i];
+        }
+    }
     g
 }
 
