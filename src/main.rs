@@ -54,8 +54,17 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
         /// Text file, or .jsonl whose `text` fields are joined with "\n\n". Repeatable.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "tasks")]
         data: Vec<PathBuf>,
+        /// Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,hellaswag,boolq,lambada.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// Folder with the task data.
+        #[arg(long, default_value = "../shared/data/eval/tasks")]
+        tasks_dir: PathBuf,
+        /// Score only the first N items of each task.
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
         /// Windows per forward batch.
@@ -98,24 +107,57 @@ fn real_main(cli: Cli) -> Result<()> {
             seq_len,
             batch,
             json,
+            tasks,
+            tasks_dir,
+            limit,
         }) => {
             anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
             anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+            for t in &tasks {
+                compress::eval::tasks::Task::from_name(t)?;
+            }
             let ckpt = compress::model::Checkpoint::open(&model)?;
-            let res = runner::eval_perplexity(&ckpt, &data, seq_len, batch, "eval")?;
+            let res = if data.is_empty() {
+                Default::default()
+            } else {
+                runner::eval_perplexity(&ckpt, &data, seq_len, batch, "eval")?
+            };
+            let tres = if tasks.is_empty() {
+                Default::default()
+            } else {
+                runner::eval_tasks(&ckpt, &tasks, &tasks_dir, limit, "eval")?
+            };
             if json {
-                let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "results": res});
+                let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "results": res, "tasks": tres});
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!(
-                    "{:<24} {:>12} {:>10} {:>8}",
-                    "dataset", "perplexity", "tokens", "windows"
-                );
-                for (k, r) in &res {
+                if !res.is_empty() {
                     println!(
-                        "{:<24} {:>12.4} {:>10} {:>8}",
-                        k, r.perplexity, r.tokens, r.windows
+                        "{:<24} {:>12} {:>10} {:>8}",
+                        "dataset", "perplexity", "tokens", "windows"
                     );
+                    for (k, r) in &res {
+                        println!(
+                            "{:<24} {:>12.4} {:>10} {:>8}",
+                            k, r.perplexity, r.tokens, r.windows
+                        );
+                    }
+                }
+                if !tres.is_empty() {
+                    println!(
+                        "{:<16} {:<12} {:>10} {:>10} {:>6}",
+                        "task", "metric", "value", "stderr", "n"
+                    );
+                    for (k, r) in &tres {
+                        for (m, v) in &r.metrics {
+                            let e = r
+                                .stderr
+                                .get(m)
+                                .map(|e| format!("{e:.4}"))
+                                .unwrap_or("—".into());
+                            println!("{:<16} {:<12} {:>10.4} {:>10} {:>6}", k, m, v, e, r.n);
+                        }
+                    }
                 }
             }
             Ok(())

@@ -3,6 +3,7 @@
 
 use crate::engine::LinearRecord;
 use crate::eval::ppl::PplResult;
+use crate::eval::tasks::TaskResult;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -28,6 +29,8 @@ pub struct OutputInfo {
     pub compression_ratio: f64,
     /// Average stored bits per parameter of the decoder-layer linears.
     pub bits_per_weight: Option<f64>,
+    /// Fraction of exactly-zero weights in the decoder-layer linears.
+    pub sparsity: Option<f64>,
     pub files: Vec<String>,
     /// For a pipeline without passes: whether every tensor is byte-identical to the input.
     pub identical_to_input: Option<bool>,
@@ -43,6 +46,22 @@ pub struct DatasetEval {
     pub delta_pct: Option<f64>,
 }
 
+/// Zero-shot scores before and after compression.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskEval {
+    pub before: Option<TaskResult>,
+    pub after: Option<TaskResult>,
+}
+
+/// Headline figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Model compression rate: (size_orig / size_comp) × (perf_comp / perf_orig).
+    pub mcr: Option<f64>,
+    /// What "perf" is in `mcr` (e.g. `1/perplexity on wiki.test.raw`).
+    pub mcr_basis: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Timing {
     pub total_seconds: f64,
@@ -50,6 +69,8 @@ pub struct Timing {
     pub compress_seconds: f64,
     pub eval_before_seconds: f64,
     pub eval_after_seconds: f64,
+    pub tasks_before_seconds: f64,
+    pub tasks_after_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +82,8 @@ pub struct Report {
     pub output: OutputInfo,
     pub eval_seq_len: Option<usize>,
     pub eval: BTreeMap<String, DatasetEval>,
+    pub tasks: BTreeMap<String, TaskEval>,
+    pub summary: Summary,
     pub layers: Vec<LinearRecord>,
     pub warnings: Vec<String>,
     pub timing: Timing,
@@ -95,6 +118,18 @@ impl Report {
             mib(self.output.size_bytes),
             self.output.compression_ratio
         ));
+        if let Some(m) = self.summary.mcr {
+            s.push_str(&format!(
+                "- model compression rate (MCR): {m:.3} (perf = {})\n",
+                self.summary.mcr_basis.as_deref().unwrap_or("?")
+            ));
+        }
+        if let Some(sp) = self.output.sparsity {
+            s.push_str(&format!(
+                "- sparsity (decoder linears): {:.2}%\n",
+                100.0 * sp
+            ));
+        }
         if let Some(b) = self.output.bits_per_weight {
             s.push_str(&format!("- bits per weight (decoder linears): {b:.3}\n"));
         }
@@ -140,6 +175,33 @@ impl Report {
                         .map(|x| format!("{x:+.3}"))
                         .unwrap_or("—".into())
                 ));
+            }
+        }
+        if !self.tasks.is_empty() {
+            s.push_str("\n## Zero-shot tasks (lm-evaluation-harness scoring)\n\n| task | metric | before | after | n |\n|---|---|---:|---:|---:|\n");
+            for (k, t) in &self.tasks {
+                let any = t.after.as_ref().or(t.before.as_ref());
+                let metrics: Vec<String> = any
+                    .map(|r| r.metrics.keys().cloned().collect())
+                    .unwrap_or_default();
+                for m in metrics {
+                    let f = |r: &Option<TaskResult>| {
+                        r.as_ref()
+                            .and_then(|r| {
+                                r.metrics.get(&m).map(|v| match r.stderr.get(&m) {
+                                    Some(e) if e.is_finite() => format!("{v:.4} ± {e:.4}"),
+                                    _ => format!("{v:.4}"),
+                                })
+                            })
+                            .unwrap_or("—".into())
+                    };
+                    s.push_str(&format!(
+                        "| {k} | {m} | {} | {} | {} |\n",
+                        f(&t.before),
+                        f(&t.after),
+                        any.map(|r| r.n).unwrap_or(0)
+                    ));
+                }
             }
         }
         if !self.layers.is_empty() {

@@ -2,7 +2,6 @@
 
 use crate::eval::ppl::{perplexity, PplResult};
 use crate::export::Exporter;
-use crate::model::checkpoint::dir_bytes;
 use crate::model::llama::Model;
 use crate::model::Checkpoint;
 use crate::pipeline::{parse_device, Device, Pipeline};
@@ -48,6 +47,35 @@ pub fn eval_perplexity(
             r.windows
         );
         out.insert(dataset_key(f), r);
+    }
+    Ok(out)
+}
+
+/// Zero-shot task scores of a checkpoint.
+pub fn eval_tasks(
+    ckpt: &Checkpoint,
+    tasks: &[String],
+    dir: &Path,
+    limit: Option<usize>,
+    label: &str,
+) -> Result<BTreeMap<String, crate::eval::tasks::TaskResult>> {
+    use crate::eval::tasks::{evaluate, Task};
+    let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
+    let max_len = ckpt
+        .config
+        .raw
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(2048)
+        .min(4096) as usize;
+    let model = Model::load(ckpt, max_len)?;
+    let mut out = BTreeMap::new();
+    for t in tasks {
+        let task = Task::from_name(t)?;
+        let r = evaluate(&model, &tok, task, dir, limit, max_len)
+            .with_context(|| format!("task {t} (data in {})", dir.display()))?;
+        info!("{label} {}: {:?}", task.name(), r.metrics);
+        out.insert(task.name().to_string(), r);
     }
     Ok(out)
 }
@@ -117,6 +145,27 @@ pub fn tensors_identical(a: &Checkpoint, b: &Checkpoint) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `checksums.sha256` (the `sha256sum -c` format) over every file of a finished output, so a
+/// consumer can verify the artifact is complete and unaltered.
+pub fn write_checksums(dir: &Path) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n != "checksums.sha256")
+        .collect();
+    names.sort();
+    let mut out = String::new();
+    for n in names {
+        out.push_str(&format!(
+            "{}  {n}\n",
+            crate::util::sha256_file(&dir.join(&n))?
+        ));
+    }
+    let p = dir.join("checksums.sha256");
+    std::fs::write(&p, out).with_context(|| format!("cannot write {} (disk full?)", p.display()))
 }
 
 /// Run a pipeline end to end: compress into a work folder, evaluate the written artifact,
@@ -268,9 +317,43 @@ fn run_in(
             );
         }
     }
+    let mut tasks = BTreeMap::new();
+    if let Some(e) = p.eval.as_ref().filter(|e| !e.tasks.is_empty()) {
+        let before = if e.baseline {
+            let t = Instant::now();
+            let r = eval_tasks(ckpt, &e.tasks, &e.tasks_dir, e.limit, "before")?;
+            timing.tasks_before_seconds = t.elapsed().as_secs_f64();
+            Some(r)
+        } else {
+            None
+        };
+        let t = Instant::now();
+        let after = eval_tasks(&out, &e.tasks, &e.tasks_dir, e.limit, "after")?;
+        timing.tasks_after_seconds = t.elapsed().as_secs_f64();
+        for (k, a) in after {
+            let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
+            tasks.insert(
+                k,
+                crate::report::TaskEval {
+                    before: b,
+                    after: Some(a),
+                },
+            );
+        }
+    }
     let in_bytes = ckpt.safetensors_bytes();
     let out_bytes = out.safetensors_bytes();
     timing.total_seconds = t_all.elapsed().as_secs_f64();
+    let (mcr, mcr_basis) = match eval.iter().next() {
+        Some((k, d)) => match (&d.before, &d.after) {
+            (Some(b), Some(a)) => (
+                Some(in_bytes as f64 / out_bytes.max(1) as f64 * (b.perplexity / a.perplexity)),
+                Some(format!("1/perplexity on {k}")),
+            ),
+            _ => (None, None),
+        },
+        None => (None, None),
+    };
     let report = Report {
         schema: SCHEMA,
         tool_version: env!("CARGO_PKG_VERSION"),
@@ -289,11 +372,14 @@ fn run_in(
             size_bytes: out_bytes,
             compression_ratio: in_bytes as f64 / out_bytes.max(1) as f64,
             bits_per_weight: linear_bits(&out),
+            sparsity: er.sparsity,
             files,
             identical_to_input: identical,
         },
         eval_seq_len: seq,
         eval,
+        tasks,
+        summary: crate::report::Summary { mcr, mcr_basis },
         layers: er.records,
         warnings: er.warnings,
         timing,
@@ -307,6 +393,6 @@ fn run_in(
     .with_context(|| format!("cannot write {}", work.join("report.json").display()))?;
     std::fs::write(work.join("report.md"), report.to_markdown())
         .with_context(|| format!("cannot write {}", work.join("report.md").display()))?;
-    let _ = dir_bytes(work);
+    write_checksums(work)?;
     Ok(report)
 }

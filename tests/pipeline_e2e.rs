@@ -198,3 +198,119 @@ fn example_pipelines_parse() {
         }
     }
 }
+
+#[test]
+fn output_carries_a_checksum_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    run(
+        &format!("model: {}\noutput: {}\n", model(), out.display()),
+        d.path(),
+        &[],
+    );
+    let m = std::fs::read_to_string(out.join("checksums.sha256")).unwrap();
+    let mut listed = 0;
+    for line in m.lines() {
+        let (h, name) = line.split_once("  ").unwrap();
+        assert_eq!(
+            h,
+            compress::util::sha256_file(&out.join(name)).unwrap(),
+            "{name}"
+        );
+        listed += 1;
+    }
+    let files = std::fs::read_dir(&out).unwrap().count();
+    assert_eq!(listed, files - 1, "every file but the manifest is listed");
+    assert!(m.contains("model.safetensors") && m.contains("report.json"));
+}
+
+/// Same inputs, pipeline and seed → byte-identical output, whatever the thread count.
+#[test]
+fn output_is_identical_with_one_and_two_threads() {
+    let d = tempfile::tempdir().unwrap();
+    let mut digests = Vec::new();
+    for threads in ["1", "2"] {
+        let out = d.path().join(format!("t{threads}"));
+        let p = d.path().join("p.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 8, seq_len: 128, seed: 3}}\n\
+                 passes:\n  - gptq: {{bits: 4, group_size: 64, act_order: true, true_sequential: true}}\n\
+                 export: {{format: compressed-tensors}}\n",
+                model(),
+                out.display(),
+                common::shared().join("data/calib/c4_calib.jsonl").display()
+            ),
+        )
+        .unwrap();
+        let o = Command::new(common::bin())
+            .arg(&p)
+            .arg("--quiet")
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        digests.push(compress::util::sha256_file(&out.join("model.safetensors")).unwrap());
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "outputs differ between 1 and 2 threads"
+    );
+}
+
+#[test]
+fn zero_shot_tasks_in_pipeline_and_cli() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let tasks = common::shared().join("data/eval/tasks");
+    let r = run(
+        &format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 8, group_size: 128}}\n\
+             eval: {{tasks: [piqa, boolq], tasks_dir: {}, limit: 12}}\n",
+            model(),
+            out.display(),
+            tasks.display()
+        ),
+        d.path(),
+        &[],
+    );
+    for t in ["piqa", "boolq"] {
+        let b = &r["tasks"][t]["before"];
+        let a = &r["tasks"][t]["after"];
+        assert_eq!(a["n"], 12);
+        let acc = a["metrics"]["acc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert!(b["metrics"]["acc"].is_number());
+    }
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("Zero-shot"));
+    // `compress eval --tasks` gives the same numbers for the artifact
+    let o = Command::new(common::bin())
+        .args([
+            "eval",
+            "--quiet",
+            "--json",
+            "--tasks",
+            "piqa,boolq",
+            "--limit",
+            "12",
+            "--model",
+        ])
+        .arg(&out)
+        .arg("--tasks-dir")
+        .arg(&tasks)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["tasks"]["piqa"], r["tasks"]["piqa"]["after"]);
+    // unknown task names are refused up front
+    let o = Command::new(common::bin())
+        .args(["eval", "--quiet", "--tasks", "mmlu", "--model"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -162,6 +162,8 @@ pub struct EngineReport {
     pub warnings: Vec<String>,
     pub calibration_seconds: f64,
     pub layer_seconds: Vec<f64>,
+    /// Fraction of exactly-zero weights in the decoder-layer linears as written.
+    pub sparsity: Option<f64>,
 }
 
 /// Receives each finished layer, then the parts outside the layers (an exporter).
@@ -203,6 +205,7 @@ pub fn run(
         .iter()
         .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
     let pb = crate::progress::bar(cfg.num_layers as u64, "layers");
+    let (mut zeros, mut numel) = (0usize, 0usize);
     for l in 0..cfg.num_layers {
         let tl = Instant::now();
         let layer = LayerWeights::load(ckpt, l)?;
@@ -238,6 +241,10 @@ pub fn run(
             }
             layer
         };
+        for lin in layer.linears.values() {
+            zeros += lin.weight.iter().filter(|&&v| v == 0.0).count();
+            numel += lin.weight.len();
+        }
         sink.layer(ckpt, &layer)?;
         drop(layer);
         ckpt.release_prefix(&LayerWeights::prefix(l));
@@ -245,5 +252,6 @@ pub fn run(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    report.sparsity = (numel > 0).then(|| zeros as f64 / numel as f64);
     Ok(report)
 }

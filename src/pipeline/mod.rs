@@ -93,6 +93,20 @@ pub struct EvalSpec {
     /// Windows per forward batch.
     #[serde(default = "default_eval_batch")]
     pub batch: usize,
+    /// Zero-shot tasks (lm-evaluation-harness scoring): piqa, arc_easy, arc_challenge,
+    /// hellaswag, boolq, lambada.
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// Folder holding the task data (layout of ../shared/data/eval/tasks).
+    #[serde(default = "default_tasks_dir")]
+    pub tasks_dir: PathBuf,
+    /// Score only the first N items of each task.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn default_tasks_dir() -> PathBuf {
+    PathBuf::from("../shared/data/eval/tasks")
 }
 
 fn default_true() -> bool {
@@ -165,6 +179,10 @@ impl Pipeline {
             }
             if e.batch == 0 {
                 bail!("{f}: field `eval.batch` must be at least 1");
+            }
+            for t in &e.tasks {
+                crate::eval::tasks::Task::from_name(t)
+                    .with_context(|| format!("{f}: field `eval.tasks`"))?;
             }
         }
         for (i, p) in self.passes.iter().enumerate() {
