@@ -22,5 +22,6 @@ pub mod pipeline;
 pub mod progress;
 pub mod quant;
 pub mod report;
+pub mod report_html;
 pub mod runner;
 pub mod util;

@@ -1,6 +1,6 @@
 //! `compress` command line: a thin layer over the library (see `compress::runner`).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use compress::runner::{self, RunOptions};
 use std::path::PathBuf;
@@ -75,6 +75,16 @@ enum Cmd {
         json: bool,
     },
     /// Describe a checkpoint: architecture, shapes, dtypes, sizes, quantization metadata.
+    /// Re-render report.md and report.html of an output folder from its report.json.
+    Report { dir: PathBuf },
+    /// Several runs' reports side by side (Markdown on stdout; `--html FILE` for a page).
+    Compare {
+        /// Output folders (or report.json files).
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
     Inspect {
         dir: PathBuf,
         #[arg(long)]
@@ -159,6 +169,35 @@ fn real_main(cli: Cli) -> Result<()> {
                         }
                     }
                 }
+            }
+            Ok(())
+        }
+        Some(Cmd::Report { dir }) => {
+            let r = compress::report::Report::from_file(&dir.join("report.json"))?;
+            r.write(&dir)?;
+            compress::runner::write_checksums(&dir)?;
+            compress::info!("re-rendered {}/report.md and report.html", dir.display());
+            Ok(())
+        }
+        Some(Cmd::Compare { runs, html }) => {
+            let mut v = Vec::new();
+            for r in &runs {
+                let p = if r.is_dir() {
+                    r.join("report.json")
+                } else {
+                    r.clone()
+                };
+                let rep = compress::report::Report::from_file(&p)?;
+                let name = r
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| r.display().to_string());
+                v.push((name, serde_json::to_value(rep)?));
+            }
+            print!("{}", compress::report_html::render_compare_markdown(&v));
+            if let Some(h) = html {
+                std::fs::write(&h, compress::report_html::render_compare_html(&v))
+                    .with_context(|| format!("cannot write {}", h.display()))?;
             }
             Ok(())
         }

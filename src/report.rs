@@ -4,12 +4,12 @@
 use crate::engine::LinearRecord;
 use crate::eval::ppl::PplResult;
 use crate::eval::tasks::TaskResult;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const SCHEMA: &str = "compress.report/1";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub path: String,
     pub architecture: String,
@@ -19,7 +19,7 @@ pub struct ModelInfo {
     pub size_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutputInfo {
     pub path: String,
     pub format: String,
@@ -36,7 +36,7 @@ pub struct OutputInfo {
     pub identical_to_input: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatasetEval {
     pub file: String,
     pub before: Option<PplResult>,
@@ -47,14 +47,14 @@ pub struct DatasetEval {
 }
 
 /// Zero-shot scores before and after compression.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskEval {
     pub before: Option<TaskResult>,
     pub after: Option<TaskResult>,
 }
 
 /// Headline figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     /// Model compression rate: (size_orig / size_comp) × (perf_comp / perf_orig).
     pub mcr: Option<f64>,
@@ -62,26 +62,29 @@ pub struct Summary {
     pub mcr_basis: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Timing {
     pub total_seconds: f64,
     pub calibration_seconds: f64,
     pub compress_seconds: f64,
     pub eval_before_seconds: f64,
     pub eval_after_seconds: f64,
+    #[serde(default)]
     pub tasks_before_seconds: f64,
+    #[serde(default)]
     pub tasks_after_seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    pub schema: &'static str,
-    pub tool_version: &'static str,
+    pub schema: String,
+    pub tool_version: String,
     pub model: ModelInfo,
     pub pipeline: serde_json::Value,
     pub output: OutputInfo,
     pub eval_seq_len: Option<usize>,
     pub eval: BTreeMap<String, DatasetEval>,
+    #[serde(default)]
     pub tasks: BTreeMap<String, TaskEval>,
     pub summary: Summary,
     pub layers: Vec<LinearRecord>,
@@ -95,6 +98,33 @@ fn mib(b: u64) -> String {
 }
 
 impl Report {
+    /// Read a report.json back (for `compress report` / `compress compare`).
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Report> {
+        use anyhow::Context;
+        let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&b)
+            .with_context(|| format!("{}: not a compress report", path.display()))
+    }
+
+    /// Write report.json, report.md and report.html into `dir`.
+    pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let json = serde_json::to_value(self)?;
+        for (name, bytes) in [
+            ("report.json", serde_json::to_vec_pretty(&json)?),
+            ("report.md", self.to_markdown().into_bytes()),
+            (
+                "report.html",
+                crate::report_html::render_html(&json).into_bytes(),
+            ),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes)
+                .with_context(|| format!("cannot write {} (disk full?)", p.display()))?;
+        }
+        Ok(())
+    }
+
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         s.push_str(&format!("# compress report — {}\n\n", self.model.path));

@@ -355,8 +355,8 @@ fn run_in(
         None => (None, None),
     };
     let report = Report {
-        schema: SCHEMA,
-        tool_version: env!("CARGO_PKG_VERSION"),
+        schema: SCHEMA.into(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
         model: ModelInfo {
             path: p.model.display().to_string(),
             architecture: ckpt.config.arch.name().into(),
@@ -386,13 +386,7 @@ fn run_in(
         peak_rss_bytes: crate::util::peak_rss_bytes(),
     };
     drop(out);
-    std::fs::write(
-        work.join("report.json"),
-        serde_json::to_vec_pretty(&report)?,
-    )
-    .with_context(|| format!("cannot write {}", work.join("report.json").display()))?;
-    std::fs::write(work.join("report.md"), report.to_markdown())
-        .with_context(|| format!("cannot write {}", work.join("report.md").display()))?;
+    report.write(work)?;
     write_checksums(work)?;
     Ok(report)
 }

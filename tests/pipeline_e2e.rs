@@ -314,3 +314,45 @@ fn zero_shot_tasks_in_pipeline_and_cli() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn report_rerenders_and_runs_compare() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("rtn4"), d.path().join("rtn8"));
+    for (out, bits) in [(&a, 4), (&b, 8)] {
+        run(
+            &format!(
+                "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: {bits}, group_size: 128}}\nexport: {{format: compressed-tensors}}\n",
+                model(),
+                out.display()
+            ),
+            d.path(),
+            &[],
+        );
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        assert!(html.contains("<svg") && !html.contains("http://") && !html.contains("https://"));
+    }
+    // `compress report` re-renders from report.json alone
+    std::fs::remove_file(a.join("report.html")).unwrap();
+    std::fs::remove_file(a.join("report.md")).unwrap();
+    let o = Command::new(common::bin())
+        .args(["report", "--quiet"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(a.join("report.html").exists() && a.join("report.md").exists());
+    let page = d.path().join("cmp.html");
+    let o = Command::new(common::bin())
+        .args(["compare", "--quiet"])
+        .arg(&a)
+        .arg(&b)
+        .arg("--html")
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert!(md.contains("rtn4") && md.contains("rtn8"), "{md}");
+    assert!(std::fs::read_to_string(page).unwrap().contains("rtn8"));
+}

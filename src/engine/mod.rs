@@ -11,13 +11,13 @@ use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Act, DecoderLayer, Outer, Rope};
 use crate::model::{Checkpoint, ModelConfig};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stats::{SiteStats, StatsRequest};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// What one pass recorded about one linear (feeds the report's per-layer tables).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinearRecord {
     pub layer: usize,
     pub linear: String,

@@ -4,9 +4,9 @@
 
 use crate::model::llama::Model;
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PplResult {
     pub perplexity: f64,
     /// Tokens of the whole tokenized text (BOS included).

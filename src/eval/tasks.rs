@@ -141,7 +141,7 @@ impl Doc {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct TaskResult {
     pub task: String,
     /// Items scored.
@@ -638,7 +638,11 @@ pub fn mc_metrics(
     let mut stderr = BTreeMap::new();
     let mut put = |name: &str, xs: &[f64]| {
         metrics.insert(name.to_string(), xs.iter().sum::<f64>() / xs.len() as f64);
-        stderr.insert(name.to_string(), mean_stderr(xs));
+        // undefined for n = 1 (NaN): left out, so report.json stays valid JSON
+        let e = mean_stderr(xs);
+        if e.is_finite() {
+            stderr.insert(name.to_string(), e);
+        }
     };
     put("acc", &acc);
     if task != Task::Boolq {
@@ -691,7 +695,10 @@ pub fn evaluate(
         let mut m = BTreeMap::new();
         let mut s = BTreeMap::new();
         m.insert("acc".to_string(), acc.iter().sum::<f64>() / n);
-        s.insert("acc".to_string(), mean_stderr(&acc));
+        let e = mean_stderr(&acc);
+        if e.is_finite() {
+            s.insert("acc".to_string(), e);
+        }
         m.insert(
             "perplexity".to_string(),
             (-ll.iter().sum::<f64>() / n).exp(),
