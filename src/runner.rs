@@ -247,10 +247,17 @@ fn run_in(
     let (windows, batch) = match (&p.calibration, needs_calib) {
         (Some(c), true) => {
             let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
-            let text = calib::read_text(&c.path, &c.field)?;
-            let tokens = calib::tokenize(&tok, &text)?;
-            let w = calib::random_windows(&tokens, c.samples, c.seq_len, c.seed)
-                .with_context(|| format!("calibration file {}", c.path.display()))?;
+            let w = match c.sampling {
+                crate::pipeline::Sampling::Random => {
+                    let text = calib::read_text(&c.path, &c.field)?;
+                    let tokens = calib::tokenize(&tok, &text)?;
+                    calib::random_windows(&tokens, c.samples, c.seq_len, c.seed)
+                        .with_context(|| format!("calibration file {}", c.path.display()))?
+                }
+                crate::pipeline::Sampling::Documents => {
+                    calib::document_windows(&tok, &c.path, &c.field, c.samples, c.seq_len)?
+                }
+            };
             info!(
                 "calibration: {} windows × {} tokens from {}",
                 w.len(),

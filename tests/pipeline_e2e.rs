@@ -356,3 +356,21 @@ fn report_rerenders_and_runs_compare() {
     assert!(md.contains("rtn4") && md.contains("rtn8"), "{md}");
     assert!(std::fs::read_to_string(page).unwrap().contains("rtn8"));
 }
+
+#[test]
+fn document_sampling_calibrates_on_whole_records() {
+    let d = tempfile::tempdir().unwrap();
+    let r = run(
+        &format!(
+            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 6, seq_len: 96, sampling: documents, batch: 4}}\n\
+             passes:\n  - gptq: {{bits: 4, group_size: 128, true_sequential: false}}\n",
+            model(),
+            d.path().join("o").display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+        d.path(),
+        &[],
+    );
+    assert_eq!(r["layers"].as_array().unwrap().len(), 42);
+    assert_eq!(r["pipeline"]["calibration"]["sampling"], "documents");
+}

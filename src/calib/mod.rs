@@ -57,6 +57,37 @@ pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(enc.get_ids().to_vec())
 }
 
+/// The first `samples` non-empty records, each tokenized on its own (BOS added) and truncated
+/// to `seq_len` tokens. Records: JSONL `field`s, or blank-line separated paragraphs.
+pub fn document_windows(
+    tok: &Tokenizer,
+    path: &Path,
+    field: &str,
+    samples: usize,
+    seq_len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let text = read_text(path, field)?;
+    let mut out = Vec::new();
+    for rec in text.split("\n\n").filter(|r| !r.trim().is_empty()) {
+        if out.len() == samples {
+            break;
+        }
+        let mut ids = tokenize(tok, rec)?;
+        ids.truncate(seq_len);
+        if ids.len() >= 2 {
+            out.push(ids);
+        }
+    }
+    if out.len() < samples {
+        bail!(
+            "{}: only {} usable records for {samples} samples",
+            path.display(),
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
 /// `samples` windows of `seq_len` tokens at random start positions (seeded, reproducible).
 pub fn random_windows(
     tokens: &[u32],

@@ -189,14 +189,23 @@ pub fn run(
         if calib.is_empty() {
             bail!("the pipeline has passes but no calibration data (`calibration.path`)");
         }
-        let seq = calib[0].len();
+        let max_t = calib.iter().map(|w| w.len()).max().unwrap_or(1);
         let outer = Outer::load(ckpt)?;
+        // Batches of up to `batch` consecutive windows of equal length (documents mode gives
+        // windows of different lengths; no padding is ever needed).
         let mut h = Vec::new();
-        for chunk in calib.chunks(batch.max(1)) {
-            let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
-            h.push(outer.embed(&ids, chunk.len(), seq)?);
+        let mut i = 0;
+        while i < calib.len() {
+            let t = calib[i].len();
+            let mut j = i + 1;
+            while j < calib.len() && j - i < batch.max(1) && calib[j].len() == t {
+                j += 1;
+            }
+            let ids: Vec<u32> = calib[i..j].iter().flatten().copied().collect();
+            h.push(outer.embed(&ids, j - i, t)?);
+            i = j;
         }
-        (h, Some(Rope::new(cfg, seq)?))
+        (h, Some(Rope::new(cfg, max_t)?))
     } else {
         (Vec::new(), None)
     };

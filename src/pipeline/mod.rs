@@ -55,6 +55,20 @@ pub struct Calibration {
     /// Windows per forward batch.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// `random` (default): `samples` random windows of `seq_len` tokens of the whole text (the
+    /// GPTQ reference). `documents`: the first `samples` records (JSONL lines, or blank-line
+    /// separated paragraphs of a text file), each tokenized on its own with BOS and truncated
+    /// to `seq_len` (llm-compressor's default preprocessing).
+    #[serde(default)]
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    #[default]
+    Random,
+    Documents,
 }
 
 fn default_field() -> String {
