@@ -23,5 +23,6 @@ pub mod progress;
 pub mod quant;
 pub mod report;
 pub mod report_html;
+pub mod resume;
 pub mod runner;
 pub mod util;

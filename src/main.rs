@@ -36,6 +36,10 @@ struct RunArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     overwrite: bool,
+    /// Continue an interrupted run from the last complete layer (refused if the pipeline,
+    /// the model or the calibration data changed).
+    #[arg(long)]
+    resume: bool,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -97,6 +101,7 @@ fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
         model: a.model,
         output: a.output,
         overwrite: a.overwrite,
+        resume: a.resume,
     };
     let report = runner::run_pipeline(&pipeline, &opts)?;
     if a.json {

@@ -86,6 +86,8 @@ pub struct RunOptions {
     pub model: Option<PathBuf>,
     pub output: Option<PathBuf>,
     pub overwrite: bool,
+    /// Continue an interrupted run from its work folder.
+    pub resume: bool,
 }
 
 fn check_device(p: &Pipeline) -> Result<()> {
@@ -204,12 +206,41 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let work = crate::util::work_dir_for(&output);
+    let fingerprint = crate::resume::Fingerprint::of(&p, &ckpt)?;
+    let mut state = None;
     if work.exists() {
-        std::fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove stale work folder {}", work.display()))?;
+        if opts.resume {
+            state = crate::resume::load(&work)?;
+        }
+        match &state {
+            Some(s) => {
+                let changed = s.fingerprint.diff(&fingerprint);
+                if !changed.is_empty() {
+                    bail!(
+                        "cannot resume {}: {} changed since the interrupted run (run without --resume to start over)",
+                        work.display(),
+                        changed.join(", ")
+                    );
+                }
+                info!("resuming at layer {} from {}", s.next_layer, work.display());
+            }
+            None => {
+                if opts.resume {
+                    info!("nothing to resume in {}: starting over", work.display());
+                }
+                std::fs::remove_dir_all(&work).with_context(|| {
+                    format!("cannot remove stale work folder {}", work.display())
+                })?;
+            }
+        }
+    } else if opts.resume {
+        info!(
+            "no interrupted run of {} found: starting over",
+            output.display()
+        );
     }
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let result = run_in(&p, &ckpt, &work, opts, t_all);
+    let result = run_in(&p, &ckpt, &work, opts, t_all, fingerprint, state);
     match result {
         Ok(mut report) => {
             if output.exists() {
@@ -222,8 +253,20 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
             Ok(report)
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&work);
-            Err(e)
+            let io_error = e
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some());
+            if io_error && crate::resume::dir(&work).join("state.json").exists() {
+                // An I/O failure (disk full, say) after some layers: keep them for `--resume`
+                // (the output itself never appears). Bad input leaves nothing behind.
+                Err(e.context(format!(
+                    "the work folder {} is kept: fix the cause and re-run with --resume",
+                    work.display()
+                )))
+            } else {
+                let _ = std::fs::remove_dir_all(&work);
+                Err(e)
+            }
         }
     }
 }
@@ -234,6 +277,8 @@ fn run_in(
     work: &Path,
     _opts: &RunOptions,
     t_all: Instant,
+    fingerprint: crate::resume::Fingerprint,
+    state: Option<crate::resume::State>,
 ) -> Result<Report> {
     let mut timing = Timing::default();
     let passes = p
@@ -271,7 +316,19 @@ fn run_in(
     timing.calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
-    let mut exporter = Exporter::begin(p.export.format, work, ckpt, max_shard)?;
+    let (mut exporter, resume_point) = match state {
+        Some(s) => {
+            let rp = crate::resume::resume_point(work, &s, ckpt.config.hidden_size)?;
+            (
+                Exporter::resume(p.export.format, work, max_shard, s.exporter)?,
+                Some(rp),
+            )
+        }
+        None => (
+            Exporter::begin(p.export.format, work, ckpt, max_shard)?,
+            None,
+        ),
+    };
     info!(
         "compressing {} ({} layers) with {} pass(es), format {}",
         p.model.display(),
@@ -279,8 +336,19 @@ fn run_in(
         passes.len(),
         p.export.format.name()
     );
-    let er = crate::engine::run(ckpt, &passes, &windows, batch, &mut exporter)?;
+    let er = {
+        let mut sink = crate::resume::ResumableSink {
+            exporter: &mut exporter,
+            work: work.to_path_buf(),
+            fingerprint,
+        };
+        crate::engine::run(ckpt, &passes, &windows, batch, &mut sink, resume_point)?
+    };
     let files = exporter.finish(ckpt)?;
+    let rd = crate::resume::dir(work);
+    if rd.exists() {
+        std::fs::remove_dir_all(&rd).with_context(|| format!("cannot remove {}", rd.display()))?;
+    }
     timing.compress_seconds = t.elapsed().as_secs_f64();
 
     // Read the artifact back: everything below is measured on what was written.

@@ -156,7 +156,7 @@ pub fn collect_stats(
 }
 
 /// What the engine measured.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EngineReport {
     pub records: Vec<LinearRecord>,
     pub warnings: Vec<String>,
@@ -164,11 +164,26 @@ pub struct EngineReport {
     pub layer_seconds: Vec<f64>,
     /// Fraction of exactly-zero weights in the decoder-layer linears as written.
     pub sparsity: Option<f64>,
+    /// Running counts behind `sparsity` (kept for resuming).
+    pub zeros: usize,
+    pub numel: usize,
+}
+
+/// Where a resumed run continues: the first layer still to do and its input hidden states.
+pub struct ResumePoint {
+    pub next_layer: usize,
+    pub hidden: Vec<Act>,
+    pub report: EngineReport,
 }
 
 /// Receives each finished layer, then the parts outside the layers (an exporter).
 pub trait LayerSink {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()>;
+    /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty when no pass
+    /// needs statistics). A resumable sink persists what a restart needs here.
+    fn layer_done(&mut self, _l: usize, _hidden: &[Act], _report: &EngineReport) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Stream the checkpoint through `passes`, layer by layer. `calib` holds token windows
@@ -179,9 +194,13 @@ pub fn run(
     calib: &[Vec<u32>],
     batch: usize,
     sink: &mut dyn LayerSink,
+    resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
     let cfg = &ckpt.config;
-    let mut report = EngineReport::default();
+    let (start, mut report, resumed_hidden) = match resume {
+        Some(r) => (r.next_layer, r.report, Some(r.hidden)),
+        None => (0, EngineReport::default(), None),
+    };
     // Calibration forwards only when some pass needs statistics (RTN, say, needs none).
     let need_forward = passes.iter().any(|p| p.stats().any());
     let t0 = Instant::now();
@@ -190,32 +209,38 @@ pub fn run(
             bail!("the pipeline has passes but no calibration data (`calibration.path`)");
         }
         let max_t = calib.iter().map(|w| w.len()).max().unwrap_or(1);
-        let outer = Outer::load(ckpt)?;
-        // Batches of up to `batch` consecutive windows of equal length (documents mode gives
-        // windows of different lengths; no padding is ever needed).
-        let mut h = Vec::new();
-        let mut i = 0;
-        while i < calib.len() {
-            let t = calib[i].len();
-            let mut j = i + 1;
-            while j < calib.len() && j - i < batch.max(1) && calib[j].len() == t {
-                j += 1;
+        if let Some(h) = resumed_hidden {
+            (h, Some(Rope::new(cfg, max_t)?))
+        } else {
+            let outer = Outer::load(ckpt)?;
+            // Batches of up to `batch` consecutive windows of equal length (documents mode gives
+            // windows of different lengths; no padding is ever needed).
+            let mut h = Vec::new();
+            let mut i = 0;
+            while i < calib.len() {
+                let t = calib[i].len();
+                let mut j = i + 1;
+                while j < calib.len() && j - i < batch.max(1) && calib[j].len() == t {
+                    j += 1;
+                }
+                let ids: Vec<u32> = calib[i..j].iter().flatten().copied().collect();
+                h.push(outer.embed(&ids, j - i, t)?);
+                i = j;
             }
-            let ids: Vec<u32> = calib[i..j].iter().flatten().copied().collect();
-            h.push(outer.embed(&ids, j - i, t)?);
-            i = j;
+            (h, Some(Rope::new(cfg, max_t)?))
         }
-        (h, Some(Rope::new(cfg, max_t)?))
     } else {
         (Vec::new(), None)
     };
-    report.calibration_seconds = t0.elapsed().as_secs_f64();
+    if start == 0 {
+        report.calibration_seconds = t0.elapsed().as_secs_f64();
+    }
     let request = passes
         .iter()
         .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
     let pb = crate::progress::bar(cfg.num_layers as u64, "layers");
-    let (mut zeros, mut numel) = (0usize, 0usize);
-    for l in 0..cfg.num_layers {
+    pb.set_position(start as u64);
+    for l in start..cfg.num_layers {
         let tl = Instant::now();
         let layer = LayerWeights::load(ckpt, l)?;
         let layer = if passes.is_empty() {
@@ -251,16 +276,17 @@ pub fn run(
             layer
         };
         for lin in layer.linears.values() {
-            zeros += lin.weight.iter().filter(|&&v| v == 0.0).count();
-            numel += lin.weight.len();
+            report.zeros += lin.weight.iter().filter(|&&v| v == 0.0).count();
+            report.numel += lin.weight.len();
         }
         sink.layer(ckpt, &layer)?;
         drop(layer);
         ckpt.release_prefix(&LayerWeights::prefix(l));
         report.layer_seconds.push(tl.elapsed().as_secs_f64());
+        sink.layer_done(l, &hidden, &report)?;
         pb.inc(1);
     }
     pb.finish_and_clear();
-    report.sparsity = (numel > 0).then(|| zeros as f64 / numel as f64);
+    report.sparsity = (report.numel > 0).then(|| report.zeros as f64 / report.numel as f64);
     Ok(report)
 }

@@ -47,6 +47,14 @@ const SIDE_FILES: [&str; 6] = [
     "chat_template.jinja",
 ];
 
+/// An exporter's progress, for resuming.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ExporterState {
+    writer: writer::WriterState,
+    quantized: Vec<(String, QuantArgs, bool)>,
+    unquantized: Vec<String>,
+}
+
 pub struct Exporter {
     pub format: Format,
     dir: PathBuf,
@@ -74,6 +82,35 @@ impl Exporter {
         };
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
+    }
+
+    /// Flush everything written so far and describe it.
+    pub fn checkpoint(&mut self) -> Result<ExporterState> {
+        Ok(ExporterState {
+            writer: self.w()?.checkpoint()?,
+            quantized: self.quantized.clone(),
+            unquantized: self.unquantized.clone(),
+        })
+    }
+
+    /// Continue an interrupted export in `dir` from a checkpoint.
+    pub fn resume(
+        format: Format,
+        dir: &Path,
+        max_shard_bytes: usize,
+        state: ExporterState,
+    ) -> Result<Self> {
+        Ok(Exporter {
+            format,
+            dir: dir.to_path_buf(),
+            writer: Some(SafetensorsWriter::resume(
+                dir,
+                max_shard_bytes,
+                state.writer,
+            )?),
+            quantized: state.quantized,
+            unquantized: state.unquantized,
+        })
     }
 
     fn w(&mut self) -> Result<&mut SafetensorsWriter> {

@@ -5,11 +5,19 @@
 
 use crate::model::DType;
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+
+/// What a restarted run needs to continue writing: every shard's entries and byte count.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WriterState {
+    shards: Vec<Shard>,
+}
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+#[derive(Clone, Serialize, Deserialize)]
 struct Entry {
     name: String,
     dtype: DType,
@@ -17,6 +25,7 @@ struct Entry {
     len: usize,
 }
 
+#[derive(Clone, Serialize, Deserialize)]
 struct Shard {
     spill: PathBuf,
     entries: Vec<Entry>,
@@ -40,6 +49,47 @@ impl SafetensorsWriter {
             out: None,
             names: Default::default(),
         }
+    }
+
+    /// Flush and sync the spill file; the returned state describes exactly the bytes on disk.
+    pub fn checkpoint(&mut self) -> Result<WriterState> {
+        if let Some(w) = self.out.as_mut() {
+            w.flush()?;
+            w.get_ref().sync_data()?;
+        }
+        Ok(WriterState {
+            shards: self.shards.clone(),
+        })
+    }
+
+    /// Continue a writer from a checkpoint: spill files are cut back to the recorded length
+    /// (bytes written after the checkpoint are discarded) and the last one reopened.
+    pub fn resume(dir: &Path, max_shard_bytes: usize, state: WriterState) -> Result<Self> {
+        let mut w = SafetensorsWriter::new(dir, max_shard_bytes);
+        for s in &state.shards {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&s.spill)
+                .with_context(|| format!("resume: cannot open {}", s.spill.display()))?;
+            let len = f.metadata()?.len();
+            if len < s.bytes as u64 {
+                bail!(
+                    "resume: {} holds {len} bytes, the checkpoint recorded {}",
+                    s.spill.display(),
+                    s.bytes
+                );
+            }
+            f.set_len(s.bytes as u64)?;
+            for e in &s.entries {
+                w.names.insert(e.name.clone());
+            }
+        }
+        if let Some(last) = state.shards.last() {
+            let f = std::fs::OpenOptions::new().append(true).open(&last.spill)?;
+            w.out = Some(BufWriter::with_capacity(1 << 20, f));
+        }
+        w.shards = state.shards;
+        Ok(w)
     }
 
     pub fn add(&mut self, name: &str, dtype: DType, shape: &[usize], data: &[u8]) -> Result<()> {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// Refuse headers above this size: a hostile file must not make us allocate gigabytes.
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     Bool,
     U8,

@@ -47,7 +47,7 @@ pub enum Observer {
     Mse,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantArgs {
     pub bits: u32,
     pub symmetric: bool,

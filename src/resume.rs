@@ -1,0 +1,192 @@
+//! Resuming an interrupted run. After every decoder layer the run's work folder gets
+//! `.resume/hidden.bin` (the next layer's calibration inputs, f32) and `.resume/state.json`
+//! (what the exporter has written, the engine's report so far, and fingerprints of the
+//! pipeline, the model and the calibration data), each written to a temp file and renamed, the
+//! state last. `compress PIPELINE --resume` continues from the last complete layer and refuses
+//! if any fingerprint changed.
+
+use crate::engine::{EngineReport, LayerSink, ResumePoint};
+use crate::export::{Exporter, ExporterState};
+use crate::model::layer::LayerWeights;
+use crate::model::llama::Act;
+use crate::model::Checkpoint;
+use crate::pipeline::Pipeline;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Hashes of what determines a run's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// The pipeline as run (after --model / --output overrides).
+    pub pipeline: String,
+    /// config.json, tokenizer.json, and every safetensors file's header and length.
+    pub model: String,
+    /// The calibration file's bytes (empty when there is none).
+    pub calibration: String,
+}
+
+impl Fingerprint {
+    pub fn of(p: &Pipeline, ckpt: &Checkpoint) -> Result<Self> {
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(p)?);
+        let pipeline = format!("{:x}", h.finalize());
+        let mut h = Sha256::new();
+        for f in ["config.json", "tokenizer.json"] {
+            if let Ok(b) = std::fs::read(ckpt.dir.join(f)) {
+                h.update(f.as_bytes());
+                h.update(&b);
+            }
+        }
+        for f in &ckpt.files {
+            let meta = std::fs::metadata(&f.path)?;
+            h.update(
+                f.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            );
+            h.update(meta.len().to_le_bytes());
+            for (name, t) in &f.tensors {
+                h.update(name.as_bytes());
+                h.update(t.dtype.name().as_bytes());
+                h.update(format!("{:?}{}{}", t.shape, t.start, t.end).as_bytes());
+            }
+        }
+        let model = format!("{:x}", h.finalize());
+        let calibration = match &p.calibration {
+            Some(c) if c.path.exists() => crate::util::sha256_file(&c.path)?,
+            _ => String::new(),
+        };
+        Ok(Fingerprint {
+            pipeline,
+            model,
+            calibration,
+        })
+    }
+
+    /// Which parts differ, for the refusal message.
+    pub fn diff(&self, o: &Fingerprint) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.pipeline != o.pipeline {
+            v.push("the pipeline");
+        }
+        if self.model != o.model {
+            v.push("the model");
+        }
+        if self.calibration != o.calibration {
+            v.push("the calibration data");
+        }
+        v
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    pub fingerprint: Fingerprint,
+    pub next_layer: usize,
+    pub exporter: ExporterState,
+    pub engine: EngineReport,
+    /// (b, t) of each hidden-state batch in hidden.bin.
+    pub hidden_shapes: Vec<(usize, usize)>,
+}
+
+pub fn dir(work: &Path) -> PathBuf {
+    work.join(".resume")
+}
+
+/// The saved state of an interrupted run in `work`, if any.
+pub fn load(work: &Path) -> Result<Option<State>> {
+    let p = dir(work).join("state.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(Some(serde_json::from_slice(&b).with_context(|| {
+        format!("{}: corrupt resume state", p.display())
+    })?))
+}
+
+/// Load the hidden states recorded with `state` and build the engine's resume point.
+pub fn resume_point(work: &Path, state: &State, hidden: usize) -> Result<ResumePoint> {
+    let p = dir(work).join("hidden.bin");
+    let mut acts = Vec::new();
+    if !state.hidden_shapes.is_empty() {
+        let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let want: usize = state
+            .hidden_shapes
+            .iter()
+            .map(|(b, t)| b * t * hidden * 4)
+            .sum();
+        if b.len() != want {
+            bail!(
+                "{}: holds {} bytes, the resume state expects {want}",
+                p.display(),
+                b.len()
+            );
+        }
+        let mut off = 0;
+        for &(bb, t) in &state.hidden_shapes {
+            let n = bb * t * hidden;
+            let data = b[off..off + 4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            off += 4 * n;
+            acts.push(Act { data, b: bb, t });
+        }
+    }
+    Ok(ResumePoint {
+        next_layer: state.next_layer,
+        hidden: acts,
+        report: state.engine.clone(),
+    })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {}", tmp.display()))
+}
+
+/// The exporter, checkpointed after every layer.
+pub struct ResumableSink<'a> {
+    pub exporter: &'a mut Exporter,
+    pub work: PathBuf,
+    pub fingerprint: Fingerprint,
+}
+
+impl LayerSink for ResumableSink<'_> {
+    fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
+        self.exporter.layer(ckpt, layer)
+    }
+
+    fn layer_done(&mut self, l: usize, hidden: &[Act], report: &EngineReport) -> Result<()> {
+        let d = dir(&self.work);
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        let exporter = self.exporter.checkpoint()?;
+        let mut bytes = Vec::with_capacity(hidden.iter().map(|a| a.data.len() * 4).sum());
+        for a in hidden {
+            for v in &a.data {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        write_atomic(&d.join("hidden.bin"), &bytes)?;
+        let state = State {
+            fingerprint: self.fingerprint.clone(),
+            next_layer: l + 1,
+            exporter,
+            engine: report.clone(),
+            hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
+        };
+        write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)
+    }
+}

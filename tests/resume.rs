@@ -1,0 +1,121 @@
+//! A run killed mid-way (SIGKILL) resumes from its last complete layer and writes exactly the
+//! bytes of an uninterrupted run; a changed pipeline is refused.
+
+mod common;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pipeline(dir: &Path, out: &Path, damp: f64) -> std::path::PathBuf {
+    let p = dir.join(format!("p-{damp}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 64, seq_len: 256, seed: 1}}\n\
+             passes:\n  - gptq: {{bits: 4, group_size: 128, damp: {damp}}}\n\
+             export: {{format: compressed-tensors}}\n",
+            common::ref_model().display(),
+            out.display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Start a run and SIGKILL it once at least `layers` layers are checkpointed.
+fn run_and_kill(p: &Path, out: &Path, layers: usize) {
+    let work = out.with_file_name(format!(
+        ".{}.partial",
+        out.file_name().unwrap().to_string_lossy()
+    ));
+    let state = work.join(".resume/state.json");
+    let mut child = Command::new(common::bin())
+        .arg(p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(b) = std::fs::read(&state) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                if v["next_layer"].as_u64().unwrap_or(0) as usize >= layers {
+                    break;
+                }
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "an interrupted run must not publish its output"
+    );
+    assert!(work.exists(), "the work folder is kept for --resume");
+}
+
+fn resume(p: &Path) -> std::process::Output {
+    Command::new(common::bin())
+        .arg(p)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn killed_run_resumes_byte_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full");
+    let o = Command::new(common::bin())
+        .arg(pipeline(d.path(), &full, 0.01))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = d.path().join("resumed");
+    let p = pipeline(d.path(), &out, 0.01);
+    run_and_kill(&p, &out, 2);
+    let o = resume(&p);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    assert!(!out.join(".resume").exists());
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        r["layers"].as_array().unwrap().len(),
+        42,
+        "records of every layer survive"
+    );
+}
+
+#[test]
+fn resume_refuses_a_changed_pipeline() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    run_and_kill(&pipeline(d.path(), &out, 0.01), &out, 1);
+    let o = resume(&pipeline(d.path(), &out, 0.02));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot resume") && err.contains("the pipeline changed"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
