@@ -1,4 +1,4 @@
-//! The evaluation report (`report.json`, schema `compress.report/1`, and `report.md`).
+//! The evaluation report (`report.json`, schema `compress.report/2`, and `report.md`).
 //! The JSON schema is documented in README.md; fields are only ever added.
 
 use crate::engine::LinearRecord;
@@ -7,7 +7,7 @@ use crate::eval::tasks::TaskResult;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub const SCHEMA: &str = "compress.report/1";
+pub const SCHEMA: &str = "compress.report/2";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
