@@ -6,7 +6,13 @@
 pub fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        cudarc::driver::CudaContext::new(0).is_ok()
+        // With dynamic loading, cudarc panics when libcuda is absent: treat that as "no GPU".
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let ok = std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(0).is_ok())
+            .unwrap_or(false);
+        std::panic::set_hook(prev);
+        ok
     }
     #[cfg(not(feature = "cuda"))]
     {
