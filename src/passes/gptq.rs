@@ -63,8 +63,11 @@ pub struct GptqSpec {
     #[serde(default)]
     pub static_groups: bool,
     /// q/k/v → o → gate/up → down, re-running the partial layer between (statistics of later
-    /// linears see the quantized earlier ones).
-    #[serde(default = "d_true")]
+    /// linears see the quantized earlier ones). Off by default, as in the GPTQ reference and
+    /// llm-compressor: every linear's Hessian comes from the layer's original inputs (one
+    /// statistics forward per layer). Measured on ref-llama-9m, off was better at W3 g128
+    /// (BENCHMARKS.md) and 1.4× faster.
+    #[serde(default)]
     pub true_sequential: bool,
 }
 
