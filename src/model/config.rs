@@ -311,3 +311,89 @@ impl ModelConfig {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base(model_type: &str) -> Value {
+        json!({"model_type": model_type, "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 100, "rms_norm_eps": 1e-6})
+    }
+
+    #[test]
+    fn family_variants_expect_their_tensors() {
+        let p = Path::new("config.json");
+        let q2 = ModelConfig::from_value(base("qwen2"), p).unwrap();
+        let names: Vec<String> = q2.layer_tensors(0).into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.ends_with("self_attn.k_proj.bias")));
+        assert!(!names.iter().any(|n| n.contains("q_norm")));
+        let q3 = ModelConfig::from_value(base("qwen3"), p).unwrap();
+        let t = q3.layer_tensors(0);
+        assert!(t
+            .iter()
+            .any(|(n, s)| n.ends_with("self_attn.q_norm.weight") && s == &vec![16]));
+        let m = ModelConfig::from_value(base("mistral"), p).unwrap();
+        assert_eq!(m.layer_tensors(0).len(), 9);
+        let mut tied = base("llama");
+        tied["tie_word_embeddings"] = json!(true);
+        let c = ModelConfig::from_value(tied, p).unwrap();
+        assert!(!c
+            .expected_tensors()
+            .iter()
+            .any(|(n, _)| n == "lm_head.weight"));
+        let e = ModelConfig::from_value(base("gpt_neox"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_type") && e.contains("gpt_neox"));
+    }
+
+    /// transformers' `_compute_llama3_parameters`: high frequencies kept, low ones divided by
+    /// `factor`, the band between interpolated.
+    #[test]
+    fn llama3_rope_scaling_bands() {
+        let mut v = base("llama");
+        v["head_dim"] = json!(128);
+        v["rope_theta"] = json!(500000.0);
+        let plain = ModelConfig::from_value(v.clone(), Path::new("c"))
+            .unwrap()
+            .rope_inv_freq();
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = ModelConfig::from_value(v, Path::new("c")).unwrap();
+        let scaled = c.rope_inv_freq();
+        for (p, s) in plain.iter().zip(&scaled) {
+            let wavelen = 2.0 * std::f64::consts::PI / *p as f64;
+            if wavelen < 8192.0 / 4.0 {
+                assert!((s - p).abs() <= 1e-12 * p.abs(), "high frequency changed");
+            } else if wavelen > 8192.0 {
+                assert!(
+                    (s * 8.0 - p).abs() <= 1e-6 * p.abs(),
+                    "low frequency not divided by 8"
+                );
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+                let want = (1.0 - smooth) * *p as f64 / 8.0 + smooth * *p as f64;
+                assert!(
+                    (*s as f64 - want).abs() <= 1e-6 * want,
+                    "band interpolation"
+                );
+            }
+        }
+        assert!(scaled.last().unwrap() < plain.last().unwrap());
+        // linear scaling divides every frequency
+        let mut v = base("llama");
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let lin = ModelConfig::from_value(v, Path::new("c"))
+            .unwrap()
+            .rope_inv_freq();
+        let plain = ModelConfig::from_value(base("llama"), Path::new("c"))
+            .unwrap()
+            .rope_inv_freq();
+        for (a, b) in lin.iter().zip(&plain) {
+            assert!((a * 2.0 - b).abs() < 1e-7);
+        }
+    }
+}
