@@ -34,6 +34,18 @@ fn pipeline(dir: &Path, model: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// A pipeline on the reference model whose tail (after `model` / `output`) is `rest`.
+fn with_passes(dir: &Path, rest: &str) -> PathBuf {
+    let p = dir.join("p.yaml");
+    let head = format!(
+        "model: {}\noutput: {}\n",
+        common::ref_model().display(),
+        dir.join("out").display()
+    );
+    std::fs::write(&p, head + rest).unwrap();
+    p
+}
+
 /// Run `compress` expecting failure: exit code 2, stderr containing every `needle`, no output.
 fn fails(args: &[&str], dir: &Path, needles: &[&str]) {
     let o = Command::new(common::bin())
@@ -79,26 +91,9 @@ fn unknown_keys_are_rejected_with_line() {
         &p,
         &["p.yaml", "unknown field `calibraton`", "line 4"],
     );
-    let p = pipeline(d.path(), &common::ref_model(), "");
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - gptq: {{bits: 4, bitz: 3}}\n",
-            common::ref_model().display(),
-            d.path().join("out").display()
-        ),
-    )
-    .unwrap();
+    let p = with_passes(d.path(), "passes:\n  - gptq: {bits: 4, bitz: 3}\n");
     run_fails(d.path(), &p, &["p.yaml", "unknown field `bitz`"]);
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - magic: {{}}\n",
-            common::ref_model().display(),
-            d.path().join("out").display()
-        ),
-    )
-    .unwrap();
+    let p = with_passes(d.path(), "passes:\n  - magic: {}\n");
     run_fails(d.path(), &p, &["p.yaml", "unknown variant `magic`"]);
 }
 
@@ -107,26 +102,10 @@ fn invalid_values_name_the_field() {
     let d = tempfile::tempdir().unwrap();
     let p = pipeline(d.path(), &common::ref_model(), "device: tpu\n");
     run_fails(d.path(), &p, &["p.yaml", "device"]);
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 9}}\n",
-            common::ref_model().display(),
-            d.path().join("out").display()
-        ),
-    )
-    .unwrap();
+    let p = with_passes(d.path(), "passes:\n  - rtn: {bits: 9}\n");
     run_fails(d.path(), &p, &["p.yaml", "passes[0]", "bits"]);
     // GPTQ without calibration data
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - gptq: {{bits: 4}}\n",
-            common::ref_model().display(),
-            d.path().join("out").display()
-        ),
-    )
-    .unwrap();
+    let p = with_passes(d.path(), "passes:\n  - gptq: {bits: 4}\n");
     run_fails(d.path(), &p, &["p.yaml", "calibration"]);
 }
 
