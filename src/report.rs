@@ -89,6 +89,10 @@ pub struct Report {
     pub summary: Summary,
     pub layers: Vec<LinearRecord>,
     pub warnings: Vec<String>,
+    /// Calibration windows left out because their activations overflowed
+    /// (`calibration.on_nonfinite: drop_sample`), by index.
+    #[serde(default)]
+    pub dropped_calibration_samples: Vec<usize>,
     pub timing: Timing,
     pub peak_rss_bytes: Option<u64>,
 }
@@ -257,6 +261,13 @@ impl Report {
             for w in &self.warnings {
                 s.push_str(&format!("- {w}\n"));
             }
+        }
+        if !self.dropped_calibration_samples.is_empty() {
+            s.push_str(&format!(
+                "\nCalibration windows left out (non-finite activations): {} — {:?}\n",
+                self.dropped_calibration_samples.len(),
+                self.dropped_calibration_samples
+            ));
         }
         s.push_str(&format!(
             "\n## Pipeline as run\n\n```json\n{}\n```\n\n_compress {} · report schema {}_\n",

@@ -1,5 +1,5 @@
 //! Resuming an interrupted run. After every decoder layer the run's work folder gets
-//! `.resume/hidden.bin` (the next layer's calibration inputs, f32) and `.resume/state.json`
+//! `.resume/hidden-L.bin` (the next layer's calibration inputs, f32) and `.resume/state.json`
 //! (what the exporter has written, the engine's report so far, and fingerprints of the
 //! pipeline, the model and the calibration data), each written to a temp file and renamed, the
 //! state last. `compress PIPELINE --resume` continues from the last complete layer and refuses
@@ -110,7 +110,7 @@ pub fn load(work: &Path) -> Result<Option<State>> {
 
 /// Load the hidden states recorded with `state` and build the engine's resume point.
 pub fn resume_point(work: &Path, state: &State, hidden: usize) -> Result<ResumePoint> {
-    let p = dir(work).join("hidden.bin");
+    let p = dir(work).join(hidden_file(state.next_layer));
     let mut acts = Vec::new();
     if !state.hidden_shapes.is_empty() {
         let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -146,13 +146,15 @@ pub fn resume_point(work: &Path, state: &State, hidden: usize) -> Result<ResumeP
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    {
+    let write = || -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
-        f.sync_data()?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {} (disk full?)", tmp.display()));
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {}", tmp.display()))
 }
@@ -179,7 +181,10 @@ impl LayerSink for ResumableSink<'_> {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
         }
-        write_atomic(&d.join("hidden.bin"), &bytes)?;
+        // Hidden states go to a file of their own per layer, and the state that names it is
+        // written last: a crash (or a full disk) between the two leaves the previous state and
+        // its own hidden file intact.
+        write_atomic(&d.join(hidden_file(l + 1)), &bytes)?;
         let state = State {
             fingerprint: self.fingerprint.clone(),
             next_layer: l + 1,
@@ -187,6 +192,17 @@ impl LayerSink for ResumableSink<'_> {
             engine: report.clone(),
             hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
         };
-        write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)
+        write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
+        let old = d.join(hidden_file(l));
+        if old.exists() {
+            std::fs::remove_file(&old)
+                .with_context(|| format!("cannot remove {}", old.display()))?;
+        }
+        Ok(())
     }
+}
+
+/// The hidden states that are the inputs of layer `next_layer`.
+fn hidden_file(next_layer: usize) -> String {
+    format!("hidden-{next_layer}.bin")
 }

@@ -289,7 +289,7 @@ fn run_in(
     // Calibration windows, only when some pass needs statistics.
     let t = Instant::now();
     let needs_calib = p.passes.iter().any(|s| s.needs_calibration());
-    let (windows, batch) = match (&p.calibration, needs_calib) {
+    let (windows, opts) = match (&p.calibration, needs_calib) {
         (Some(c), true) => {
             let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
             let w = match c.sampling {
@@ -309,9 +309,13 @@ fn run_in(
                 c.seq_len,
                 c.path.display()
             );
-            (w, c.batch)
+            let opts = crate::engine::RunOptions {
+                batch: c.batch,
+                on_nonfinite: c.on_nonfinite,
+            };
+            (w, opts)
         }
-        _ => (Vec::new(), 1),
+        _ => (Vec::new(), crate::engine::RunOptions::default()),
     };
     timing.calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -342,13 +346,9 @@ fn run_in(
             work: work.to_path_buf(),
             fingerprint,
         };
-        crate::engine::run(ckpt, &passes, &windows, batch, &mut sink, resume_point)?
+        crate::engine::run(ckpt, &passes, &windows, &opts, &mut sink, resume_point)?
     };
     let files = exporter.finish(ckpt)?;
-    let rd = crate::resume::dir(work);
-    if rd.exists() {
-        std::fs::remove_dir_all(&rd).with_context(|| format!("cannot remove {}", rd.display()))?;
-    }
     timing.compress_seconds = t.elapsed().as_secs_f64();
 
     // Read the artifact back: everything below is measured on what was written.
@@ -457,11 +457,17 @@ fn run_in(
         summary: crate::report::Summary { mcr, mcr_basis },
         layers: er.records,
         warnings: er.warnings,
+        dropped_calibration_samples: er.dropped_samples,
         timing,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
     };
     drop(out);
     report.write(work)?;
+    // The resume state goes last: until here a failure (a full disk, say) can be resumed.
+    let rd = crate::resume::dir(work);
+    if rd.exists() {
+        std::fs::remove_dir_all(&rd).with_context(|| format!("cannot remove {}", rd.display()))?;
+    }
     write_checksums(work)?;
     Ok(report)
 }

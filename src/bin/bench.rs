@@ -618,7 +618,7 @@ fn identity_stages(model: &Path, out: &Path, size: u64) -> Result<Vec<Value>> {
         let c = ckpt.as_ref().context("no checkpoint")?;
         stage("stream layers + dense export", &mut || {
             let mut ex = Exporter::begin(Format::Dense, &work, c, 4 << 30)?;
-            compress::engine::run(c, &[], &[], 1, &mut ex, None)?;
+            compress::engine::run(c, &[], &[], &Default::default(), &mut ex, None)?;
             let files = ex.finish(c)?;
             Ok(files.join(", "))
         })?;

@@ -16,6 +16,61 @@ use stats::{SiteStats, StatsRequest};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// What to do when a calibration sample's activations stop being finite (an overflow inside the
+/// model on that text). `error` (default) refuses the run, naming layer, input and sample;
+/// `drop_sample` leaves the affected samples out from that layer on and records a warning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    #[default]
+    Error,
+    DropSample,
+}
+
+/// How the engine runs: forward batch size and the non-finite policy.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Calibration windows per forward batch.
+    pub batch: usize,
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            batch: 8,
+            on_nonfinite: NonFinitePolicy::Error,
+        }
+    }
+}
+
+/// Non-finite calibration activations found at a linear's input. `samples` are positions in
+/// the batch `batch` of the engine's inputs.
+#[derive(Debug, Clone)]
+pub struct NonFinite {
+    pub layer: usize,
+    pub site: Site,
+    pub batch: usize,
+    pub samples: Vec<usize>,
+    pub value: f32,
+    pub token: usize,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "layer {}: calibration activations at the input of `{}` are not finite ({}, first at token {})",
+            self.layer,
+            self.site.linears().join("`, `"),
+            self.value,
+            self.token,
+        )
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
 /// What one pass recorded about one linear (feeds the report's per-layer tables).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinearRecord {
@@ -134,25 +189,116 @@ pub fn collect_stats(
 ) -> Result<BTreeMap<Site, SiteStats>> {
     let cl = DecoderLayer::new(layer, cfg);
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
-    for x in inputs {
+    for (bi, x) in inputs.iter().enumerate() {
         let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
+            if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+                return Err(nf.into());
+            }
             let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
             let xtx = req.hessian.then(|| crate::model::ops::gram(v, rows, d));
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                bail!(
-                    "layer {}: calibration activation at input `{}` is not finite ({}) at row {}",
-                    layer.index,
-                    site.name(),
-                    v[i],
-                    i / d
-                );
-            }
             st.add(v, rows, xtx.as_deref());
             Ok(())
         };
         cl.forward_until(x, rope, &mut hook, until)?;
     }
     Ok(stats)
+}
+
+/// The samples of one batch ([b·t, d] rows) holding a NaN or ±Inf, or None when all is finite.
+fn find_nonfinite(
+    layer: usize,
+    site: Site,
+    batch: usize,
+    v: &[f32],
+    t: usize,
+    d: usize,
+) -> Option<NonFinite> {
+    let first = v.iter().position(|x| !x.is_finite())?;
+    let samples: Vec<usize> = v
+        .chunks(t * d)
+        .enumerate()
+        .filter(|(_, s)| s.iter().any(|x| !x.is_finite()))
+        .map(|(i, _)| i)
+        .collect();
+    Some(NonFinite {
+        layer,
+        site,
+        batch,
+        samples,
+        value: v[first],
+        token: (first / d) % t,
+    })
+}
+
+/// Every calibration sample whose activations at any linear input of `layer` (on its current
+/// weights) are not finite: (batch, sample-in-batch) pairs, and the first site where each was seen.
+fn screen_nonfinite(
+    layer: &LayerWeights,
+    cfg: &ModelConfig,
+    inputs: &[Act],
+    rope: &Rope,
+) -> Result<Vec<(usize, usize, Site)>> {
+    let cl = DecoderLayer::new(layer, cfg);
+    let mut bad = Vec::new();
+    for (bi, x) in inputs.iter().enumerate() {
+        let mut seen: BTreeMap<usize, Site> = BTreeMap::new();
+        let mut hook = |site: Site, v: &[f32], _rows: usize, d: usize| -> Result<()> {
+            if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+                for s in nf.samples {
+                    seen.entry(s).or_insert(site);
+                }
+            }
+            Ok(())
+        };
+        cl.forward_until(x, rope, &mut hook, None)?;
+        bad.extend(seen.into_iter().map(|(s, site)| (bi, s, site)));
+    }
+    Ok(bad)
+}
+
+/// Remove samples (batch, sample-in-batch) from the hidden states and their window ids;
+/// batches left empty disappear.
+fn drop_samples(hidden: &mut Vec<Act>, ids: &mut Vec<Vec<usize>>, bad: &[(usize, usize)]) {
+    for (bi, (x, id)) in hidden.iter_mut().zip(ids.iter_mut()).enumerate() {
+        let n = x.data.len() / x.b.max(1);
+        let keep: Vec<usize> = (0..x.b).filter(|s| !bad.contains(&(bi, *s))).collect();
+        if keep.len() == x.b {
+            continue;
+        }
+        let mut data = Vec::with_capacity(keep.len() * n);
+        for &s in &keep {
+            data.extend_from_slice(&x.data[s * n..(s + 1) * n]);
+        }
+        x.data = data;
+        x.b = keep.len();
+        *id = keep.iter().map(|&s| id[s]).collect();
+    }
+    let mut i = 0;
+    while i < hidden.len() {
+        if hidden[i].b == 0 {
+            hidden.remove(i);
+            ids.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Calibration windows grouped into forward batches of up to `batch` consecutive windows of
+/// equal length (documents mode gives windows of different lengths; no padding is ever needed).
+fn batch_ranges(calib: &[Vec<u32>], batch: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < calib.len() {
+        let t = calib[i].len();
+        let mut j = i + 1;
+        while j < calib.len() && j - i < batch.max(1) && calib[j].len() == t {
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
 }
 
 /// What the engine measured.
@@ -167,6 +313,9 @@ pub struct EngineReport {
     /// Running counts behind `sparsity` (kept for resuming).
     pub zeros: usize,
     pub numel: usize,
+    /// Calibration windows left out (`on_nonfinite: drop_sample`), by index, in order.
+    #[serde(default)]
+    pub dropped_samples: Vec<usize>,
 }
 
 /// Where a resumed run continues: the first layer still to do and its input hidden states.
@@ -192,7 +341,7 @@ pub fn run(
     ckpt: &Checkpoint,
     passes: &[Box<dyn Pass>],
     calib: &[Vec<u32>],
-    batch: usize,
+    opts: &RunOptions,
     sink: &mut dyn LayerSink,
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
@@ -204,32 +353,38 @@ pub fn run(
     // Calibration forwards only when some pass needs statistics (RTN, say, needs none).
     let need_forward = passes.iter().any(|p| p.stats().any());
     let t0 = Instant::now();
+    let ranges = batch_ranges(calib, opts.batch);
+    // Window ids of each batch's samples (for messages), less those dropped earlier.
+    let mut ids: Vec<Vec<usize>> = ranges
+        .iter()
+        .map(|r| {
+            r.clone()
+                .filter(|i| !report.dropped_samples.contains(i))
+                .collect()
+        })
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .collect();
     let (mut hidden, rope) = if need_forward {
         if calib.is_empty() {
             bail!("the pipeline has passes but no calibration data (`calibration.path`)");
         }
         let max_t = calib.iter().map(|w| w.len()).max().unwrap_or(1);
         if let Some(h) = resumed_hidden {
+            if h.len() != ids.len() || h.iter().zip(&ids).any(|(a, i)| a.b != i.len()) {
+                bail!("resume state does not match the calibration batches; start again without --resume");
+            }
             (h, Some(Rope::new(cfg, max_t)?))
         } else {
             let outer = Outer::load(ckpt)?;
-            // Batches of up to `batch` consecutive windows of equal length (documents mode gives
-            // windows of different lengths; no padding is ever needed).
             let mut h = Vec::new();
-            let mut i = 0;
-            while i < calib.len() {
-                let t = calib[i].len();
-                let mut j = i + 1;
-                while j < calib.len() && j - i < batch.max(1) && calib[j].len() == t {
-                    j += 1;
-                }
-                let ids: Vec<u32> = calib[i..j].iter().flatten().copied().collect();
-                h.push(outer.embed(&ids, j - i, t)?);
-                i = j;
+            for r in &ranges {
+                let ids: Vec<u32> = calib[r.clone()].iter().flatten().copied().collect();
+                h.push(outer.embed(&ids, r.len(), calib[r.start].len())?);
             }
             (h, Some(Rope::new(cfg, max_t)?))
         }
     } else {
+        ids.clear();
         (Vec::new(), None)
     };
     if start == 0 {
@@ -242,10 +397,11 @@ pub fn run(
     pb.set_position(start as u64);
     for l in start..cfg.num_layers {
         let tl = Instant::now();
-        let layer = LayerWeights::load(ckpt, l)?;
-        let layer = if passes.is_empty() {
-            layer
-        } else {
+        let layer = loop {
+            let layer = LayerWeights::load(ckpt, l)?;
+            if passes.is_empty() {
+                break layer;
+            }
             let mut ctx = LayerCtx {
                 layer,
                 config: cfg,
@@ -257,24 +413,75 @@ pub fn run(
                 records: Vec::new(),
                 warnings: Vec::new(),
             };
+            let mut result = Ok(());
             for p in passes {
                 pb.set_message(format!("layer {l} {}", p.name()));
-                p.apply(&mut ctx)?;
+                result = p.apply(&mut ctx);
+                if result.is_err() {
+                    break;
+                }
                 ctx.invalidate();
             }
-            report.records.append(&mut ctx.records);
-            report.warnings.append(&mut ctx.warnings);
-            let layer = ctx.layer;
-            // X_{i+1} = compressed layer (X_i)
-            if let Some(rope) = rope.as_ref() {
-                let cl = DecoderLayer::new(&layer, cfg);
-                let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-                for x in hidden.iter_mut() {
-                    *x = cl.forward(x, rope, &mut no_hook)?;
+            match result {
+                Ok(()) => {
+                    report.records.append(&mut ctx.records);
+                    report.warnings.append(&mut ctx.warnings);
+                    break ctx.layer;
+                }
+                Err(e) => {
+                    let Some(nf) = e.downcast_ref::<NonFinite>().cloned() else {
+                        return Err(e);
+                    };
+                    let named: Vec<usize> = nf.samples.iter().map(|&s| ids[nf.batch][s]).collect();
+                    if opts.on_nonfinite == NonFinitePolicy::Error {
+                        bail!(
+                            "{nf} in calibration window(s) {}; set `calibration.on_nonfinite: drop_sample` to leave such windows out",
+                            list(&named)
+                        );
+                    }
+                    // Find every affected sample on the original layer and the compressed
+                    // one that failed, leave them all out, and compress the layer again.
+                    let rope = rope
+                        .as_ref()
+                        .context("non-finite activations without calibration data")?;
+                    let mut bad = screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?;
+                    let original = LayerWeights::load(ckpt, l)?;
+                    bad.extend(screen_nonfinite(&original, cfg, &hidden, rope)?);
+                    bad.push((nf.batch, nf.samples[0], nf.site));
+                    let mut pairs: Vec<(usize, usize)> =
+                        bad.iter().map(|&(b, s, _)| (b, s)).collect();
+                    pairs.sort_unstable();
+                    pairs.dedup();
+                    let mut window: Vec<usize> = pairs.iter().map(|&(b, s)| ids[b][s]).collect();
+                    window.sort_unstable();
+                    let sites: std::collections::BTreeSet<&str> =
+                        bad.iter().map(|&(_, _, s)| s.linears()[0]).collect();
+                    drop_samples(&mut hidden, &mut ids, &pairs);
+                    let remain: usize = ids.iter().map(|v| v.len()).sum();
+                    let msg = format!(
+                        "layer {l}: left out {} calibration sample(s) with non-finite activations at the input of {} (window(s) {}); {remain} remain",
+                        window.len(),
+                        sites.into_iter().collect::<Vec<_>>().join(", "),
+                        list(&window)
+                    );
+                    crate::info!("warning: {msg}");
+                    report.warnings.push(msg);
+                    report.dropped_samples.extend(window);
+                    report.dropped_samples.sort_unstable();
+                    if remain == 0 {
+                        bail!("layer {l}: every calibration sample has non-finite activations; nothing left to calibrate on");
+                    }
                 }
             }
-            layer
         };
+        // X_{i+1} = compressed layer (X_i)
+        if let (Some(rope), false) = (rope.as_ref(), passes.is_empty()) {
+            let cl = DecoderLayer::new(&layer, cfg);
+            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            for x in hidden.iter_mut() {
+                *x = cl.forward(x, rope, &mut no_hook)?;
+            }
+        }
         for lin in layer.linears.values() {
             report.zeros += lin.weight.iter().filter(|&&v| v == 0.0).count();
             report.numel += lin.weight.len();
@@ -289,4 +496,13 @@ pub fn run(
     pb.finish_and_clear();
     report.sparsity = (report.numel > 0).then(|| report.zeros as f64 / report.numel as f64);
     Ok(report)
+}
+
+/// "1, 2, 3" (at most 20 shown).
+fn list(v: &[usize]) -> String {
+    let mut s: Vec<String> = v.iter().take(20).map(|x| x.to_string()).collect();
+    if v.len() > 20 {
+        s.push(format!("… ({} in all)", v.len()));
+    }
+    s.join(", ")
 }

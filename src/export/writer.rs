@@ -14,7 +14,7 @@ pub struct WriterState {
     shards: Vec<Shard>,
 }
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -53,9 +53,10 @@ impl SafetensorsWriter {
 
     /// Flush and sync the spill file; the returned state describes exactly the bytes on disk.
     pub fn checkpoint(&mut self) -> Result<WriterState> {
-        if let Some(w) = self.out.as_mut() {
-            w.flush()?;
-            w.get_ref().sync_data()?;
+        if let (Some(w), Some(s)) = (self.out.as_mut(), self.shards.last()) {
+            let ctx = || format!("cannot write {} (disk full?)", s.spill.display());
+            w.flush().with_context(ctx)?;
+            w.get_ref().sync_data().with_context(ctx)?;
         }
         Ok(WriterState {
             shards: self.shards.clone(),
@@ -110,8 +111,9 @@ impl SafetensorsWriter {
             Some(s) => s.bytes > 0 && s.bytes + data.len() > self.max_shard_bytes,
         };
         if start_new {
-            if let Some(mut w) = self.out.take() {
-                w.flush()?;
+            if let (Some(mut w), Some(s)) = (self.out.take(), self.shards.last()) {
+                w.flush()
+                    .with_context(|| format!("cannot write {} (disk full?)", s.spill.display()))?;
             }
             let spill = self.dir.join(format!(".shard{}.spill", self.shards.len()));
             let f = File::create(&spill)
@@ -139,8 +141,9 @@ impl SafetensorsWriter {
 
     /// Write the shard files (and the index when there are several). Returns the file names.
     pub fn finish(mut self) -> Result<Vec<String>> {
-        if let Some(mut w) = self.out.take() {
-            w.flush()?;
+        if let (Some(mut w), Some(s)) = (self.out.take(), self.shards.last()) {
+            w.flush()
+                .with_context(|| format!("cannot write {} (disk full?)", s.spill.display()))?;
         }
         let n = self.shards.len();
         let mut files = Vec::new();
@@ -171,22 +174,27 @@ impl SafetensorsWriter {
             let path = self.dir.join(&fname);
             let f =
                 File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-            let mut w = BufWriter::with_capacity(1 << 20, f);
-            w.write_all(&(hb.len() as u64).to_le_bytes())?;
-            w.write_all(&hb)?;
-            let mut spill = File::open(&shard.spill)?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let k = spill.read(&mut buf)?;
-                if k == 0 {
-                    break;
-                }
-                w.write_all(&buf[..k])
-                    .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+            let ctx = || format!("cannot write {} (disk full?)", path.display());
+            let mut w = BufWriter::new(f);
+            w.write_all(&(hb.len() as u64).to_le_bytes())
+                .with_context(ctx)?;
+            w.write_all(&hb).with_context(ctx)?;
+            let mut f = w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(ctx)?;
+            let mut spill = File::open(&shard.spill)
+                .with_context(|| format!("cannot read {}", shard.spill.display()))?;
+            // File to file: the kernel copies (copy_file_range), no user-space buffer.
+            let copied = std::io::copy(&mut spill, &mut f).with_context(ctx)?;
+            if copied != shard.bytes as u64 {
+                bail!(
+                    "{}: holds {copied} bytes, {} were written to it",
+                    shard.spill.display(),
+                    shard.bytes
+                );
             }
-            w.flush()
-                .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
-            std::fs::remove_file(&shard.spill)?;
+            f.sync_data().with_context(ctx)?;
             files.push(fname);
         }
         if n > 1 {
@@ -195,6 +203,12 @@ impl SafetensorsWriter {
             std::fs::write(&p, serde_json::to_vec_pretty(&idx)?)
                 .with_context(|| format!("cannot write {}", p.display()))?;
             files.push("model.safetensors.index.json".into());
+        }
+        // Spill files go only once every shard is complete, so a failure above (a full disk)
+        // leaves the checkpointed state intact for `--resume`.
+        for shard in &self.shards {
+            std::fs::remove_file(&shard.spill)
+                .with_context(|| format!("cannot remove {}", shard.spill.display()))?;
         }
         Ok(files)
     }

@@ -16,6 +16,34 @@ pub struct Checkpoint {
     index: BTreeMap<String, usize>,
 }
 
+/// Parse a sharded checkpoint's `model.safetensors.index.json`: tensor name → shard file name.
+/// Shard names must stay inside the model folder. Pure function: the fuzz target calls it.
+pub fn parse_index(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, String>> {
+    let p = path.display();
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).with_context(|| format!("{p}: not valid JSON"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{p}: missing object `weight_map`"))?;
+    let mut out = BTreeMap::new();
+    for (name, f) in map {
+        let fname = f
+            .as_str()
+            .with_context(|| format!("{p}: `weight_map.{name}` must be a file name"))?;
+        if fname.is_empty()
+            || fname.contains('/')
+            || fname.contains('\\')
+            || fname.contains("..")
+            || fname.contains('\0')
+        {
+            bail!("{p}: `weight_map.{name}`: file name `{fname}` must name a file inside the model folder");
+        }
+        out.insert(name.clone(), fname.to_string());
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
@@ -26,43 +54,27 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
+            let text = std::fs::read(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| {
-                    format!("{}: missing object `weight_map`", index_path.display())
-                })?;
+            let weight_map = parse_index(&text, &index_path)?;
             let mut by_file: BTreeMap<String, usize> = BTreeMap::new();
-            for (name, f) in map {
-                let fname = f.as_str().with_context(|| {
-                    format!(
-                        "{}: `weight_map.{name}` must be a file name",
-                        index_path.display()
-                    )
-                })?;
-                if fname.contains('/') || fname.contains("..") {
-                    bail!("{}: `weight_map.{name}`: file name `{fname}` must not leave the model folder", index_path.display());
-                }
-                let fi = match by_file.get(fname) {
+            for (name, fname) in weight_map {
+                let fi = match by_file.get(&fname) {
                     Some(i) => *i,
                     None => {
-                        files.push(SafetensorsFile::open(&dir.join(fname))?);
-                        by_file.insert(fname.to_string(), files.len() - 1);
+                        files.push(SafetensorsFile::open(&dir.join(&fname))?);
+                        by_file.insert(fname.clone(), files.len() - 1);
                         files.len() - 1
                     }
                 };
-                if !files[fi].tensors.contains_key(name) {
+                if !files[fi].tensors.contains_key(&name) {
                     bail!(
                         "{}: tensor `{name}` is listed in {} but missing from the file",
-                        dir.join(fname).display(),
+                        dir.join(&fname).display(),
                         index_path.display()
                     );
                 }
-                index.insert(name.clone(), fi);
+                index.insert(name, fi);
             }
         } else {
             let single = dir.join("model.safetensors");

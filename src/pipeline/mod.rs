@@ -61,6 +61,11 @@ pub struct Calibration {
     /// to `seq_len` (llm-compressor's default preprocessing).
     #[serde(default)]
     pub sampling: Sampling,
+    /// What to do when a sample's activations overflow to NaN/Inf inside the model: `error`
+    /// (default) stops the run naming layer, input and window; `drop_sample` leaves those
+    /// windows out from that layer on and records a warning in the report.
+    #[serde(default)]
+    pub on_nonfinite: crate::engine::NonFinitePolicy,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
