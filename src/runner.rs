@@ -28,7 +28,7 @@ pub fn eval_perplexity(
     label: &str,
 ) -> Result<BTreeMap<String, PplResult>> {
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
-    let model = Model::load(ckpt, seq_len)?;
+    let model = Model::open(ckpt, seq_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
     for f in files {
         let text = calib::read_text(f, "text")?;
@@ -68,7 +68,7 @@ pub fn eval_tasks(
         .and_then(|v| v.as_u64())
         .unwrap_or(2048)
         .min(4096) as usize;
-    let model = Model::load(ckpt, max_len)?;
+    let model = Model::open(ckpt, max_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
     for t in tasks {
         let task = Task::from_name(t)?;

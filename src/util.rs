@@ -11,6 +11,26 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Physical memory (MemTotal of /proc/meminfo).
+pub fn total_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// How many bytes of f32 decoder layers evaluation keeps resident before it streams them:
+/// a quarter of physical memory (4 GiB when unknown), or `COMPRESS_EVAL_RESIDENT_BYTES`.
+pub fn eval_resident_limit() -> u64 {
+    if let Some(v) = std::env::var("COMPRESS_EVAL_RESIDENT_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return v;
+    }
+    total_memory_bytes().map(|m| m / 4).unwrap_or(4 << 30)
+}
+
 /// The sibling work folder an output is built in before it is renamed into place.
 pub fn work_dir_for(output: &Path) -> PathBuf {
     let name = output

@@ -1,7 +1,6 @@
 //! The forward pass against transformers' float32 outputs (../shared/golden/ref-llama-9m).
 
 mod common;
-use compress::model::layer::Site;
 use compress::model::llama::Model;
 use compress::model::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 use compress::model::Checkpoint;
@@ -47,7 +46,6 @@ fn logits_and_hidden_states_match_transformers() {
     // Per-layer hidden states.
     let mut x = model.outer.embed(&ids, 1, t).unwrap();
     let n_layers = ckpt.config.num_layers;
-    let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
     for l in 0..=n_layers {
         let got = if l == n_layers {
             model.outer.final_norm(&x)
@@ -58,13 +56,16 @@ fn logits_and_hidden_states_match_transformers() {
         let e = max_rel(&got, want);
         assert!(e <= 1e-4, "hidden state {l}: max relative error {e:e}");
         if l < n_layers {
-            x = model
-                .layer(l)
-                .forward(&x, &model.rope, &mut no_hook)
-                .unwrap();
+            x = model.forward_layer(l, &x).unwrap();
         }
     }
     let logits = model.logits(&ids, 1, t).unwrap();
+    // Streaming the layers from the checkpoint computes the same bits.
+    let streamed = Model::streamed(&ckpt, 128).unwrap();
+    assert!(streamed.is_streamed() && !model.is_streamed());
+    assert!(Model::open(&ckpt, 128, 0).unwrap().is_streamed());
+    assert!(!Model::open(&ckpt, 128, u64::MAX).unwrap().is_streamed());
+    assert!(streamed.logits(&ids, 1, t).unwrap() == logits);
     let e = max_rel(&logits, &gold_logits);
     eprintln!("logits max relative error {e:e}");
     assert!(e <= 1e-4, "logits: max relative error {e:e}");

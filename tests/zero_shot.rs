@@ -19,7 +19,7 @@ fn data_root() -> PathBuf {
     shared().join("data/eval/tasks")
 }
 
-fn ref_model() -> (Model, Tokenizer) {
+fn ref_model() -> (Model<'static>, Tokenizer) {
     let ckpt = Checkpoint::open(&shared().join("models/ref-llama-9m")).unwrap();
     let model = Model::load(&ckpt, MAX_LEN).unwrap();
     let tok = compress::calib::load_tokenizer(&ckpt.tokenizer_path()).unwrap();

@@ -227,16 +227,27 @@ impl Outer {
     }
 }
 
-/// The whole model resident in memory (evaluation).
-pub struct Model {
+/// The model for evaluation. Decoder layers are either resident (converted to f32 once) or
+/// streamed: loaded from the (memory-mapped) checkpoint for each forward and dropped after
+/// it, so memory stays at one layer plus activations whatever the model size. Converting a
+/// layer costs a pass over its weights; the forward over a batch costs thousands of flops per
+/// weight, so streaming is nearly free for batches of real size. The embedding, final norm
+/// and LM head stay resident.
+pub struct Model<'a> {
     pub outer: Outer,
-    pub layers: Vec<LayerWeights>,
+    layers: Layers<'a>,
     pub rope: Rope,
     pub config: ModelConfig,
 }
 
-impl Model {
-    pub fn load(ckpt: &Checkpoint, max_t: usize) -> Result<Self> {
+enum Layers<'a> {
+    Resident(Vec<LayerWeights>),
+    Streamed(&'a Checkpoint),
+}
+
+impl<'a> Model<'a> {
+    /// Every layer resident in f32.
+    pub fn load(ckpt: &Checkpoint, max_t: usize) -> Result<Model<'static>> {
         let cfg = ckpt.config.clone();
         let outer = Outer::load(ckpt)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -245,22 +256,74 @@ impl Model {
         }
         Ok(Model {
             outer,
-            layers,
+            layers: Layers::Resident(layers),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
         })
     }
 
-    pub fn layer(&self, l: usize) -> DecoderLayer<'_> {
-        DecoderLayer::new(&self.layers[l], &self.config)
+    /// Layers loaded from `ckpt` on every forward (every layer is validated once here).
+    pub fn streamed(ckpt: &'a Checkpoint, max_t: usize) -> Result<Self> {
+        let cfg = ckpt.config.clone();
+        let outer = Outer::load(ckpt)?;
+        for l in 0..cfg.num_layers {
+            drop(LayerWeights::load(ckpt, l)?);
+            ckpt.release_prefix(&LayerWeights::prefix(l));
+        }
+        Ok(Model {
+            outer,
+            layers: Layers::Streamed(ckpt),
+            rope: Rope::new(&cfg, max_t)?,
+            config: cfg,
+        })
+    }
+
+    /// Resident when the decoder layers in f32 take at most `resident_limit` bytes, else
+    /// streamed.
+    pub fn open(ckpt: &'a Checkpoint, max_t: usize, resident_limit: u64) -> Result<Self> {
+        let c = &ckpt.config;
+        let layer_params: usize = (0..c.num_layers)
+            .flat_map(|l| c.layer_tensors(l))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        if (layer_params as u64) * 4 <= resident_limit {
+            Model::load(ckpt, max_t)
+        } else {
+            crate::info!(
+                "evaluation streams the decoder layers ({:.1} GiB in f32 > {:.1} GiB resident limit)",
+                layer_params as f64 * 4.0 / (1u64 << 30) as f64,
+                resident_limit as f64 / (1u64 << 30) as f64
+            );
+            Model::streamed(ckpt, max_t)
+        }
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.layers, Layers::Streamed(_))
+    }
+
+    /// Run decoder layer `l` on `x`.
+    pub fn forward_layer(&self, l: usize, x: &Act) -> Result<Act> {
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        match &self.layers {
+            Layers::Resident(v) => {
+                DecoderLayer::new(&v[l], &self.config).forward(x, &self.rope, &mut no_hook)
+            }
+            Layers::Streamed(ckpt) => {
+                let w = LayerWeights::load(ckpt, l)?;
+                let y = DecoderLayer::new(&w, &self.config).forward(x, &self.rope, &mut no_hook);
+                drop(w);
+                ckpt.release_prefix(&LayerWeights::prefix(l));
+                y
+            }
+        }
     }
 
     /// Hidden states after every layer (before the final norm), [b, t, hidden].
     pub fn hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Act> {
         let mut x = self.outer.embed(ids, b, t)?;
-        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-        for l in 0..self.layers.len() {
-            x = self.layer(l).forward(&x, &self.rope, &mut no_hook)?;
+        for l in 0..self.config.num_layers {
+            x = self.forward_layer(l, &x)?;
         }
         Ok(x)
     }
