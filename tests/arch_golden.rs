@@ -1,0 +1,169 @@
+//! The forward pass of every supported architecture variant against transformers' own float32
+//! outputs on tiny random checkpoints (tests/fixtures/transformers, made by its gen.py):
+//! qwen2 (q/k/v biases, head_dim from hidden/heads), qwen3 (per-head q/k RMSNorm before RoPE,
+//! head_dim × heads ≠ hidden), mistral, Llama-3 and linear RoPE scaling, tied embeddings.
+//! Every hidden state and the logits must agree to 1e-4 of the largest reference magnitude.
+
+use compress::model::llama::Model;
+use compress::model::safetensors_file::{to_f32, to_i64, SafetensorsFile};
+use compress::model::Checkpoint;
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/transformers")
+        .join(name)
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y).abs() as f64) / scale)
+        .fold(0.0, f64::max)
+}
+
+fn check(name: &str) {
+    let dir = fixture(name);
+    let g = SafetensorsFile::open(&dir.join("golden.safetensors")).unwrap();
+    let get = |k: &str| {
+        let t = &g.tensors[k];
+        (t.shape.clone(), t)
+    };
+    let (ishape, it) = get("input_ids");
+    let ids: Vec<u32> = to_i64(it.dtype, g.bytes(it))
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let (b, t) = (ishape[0], ishape[1]);
+    let (_, lt) = get("logits");
+    let gold_logits = to_f32(lt.dtype, g.bytes(lt)).unwrap();
+    let (hshape, ht) = get("hidden_states");
+    let gold_hidden = to_f32(ht.dtype, g.bytes(ht)).unwrap();
+
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    ckpt.validate_dense().unwrap();
+    let n = ckpt.config.num_layers;
+    let h = ckpt.config.hidden_size;
+    assert_eq!(hshape, vec![n + 1, b, t, h]);
+    let model = Model::load(&ckpt, t).unwrap();
+    let mut x = model.outer.embed(&ids, b, t).unwrap();
+    for l in 0..=n {
+        // transformers' last hidden state is after the final norm
+        let got = if l == n {
+            model.outer.final_norm(&x)
+        } else {
+            x.data.clone()
+        };
+        let e = max_rel(&got, &gold_hidden[l * b * t * h..(l + 1) * b * t * h]);
+        assert!(
+            e <= 1e-4,
+            "{name}: hidden state {l}: max relative error {e:e}"
+        );
+        if l < n {
+            x = model.forward_layer(l, &x).unwrap();
+        }
+    }
+    let logits = model.logits(&ids, b, t).unwrap();
+    let e = max_rel(&logits, &gold_logits);
+    eprintln!("{name}: logits max relative error {e:e}");
+    assert!(e <= 1e-4, "{name}: logits: max relative error {e:e}");
+}
+
+#[test]
+fn qwen2_biases() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_qk_norm() {
+    check("qwen3");
+}
+
+#[test]
+fn mistral() {
+    check("mistral");
+}
+
+#[test]
+fn llama3_rope_scaling() {
+    check("llama3-rope");
+}
+
+#[test]
+fn linear_rope_scaling() {
+    check("llama-linear-rope");
+}
+
+#[test]
+fn tied_embeddings() {
+    check("llama-tied");
+}
+
+/// RTN W8 g32 through the compressed-tensors exporter and back: the written checkpoint keeps
+/// the architecture's extra tensors (biases, q/k norms), loads, and predicts like the dense one.
+fn quantized_roundtrip(name: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let p = d.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 8, group_size: 32}}\nexport: {{format: compressed-tensors}}\n",
+            fixture(name).display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dense = Checkpoint::open(&fixture(name)).unwrap();
+    let q = Checkpoint::open(&out).unwrap();
+    for n in dense.names() {
+        if !n.ends_with("_proj.weight") {
+            assert!(
+                q.has(n),
+                "{name}: {n} missing from the quantized checkpoint"
+            );
+        } else {
+            let base = n.trim_end_matches(".weight");
+            assert!(
+                q.has(&format!("{base}.weight_packed")),
+                "{name}: {base} not packed"
+            );
+        }
+    }
+    let ids: Vec<u32> = (0..48).map(|i| (i * 37 % 128) as u32).collect();
+    let a = Model::load(&dense, 24)
+        .unwrap()
+        .logits(&ids, 2, 24)
+        .unwrap();
+    let b = Model::load(&q, 24).unwrap().logits(&ids, 2, 24).unwrap();
+    let e = max_rel(&b, &a);
+    eprintln!("{name}: W8 logits max relative change {e:e}");
+    assert!(e > 0.0 && e < 0.05, "{name}: W8 logits changed by {e:e}");
+}
+
+#[test]
+fn quantized_roundtrip_every_variant() {
+    for name in [
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "llama3-rope",
+        "llama-linear-rope",
+        "llama-tied",
+    ] {
+        quantized_roundtrip(name);
+    }
+}
