@@ -253,6 +253,8 @@ impl<'a> Model<'a> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             layers.push(LayerWeights::load(ckpt, l)?);
+            // the f32 copy is what is used: drop the mapped pages from the resident set
+            ckpt.release_prefix(&LayerWeights::prefix(l));
         }
         Ok(Model {
             outer,
