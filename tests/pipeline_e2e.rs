@@ -227,11 +227,16 @@ fn output_carries_a_checksum_manifest() {
     assert!(m.contains("model.safetensors") && m.contains("report.json"));
 }
 
-/// Same inputs, pipeline and seed → byte-identical output, whatever the thread count.
+/// Same inputs, pipeline and seed → byte-identical output and identical report numbers
+/// (perplexities, per-linear losses and errors), whatever the thread count.
 #[test]
 fn output_is_identical_with_one_and_two_threads() {
     let d = tempfile::tempdir().unwrap();
+    let text = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    let small = d.path().join("small.txt");
+    std::fs::write(&small, &text[..20_000]).unwrap();
     let mut digests = Vec::new();
+    let mut numbers = Vec::new();
     for threads in ["1", "2"] {
         let out = d.path().join(format!("t{threads}"));
         let p = d.path().join("p.yaml");
@@ -240,10 +245,11 @@ fn output_is_identical_with_one_and_two_threads() {
             format!(
                 "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 8, seq_len: 128, seed: 3}}\n\
                  passes:\n  - gptq: {{bits: 4, group_size: 64, act_order: true, true_sequential: true}}\n\
-                 export: {{format: compressed-tensors}}\n",
+                 export: {{format: compressed-tensors}}\neval: {{datasets: [{}], seq_len: 128}}\n",
                 model(),
                 out.display(),
-                common::shared().join("data/calib/c4_calib.jsonl").display()
+                common::shared().join("data/calib/c4_calib.jsonl").display(),
+                small.display()
             ),
         )
         .unwrap();
@@ -255,10 +261,25 @@ fn output_is_identical_with_one_and_two_threads() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         digests.push(compress::util::sha256_file(&out.join("model.safetensors")).unwrap());
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        for rec in r["layers"].as_array_mut().unwrap() {
+            rec.as_object_mut().unwrap().remove("seconds");
+        }
+        assert!(
+            r["eval"]["small.txt"]["after"]["perplexity"].is_number(),
+            "{}",
+            r["eval"]
+        );
+        numbers.push((r["eval"].clone(), r["layers"].clone(), r["summary"].clone()));
     }
     assert_eq!(
         digests[0], digests[1],
         "outputs differ between 1 and 2 threads"
+    );
+    assert!(
+        numbers[0] == numbers[1],
+        "report numbers differ between 1 and 2 threads"
     );
 }
 
