@@ -328,8 +328,8 @@ pub struct ResumePoint {
 /// Receives each finished layer, then the parts outside the layers (an exporter).
 pub trait LayerSink {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()>;
-    /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty when no pass
-    /// needs statistics). A resumable sink persists what a restart needs here.
+    /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty after the last
+    /// layer, or when no pass needs statistics). A resumable sink persists what a restart needs.
     fn layer_done(&mut self, _l: usize, _hidden: &[Act], _report: &EngineReport) -> Result<()> {
         Ok(())
     }
@@ -370,7 +370,8 @@ pub fn run(
         }
         let max_t = calib.iter().map(|w| w.len()).max().unwrap_or(1);
         if let Some(h) = resumed_hidden {
-            if h.len() != ids.len() || h.iter().zip(&ids).any(|(a, i)| a.b != i.len()) {
+            let done = start >= cfg.num_layers;
+            if !done && (h.len() != ids.len() || h.iter().zip(&ids).any(|(a, i)| a.b != i.len())) {
                 bail!("resume state does not match the calibration batches; start again without --resume");
             }
             (h, Some(Rope::new(cfg, max_t)?))
@@ -474,8 +475,9 @@ pub fn run(
                 }
             }
         };
-        // X_{i+1} = compressed layer (X_i)
-        if let (Some(rope), false) = (rope.as_ref(), passes.is_empty()) {
+        // X_{i+1} = compressed layer (X_i); nothing reads the last layer's outputs.
+        let last = l + 1 == cfg.num_layers;
+        if let (Some(rope), false, false) = (rope.as_ref(), passes.is_empty(), last) {
             let cl = DecoderLayer::new(&layer, cfg);
             let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
             for x in hidden.iter_mut() {
@@ -490,7 +492,7 @@ pub fn run(
         drop(layer);
         ckpt.release_prefix(&LayerWeights::prefix(l));
         report.layer_seconds.push(tl.elapsed().as_secs_f64());
-        sink.layer_done(l, &hidden, &report)?;
+        sink.layer_done(l, if last { &[] } else { &hidden }, &report)?;
         pb.inc(1);
     }
     pb.finish_and_clear();
