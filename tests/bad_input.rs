@@ -20,6 +20,14 @@ fn model_copy(dir: &Path) -> PathBuf {
     m
 }
 
+/// Set one top-level field of the model copy's config.json.
+fn set_config(model: &Path, key: &str, value: serde_json::Value) {
+    let cfg = model.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v[key] = value;
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
 fn pipeline(dir: &Path, model: &Path, extra: &str) -> PathBuf {
     let p = dir.join("p.yaml");
     std::fs::write(
@@ -196,10 +204,7 @@ fn absurd_header_size() {
 fn wrong_shapes() {
     let d = tempfile::tempdir().unwrap();
     let m = model_copy(d.path());
-    let cfg = m.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
-    v["intermediate_size"] = serde_json::json!(512);
-    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    set_config(&m, "intermediate_size", serde_json::json!(512));
     let p = pipeline(d.path(), &m, "");
     run_fails(
         d.path(),
@@ -216,10 +221,7 @@ fn wrong_shapes() {
 fn missing_tensor() {
     let d = tempfile::tempdir().unwrap();
     let m = model_copy(d.path());
-    let cfg = m.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
-    v["num_hidden_layers"] = serde_json::json!(7);
-    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    set_config(&m, "num_hidden_layers", serde_json::json!(7));
     let p = pipeline(d.path(), &m, "");
     run_fails(d.path(), &p, &["missing tensor", "model.layers.6."]);
 }
@@ -244,10 +246,7 @@ fn nan_weights() {
 fn unsupported_architecture() {
     let d = tempfile::tempdir().unwrap();
     let m = model_copy(d.path());
-    let cfg = m.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
-    v["model_type"] = serde_json::json!("gpt2");
-    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    set_config(&m, "model_type", serde_json::json!("gpt2"));
     let p = pipeline(d.path(), &m, "");
     run_fails(d.path(), &p, &["config.json", "model_type", "gpt2"]);
     // the same through `compress eval` and `compress inspect`
