@@ -205,6 +205,10 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
+    // One run per output at a time: a duplicate job (a retried batch step, say) must not discard
+    // or interleave with the work folder of a live run. The lock goes with the process, so a
+    // crashed run never leaves it held.
+    let _lock = crate::util::lock_output(&output)?;
     let work = crate::util::work_dir_for(&output);
     let fingerprint = crate::resume::Fingerprint::of(&p, &ckpt)?;
     let mut state = None;

@@ -119,3 +119,52 @@ fn resume_refuses_a_changed_pipeline() {
     );
     assert!(!out.exists());
 }
+
+/// A second run of the same output while the first is live (a duplicated batch job) is refused
+/// at once, even with --overwrite or --resume, and does not disturb the first run.
+#[test]
+fn concurrent_run_of_the_same_output_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let p = pipeline(d.path(), &out, 0.01);
+    let work = d.path().join(".o.partial");
+    let mut first = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !work.join(".resume/state.json").exists() {
+        assert!(first.try_wait().unwrap().is_none(), "first run ended early");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for extra in [&[][..], &["--overwrite"][..], &["--resume"][..]] {
+        let o = Command::new(common::bin())
+            .arg(&p)
+            .arg("--quiet")
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains("another compress run is writing"), "{err}");
+        assert!(work.exists(), "the live run's work folder was touched");
+    }
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").exists() && !work.exists());
+    // and once it is done the lock is free again: a rerun gets as far as the existing output
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already exists"), "{err}");
+}
