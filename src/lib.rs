@@ -26,3 +26,4 @@ pub mod report_html;
 pub mod resume;
 pub mod runner;
 pub mod util;
+pub mod verify;

@@ -94,6 +94,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check an output folder: every file listed in checksums.sha256 and matching it, nothing
+    /// extra, and every tensor loading (quantized ones unpacked). Exit 0 when intact.
+    Verify {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
@@ -203,6 +210,23 @@ fn real_main(cli: Cli) -> Result<()> {
             if let Some(h) = html {
                 std::fs::write(&h, compress::report_html::render_compare_html(&v))
                     .with_context(|| format!("cannot write {}", h.display()))?;
+            }
+            Ok(())
+        }
+        Some(Cmd::Verify { dir, json }) => {
+            let v = compress::verify::verify(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "{}: intact ({} files, {:.2} MiB, all checksums match; {} {} layers load{})",
+                    dir.display(),
+                    v.files,
+                    v.bytes as f64 / (1024.0 * 1024.0),
+                    v.layers,
+                    v.architecture,
+                    v.format.map(|f| format!(", {f}")).unwrap_or_default()
+                );
             }
             Ok(())
         }
