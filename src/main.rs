@@ -248,10 +248,26 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // With --json a failed run also answers on stdout, for batch orchestration.
+    let json = match &cli.cmd {
+        None => cli.run.json,
+        Some(Cmd::Run { run, .. }) => run.json,
+        Some(Cmd::Eval { json, .. } | Cmd::Inspect { json, .. } | Cmd::Verify { json, .. }) => {
+            *json
+        }
+        _ => false,
+    };
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if json {
+                let resume = e
+                    .downcast_ref::<runner::KeptForResume>()
+                    .map(|k| k.0.display().to_string());
+                let v = serde_json::json!({"status": "error", "error": format!("{e:#}"), "exit_code": 2, "resume_from": resume});
+                println!("{v}");
+            }
             ExitCode::from(2)
         }
     }

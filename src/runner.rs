@@ -80,6 +80,20 @@ pub fn eval_tasks(
     Ok(out)
 }
 
+/// Context of a failed run whose work folder was kept for `--resume` (main reports it).
+#[derive(Debug)]
+pub struct KeptForResume(pub PathBuf);
+
+impl std::fmt::Display for KeptForResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the work folder {} is kept: fix the cause and re-run with --resume",
+            self.0.display()
+        )
+    }
+}
+
 /// Options of `compress run` that are not part of the pipeline file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -263,10 +277,7 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
             if io_error && crate::resume::dir(&work).join("state.json").exists() {
                 // An I/O failure (disk full, say) after some layers: keep them for `--resume`
                 // (the output itself never appears). Bad input leaves nothing behind.
-                Err(e.context(format!(
-                    "the work folder {} is kept: fix the cause and re-run with --resume",
-                    work.display()
-                )))
+                Err(e.context(KeptForResume(work)))
             } else {
                 let _ = std::fs::remove_dir_all(&work);
                 Err(e)

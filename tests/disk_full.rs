@@ -70,7 +70,7 @@ fn scenario(res: &Path, limit: usize, tmpfs: bool) {
     let script = if tmpfs {
         format!(
             "mount -t tmpfs -o size={limit} tmpfs {f} || exit 90\n\
-             {b} {p} --quiet 2> {r}/err1; echo $? > {r}/rc1\n\
+             {b} {p} --quiet --json > {r}/json1 2> {r}/err1; echo $? > {r}/rc1\n\
              ls -A {f} > {r}/ls1\n\
              mount -o remount,size=512m {f}\n\
              {b} {p} --quiet --resume 2> {r}/err2; echo $? > {r}/rc2\n\
@@ -80,7 +80,7 @@ fn scenario(res: &Path, limit: usize, tmpfs: bool) {
         let kib = limit / 1024;
         format!(
             "trap '' XFSZ\n\
-             (ulimit -f {kib}; exec {b} {p} --quiet 2> {r}/err1); echo $? > {r}/rc1\n\
+             (ulimit -f {kib}; exec {b} {p} --quiet --json > {r}/json1 2> {r}/err1); echo $? > {r}/rc1\n\
              ls -A {f} > {r}/ls1\n\
              {b} {p} --quiet --resume 2> {r}/err2; echo $? > {r}/rc2\n\
              cp -r {f}/out {r}/out 2>/dev/null; true\n"
@@ -179,9 +179,20 @@ fn check(dir: &Path, reference: &[(String, Vec<u8>)], tmpfs: bool) {
             .map(|l| format!("{l}\n"))
             .collect();
         assert!(!left.lines().any(|l| l == "out"), "output appeared: {why}");
+        // --json answers on stdout too, with where a resume would start from
+        let j: serde_json::Value = serde_json::from_str(&read(res.join("json1"))).unwrap();
+        assert_eq!(j["status"], "error", "{why}");
+        assert_eq!(
+            j["error"].as_str().unwrap(),
+            err.trim().trim_start_matches("error: ")
+        );
         if err.contains("--resume") {
             // kept for resuming, and said so
             assert_eq!(left.trim(), ".out.partial", "{why}");
+            assert_eq!(
+                j["resume_from"].as_str().unwrap(),
+                res.join("fs/.out.partial").to_str().unwrap()
+            );
             resumed_mid_run += 1;
         } else {
             assert_eq!(
