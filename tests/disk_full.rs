@@ -1,4 +1,5 @@
-//! A full disk mid-run: one clear error naming the file, exit 2, no output folder; the work
+//! A full disk mid-run (and a read-only filesystem): one clear error naming the file, exit 2,
+//! no output folder; the work
 //! folder is kept only when it holds a resumable state, and `--resume` after space is freed
 //! gives the same bytes as a run that never failed.
 //!
@@ -125,16 +126,48 @@ fn disk_full_fails_cleanly_and_resumes_to_identical_bytes() {
             > 1
     );
 
-    // ulimit always; the real ENOSPC too where user namespaces allow it.
+    // ulimit always; the real ENOSPC (and a read-only filesystem) too where user namespaces
+    // allow it. (tests/bad_input.rs covers an uncreatable output path without them.)
     let mut mechanisms = vec![false];
     if userns_tmpfs_works() {
         mechanisms.push(true);
+        read_only_filesystem(d.path());
     } else {
         eprintln!("user namespaces unavailable: disk-full simulated with ulimit -f only");
     }
     for tmpfs in mechanisms {
         check(d.path(), &reference, tmpfs);
     }
+}
+
+/// The output folder's filesystem is mounted read-only (EROFS): one line, exit 2, nothing left.
+fn read_only_filesystem(dir: &Path) {
+    let res = dir.join("ro");
+    let fs = res.join("fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let p = pipeline(&res, &fs.join("out"));
+    let (b, p, f, r) = (
+        common::bin().display().to_string(),
+        p.display(),
+        fs.display(),
+        res.display(),
+    );
+    let script = format!(
+        "mount -t tmpfs -o ro,size=1m tmpfs {f} || exit 90\n\
+         {b} {p} --quiet 2> {r}/err1; echo $? > {r}/rc1\n\
+         ls -A {f} > {r}/ls1\n"
+    );
+    let o = Command::new("unshare")
+        .args(["-Urm", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = read(res.join("err1"));
+    assert_eq!(read(res.join("rc1")).trim(), "2", "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(err.contains(&*fs.to_string_lossy()), "{err}");
+    assert_eq!(read(res.join("ls1")).trim(), "", "{err}");
 }
 
 fn check(dir: &Path, reference: &[(String, Vec<u8>)], tmpfs: bool) {

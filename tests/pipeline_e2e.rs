@@ -228,7 +228,7 @@ fn output_carries_a_checksum_manifest() {
 }
 
 /// Same inputs, pipeline and seed → byte-identical output and identical report numbers
-/// (perplexities, per-linear losses and errors), whatever the thread count.
+/// (perplexities, per-linear losses and errors), whatever the thread count (1, 2, 3).
 #[test]
 fn output_is_identical_with_one_and_two_threads() {
     let d = tempfile::tempdir().unwrap();
@@ -237,7 +237,7 @@ fn output_is_identical_with_one_and_two_threads() {
     std::fs::write(&small, &text[..20_000]).unwrap();
     let mut digests = Vec::new();
     let mut numbers = Vec::new();
-    for threads in ["1", "2"] {
+    for threads in ["1", "2", "3"] {
         let out = d.path().join(format!("t{threads}"));
         let p = d.path().join("p.yaml");
         std::fs::write(
