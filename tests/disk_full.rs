@@ -1,7 +1,6 @@
 //! A full disk mid-run (and a read-only filesystem): one clear error naming the file, exit 2,
-//! no output folder; the work
-//! folder is kept only when it holds a resumable state, and `--resume` after space is freed
-//! gives the same bytes as a run that never failed.
+//! no output folder; the work folder is kept only when it holds a resumable state, and
+//! `--resume` after space is freed gives the same bytes as a run that never failed.
 //!
 //! The disk is a size-limited tmpfs mounted inside a private user + mount namespace
 //! (`unshare -Urm`, no privileges needed), so writes fail with a real ENOSPC. Where user
