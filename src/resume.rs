@@ -156,7 +156,19 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("cannot write {} (disk full?)", tmp.display()));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {}", tmp.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {}", tmp.display()))?;
+    sync_dir(path)
+}
+
+/// Make a rename in `path`'s folder durable (it lives in the folder's entries, which a power
+/// loss can otherwise roll back).
+fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", d.display()))?;
+    }
+    Ok(())
 }
 
 /// The exporter, checkpointed after every layer.

@@ -168,3 +168,84 @@ fn concurrent_run_of_the_same_output_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("already exists"), "{err}");
 }
+
+/// Kill the run again and again — before its first checkpoint, while a resumed run starts,
+/// a little after various layers, after the last layer (shard assembly, report) — resuming
+/// each time: the output that finally appears is byte for byte the uninterrupted run's.
+#[test]
+fn repeated_kills_at_many_moments_still_resume_to_identical_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full");
+    let o = Command::new(common::bin())
+        .arg(pipeline(d.path(), &full, 0.01))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = d.path().join("chaos");
+    let p = pipeline(d.path(), &out, 0.01);
+    let state = d.path().join(".chaos.partial/.resume/state.json");
+    let next_layer = || -> usize {
+        std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["next_layer"].as_u64())
+            .unwrap_or(0) as usize
+    };
+    // (kill once this many layers are checkpointed, then after this many more ms)
+    let schedule = [
+        (0, 300),
+        (1, 0),
+        (1, 150),
+        (2, 40),
+        (2, 0),
+        (4, 90),
+        (6, 0),
+        (6, 60),
+    ];
+    let mut kills = 0;
+    for (layers, ms) in schedule {
+        let mut child = Command::new(common::bin())
+            .arg(&p)
+            .args(["--quiet", "--resume"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while next_layer() < layers && child.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(300), "no progress");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        let s = child.wait().unwrap();
+        if out.exists() {
+            assert!(s.success(), "a run published its output and failed");
+            break;
+        }
+    }
+    if !out.exists() {
+        let o = Command::new(common::bin())
+            .arg(&p)
+            .args(["--quiet", "--resume"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    eprintln!("{kills} kills");
+    assert!(kills >= 5, "the schedule killed the run only {kills} times");
+    for f in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after {kills} kills"
+        );
+    }
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["layers"].as_array().unwrap().len(), 42);
+}

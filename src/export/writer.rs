@@ -57,6 +57,11 @@ impl SafetensorsWriter {
             let ctx = || format!("cannot write {} (disk full?)", s.spill.display());
             w.flush().with_context(ctx)?;
             w.get_ref().sync_data().with_context(ctx)?;
+            // the spill files' folder entries too, so a power loss cannot lose a file the
+            // checkpoint names
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync {}", self.dir.display()))?;
         }
         Ok(WriterState {
             shards: self.shards.clone(),
