@@ -25,6 +25,10 @@ pub struct Fingerprint {
     pub model: String,
     /// The calibration file's bytes (empty when there is none).
     pub calibration: String,
+    /// The running `compress` executable's bytes: another build may compute other bits, so
+    /// a resumed run must be finished by the binary that started it.
+    #[serde(default)]
+    pub tool: String,
 }
 
 impl Fingerprint {
@@ -59,10 +63,15 @@ impl Fingerprint {
             Some(c) if c.path.exists() => crate::util::sha256_file(&c.path)?,
             _ => String::new(),
         };
+        let tool = std::env::current_exe()
+            .ok()
+            .and_then(|p| crate::util::sha256_file(&p).ok())
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
         Ok(Fingerprint {
             pipeline,
             model,
             calibration,
+            tool,
         })
     }
 
@@ -78,6 +87,9 @@ impl Fingerprint {
         if self.calibration != o.calibration {
             v.push("the calibration data");
         }
+        if self.tool != o.tool {
+            v.push("the compress executable");
+        }
         v
     }
 }
@@ -88,7 +100,7 @@ pub struct State {
     pub next_layer: usize,
     pub exporter: ExporterState,
     pub engine: EngineReport,
-    /// (b, t) of each hidden-state batch in hidden.bin.
+    /// (b, t) of each hidden-state batch in hidden-L.bin.
     pub hidden_shapes: Vec<(usize, usize)>,
 }
 

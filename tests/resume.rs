@@ -105,6 +105,36 @@ fn killed_run_resumes_byte_identical() {
     );
 }
 
+/// A different build of `compress` may compute different bits: it may not finish a run that
+/// another build started.
+#[test]
+fn resume_refuses_another_executable() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    run_and_kill(&pipeline(d.path(), &out, 0.01), &out, 1);
+    // the same program with one byte appended past its end: still runs, other bytes
+    let other = d.path().join("compress-other");
+    let mut b = std::fs::read(common::bin()).unwrap();
+    b.push(0);
+    std::fs::write(&other, b).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new(&other)
+        .arg(pipeline(d.path(), &out, 0.01))
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot resume") && err.contains("the compress executable changed"),
+        "{err}"
+    );
+    // the original binary still resumes it
+    let o = resume(&pipeline(d.path(), &out, 0.01));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn resume_refuses_a_changed_pipeline() {
     let d = tempfile::tempdir().unwrap();
