@@ -110,12 +110,7 @@ fn disk_full_fails_cleanly_and_resumes_to_identical_bytes() {
     let refdir = d.path().join("ref");
     std::fs::create_dir_all(&refdir).unwrap();
     let p = pipeline(&refdir, &refdir.join("out"));
-    let o = Command::new(common::bin())
-        .arg(&p)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_ok(&p);
     let reference = artifact(&refdir.join("out"));
     assert!(
         reference

@@ -77,12 +77,7 @@ fn resume(p: &Path) -> std::process::Output {
 fn killed_run_resumes_byte_identical() {
     let d = tempfile::tempdir().unwrap();
     let full = d.path().join("full");
-    let o = Command::new(common::bin())
-        .arg(pipeline(d.path(), &full, 0.01))
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_ok(&pipeline(d.path(), &full, 0.01));
 
     let out = d.path().join("resumed");
     let p = pipeline(d.path(), &out, 0.01);
@@ -206,12 +201,7 @@ fn concurrent_run_of_the_same_output_is_refused() {
 fn repeated_kills_at_many_moments_still_resume_to_identical_bytes() {
     let d = tempfile::tempdir().unwrap();
     let full = d.path().join("full");
-    let o = Command::new(common::bin())
-        .arg(pipeline(d.path(), &full, 0.01))
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_ok(&pipeline(d.path(), &full, 0.01));
 
     let out = d.path().join("chaos");
     let p = pipeline(d.path(), &out, 0.01);

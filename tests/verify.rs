@@ -48,12 +48,7 @@ fn verify_passes_intact_output_and_names_every_kind_of_damage() {
         ),
     )
     .unwrap();
-    let o = Command::new(common::bin())
-        .arg(&p)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_ok(&p);
 
     let (code, stdout, err) = verify(&out);
     assert_eq!(code, Some(0), "{err}");

@@ -14,3 +14,14 @@ pub fn ref_model() -> PathBuf {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_compress"))
 }
+
+/// Run `compress PIPELINE --quiet`, asserting success.
+pub fn run_ok(pipeline: &std::path::Path) -> std::process::Output {
+    let o = std::process::Command::new(bin())
+        .arg(pipeline)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
