@@ -7,7 +7,8 @@
 //! embedding points along a few dimensions D, and layer 0's query/key row 0 of head 0 reading
 //! c·Σ_{i∈D} x_i. The attention score of that token with itself, c²·S_T²/√d, overflows f32 to
 //! +Inf (then Inf − Inf = NaN in the softmax) while every ordinary token's score stays finite,
-//! so only the calibration windows that contain the spike token go non-finite.
+//! so only the calibration windows that contain the spike token go non-finite. A run with
+//! dropped windows, killed and resumed, writes the same bytes.
 
 mod common;
 use compress::model::safetensors_file::{from_f32, parse_header, to_f32, DType};
@@ -16,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const HIDDEN: usize = 256;
-const SAMPLES: usize = 16;
-const SEQ: usize = 64;
+const SAMPLES: usize = 64;
+const SEQ: usize = 128;
 
 struct Planted {
     model: PathBuf,
@@ -68,9 +69,9 @@ fn plant(dir: &Path, w: &[Vec<u32>]) -> Planted {
     let spike = (0u32..8192)
         .find(|&t| {
             let n = w.iter().filter(|x| x.contains(&t)).count();
-            (3..=6).contains(&n)
+            (4..=16).contains(&n)
         })
-        .expect("a token in 3..=6 of the windows");
+        .expect("a token in 4..=16 of the windows");
     let (es, ee, mut emb) = tensor(&bytes, "model.embed_tokens.weight");
     let (ls, le, mut ln) = tensor(&bytes, "model.layers.0.input_layernorm.weight");
     // S_j = Σ_{i∈D} x_i of token j after RMSNorm (with unit norm weights on D). Choose D (a
@@ -127,14 +128,18 @@ fn plant(dir: &Path, w: &[Vec<u32>]) -> Planted {
 }
 
 fn pipeline(dir: &Path, model: &Path, policy: &str) -> PathBuf {
-    let p = dir.join(format!("{policy}.yaml"));
+    pipeline_to(dir, model, policy, "out")
+}
+
+fn pipeline_to(dir: &Path, model: &Path, policy: &str, out: &str) -> PathBuf {
+    let p = dir.join(format!("{out}{policy}.yaml"));
     std::fs::write(
         &p,
         format!(
             "model: {}\noutput: {}\ncalibration: {{path: {}, samples: {SAMPLES}, seq_len: {SEQ}, seed: 0, batch: 4{policy}}}\n\
              passes:\n  - gptq: {{bits: 4, group_size: 128}}\nexport: {{format: compressed-tensors}}\n",
             model.display(),
-            dir.join("out").display(),
+            dir.join(out).display(),
             calib_file().display(),
         ),
     )
@@ -208,4 +213,58 @@ fn nonfinite_activations_refused_or_dropped_as_the_pipeline_says() {
     assert_eq!(sites.len(), 7, "{sites:?}");
     let md = std::fs::read_to_string(d.path().join("out/report.md")).unwrap();
     assert!(md.contains("Calibration windows left out"), "{md}");
+
+    // Killed after layers with dropped windows and resumed: the same bytes and the same
+    // dropped list (the resume state carries the reduced calibration set).
+    let p = pipeline_to(
+        d.path(),
+        &planted.model,
+        ", on_nonfinite: drop_sample",
+        "resumed",
+    );
+    let state = d.path().join(".resumed.partial/.resume/state.json");
+    let mut child = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        let n = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["next_layer"].as_u64())
+            .unwrap_or(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("resuming at layer"), "{log}");
+    let a = d.path().join("out");
+    let b = d.path().join("resumed");
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap()
+    );
+    let r2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        r2["dropped_calibration_samples"],
+        r["dropped_calibration_samples"]
+    );
 }
