@@ -257,6 +257,25 @@ fn main() -> ExitCode {
         }
         _ => false,
     };
+    // SIGINT / SIGTERM / SIGHUP (a scheduler stopping the job): say what is kept and exit 130.
+    // Checkpoints are written by rename, so stopping at any instant leaves a consistent state.
+    let _ = ctrlc::set_handler(move || {
+        let resume = compress::util::resumable_work();
+        let msg = match &resume {
+            Some(w) => format!(
+                "interrupted: the work folder {} is kept: re-run with --resume",
+                w.display()
+            ),
+            None => "interrupted".to_string(),
+        };
+        eprintln!("error: {msg}");
+        if json {
+            let v = serde_json::json!({"status": "interrupted", "error": msg, "exit_code": 130,
+                "resume_from": resume.map(|w| w.display().to_string())});
+            println!("{v}");
+        }
+        std::process::exit(130);
+    });
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

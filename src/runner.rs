@@ -258,7 +258,9 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
         );
     }
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    crate::util::set_active_work(Some(work.clone()));
     let result = run_in(&p, &ckpt, &work, opts, t_all, fingerprint, state);
+    crate::util::set_active_work(None);
     match result {
         Ok(mut report) => {
             if output.exists() {

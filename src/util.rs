@@ -11,6 +11,22 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+static ACTIVE_WORK: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The work folder of the run in progress (read by the interrupt handler).
+pub fn set_active_work(work: Option<PathBuf>) {
+    if let Ok(mut g) = ACTIVE_WORK.lock() {
+        *g = work;
+    }
+}
+
+/// The work folder of the run in progress, when it holds a resumable state.
+pub fn resumable_work() -> Option<PathBuf> {
+    let g = ACTIVE_WORK.lock().ok()?;
+    g.clone()
+        .filter(|w| w.join(".resume").join("state.json").exists())
+}
+
 /// Physical memory (MemTotal of /proc/meminfo).
 pub fn total_memory_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -269,3 +269,48 @@ fn repeated_kills_at_many_moments_still_resume_to_identical_bytes() {
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["layers"].as_array().unwrap().len(), 42);
 }
+
+/// SIGTERM (a scheduler stopping the job) after a checkpoint: exit 130, one line saying the work
+/// folder is kept, the same in JSON on stdout; --resume then completes.
+#[test]
+fn sigterm_says_what_is_kept_and_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let p = pipeline(d.path(), &out, 0.01);
+    let work = d.path().join(".o.partial");
+    let child = Command::new(common::bin())
+        .arg(&p)
+        .args(["--quiet", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !work.join(".resume/state.json").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let k = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("--resume"),
+        "{err}"
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["status"], "interrupted");
+    assert_eq!(j["resume_from"].as_str().unwrap(), work.to_str().unwrap());
+    assert!(!out.exists() && work.exists());
+    let o = resume(&p);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").exists());
+}
