@@ -102,6 +102,40 @@ pub struct State {
     pub engine: EngineReport,
     /// (b, t) of each hidden-state batch in hidden-L.bin.
     pub hidden_shapes: Vec<(usize, usize)>,
+    /// SHA-256 of each finished layer's input tensors (names, dtypes, shapes, bytes): the
+    /// model fingerprint covers headers only, so a resume re-hashes the layers it will not
+    /// read again and refuses if their weights changed.
+    #[serde(default)]
+    pub layer_digests: Vec<String>,
+}
+
+/// SHA-256 of decoder layer `l`'s tensors in the checkpoint (sorted by name).
+pub fn layer_digest(ckpt: &Checkpoint, l: usize) -> Result<String> {
+    let prefix = LayerWeights::prefix(l);
+    let mut h = Sha256::new();
+    for name in ckpt.names().filter(|n| n.starts_with(&prefix)) {
+        let (info, bytes) = ckpt.raw(name)?;
+        h.update(name.as_bytes());
+        h.update(info.dtype.name().as_bytes());
+        h.update(format!("{:?}", info.shape).as_bytes());
+        h.update(bytes);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Refuse to resume when the weights of a finished layer changed since the interrupted run.
+pub fn check_layer_digests(ckpt: &Checkpoint, state: &State) -> Result<()> {
+    for (l, want) in state.layer_digests.iter().enumerate() {
+        let got = layer_digest(ckpt, l)?;
+        ckpt.release_prefix(&LayerWeights::prefix(l));
+        if &got != want {
+            bail!(
+                "cannot resume: the weights of layer {l} in {} changed since the interrupted run (run without --resume to start over)",
+                ckpt.dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn dir(work: &Path) -> PathBuf {
@@ -188,10 +222,14 @@ pub struct ResumableSink<'a> {
     pub exporter: &'a mut Exporter,
     pub work: PathBuf,
     pub fingerprint: Fingerprint,
+    /// Digests of the layers finished so far (see `State::layer_digests`).
+    pub layer_digests: Vec<String>,
 }
 
 impl LayerSink for ResumableSink<'_> {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
+        self.layer_digests.truncate(layer.index);
+        self.layer_digests.push(layer_digest(ckpt, layer.index)?);
         self.exporter.layer(ckpt, layer)
     }
 
@@ -215,6 +253,7 @@ impl LayerSink for ResumableSink<'_> {
             exporter,
             engine: report.clone(),
             hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
+            layer_digests: self.layer_digests.clone(),
         };
         write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
         let old = d.join(hidden_file(l));

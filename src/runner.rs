@@ -240,6 +240,7 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
                         changed.join(", ")
                     );
                 }
+                crate::resume::check_layer_digests(&ckpt, s)?;
                 info!("resuming at layer {} from {}", s.next_layer, work.display());
             }
             None => {
@@ -337,6 +338,10 @@ fn run_in(
     timing.calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
+    let layer_digests = state
+        .as_ref()
+        .map(|s| s.layer_digests.clone())
+        .unwrap_or_default();
     let (mut exporter, resume_point) = match state {
         Some(s) => {
             let rp = crate::resume::resume_point(work, &s, ckpt.config.hidden_size)?;
@@ -362,6 +367,7 @@ fn run_in(
             exporter: &mut exporter,
             work: work.to_path_buf(),
             fingerprint,
+            layer_digests,
         };
         crate::engine::run(ckpt, &passes, &windows, &opts, &mut sink, resume_point)?
     };

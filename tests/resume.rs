@@ -314,3 +314,46 @@ fn sigterm_says_what_is_kept_and_resumes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors").exists());
 }
+
+/// The model fingerprint covers headers and sizes; the weights of the layers already done are
+/// re-hashed on resume, so an in-place edit (same size, same header) is refused too.
+#[test]
+fn resume_refuses_changed_weights_of_a_finished_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(common::ref_model().join(f), m.join(f)).unwrap();
+    }
+    let out = d.path().join("o");
+    let p = d.path().join("p.yaml");
+    let text = std::fs::read_to_string(pipeline(d.path(), &out, 0.01)).unwrap();
+    std::fs::write(
+        &p,
+        text.replace(
+            &common::ref_model().display().to_string(),
+            &m.display().to_string(),
+        ),
+    )
+    .unwrap();
+    run_and_kill(&p, &out, 2);
+    // flip one bit of layer 0's q_proj, keeping the file's size and header
+    let f = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let (t, _) = compress::model::safetensors_file::parse_header(&bytes, &f).unwrap();
+    let i = &t["model.layers.0.self_attn.q_proj.weight"];
+    bytes[i.start + 100] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let o = resume(&p);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot resume") && err.contains("weights of layer 0"),
+        "{err}"
+    );
+}
