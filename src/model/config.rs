@@ -229,7 +229,49 @@ impl ModelConfig {
             qk_norm: arch == Arch::Qwen3,
             raw,
         };
+        cfg.check_sizes(file)?;
         Ok(cfg)
+    }
+
+    /// Every size at least 1 and the implied parameter count representable and below 10¹⁴:
+    /// a corrupt or hostile config must be refused here, before shapes are multiplied out.
+    fn check_sizes(&self, file: &Path) -> Result<()> {
+        for (key, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("num_attention_heads", self.num_heads),
+        ] {
+            if v == 0 || v > 1 << 32 {
+                bail!(
+                    "{}: field `{key}` = {v} is out of range (1 ..= 2^32)",
+                    file.display()
+                );
+            }
+        }
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let total = (|| {
+            let q = self.num_heads.checked_mul(hd)?;
+            let kv = self.num_kv_heads.checked_mul(hd)?;
+            // q, k, v, o projections and the three MLP matrices
+            let attn = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+            let mlp = h.checked_mul(i)?.checked_mul(3)?;
+            attn.checked_add(mlp)?
+                .checked_mul(self.num_layers)?
+                .checked_add(self.vocab_size.checked_mul(h)?.checked_mul(2)?)
+        })();
+        match total {
+            Some(n) if n < 100_000_000_000_000 => Ok(()),
+            _ => bail!(
+                "{}: the sizes imply more than 10^14 parameters (hidden_size {h}, intermediate_size {i}, \
+                 num_hidden_layers {}, vocab_size {}): corrupt config",
+                file.display(),
+                self.num_layers,
+                self.vocab_size
+            ),
+        }
     }
 
     /// Name and shape of every tensor a checkpoint of this config must hold.
@@ -321,6 +363,36 @@ mod tests {
         json!({"model_type": model_type, "hidden_size": 64, "intermediate_size": 128,
                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "vocab_size": 100, "rms_norm_eps": 1e-6})
+    }
+
+    /// Found by the `config_json` fuzz target: a huge `hidden_size` overflowed the parameter
+    /// count (a panic). Absurd and zero sizes are refused with the field named.
+    #[test]
+    fn absurd_sizes_are_refused_not_overflowed() {
+        let p = Path::new("config.json");
+        let mut c = base("llama");
+        c["hidden_size"] = json!(51244444444444444u64);
+        c["num_attention_heads"] = json!(2);
+        let e = ModelConfig::from_value(c, p).unwrap_err().to_string();
+        assert!(
+            e.contains("hidden_size") && e.contains("config.json"),
+            "{e}"
+        );
+        for (k, v) in [
+            ("vocab_size", json!(1u64 << 33)),
+            ("num_hidden_layers", json!(1u64 << 32)),
+            ("intermediate_size", json!(0)),
+        ] {
+            let mut c = base("llama");
+            c[k] = v;
+            let e = ModelConfig::from_value(c, p).unwrap_err().to_string();
+            assert!(e.contains("config.json"), "{k}: {e}");
+        }
+        let mut c = base("llama");
+        c["head_dim"] = json!(1u64 << 32);
+        c["num_attention_heads"] = json!(1u64 << 32);
+        c["num_key_value_heads"] = json!(1u64 << 32);
+        assert!(ModelConfig::from_value(c, p).is_err());
     }
 
     #[test]
