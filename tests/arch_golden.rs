@@ -4,6 +4,7 @@
 //! head_dim × heads ≠ hidden), mistral, Llama-3 and linear RoPE scaling, tied embeddings.
 //! Every hidden state and the logits must agree to 1e-4 of the largest reference magnitude.
 
+mod common;
 use compress::model::llama::Model;
 use compress::model::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 use compress::model::Checkpoint;
@@ -107,26 +108,7 @@ fn tied_embeddings() {
 fn quantized_roundtrip(name: &str) {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let p = d.path().join("p.yaml");
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 8, group_size: 32}}\nexport: {{format: compressed-tensors}}\n",
-            fixture(name).display(),
-            out.display()
-        ),
-    )
-    .unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
-        .arg(&p)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::run_rtn(d.path(), &fixture(name), &out, "bits: 8, group_size: 32");
     let dense = Checkpoint::open(&fixture(name)).unwrap();
     let q = Checkpoint::open(&out).unwrap();
     for n in dense.names() {

@@ -5,21 +5,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A writable copy of the reference model in a temp dir.
-fn model_copy(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(common::ref_model().join(f), m.join(f)).unwrap();
-    }
-    m
-}
-
 /// Set one top-level field of the model copy's config.json.
 fn set_config(model: &Path, key: &str, value: serde_json::Value) {
     let cfg = model.join("config.json");
@@ -120,7 +105,7 @@ fn invalid_values_name_the_field() {
 #[test]
 fn missing_safetensors() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     std::fs::remove_file(m.join("model.safetensors")).unwrap();
     let p = pipeline(d.path(), &m, "");
     run_fails(d.path(), &p, &["model.safetensors"]);
@@ -136,7 +121,7 @@ fn missing_model_dir() {
 #[test]
 fn truncated_safetensors() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     let f = m.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 1000]).unwrap();
@@ -167,7 +152,7 @@ fn edit_header(f: &Path, edit: impl Fn(&mut serde_json::Value)) {
 #[test]
 fn header_that_lies_about_offsets() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     let name = "model.layers.0.mlp.up_proj.weight";
     edit_header(&m.join("model.safetensors"), |h| {
         h[name]["data_offsets"][1] = serde_json::json!(999_999_999u64);
@@ -191,7 +176,7 @@ fn header_that_lies_about_offsets() {
 #[test]
 fn absurd_header_size() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     let f = m.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[..8].copy_from_slice(&(1u64 << 50).to_le_bytes());
@@ -203,7 +188,7 @@ fn absurd_header_size() {
 #[test]
 fn wrong_shapes() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     set_config(&m, "intermediate_size", serde_json::json!(512));
     let p = pipeline(d.path(), &m, "");
     run_fails(
@@ -220,7 +205,7 @@ fn wrong_shapes() {
 #[test]
 fn missing_tensor() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     set_config(&m, "num_hidden_layers", serde_json::json!(7));
     let p = pipeline(d.path(), &m, "");
     run_fails(d.path(), &p, &["missing tensor", "model.layers.6."]);
@@ -229,7 +214,7 @@ fn missing_tensor() {
 #[test]
 fn nan_weights() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     let f = m.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let (tensors, _) = compress::model::safetensors_file::parse_header(&bytes, &f).unwrap();
@@ -245,7 +230,7 @@ fn nan_weights() {
 #[test]
 fn unsupported_architecture() {
     let d = tempfile::tempdir().unwrap();
-    let m = model_copy(d.path());
+    let m = common::model_copy(d.path());
     set_config(&m, "model_type", serde_json::json!("gpt2"));
     let p = pipeline(d.path(), &m, "");
     run_fails(d.path(), &p, &["config.json", "model_type", "gpt2"]);

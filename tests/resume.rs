@@ -320,16 +320,7 @@ fn sigterm_says_what_is_kept_and_resumes() {
 #[test]
 fn resume_refuses_changed_weights_of_a_finished_layer() {
     let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(common::ref_model().join(f), m.join(f)).unwrap();
-    }
+    let m = common::model_copy(d.path());
     let out = d.path().join("o");
     let p = d.path().join("p.yaml");
     let text = std::fs::read_to_string(pipeline(d.path(), &out, 0.01)).unwrap();

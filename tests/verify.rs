@@ -38,17 +38,12 @@ fn fails(dir: &Path, needles: &[&str]) {
 fn verify_passes_intact_output_and_names_every_kind_of_damage() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let p = d.path().join("p.yaml");
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 4, group_size: 128}}\nexport: {{format: compressed-tensors}}\n",
-            common::ref_model().display(),
-            out.display()
-        ),
-    )
-    .unwrap();
-    common::run_ok(&p);
+    common::run_rtn(
+        d.path(),
+        &common::ref_model(),
+        &out,
+        "bits: 4, group_size: 128",
+    );
 
     let (code, stdout, err) = verify(&out);
     assert_eq!(code, Some(0), "{err}");
