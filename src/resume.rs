@@ -107,6 +107,160 @@ pub struct State {
     /// read again and refuses if their weights changed.
     #[serde(default)]
     pub layer_digests: Vec<String>,
+    /// Set once the artifact is completely written: a resumed run skips compression and
+    /// continues with the first evaluation step not finished.
+    #[serde(default)]
+    pub exported: Option<Exported>,
+}
+
+/// The finished artifact, as recorded when the last shard was complete.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Exported {
+    /// Files written (weights, config, side files), in the order the exporter reported them.
+    pub files: Vec<String>,
+    /// SHA-256 of each file in `files`, re-checked before a resumed run uses the artifact.
+    pub digests: Vec<String>,
+    pub engine: EngineReport,
+    pub calibration_seconds: f64,
+    pub compress_seconds: f64,
+}
+
+/// Record that the artifact in `work` is complete (the state keeps its fingerprints).
+pub fn mark_exported(work: &Path, exported: Exported) -> Result<()> {
+    let mut state = load(work)?.with_context(|| {
+        format!(
+            "internal: {} has no resume state to mark as exported",
+            work.display()
+        )
+    })?;
+    state.exported = Some(exported);
+    write_atomic(&dir(work).join("state.json"), &serde_json::to_vec(&state)?)?;
+    // The hidden states of the last layer are of no further use.
+    let h = dir(work).join(hidden_file(state.next_layer));
+    if h.exists() {
+        std::fs::remove_file(&h).with_context(|| format!("cannot remove {}", h.display()))?;
+    }
+    Ok(())
+}
+
+/// SHA-256 of each of `files` in `work`.
+pub fn file_digests(work: &Path, files: &[String]) -> Result<Vec<String>> {
+    files
+        .iter()
+        .map(|f| crate::util::sha256_file(&work.join(f)))
+        .collect()
+}
+
+/// Check that a work folder holds what `state` says, before anything is resumed: the finished
+/// artifact's files with their recorded hashes, or the spill files and hidden states of the
+/// last finished layer. The error says what is wrong and that `--resume` cannot help.
+pub fn validate(work: &Path, state: &State, hidden: usize) -> Result<()> {
+    let unusable = |what: String| {
+        anyhow::anyhow!(
+            "cannot resume {}: {what}; this work folder cannot be resumed: run without --resume to start over",
+            work.display()
+        )
+    };
+    if let Some(x) = &state.exported {
+        if x.digests.len() != x.files.len() {
+            return Err(unusable("the resume state is inconsistent".into()));
+        }
+        for (f, want) in x.files.iter().zip(&x.digests) {
+            let p = work.join(f);
+            if !p.is_file() {
+                return Err(unusable(format!(
+                    "{} of the finished artifact is missing",
+                    p.display()
+                )));
+            }
+            let got = crate::util::sha256_file(&p)
+                .map_err(|e| unusable(format!("cannot read {}: {e}", p.display())))?;
+            if &got != want {
+                return Err(unusable(format!(
+                    "{} changed after it was written (SHA-256 differs)",
+                    p.display()
+                )));
+            }
+        }
+        return Ok(());
+    }
+    for (path, bytes) in state.exporter.spill_files() {
+        let len = std::fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|_| unusable(format!("{} (written layers) is missing", path.display())))?;
+        if len < bytes as u64 {
+            return Err(unusable(format!(
+                "{} holds {len} bytes, the resume state recorded {bytes}",
+                path.display()
+            )));
+        }
+    }
+    if !state.hidden_shapes.is_empty() {
+        let p = dir(work).join(hidden_file(state.next_layer));
+        let want: u64 = state
+            .hidden_shapes
+            .iter()
+            .map(|(b, t)| (b * t * hidden * 4) as u64)
+            .sum();
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == want => {}
+            Ok(m) => {
+                return Err(unusable(format!(
+                    "{} holds {} bytes, the resume state expects {want}",
+                    p.display(),
+                    m.len()
+                )))
+            }
+            Err(_) => return Err(unusable(format!("{} is missing", p.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// Evaluation results finished so far (`.resume/eval.json`), so a resumed run re-runs only the
+/// evaluation steps a kill interrupted. Keys are `STEP/LABEL/NAME` (`ppl/before/wiki.test.raw`,
+/// `tasks/after/piqa`); values the step's result and its seconds.
+#[derive(Default, Serialize, Deserialize)]
+pub struct EvalCache {
+    pub entries: std::collections::BTreeMap<String, (serde_json::Value, f64)>,
+    #[serde(skip)]
+    path: Option<PathBuf>,
+}
+
+impl EvalCache {
+    /// The cache of `work` (empty when there is none, or when `fresh`).
+    pub fn open(work: &Path, fresh: bool) -> Result<Self> {
+        let path = dir(work).join("eval.json");
+        let mut c = if !fresh && path.exists() {
+            let b =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&b)
+                .with_context(|| format!("{}: corrupt evaluation cache", path.display()))?
+        } else {
+            EvalCache::default()
+        };
+        c.path = Some(path);
+        Ok(c)
+    }
+
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<(T, f64)> {
+        let (v, s) = self.entries.get(key)?;
+        Some((serde_json::from_value(v.clone()).ok()?, *s))
+    }
+
+    /// Record one finished step, durably (temp file, sync, rename).
+    pub fn put<T: Serialize>(&mut self, key: &str, value: &T, seconds: f64) -> Result<()> {
+        self.entries
+            .insert(key.to_string(), (serde_json::to_value(value)?, seconds));
+        if let Some(p) = &self.path {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+            }
+            write_atomic(p, &serde_json::to_vec(&*self)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// SHA-256 of decoder layer `l`'s tensors in the checkpoint (sorted by name).
@@ -254,6 +408,7 @@ impl LayerSink for ResumableSink<'_> {
             engine: report.clone(),
             hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
             layer_digests: self.layer_digests.clone(),
+            exported: None,
         };
         write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
         let old = d.join(hidden_file(l));

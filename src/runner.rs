@@ -27,6 +27,19 @@ pub fn eval_perplexity(
     batch: usize,
     label: &str,
 ) -> Result<BTreeMap<String, PplResult>> {
+    eval_perplexity_each(ckpt, files, seq_len, batch, label, &mut |_, _, _| Ok(()))
+}
+
+/// [`eval_perplexity`], calling `done(file, result, seconds)` after each file.
+pub fn eval_perplexity_each(
+    ckpt: &Checkpoint,
+    files: &[PathBuf],
+    seq_len: usize,
+    batch: usize,
+    label: &str,
+    done: &mut dyn FnMut(&Path, &PplResult, f64) -> Result<()>,
+) -> Result<BTreeMap<String, PplResult>> {
+    let mut t = Instant::now();
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
     let model = Model::open(ckpt, seq_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
@@ -40,6 +53,7 @@ pub fn eval_perplexity(
         })
         .with_context(|| format!("evaluating {}", f.display()))?;
         pb.finish_and_clear();
+        done(f, &r, t.elapsed().as_secs_f64())?;
         info!(
             "{label} {}: perplexity {:.4} ({} windows)",
             dataset_key(f),
@@ -47,6 +61,7 @@ pub fn eval_perplexity(
             r.windows
         );
         out.insert(dataset_key(f), r);
+        t = Instant::now();
     }
     Ok(out)
 }
@@ -59,7 +74,20 @@ pub fn eval_tasks(
     limit: Option<usize>,
     label: &str,
 ) -> Result<BTreeMap<String, crate::eval::tasks::TaskResult>> {
+    eval_tasks_each(ckpt, tasks, dir, limit, label, &mut |_, _, _| Ok(()))
+}
+
+/// [`eval_tasks`], calling `done(task, result, seconds)` after each task.
+pub fn eval_tasks_each(
+    ckpt: &Checkpoint,
+    tasks: &[String],
+    dir: &Path,
+    limit: Option<usize>,
+    label: &str,
+    done: &mut dyn FnMut(&str, &crate::eval::tasks::TaskResult, f64) -> Result<()>,
+) -> Result<BTreeMap<String, crate::eval::tasks::TaskResult>> {
     use crate::eval::tasks::{evaluate, Task};
+    let mut t = Instant::now();
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
     let max_len = ckpt
         .config
@@ -70,14 +98,140 @@ pub fn eval_tasks(
         .min(4096) as usize;
     let model = Model::open(ckpt, max_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
-    for t in tasks {
-        let task = Task::from_name(t)?;
+    for name in tasks {
+        let task = Task::from_name(name)?;
         let r = evaluate(&model, &tok, task, dir, limit, max_len)
-            .with_context(|| format!("task {t} (data in {})", dir.display()))?;
+            .with_context(|| format!("task {name} (data in {})", dir.display()))?;
         info!("{label} {}: {:?}", task.name(), r.metrics);
+        done(task.name(), &r, t.elapsed().as_secs_f64())?;
+        t = Instant::now();
         out.insert(task.name().to_string(), r);
     }
     Ok(out)
+}
+
+/// Perplexity of `ckpt` on the pipeline's data sets, taking finished ones from `cache` and
+/// recording each new one as it finishes. Returns the results and the seconds they took.
+fn ppl_cached(
+    ckpt: &Checkpoint,
+    e: &crate::pipeline::EvalSpec,
+    label: &str,
+    cache: &mut crate::resume::EvalCache,
+) -> Result<(BTreeMap<String, PplResult>, f64)> {
+    let key = |f: &Path| format!("ppl/{label}/{}", dataset_key(f));
+    let mut out = BTreeMap::new();
+    let mut seconds = 0.0;
+    let mut todo = Vec::new();
+    for f in &e.datasets {
+        match cache.get::<PplResult>(&key(f)) {
+            Some((r, s)) => {
+                info!(
+                    "{label} {}: perplexity {:.4} (finished before the interruption)",
+                    dataset_key(f),
+                    r.perplexity
+                );
+                out.insert(dataset_key(f), r);
+                seconds += s;
+            }
+            None => todo.push(f.clone()),
+        }
+    }
+    if !todo.is_empty() {
+        let new = eval_perplexity_each(ckpt, &todo, e.seq_len, e.batch, label, &mut |f, r, s| {
+            seconds += s;
+            cache.put(&key(f), r, s)
+        })?;
+        out.extend(new);
+    }
+    Ok((out, seconds))
+}
+
+/// [`ppl_cached`] for the zero-shot tasks.
+fn tasks_cached(
+    ckpt: &Checkpoint,
+    e: &crate::pipeline::EvalSpec,
+    label: &str,
+    cache: &mut crate::resume::EvalCache,
+) -> Result<(BTreeMap<String, crate::eval::tasks::TaskResult>, f64)> {
+    use crate::eval::tasks::{Task, TaskResult};
+    let key = |name: &str| format!("tasks/{label}/{name}");
+    let mut out = BTreeMap::new();
+    let mut seconds = 0.0;
+    let mut todo = Vec::new();
+    for name in &e.tasks {
+        let canon = Task::from_name(name)?.name();
+        match cache.get::<TaskResult>(&key(canon)) {
+            Some((r, s)) => {
+                info!(
+                    "{label} {canon}: {:?} (finished before the interruption)",
+                    r.metrics
+                );
+                out.insert(canon.to_string(), r);
+                seconds += s;
+            }
+            None => todo.push(name.clone()),
+        }
+    }
+    if !todo.is_empty() {
+        let new = eval_tasks_each(ckpt, &todo, &e.tasks_dir, e.limit, label, &mut |n, r, s| {
+            seconds += s;
+            cache.put(&key(n), r, s)
+        })?;
+        out.extend(new);
+    }
+    Ok((out, seconds))
+}
+
+/// `compress logits`: the model's logits on `seqs` (comma-separated ids, equal lengths) into a
+/// safetensors file at `out` (`input_ids` I64 [b, t], `logits` F32 [b, t, vocab]).
+pub fn write_logits(model_dir: &Path, seqs: &[String], out: &Path) -> Result<()> {
+    let ckpt = Checkpoint::open(model_dir)?;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut t = None;
+    for (i, s) in seqs.iter().enumerate() {
+        let seq = s
+            .split(',')
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .with_context(|| format!("--ids #{}: expected comma-separated token ids", i + 1))?;
+        anyhow::ensure!(!seq.is_empty(), "--ids #{}: empty sequence", i + 1);
+        anyhow::ensure!(
+            t.is_none_or(|t| t == seq.len()),
+            "--ids #{}: {} ids, the first sequence has {}",
+            i + 1,
+            seq.len(),
+            t.unwrap_or(0)
+        );
+        t = Some(seq.len());
+        ids.extend(seq);
+    }
+    let t = t.context("no --ids given")?;
+    let b = seqs.len();
+    let vocab = ckpt.config.vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
+        bail!("--ids: token id {bad} is not below the vocabulary size {vocab}");
+    }
+    let m = Model::open(&ckpt, t, crate::util::eval_resident_limit())?;
+    let logits = m.logits(&ids, b, t)?;
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+    let lg_bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = [
+        (
+            "input_ids",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![b, t], &id_bytes)?,
+        ),
+        (
+            "logits",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![b, t, vocab],
+                &lg_bytes,
+            )?,
+        ),
+    ];
+    safetensors::tensor::serialize_to_file(views, None, out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
 }
 
 /// Context of a failed run whose work folder was kept for `--resume` (main reports it).
@@ -240,8 +394,11 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
                         changed.join(", ")
                     );
                 }
-                crate::resume::check_layer_digests(&ckpt, s)?;
-                info!("resuming at layer {} from {}", s.next_layer, work.display());
+                crate::resume::validate(&work, s, ckpt.config.hidden_size)?;
+                if s.exported.is_none() {
+                    crate::resume::check_layer_digests(&ckpt, s)?;
+                    info!("resuming at layer {} from {}", s.next_layer, work.display());
+                }
             }
             None => {
                 if opts.resume {
@@ -289,16 +446,16 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
     }
 }
 
-fn run_in(
+/// Calibrate, stream every layer through the passes and write the artifact into `work`
+/// (continuing from `state` when resuming). Returns what the resume state records about the
+/// finished artifact, and the spill files to remove once that is recorded.
+fn compress_into(
     p: &Pipeline,
     ckpt: &Checkpoint,
     work: &Path,
-    _opts: &RunOptions,
-    t_all: Instant,
     fingerprint: crate::resume::Fingerprint,
     state: Option<crate::resume::State>,
-) -> Result<Report> {
-    let mut timing = Timing::default();
+) -> Result<(crate::resume::Exported, Vec<PathBuf>)> {
     let passes = p
         .passes
         .iter()
@@ -335,7 +492,7 @@ fn run_in(
         }
         _ => (Vec::new(), crate::engine::RunOptions::default()),
     };
-    timing.calibration_seconds = t.elapsed().as_secs_f64();
+    let calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
     let layer_digests = state
@@ -362,7 +519,7 @@ fn run_in(
         passes.len(),
         p.export.format.name()
     );
-    let er = {
+    let engine = {
         let mut sink = crate::resume::ResumableSink {
             exporter: &mut exporter,
             work: work.to_path_buf(),
@@ -371,8 +528,61 @@ fn run_in(
         };
         crate::engine::run(ckpt, &passes, &windows, &opts, &mut sink, resume_point)?
     };
-    let files = exporter.finish(ckpt)?;
-    timing.compress_seconds = t.elapsed().as_secs_f64();
+    let (files, spills) = exporter.finish(ckpt)?;
+    let digests = crate::resume::file_digests(work, &files)?;
+    Ok((
+        crate::resume::Exported {
+            files,
+            digests,
+            engine,
+            calibration_seconds,
+            compress_seconds: t.elapsed().as_secs_f64(),
+        },
+        spills,
+    ))
+}
+
+fn run_in(
+    p: &Pipeline,
+    ckpt: &Checkpoint,
+    work: &Path,
+    _opts: &RunOptions,
+    t_all: Instant,
+    fingerprint: crate::resume::Fingerprint,
+    state: Option<crate::resume::State>,
+) -> Result<Report> {
+    let mut timing = Timing::default();
+    let exported = match state.as_ref().and_then(|s| s.exported.clone()) {
+        Some(x) => {
+            info!(
+                "resuming after export: the artifact in {} is complete and intact; continuing with evaluation",
+                work.display()
+            );
+            // a kill between recording the artifact and removing the spill files leaves them
+            if let Some(s) = &state {
+                let spills: Vec<PathBuf> = s
+                    .exporter
+                    .spill_files()
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
+                crate::export::writer::remove_spills(&spills)?;
+            }
+            x
+        }
+        None => {
+            let x = compress_into(p, ckpt, work, fingerprint, state)?;
+            // Recorded before the spill files go: from here a kill resumes with evaluation.
+            crate::resume::mark_exported(work, x.0.clone())?;
+            crate::export::writer::remove_spills(&x.1)?;
+            x.0
+        }
+    };
+    let (er, files) = (exported.engine, exported.files);
+    timing.calibration_seconds = exported.calibration_seconds;
+    timing.compress_seconds = exported.compress_seconds;
+    // Finished evaluation steps survive a kill (a fresh run starts with an empty cache).
+    let mut cache = crate::resume::EvalCache::open(work, false)?;
 
     // Read the artifact back: everything below is measured on what was written.
     let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
@@ -386,16 +596,14 @@ fn run_in(
     if let Some(e) = &p.eval {
         seq = Some(e.seq_len);
         let before = if e.baseline {
-            let t = Instant::now();
-            let r = eval_perplexity(ckpt, &e.datasets, e.seq_len, e.batch, "before")?;
-            timing.eval_before_seconds = t.elapsed().as_secs_f64();
+            let (r, s) = ppl_cached(ckpt, e, "before", &mut cache)?;
+            timing.eval_before_seconds = s;
             Some(r)
         } else {
             None
         };
-        let t = Instant::now();
-        let after = eval_perplexity(&out, &e.datasets, e.seq_len, e.batch, "after")?;
-        timing.eval_after_seconds = t.elapsed().as_secs_f64();
+        let (after, s) = ppl_cached(&out, e, "after", &mut cache)?;
+        timing.eval_after_seconds = s;
         for f in &e.datasets {
             let k = dataset_key(f);
             let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
@@ -418,16 +626,14 @@ fn run_in(
     let mut tasks = BTreeMap::new();
     if let Some(e) = p.eval.as_ref().filter(|e| !e.tasks.is_empty()) {
         let before = if e.baseline {
-            let t = Instant::now();
-            let r = eval_tasks(ckpt, &e.tasks, &e.tasks_dir, e.limit, "before")?;
-            timing.tasks_before_seconds = t.elapsed().as_secs_f64();
+            let (r, s) = tasks_cached(ckpt, e, "before", &mut cache)?;
+            timing.tasks_before_seconds = s;
             Some(r)
         } else {
             None
         };
-        let t = Instant::now();
-        let after = eval_tasks(&out, &e.tasks, &e.tasks_dir, e.limit, "after")?;
-        timing.tasks_after_seconds = t.elapsed().as_secs_f64();
+        let (after, s) = tasks_cached(&out, e, "after", &mut cache)?;
+        timing.tasks_after_seconds = s;
         for (k, a) in after {
             let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
             tasks.insert(
@@ -486,11 +692,11 @@ fn run_in(
     };
     drop(out);
     report.write(work)?;
-    // The resume state goes last: until here a failure (a full disk, say) can be resumed.
+    write_checksums(work)?;
+    // The resume state goes last: until here a failure (a full disk, a kill) can be resumed.
     let rd = crate::resume::dir(work);
     if rd.exists() {
         std::fs::remove_dir_all(&rd).with_context(|| format!("cannot remove {}", rd.display()))?;
     }
-    write_checksums(work)?;
     Ok(report)
 }

@@ -426,7 +426,8 @@ fn gen_checkpoint(
         w.add(name, dt, shape, &bytes)?;
         pb.inc(1);
     }
-    let mut files = w.finish()?;
+    let (mut files, spills) = w.finish()?;
+    compress::export::writer::remove_spills(&spills)?;
     pb.finish_and_clear();
     files.push("config.json".into());
     files.extend(copied.iter().map(|s| s.to_string()));
@@ -619,7 +620,8 @@ fn identity_stages(model: &Path, out: &Path, size: u64) -> Result<Vec<Value>> {
         stage("stream layers + dense export", &mut || {
             let mut ex = Exporter::begin(Format::Dense, &work, c, 4 << 30)?;
             compress::engine::run(c, &[], &[], &Default::default(), &mut ex, None)?;
-            let files = ex.finish(c)?;
+            let (files, spills) = ex.finish(c)?;
+            compress::export::writer::remove_spills(&spills)?;
             Ok(files.join(", "))
         })?;
     }

@@ -17,6 +17,16 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+impl WriterState {
+    /// Each spill file and the bytes it must hold.
+    pub fn spill_files(&self) -> Vec<(PathBuf, usize)> {
+        self.shards
+            .iter()
+            .map(|s| (s.spill.clone(), s.bytes))
+            .collect()
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 struct Entry {
     name: String,
@@ -144,8 +154,12 @@ impl SafetensorsWriter {
         Ok(())
     }
 
-    /// Write the shard files (and the index when there are several). Returns the file names.
-    pub fn finish(mut self) -> Result<Vec<String>> {
+    /// Write the shard files (and the index when there are several). Returns the file names
+    /// and the spill files they were assembled from. The spill files are left in place: the
+    /// caller removes them (see [`remove_spills`]) once it has recorded that the shards are
+    /// complete, so a kill at any moment leaves either the spills a resume can reassemble or a
+    /// record that the shards are done.
+    pub fn finish(mut self) -> Result<(Vec<String>, Vec<PathBuf>)> {
         if let (Some(mut w), Some(s)) = (self.out.take(), self.shards.last()) {
             w.flush()
                 .with_context(|| format!("cannot write {} (disk full?)", s.spill.display()))?;
@@ -209,12 +223,17 @@ impl SafetensorsWriter {
                 .with_context(|| format!("cannot write {}", p.display()))?;
             files.push("model.safetensors.index.json".into());
         }
-        // Spill files go only once every shard is complete, so a failure above (a full disk)
-        // leaves the checkpointed state intact for `--resume`.
-        for shard in &self.shards {
-            std::fs::remove_file(&shard.spill)
-                .with_context(|| format!("cannot remove {}", shard.spill.display()))?;
-        }
-        Ok(files)
+        let spills = self.shards.iter().map(|s| s.spill.clone()).collect();
+        Ok((files, spills))
     }
+}
+
+/// Remove the spill files [`SafetensorsWriter::finish`] assembled the shards from.
+pub fn remove_spills(spills: &[PathBuf]) -> Result<()> {
+    for s in spills {
+        if s.exists() {
+            std::fs::remove_file(s).with_context(|| format!("cannot remove {}", s.display()))?;
+        }
+    }
+    Ok(())
 }

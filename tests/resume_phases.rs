@@ -1,0 +1,343 @@
+//! Kills at every phase of a run that compresses, exports, evaluates perplexity and zero-shot
+//! tasks before and after, and writes the report: each interrupted run, resumed (and a chain of
+//! kill → resume → kill → resume), ends in the same model bytes and report numbers as an
+//! uninterrupted run. A resumed run after the artifact is written re-runs only the evaluation
+//! steps not finished. A work folder that cannot be resumed says so, and what to do.
+
+mod common;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The head of a shared text file, so each evaluation step lasts a second or two.
+fn head(src: &Path, dst: &Path, bytes: usize) -> PathBuf {
+    let b = std::fs::read(src).unwrap();
+    let mut n = bytes.min(b.len());
+    while std::str::from_utf8(&b[..n]).is_err() {
+        n -= 1;
+    }
+    std::fs::write(dst, &b[..n]).unwrap();
+    dst.to_path_buf()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    data: Vec<PathBuf>,
+}
+
+fn setup() -> Setup {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let s = common::shared().join("data/eval");
+    let data = vec![
+        head(
+            &s.join("wikitext2/wiki.test.raw"),
+            &dir.join("wiki-head.txt"),
+            24_000,
+        ),
+        head(
+            &s.join("ptb/ptb.test.txt"),
+            &dir.join("ptb-head.txt"),
+            24_000,
+        ),
+    ];
+    Setup { _dir: d, dir, data }
+}
+
+fn pipeline(s: &Setup, out: &Path) -> PathBuf {
+    let p = out.with_extension("yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n\
+             calibration: {{path: {}, samples: 16, seq_len: 256, seed: 3}}\n\
+             passes:\n  - gptq: {{bits: 4, group_size: 64}}\n\
+             export: {{format: compressed-tensors}}\n\
+             eval:\n  datasets: [{}, {}]\n  seq_len: 256\n  tasks: [piqa, arc_easy]\n  limit: 16\n  tasks_dir: {}\n",
+            common::ref_model().display(),
+            out.display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display(),
+            s.data[0].display(),
+            s.data[1].display(),
+            common::shared().join("data/eval/tasks").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn work_of(out: &Path) -> PathBuf {
+    out.with_file_name(format!(
+        ".{}.partial",
+        out.file_name().unwrap().to_string_lossy()
+    ))
+}
+
+/// Where a killed run stood, read from its work folder.
+fn phase(out: &Path) -> String {
+    let w = work_of(out).join(".resume");
+    let Ok(b) = std::fs::read(w.join("state.json")) else {
+        return if out.exists() { "finished" } else { "start" }.into();
+    };
+    let st: Value = serde_json::from_slice(&b).unwrap();
+    if st["exported"].is_null() {
+        return format!("layers (next {})", st["next_layer"]);
+    }
+    let ev: Value = std::fs::read(w.join("eval.json"))
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap_or(Value::Null);
+    let count = |p: &str| {
+        ev["entries"]
+            .as_object()
+            .map(|m| m.keys().filter(|k| k.starts_with(p)).count())
+            .unwrap_or(0)
+    };
+    for (prefix, n, name) in [
+        ("ppl/before/", 2, "perplexity before"),
+        ("ppl/after/", 2, "perplexity after"),
+        ("tasks/before/", 2, "tasks before"),
+        ("tasks/after/", 2, "tasks after"),
+    ] {
+        if count(prefix) < n {
+            return name.into();
+        }
+    }
+    "report".into()
+}
+
+/// The tests here time kills against a run's wall time: they must not share the CPU.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Start a run and SIGKILL it `delay` after its work folder first shows `target` (a phase name
+/// of [`phase`]). Returns the phase it was in when killed.
+fn kill_in_phase(p: &Path, out: &Path, target: &str, delay: Duration) -> String {
+    let mut child = Command::new(common::bin())
+        .arg(p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !phase(out).starts_with(target) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before phase `{target}` was seen"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(delay);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    phase(out)
+}
+
+/// Start a run (`--resume` when asked), SIGKILL it after `after`; returns whether it was
+/// still running when killed.
+fn run_and_kill(p: &Path, resume: bool, after: Duration) -> bool {
+    let mut cmd = Command::new(common::bin());
+    cmd.arg(p).arg("--quiet");
+    if resume {
+        cmd.arg("--resume");
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < after {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    true
+}
+
+fn resume(p: &Path) {
+    let o = Command::new(common::bin())
+        .arg(p)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The report's numbers (not its timings): perplexities, task scores, per-linear records.
+fn numbers(out: &Path) -> Value {
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    serde_json::json!({
+        "eval": r["eval"], "tasks": r["tasks"],
+        "layers": r["layers"].as_array().unwrap().iter()
+            .map(|l| (l["layer"].clone(), l["linear"].clone(), l["loss"].clone(), l["rel_output_error"].clone()))
+            .collect::<Vec<_>>(),
+        "output": {"size": r["output"]["size_bytes"], "bits": r["output"]["bits_per_weight"], "files": r["output"]["files"]},
+    })
+}
+
+fn assert_same(full: &Path, out: &Path, what: &str) {
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{what}: {f} differs from the uninterrupted run"
+        );
+    }
+    assert_eq!(numbers(full), numbers(out), "{what}: report numbers differ");
+    assert!(!work_of(out).exists(), "{what}: work folder left behind");
+    let o = Command::new(common::bin())
+        .arg("verify")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+#[test]
+fn kills_across_every_phase_resume_to_identical_output() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let full = s.dir.join("full");
+    let t0 = Instant::now();
+    common::run_ok(&pipeline(&s, &full));
+    let wall = t0.elapsed().as_secs_f64();
+    // 10 moments evenly spaced over the wall time of an uninterrupted run
+    let mut hit = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        let m = wall * (i + 1) as f64 / 11.0;
+        let out = s.dir.join(format!("k{i}"));
+        let p = pipeline(&s, &out);
+        let killed = run_and_kill(&p, false, Duration::from_secs_f64(m));
+        let at = phase(&out);
+        eprintln!("kill {i} at {m:.2}s of {wall:.2}s: {at} (killed: {killed})");
+        hit.insert(at.split(" (").next().unwrap().to_string());
+        if !out.exists() {
+            resume(&p);
+        } else {
+            // finished (or killed between publishing and exit): nothing left to resume
+            assert!(!work_of(&out).exists());
+        }
+        assert_same(&full, &out, &format!("kill {i} ({at})"));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // and inside every phase for certain, whatever the machine's speed
+    for (i, target) in [
+        "layers",
+        "perplexity before",
+        "perplexity after",
+        "tasks before",
+        "tasks after",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = s.dir.join(format!("p{i}"));
+        let p = pipeline(&s, &out);
+        let at = kill_in_phase(&p, &out, target, Duration::from_millis(150));
+        eprintln!("kill in {target}: stood at {at}");
+        hit.insert(at.split(" (").next().unwrap().to_string());
+        resume(&p);
+        assert_same(&full, &out, &format!("kill in {target} ({at})"));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    for want in [
+        "layers",
+        "perplexity before",
+        "perplexity after",
+        "tasks before",
+        "tasks after",
+    ] {
+        assert!(
+            hit.contains(want),
+            "no kill landed in phase `{want}` (hit: {hit:?})"
+        );
+    }
+}
+
+#[test]
+fn chained_kills_resume_to_identical_output() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let full = s.dir.join("full");
+    let t0 = Instant::now();
+    common::run_ok(&pipeline(&s, &full));
+    let wall = t0.elapsed().as_secs_f64();
+    let out = s.dir.join("chain");
+    let p = pipeline(&s, &out);
+    let mut phases = Vec::new();
+    // kill the first run at 30% (compressing), the resumed one at 45% of the full wall time
+    // after it starts (past the export, evaluating), then a third 15% later, then finish
+    assert!(run_and_kill(&p, false, Duration::from_secs_f64(wall * 0.3)));
+    phases.push(phase(&out));
+    assert!(run_and_kill(&p, true, Duration::from_secs_f64(wall * 0.45)));
+    phases.push(phase(&out));
+    assert!(run_and_kill(&p, true, Duration::from_secs_f64(wall * 0.15)));
+    phases.push(phase(&out));
+    eprintln!("chain: {phases:?}");
+    resume(&p);
+    assert_same(&full, &out, &format!("chain {phases:?}"));
+}
+
+/// The issue's case: the finished model in the work folder and a kill during evaluation.
+/// After an artifact file is damaged, a resume says what is wrong and that only a fresh run
+/// helps (never "re-run with --resume"); a fresh run then succeeds.
+#[test]
+fn unusable_work_folder_says_what_to_do() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let out = s.dir.join("o");
+    let p = pipeline(&s, &out);
+    // kill once the artifact is recorded as written
+    let mut child = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let work = work_of(&out);
+    while !phase(&out).starts_with("perplexity") || work.join(".shard0.spill").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(work.join("model.safetensors").exists());
+    // damage the written artifact
+    let mut b = std::fs::read(work.join("model.safetensors")).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    std::fs::write(work.join("model.safetensors"), b).unwrap();
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("model.safetensors changed after it was written"),
+        "{err}"
+    );
+    assert!(err.contains("run without --resume"), "{err}");
+    assert!(!err.contains("re-run with --resume"), "{err}");
+    // a fresh run discards the folder and succeeds
+    common::run_ok(&p);
+    assert!(out.join("report.json").exists());
+}
