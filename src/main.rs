@@ -78,7 +78,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Describe a checkpoint: architecture, shapes, dtypes, sizes, quantization metadata.
     /// Re-render report.md and report.html of an output folder from its report.json.
     Report { dir: PathBuf },
     /// Several runs' reports side by side (Markdown on stdout; `--html FILE` for a page).
@@ -89,10 +88,23 @@ enum Cmd {
         #[arg(long)]
         html: Option<PathBuf>,
     },
+    /// Describe a checkpoint: architecture, shapes, dtypes, sizes, quantization metadata.
     Inspect {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Logits of a checkpoint (dense or one we wrote, dequantized as eval reads it) on given
+    /// token ids, as a safetensors file (`input_ids` I64 [b, t], `logits` F32 [b, t, vocab]):
+    /// for comparing our reading of a checkpoint with another loader's.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// One sequence of comma-separated token ids; repeat for a batch (equal lengths).
+        #[arg(long, required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Check an output folder: every file listed in checksums.sha256 and matching it, nothing
     /// extra, and every tensor loading (quantized ones unpacked). Exit 0 when intact.
@@ -230,6 +242,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Some(Cmd::Logits { model, ids, out }) => runner::write_logits(&model, &ids, &out),
         Some(Cmd::Inspect { dir, json }) => {
             let v = compress::inspect::inspect(&dir)?;
             if json {

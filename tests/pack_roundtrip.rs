@@ -100,11 +100,11 @@ fn ct_raw_pack_unpack_all_widths() {
                 .collect();
             for dim in 0..2 {
                 let (p, shape) = ct_pack(&v, rows, cols, bits, dim).unwrap();
-                let pf = 32 / bits as usize;
+                // compressed-tensors 0.19: one dense bit stream, ceil(n·bits/32) words
                 let want = if dim == 1 {
-                    [rows, cols.div_ceil(pf)]
+                    [rows, (cols * bits as usize).div_ceil(32)]
                 } else {
-                    [rows.div_ceil(pf), cols]
+                    [(rows * bits as usize).div_ceil(32), cols]
                 };
                 assert_eq!(shape, want);
                 assert_eq!(
@@ -117,6 +117,25 @@ fn ct_raw_pack_unpack_all_widths() {
         // out-of-range codes are refused
         assert!(ct_pack(&[(qmax + 1) as i8], 1, 1, bits, 1).is_err() || qmax == 127);
     }
+}
+
+/// The case: 3-bit rows of 576 inputs are 54 words (576·3/32), not 58; value 10 of a
+/// row straddles words 0 and 1.
+#[test]
+fn ct_3bit_is_one_dense_stream() {
+    let v: Vec<i8> = (0..576).map(|i| ((i * 5 % 8) as i8) - 4).collect();
+    let (p, shape) = ct_pack(&v, 1, 576, 3, 1).unwrap();
+    assert_eq!(shape, [1, 54]);
+    let u = |i: usize| (v[i] as i32 + 4) as u32;
+    let w0 = p[0] as u32;
+    let w1 = p[1] as u32;
+    for i in 0..10 {
+        assert_eq!((w0 >> (3 * i)) & 7, u(i), "value {i}");
+    }
+    // value 10: bits 30..33 — two bits in word 0, one in word 1
+    assert_eq!((w0 >> 30) | ((w1 & 1) << 2), u(10));
+    assert_eq!((w1 >> 1) & 7, u(11));
+    assert_eq!(ct_unpack(&p, shape, 3, [1, 576], 1).unwrap(), v);
 }
 
 #[test]

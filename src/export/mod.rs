@@ -65,6 +65,13 @@ pub struct Exporter {
     unquantized: Vec<String>,
 }
 
+impl ExporterState {
+    /// Each spill file and the bytes it must hold.
+    pub fn spill_files(&self) -> Vec<(PathBuf, usize)> {
+        self.writer.spill_files()
+    }
+}
+
 impl Exporter {
     /// Start writing into `dir` (an empty work folder). Writes the embedding first.
     pub fn begin(
@@ -164,19 +171,21 @@ impl Exporter {
     }
 
     /// Write the tail (final norm, LM head), config.json with its quantization block, the
-    /// tokenizer and side files. Returns the names of the files written.
-    pub fn finish(mut self, ckpt: &Checkpoint) -> Result<Vec<String>> {
+    /// tokenizer and side files. Returns the names of the files written and the spill files
+    /// to remove once the caller has recorded the artifact as complete
+    /// ([`writer::remove_spills`]).
+    pub fn finish(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
         self.copy_raw(ckpt, "model.norm.weight")?;
         if ckpt.has("lm_head.weight") {
             self.copy_raw(ckpt, "lm_head.weight")?;
         }
         let writer = self.writer.take().context("exporter already finished")?;
-        let mut files = writer.finish()?;
+        let (mut files, spills) = writer.finish()?;
         let mut config = ckpt.config.raw.clone();
         match self.format {
             Format::Dense => {}
             Format::CompressedTensors => {
-                if let Some(q) = self.compressed_tensors_config(ckpt)? {
+                if let Some(q) = self.compressed_tensors_config()? {
                     config["quantization_config"] = q;
                 }
             }
@@ -205,7 +214,7 @@ impl Exporter {
                 files.push(f.to_string());
             }
         }
-        Ok(files)
+        Ok((files, spills))
     }
 
     fn distinct_args(&self) -> Result<Option<(QuantArgs, bool)>> {
@@ -221,14 +230,15 @@ impl Exporter {
     }
 
     /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
-    fn compressed_tensors_config(&self, ckpt: &Checkpoint) -> Result<Option<Value>> {
+    fn compressed_tensors_config(&self) -> Result<Option<Value>> {
         let Some((a, act_order)) = self.distinct_args()? else {
             return Ok(None);
         };
-        let mut ignore: Vec<String> = Vec::new();
-        if ckpt.has("lm_head.weight") {
-            ignore.push("lm_head".into());
-        }
+        // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
+        // even when it is tied to the embedding and has no tensor of its own: everything we
+        // left unquantized must be listed, or transformers/vLLM turn it into a quantized
+        // linear without tensors (tied checkpoints then fail to load).
+        let mut ignore: Vec<String> = vec!["lm_head".into()];
         ignore.extend(self.unquantized.iter().cloned());
         let (strategy, group_size) = match a.strategy {
             Strategy::Group => ("group", json!(a.group_size)),

@@ -1,14 +1,17 @@
 //! Bit packing of quantized linears into the tensors of the formats we write, and the inverse
 //! readers used for read-back evaluation. Pure functions: no algorithms, no file I/O.
 //!
-//! * compressed-tensors `pack-quantized` (compressed-tensors 0.19 `pack_to_int32`):
-//!   `pack_factor = 32 / bits` values per int32 word (integer division: 3-bit packs 10 values
-//!   per word and leaves the top 2 bits zero; 5/6/7-bit likewise), value `k` of a word at bits
-//!   `k*bits..`, stored value `q + 2^(b-1)`. `weight_packed` is packed along the input dim
-//!   (`[out, ceil(in / pack_factor)]`, the last word zero-padded); the asymmetric
-//!   `weight_zero_point` (group/channel strategies) is packed along dim 0
-//!   (`[ceil(out / pack_factor), n_groups]`). A tensor-strategy zero point is stored unpacked
-//!   (I8 `[1]`), as compressed-tensors does.
+//! * compressed-tensors `pack-quantized` (compressed-tensors 0.19 `pack_to_int32`): each row
+//!   (or column) is one dense little-endian bit stream, value `k` at stream bits
+//!   `k·bits..(k+1)·bits` — a value may straddle two words for widths that do not divide 32
+//!   (3, 5, 6, 7) — in `ceil(n·bits/32)` words, the unused high bits of the last word zero;
+//!   stored value `q + 2^(b-1)`. `weight_packed` is packed along the input dim
+//!   (`[out, ceil(in·bits/32)]`: 576 3-bit inputs → 54 words); the asymmetric
+//!   `weight_zero_point` (group/channel strategies) along dim 0
+//!   (`[ceil(out·bits/32), n_groups]`). A tensor-strategy zero point is stored unpacked
+//!   (I8 `[1]`), as compressed-tensors does. (Before compressed-tensors' dense packing, and in
+//!   an earlier version of this file, `32 / bits` values went into each word with the top bits
+//!   left empty: a different layout for 3/5/6/7 bits that loaders misread silently.)
 //! * GPTQ v1 (AutoGPTQ `qlinear_cuda_old.pack`, GPTQModel): one continuous little-endian bit
 //!   stream per column (`qweight`, along the input dim) or per group row (`qzeros`, along the
 //!   output dim). For 2/4/8 bits this is the usual `32/bits` values per word; for 3 bits 32
@@ -51,11 +54,6 @@ pub fn bytes_to_i32s(b: &[u8]) -> Result<Vec<i32>> {
 // ---------------------------------------------------------------------------------------------
 // compressed-tensors pack-quantized
 
-/// Values per int32 word in compressed-tensors' packing.
-pub fn ct_pack_factor(bits: u32) -> usize {
-    (32 / bits) as usize
-}
-
 fn check_bits_ct(bits: u32) -> Result<()> {
     ensure!(
         (1..=8).contains(&bits),
@@ -64,9 +62,15 @@ fn check_bits_ct(bits: u32) -> Result<()> {
     Ok(())
 }
 
+/// Int32 words compressed-tensors packs `n` values of `bits` bits into: `ceil(n·bits/32)`.
+pub fn ct_packed_len(n: usize, bits: u32) -> usize {
+    (n * bits as usize).div_ceil(32)
+}
+
 /// compressed-tensors `pack_to_int32`: `values` is `[rows, cols]` row-major signed codes;
-/// `packed_dim` 1 packs along columns → `[rows, ceil(cols/pf)]`, 0 along rows →
-/// `[ceil(rows/pf), cols]`. Returns (packed words, packed shape).
+/// `packed_dim` 1 packs each row as one dense little-endian bit stream →
+/// `[rows, ceil(cols·bits/32)]`, 0 packs each column → `[ceil(rows·bits/32), cols]`.
+/// Returns (packed words, packed shape).
 pub fn ct_pack(
     values: &[i8],
     rows: usize,
@@ -81,9 +85,7 @@ pub fn ct_pack(
         values.len()
     );
     ensure!(packed_dim <= 1, "pack: packed_dim must be 0 or 1");
-    let pf = ct_pack_factor(bits);
     let offset = 1i32 << (bits - 1);
-    let mask = (1u32 << bits) - 1;
     let (qmin, qmax) = (-offset, offset - 1);
     let unsigned = |v: i8| -> Result<u32> {
         let v = v as i32;
@@ -91,33 +93,45 @@ pub fn ct_pack(
             v >= qmin && v <= qmax,
             "pack: code {v} outside [{qmin}, {qmax}] for {bits} bits"
         );
-        Ok(((v + offset) as u32) & mask)
+        Ok((v + offset) as u32)
     };
-    if packed_dim == 1 {
-        let pc = cols.div_ceil(pf);
-        let mut out = vec![0u32; rows * pc];
-        for r in 0..rows {
-            for c in 0..cols {
-                let u = unsigned(values[r * cols + c])?;
-                out[r * pc + c / pf] |= u << ((c % pf) as u32 * bits);
-            }
-        }
-        Ok((out.into_iter().map(|x| x as i32).collect(), [rows, pc]))
+    // (number of streams, values per stream, value k of stream s)
+    let (streams, len) = if packed_dim == 1 {
+        (rows, cols)
     } else {
-        let pr = rows.div_ceil(pf);
-        let mut out = vec![0u32; pr * cols];
-        for r in 0..rows {
-            for c in 0..cols {
-                let u = unsigned(values[r * cols + c])?;
-                out[(r / pf) * cols + c] |= u << ((r % pf) as u32 * bits);
+        (cols, rows)
+    };
+    let at = |s: usize, k: usize| {
+        if packed_dim == 1 {
+            values[s * cols + k]
+        } else {
+            values[k * cols + s]
+        }
+    };
+    let words = ct_packed_len(len, bits);
+    let mut out = vec![0i32; streams * words];
+    for s in 0..streams {
+        let stream = (0..len)
+            .map(|k| unsigned(at(s, k)))
+            .collect::<Result<Vec<u32>>>()?;
+        for (w, x) in pack_bits(&stream, bits)?.into_iter().enumerate() {
+            if packed_dim == 1 {
+                out[s * words + w] = x as i32;
+            } else {
+                out[w * cols + s] = x as i32;
             }
         }
-        Ok((out.into_iter().map(|x| x as i32).collect(), [pr, cols]))
     }
+    let shape = if packed_dim == 1 {
+        [rows, words]
+    } else {
+        [words, cols]
+    };
+    Ok((out, shape))
 }
 
 /// compressed-tensors `unpack_from_int32`: inverse of [`ct_pack`]; `shape` is the unpacked
-/// `[rows, cols]` (padding is dropped).
+/// `[rows, cols]` (padding bits are dropped).
 pub fn ct_unpack(
     packed: &[i32],
     packed_shape: [usize; 2],
@@ -126,12 +140,11 @@ pub fn ct_unpack(
     packed_dim: usize,
 ) -> Result<Vec<i8>> {
     check_bits_ct(bits)?;
-    let pf = ct_pack_factor(bits);
     let [rows, cols] = shape;
     let want = if packed_dim == 1 {
-        [rows, cols.div_ceil(pf)]
+        [rows, ct_packed_len(cols, bits)]
     } else {
-        [rows.div_ceil(pf), cols]
+        [ct_packed_len(rows, bits), cols]
     };
     ensure!(
         packed_shape == want,
@@ -143,16 +156,23 @@ pub fn ct_unpack(
         packed.len()
     );
     let offset = 1i32 << (bits - 1);
-    let mask = (1u32 << bits) - 1;
     let mut out = vec![0i8; rows * cols];
-    for r in 0..rows {
+    if packed_dim == 1 {
+        for r in 0..rows {
+            let words: Vec<u32> = packed[r * want[1]..(r + 1) * want[1]]
+                .iter()
+                .map(|&w| w as u32)
+                .collect();
+            for (c, u) in unpack_stream(&words, cols, bits)?.into_iter().enumerate() {
+                out[r * cols + c] = (u as i32 - offset) as i8;
+            }
+        }
+    } else {
         for c in 0..cols {
-            let (word, k) = if packed_dim == 1 {
-                (packed[r * want[1] + c / pf] as u32, c % pf)
-            } else {
-                (packed[(r / pf) * cols + c] as u32, r % pf)
-            };
-            out[r * cols + c] = (((word >> (k as u32 * bits)) & mask) as i32 - offset) as i8;
+            let words: Vec<u32> = (0..want[0]).map(|w| packed[w * cols + c] as u32).collect();
+            for (r, u) in unpack_stream(&words, rows, bits)?.into_iter().enumerate() {
+                out[r * cols + c] = (u as i32 - offset) as i8;
+            }
         }
     }
     Ok(out)
@@ -411,14 +431,20 @@ fn check_bits_gptq(bits: u32) -> Result<()> {
 /// Pack `n` unsigned `bits`-bit values (n·bits a multiple of 32) as one little-endian bit stream
 /// into n·bits/32 words: value i occupies stream bits i·bits.. (it may straddle two words).
 pub fn pack_stream(values: &[u32], bits: u32) -> Result<Vec<u32>> {
-    let nbits = values.len() * bits as usize;
     ensure!(
-        nbits.is_multiple_of(32),
+        (values.len() * bits as usize).is_multiple_of(32),
         "pack: {} values of {bits} bits do not fill whole 32-bit words",
         values.len()
     );
+    pack_bits(values, bits)
+}
+
+/// [`pack_stream`] for any `n`: ceil(n·bits/32) words, the unused high bits of the last word
+/// zero. The one bit-stream layout behind both formats we pack.
+pub fn pack_bits(values: &[u32], bits: u32) -> Result<Vec<u32>> {
+    let nbits = values.len() * bits as usize;
     let mask = (1u64 << bits) - 1;
-    let mut words = vec![0u32; nbits / 32];
+    let mut words = vec![0u32; nbits.div_ceil(32)];
     for (i, &v) in values.iter().enumerate() {
         ensure!(
             (v as u64) <= mask,
@@ -512,8 +538,25 @@ pub fn gptq_unpack_qweight(qweight: &[i32], out: usize, inn: usize, bits: u32) -
     Ok(codes)
 }
 
-/// GPTQ v1 `qzeros`: `zeros_u` are the unsigned zero points `[groups, out]`; stores
-/// `(zero - 1) & mask` packed along the output dim → int32 `[groups, out·bits/32]`.
+/// The word GPTQModel subtracts from (and adds back to) every packed `qzeros` word when it
+/// converts between its internal v2 zeros and the v1 convention (`zero - 1`): one `1` per field.
+/// `None` for 3 bits, where GPTQModel converts field by field.
+fn gptq_v1_zero_offset(bits: u32) -> Option<u32> {
+    match bits {
+        2 => Some(0x5555_5555),
+        4 => Some(0x1111_1111),
+        8 => Some(0x0101_0101),
+        _ => None,
+    }
+}
+
+/// GPTQ v1 `qzeros`: `zeros_u` are the unsigned zero points `[groups, out]`; stores `zero - 1`
+/// packed along the output dim → int32 `[groups, out·bits/32]`. For 2/4/8 bits the subtraction
+/// is done on whole 32-bit words after packing, exactly as GPTQModel's
+/// `convert_gptq_v2_to_v1_format` (a zero point of 0 borrows from the next field); for 3 bits
+/// field by field. The two agree unless a zero point is 0 (asymmetric groups whose weights are
+/// all ≥ 0), where readers that decode field by field (AutoGPTQ/exllama kernels) see the next
+/// field one lower: [`gptq_zero_points_at_zero`] counts those for a warning.
 pub fn gptq_pack_qzeros(zeros_u: &[u32], groups: usize, out: usize, bits: u32) -> Result<Vec<i32>> {
     check_bits_gptq(bits)?;
     ensure!(
@@ -528,16 +571,33 @@ pub fn gptq_pack_qzeros(zeros_u: &[u32], groups: usize, out: usize, bits: u32) -
     let mask = (1u32 << bits) - 1;
     let mut q = Vec::with_capacity(groups * out / 32 * bits as usize);
     for g in 0..groups {
-        let row: Vec<u32> = zeros_u[g * out..(g + 1) * out]
-            .iter()
-            .map(|&z| z.wrapping_sub(1) & mask)
-            .collect();
-        q.extend(pack_stream(&row, bits)?.into_iter().map(|w| w as i32));
+        let row = &zeros_u[g * out..(g + 1) * out];
+        ensure!(
+            row.iter().all(|&z| z <= mask),
+            "qzeros: a zero point does not fit in {bits} bits"
+        );
+        match gptq_v1_zero_offset(bits) {
+            Some(off) => q.extend(
+                pack_stream(row, bits)?
+                    .into_iter()
+                    .map(|w| w.wrapping_sub(off) as i32),
+            ),
+            None => {
+                let row: Vec<u32> = row.iter().map(|&z| z.wrapping_sub(1) & mask).collect();
+                q.extend(pack_stream(&row, bits)?.into_iter().map(|w| w as i32));
+            }
+        }
     }
     Ok(q)
 }
 
-/// Inverse of [`gptq_pack_qzeros`]: unsigned zero points `[groups, out]` (`(stored + 1) & mask`).
+/// Zero points equal to 0 in unsigned `[groups, out]` zeros: the one case where GPTQ v1 readers
+/// disagree with each other (see [`gptq_pack_qzeros`]).
+pub fn gptq_zero_points_at_zero(zeros_u: &[u32]) -> usize {
+    zeros_u.iter().filter(|&&z| z == 0).count()
+}
+
+/// Inverse of [`gptq_pack_qzeros`]: unsigned zero points `[groups, out]`.
 pub fn gptq_unpack_qzeros(
     qzeros: &[i32],
     groups: usize,
@@ -558,15 +618,21 @@ pub fn gptq_unpack_qzeros(
     let mask = (1u32 << bits) - 1;
     let mut z = Vec::with_capacity(groups * out);
     for g in 0..groups {
-        let words: Vec<u32> = qzeros[g * wpr..(g + 1) * wpr]
-            .iter()
-            .map(|&w| w as u32)
-            .collect();
-        z.extend(
-            unpack_stream(&words, out, bits)?
-                .into_iter()
-                .map(|s| s.wrapping_add(1) & mask),
-        );
+        let words = qzeros[g * wpr..(g + 1) * wpr].iter().map(|&w| w as u32);
+        match gptq_v1_zero_offset(bits) {
+            Some(off) => {
+                let words: Vec<u32> = words.map(|w| w.wrapping_add(off)).collect();
+                z.extend(unpack_stream(&words, out, bits)?);
+            }
+            None => {
+                let words: Vec<u32> = words.collect();
+                z.extend(
+                    unpack_stream(&words, out, bits)?
+                        .into_iter()
+                        .map(|s| s.wrapping_add(1) & mask),
+                );
+            }
+        }
     }
     Ok(z)
 }
@@ -599,6 +665,12 @@ pub fn gptq_tensors(prefix: &str, q: &QuantizedLinear) -> Result<Vec<NamedTensor
         }
     }
     let qzeros = gptq_pack_qzeros(&zeros_u, ng, out, bits)?;
+    let at_zero = gptq_zero_points_at_zero(&zeros_u);
+    if at_zero > 0 && bits != 3 {
+        crate::info!(
+            "warning: {prefix}: {at_zero} zero point(s) are 0; GPTQ v1 stores them as GPTQModel does (transformers reads them exactly), but AutoGPTQ/exllama-style readers decode the next zero point one lower — prefer compressed-tensors for asymmetric {bits}-bit weights"
+        );
+    }
     let g_idx: Vec<i32> = (0..inn).map(|j| q.group_of(j) as i32).collect();
 
     Ok(vec![
