@@ -11,12 +11,37 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// Load tokenizer.json for evaluation and calibration. A `truncation` or `padding` block saved
+/// in the file (tokenizers saved after a truncating call carry one) is switched off, saying so
+/// once: left on, a 71,000-token text would silently be scored as its first 512 tokens.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         bail!("{}: tokenizer.json not found", path.display());
     }
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+    let mut off = Vec::new();
+    if let Some(t) = tok.get_truncation() {
+        off.push(format!("truncation (max_length {})", t.max_length));
+    }
+    if tok.get_padding().is_some() {
+        off.push("padding".to_string());
+    }
+    if !off.is_empty() {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            crate::info!(
+                "{}: ignoring the saved {}: texts are tokenized whole",
+                path.display(),
+                off.join(" and ")
+            )
+        });
+        tok.with_truncation(None).map_err(|e| {
+            anyhow::anyhow!("{}: cannot switch truncation off: {e}", path.display())
+        })?;
+        tok.with_padding(None);
+    }
+    Ok(tok)
 }
 
 /// Read a text file, or the `field` of every line of a `.jsonl` file joined with "\n\n".
