@@ -1,6 +1,6 @@
 //! `compress`: offline LLM compression.
 //!
-//! Data flows one way (see DESIGN.md):
+//! Data flows one way:
 //! checkpoint ([`model`]) → calibration tokens ([`calib`]) → layer stream ([`engine`]) running
 //! [`passes`] → [`export`] writers → evaluation ([`eval`]) → report ([`report`]).
 //! Passes never touch file formats; exporters never run algorithms; the engine alone knows the

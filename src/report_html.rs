@@ -1,4 +1,4 @@
-//! Self-contained HTML (and Markdown) views of `report.json` (schema `compress.report/1`).
+//! Self-contained HTML (and Markdown) views of `report.json` (schema `compress.report/2`, read as untyped JSON so that older reports render too).
 //!
 //! Everything here works on a [`serde_json::Value`], so a report read back from disk renders
 //! as well as a fresh one, and older or partial reports render what they have: every field is

@@ -484,13 +484,13 @@ fn compress_into(
                 c.seq_len,
                 c.path.display()
             );
-            let opts = crate::engine::RunOptions {
+            let opts = crate::engine::StreamOptions {
                 batch: c.batch,
                 on_nonfinite: c.on_nonfinite,
             };
             (w, opts)
         }
-        _ => (Vec::new(), crate::engine::RunOptions::default()),
+        _ => (Vec::new(), crate::engine::StreamOptions::default()),
     };
     let calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();

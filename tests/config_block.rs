@@ -70,3 +70,59 @@ fn untied_checkpoint_ignores_lm_head_and_skipped_linears() {
         assert!(ignore.contains(&format!("model.layers.{l}.mlp.down_proj")));
     }
 }
+
+/// GPTQ's default column order (static activation order) is stated in both formats' blocks;
+/// `act_order: false` says none, and dynamic groups say `group` (g_idx written).
+#[test]
+fn gptq_column_order_is_stated() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = common::shared().join("data/calib/c4_calib.jsonl");
+    let run_gptq = |name: &str, gptq: &str, format: &str| -> serde_json::Value {
+        let out = d.path().join(name);
+        let p = d.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 8, seq_len: 128, seed: 0}}\n\
+                 passes:\n  - gptq: {{{gptq}}}\nexport: {{format: {format}}}\n",
+                common::ref_model().display(),
+                out.display(),
+                calib.display()
+            ),
+        )
+        .unwrap();
+        common::run_ok(&p);
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap()
+    };
+    let w = |c: &serde_json::Value| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"].clone()
+    };
+    let c = run_gptq(
+        "ct-default",
+        "bits: 4, group_size: 64",
+        "compressed-tensors",
+    );
+    assert_eq!(w(&c)["actorder"], "static");
+    let c = run_gptq(
+        "ct-off",
+        "bits: 4, group_size: 64, act_order: false",
+        "compressed-tensors",
+    );
+    assert!(w(&c)["actorder"].is_null());
+    let c = run_gptq(
+        "ct-dyn",
+        "bits: 4, group_size: 64, static_groups: false",
+        "compressed-tensors",
+    );
+    assert_eq!(w(&c)["actorder"], "group");
+    let c = run_gptq("gptq-default", "bits: 4, group_size: 64", "gptq");
+    assert_eq!(c["quantization_config"]["desc_act"], true);
+    assert_eq!(c["quantization_config"]["static_groups"], true);
+    let c = run_gptq(
+        "gptq-off",
+        "bits: 4, group_size: 64, act_order: false",
+        "gptq",
+    );
+    assert_eq!(c["quantization_config"]["desc_act"], false);
+    assert_eq!(c["quantization_config"]["static_groups"], false);
+}

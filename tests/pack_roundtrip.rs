@@ -70,6 +70,7 @@ fn random_linear(
         scales,
         zeros,
         g_idx,
+        static_order: false,
         scale_dtype: DType::BF16,
         shape: (out, inn),
     }

@@ -167,6 +167,7 @@ fn ct_compressor_tensors_reproduced_byte_for_byte() {
             scales,
             zeros: if sym { None } else { Some(zeros) },
             g_idx: None,
+            static_order: false,
             scale_dtype: our_dtype(ws.dtype),
             shape: (out, inn),
         };
@@ -306,6 +307,7 @@ fn gptq_v1_linear_tensors_reproduced_byte_for_byte() {
                 scales,
                 zeros: if sym { None } else { Some(zeros) },
                 g_idx: None,
+                static_order: false,
                 scale_dtype: DType::F16,
                 shape: (out, inn),
             };

@@ -1,4 +1,4 @@
-//! Execution backends. The CPU path (candle's CPU tensors, rayon, faer) is always built; the
+//! Execution backends. The CPU path (ndarray, our own GEMM-backed kernels, rayon, faer) is always built; the
 //! CUDA path (cudarc with dynamic loading, kernels from `kernels/*.cu` compiled by NVRTC at run
 //! time) is behind the `cuda` cargo feature.
 

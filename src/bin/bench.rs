@@ -1,4 +1,5 @@
-//! `bench`: benchmarks that print figures and ratios (DESIGN.md, "benches/ or src/bin/bench.rs").
+//! `bench`: benchmarks that print figures and ratios (speed and memory targets live here, not in
+//! timed tests; results go to BENCHMARKS.md with the command that produced them).
 //!
 //! ```text
 //! bench gen-checkpoint --preset 1b --out /tmp/bench-1b         # random-weight Llama checkpoint

@@ -1,4 +1,4 @@
-//! The layer stream (DESIGN.md, "data flow"): calibration tokens → embeddings → for each
+//! The layer stream: calibration tokens → embeddings → for each
 //! decoder layer: load it, run it on the stored hidden states X_i while hooks collect the
 //! statistics its passes asked for, hand it to the passes, re-run the compressed layer to get
 //! X_{i+1} (so later layers see earlier errors), give it to the exporter, drop it.
@@ -29,15 +29,15 @@ pub enum NonFinitePolicy {
 
 /// How the engine runs: forward batch size and the non-finite policy.
 #[derive(Clone, Copy, Debug)]
-pub struct RunOptions {
+pub struct StreamOptions {
     /// Calibration windows per forward batch.
     pub batch: usize,
     pub on_nonfinite: NonFinitePolicy,
 }
 
-impl Default for RunOptions {
+impl Default for StreamOptions {
     fn default() -> Self {
-        RunOptions {
+        StreamOptions {
             batch: 8,
             on_nonfinite: NonFinitePolicy::Error,
         }
@@ -341,7 +341,7 @@ pub fn run(
     ckpt: &Checkpoint,
     passes: &[Box<dyn Pass>],
     calib: &[Vec<u32>],
-    opts: &RunOptions,
+    opts: &StreamOptions,
     sink: &mut dyn LayerSink,
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {

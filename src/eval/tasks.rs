@@ -1,5 +1,6 @@
-//! Zero-shot multiple-choice / cloze scoring as lm-evaluation-harness does it (DESIGN.md,
-//! "Evaluation protocol"): PIQA, ARC-Easy, ARC-Challenge, HellaSwag, BoolQ, LAMBADA (OpenAI).
+//! Zero-shot multiple-choice / cloze scoring as lm-evaluation-harness does it (log-likelihood
+//! of each choice's continuation given the context; `acc` by the summed log-likelihood,
+//! `acc_norm` per byte of the continuation): PIQA, ARC-Easy, ARC-Challenge, HellaSwag, BoolQ, LAMBADA (OpenAI).
 //!
 //! Reference: EleutherAI/lm-evaluation-harness @ 4e7e0d47 — `lm_eval/tasks/{piqa,arc,hellaswag,
 //! super_glue/boolq,lambada}/*.yaml`, `hellaswag/utils.py`, `api/task.py`

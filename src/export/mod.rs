@@ -47,11 +47,34 @@ const SIDE_FILES: [&str; 6] = [
     "chat_template.jinja",
 ];
 
+/// The column order a linear was quantized in, as the config blocks state it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Order {
+    /// Input columns in order (no activation ordering).
+    Columns,
+    /// Activation order, groups fixed in column order (llm-compressor `actorder: static`).
+    Static,
+    /// Activation order with groups in that order (`g_idx` written; `actorder: group`).
+    Dynamic,
+}
+
+impl Order {
+    fn of(q: &crate::quant::QuantizedLinear) -> Order {
+        if q.g_idx.is_some() {
+            Order::Dynamic
+        } else if q.static_order {
+            Order::Static
+        } else {
+            Order::Columns
+        }
+    }
+}
+
 /// An exporter's progress, for resuming.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ExporterState {
     writer: writer::WriterState,
-    quantized: Vec<(String, QuantArgs, bool)>,
+    quantized: Vec<(String, QuantArgs, Order)>,
     unquantized: Vec<String>,
 }
 
@@ -60,7 +83,7 @@ pub struct Exporter {
     dir: PathBuf,
     writer: Option<SafetensorsWriter>,
     /// (module name, args) of every quantized linear written.
-    quantized: Vec<(String, QuantArgs, bool)>,
+    quantized: Vec<(String, QuantArgs, Order)>,
     /// Decoder-layer linears left unquantized.
     unquantized: Vec<String>,
 }
@@ -140,14 +163,14 @@ impl Exporter {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized
-                    .push((prefix.to_string(), q.args.clone(), q.g_idx.is_some()));
+                    .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
             (Some(q), Format::Gptq) => {
                 for (n, dt, shape, bytes) in pack::gptq_tensors(prefix, q)? {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized
-                    .push((prefix.to_string(), q.args.clone(), q.g_idx.is_some()));
+                    .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
             _ => {
                 if lin.quant.is_none() {
@@ -217,21 +240,21 @@ impl Exporter {
         Ok((files, spills))
     }
 
-    fn distinct_args(&self) -> Result<Option<(QuantArgs, bool)>> {
-        let Some((_, first, gi)) = self.quantized.first() else {
+    fn distinct_args(&self) -> Result<Option<(QuantArgs, Order)>> {
+        let Some((_, first, order)) = self.quantized.first() else {
             return Ok(None);
         };
-        for (name, a, _) in &self.quantized {
-            if a != first {
-                bail!("export: linear `{name}` uses a different quantization scheme than the others; one scheme per checkpoint is supported");
+        for (name, a, o) in &self.quantized {
+            if a != first || o != order {
+                bail!("export: linear `{name}` uses a different quantization scheme or column order than the others; one scheme per checkpoint is supported");
             }
         }
-        Ok(Some((first.clone(), *gi)))
+        Ok(Some((first.clone(), *order)))
     }
 
     /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
     fn compressed_tensors_config(&self) -> Result<Option<Value>> {
-        let Some((a, act_order)) = self.distinct_args()? else {
+        let Some((a, order)) = self.distinct_args()? else {
             return Ok(None);
         };
         // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
@@ -253,12 +276,19 @@ impl Exporter {
                     "output_activations": null,
                     "targets": ["Linear"],
                     "weights": {
-                        "actorder": if act_order { json!("group") } else { Value::Null },
+                        "actorder": match order {
+                            Order::Columns => Value::Null,
+                            Order::Static => json!("static"),
+                            Order::Dynamic => json!("group"),
+                        },
                         "block_structure": null,
                         "dynamic": false,
                         "group_size": group_size,
                         "num_bits": a.bits,
-                        "observer": "memoryless_minmax",
+                        "observer": match a.observer {
+                            crate::quant::Observer::MinMax => "memoryless_minmax",
+                            crate::quant::Observer::Mse => "memoryless_mse",
+                        },
                         "observer_kwargs": {},
                         "scale_dtype": null,
                         "strategy": strategy,
@@ -282,7 +312,7 @@ impl Exporter {
 
     /// quantize_config.json / `quantization_config` of a GPTQ v1 checkpoint.
     fn gptq_config(&self) -> Result<Option<Value>> {
-        let Some((a, act_order)) = self.distinct_args()? else {
+        let Some((a, order)) = self.distinct_args()? else {
             return Ok(None);
         };
         if !self.unquantized.is_empty() {
@@ -304,9 +334,9 @@ impl Exporter {
         Ok(Some(json!({
             "bits": a.bits,
             "group_size": group_size,
-            "desc_act": act_order,
+            "desc_act": order != Order::Columns,
             "sym": a.symmetric,
-            "static_groups": false,
+            "static_groups": order == Order::Static,
             "true_sequential": true,
             "quant_method": "gptq",
             "checkpoint_format": "gptq"

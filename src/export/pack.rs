@@ -398,6 +398,7 @@ pub fn read_compressed_tensors_quantized(
         scales,
         zeros,
         g_idx,
+        static_order: false,
         scale_dtype: sdt,
         shape: (out, inn),
     };
@@ -814,6 +815,7 @@ pub fn read_gptq_quantized(
         scales,
         zeros: if symmetric { None } else { Some(zeros) },
         g_idx: if contiguous { None } else { Some(g_idx) },
+        static_order: false,
         scale_dtype: sdt,
         shape: (out, inn),
     };

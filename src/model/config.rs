@@ -291,30 +291,23 @@ impl ModelConfig {
         v
     }
 
-    /// Tensors of decoder layer `l` with their shapes.
+    /// Tensors of decoder layer `l` with their shapes, from the family's block description
+    /// (norms, linear weights, biases).
     pub fn layer_tensors(&self, l: usize) -> Vec<(String, Vec<usize>)> {
-        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let (qd, kvd) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let b = self.block();
         let p = format!("model.layers.{l}.");
-        let mut v = vec![
-            (format!("{p}input_layernorm.weight"), vec![h]),
-            (format!("{p}self_attn.q_proj.weight"), vec![qd, h]),
-            (format!("{p}self_attn.k_proj.weight"), vec![kvd, h]),
-            (format!("{p}self_attn.v_proj.weight"), vec![kvd, h]),
-            (format!("{p}self_attn.o_proj.weight"), vec![h, qd]),
-            (format!("{p}post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}mlp.gate_proj.weight"), vec![i, h]),
-            (format!("{p}mlp.up_proj.weight"), vec![i, h]),
-            (format!("{p}mlp.down_proj.weight"), vec![h, i]),
-        ];
-        if self.attention_bias {
-            v.push((format!("{p}self_attn.q_proj.bias"), vec![qd]));
-            v.push((format!("{p}self_attn.k_proj.bias"), vec![kvd]));
-            v.push((format!("{p}self_attn.v_proj.bias"), vec![kvd]));
+        let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+        for (n, d) in b.norms {
+            v.push((format!("{p}{n}.weight"), vec![self.dim(*d)]));
         }
-        if self.qk_norm {
-            v.push((format!("{p}self_attn.q_norm.weight"), vec![hd]));
-            v.push((format!("{p}self_attn.k_norm.weight"), vec![hd]));
+        for lin in b.linears {
+            v.push((
+                format!("{p}{}.weight", lin.name),
+                vec![self.dim(lin.out), self.dim(lin.inp)],
+            ));
+        }
+        for lin in b.linears.iter().filter(|l| self.has_bias(l)) {
+            v.push((format!("{p}{}.bias", lin.name), vec![self.dim(lin.out)]));
         }
         v
     }

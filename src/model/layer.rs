@@ -18,46 +18,26 @@ pub const LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
-/// A distinct linear input inside a decoder layer. Linears that read the same input share its
-/// statistics (q/k/v share `AttnIn`, gate/up share `MlpIn`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
-pub enum Site {
-    AttnIn,
-    OIn,
-    MlpIn,
-    DownIn,
-}
+pub use super::arch::Site;
 
 impl Site {
     pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
 
-    /// The input site a linear reads.
+    /// The input site a linear reads (the Llama-family block: every family shares its linears).
     pub fn of(linear: &str) -> Site {
-        match linear {
-            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => Site::AttnIn,
-            "self_attn.o_proj" => Site::OIn,
-            "mlp.gate_proj" | "mlp.up_proj" => Site::MlpIn,
-            _ => Site::DownIn,
-        }
+        super::arch::LLAMA
+            .linear(linear)
+            .map(|l| l.site)
+            .unwrap_or(Site::DownIn)
     }
 
     /// The linears that read this site.
-    pub fn linears(&self) -> &'static [&'static str] {
-        match self {
-            Site::AttnIn => &LINEARS[0..3],
-            Site::OIn => &LINEARS[3..4],
-            Site::MlpIn => &LINEARS[4..6],
-            Site::DownIn => &LINEARS[6..7],
-        }
+    pub fn linears(&self) -> Vec<&'static str> {
+        super::arch::LLAMA.readers(*self).collect()
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Site::AttnIn => "attn_in",
-            Site::OIn => "o_in",
-            Site::MlpIn => "mlp_in",
-            Site::DownIn => "down_in",
-        }
+        super::arch::LLAMA.site(*self).name
     }
 }
 
@@ -102,10 +82,11 @@ impl LayerWeights {
                 crate::model::dequant::dense_weight(ckpt, &format!("{p}{name}"), shape)?;
             let weight = Array2::from_shape_vec((shape[0], shape[1]), w)?;
             let bias_name = format!("{p}{name}.bias");
-            let bias = if cfg.attention_bias
-                && name != "self_attn.o_proj"
-                && Site::of(name) == Site::AttnIn
-            {
+            let desc = cfg
+                .block()
+                .linear(name)
+                .expect("LINEARS are the block's linears");
+            let bias = if cfg.has_bias(desc) {
                 Some(read_checked(ckpt, &bias_name, &shapes[&bias_name])?)
             } else {
                 None
@@ -122,11 +103,7 @@ impl LayerWeights {
             );
         }
         let mut norms = BTreeMap::new();
-        let mut norm_names = vec!["input_layernorm", "post_attention_layernorm"];
-        if cfg.qk_norm {
-            norm_names.extend(["self_attn.q_norm", "self_attn.k_norm"]);
-        }
-        for n in norm_names {
+        for (n, _) in cfg.block().norms {
             let full = format!("{p}{n}.weight");
             let v = read_checked(ckpt, &full, &shapes[&full])?;
             let dt = ckpt.info(&full)?.0.dtype;

@@ -1,5 +1,6 @@
 //! Checkpoint reading (config.json, safetensors), architectures and the forward pass.
 
+pub mod arch;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

@@ -55,13 +55,16 @@ pub struct GptqSpec {
     /// Columns per lazy-update block.
     #[serde(default = "d_block")]
     pub block_size: usize,
-    /// Quantize columns in order of descending H_jj.
-    #[serde(default)]
+    /// Quantize columns in order of descending H_jj (default on, as llm-compressor's
+    /// `actorder: static`: on real checkpoints, whose activations have massive outlier
+    /// channels, GPTQ in plain column order can end up worse than RTN — BENCHMARKS.md).
+    #[serde(default = "d_true")]
     pub act_order: bool,
     /// With act_order: group parameters from the original weights, groups in column order
-    /// (no g_idx needed by the serving engine).
+    /// (no g_idx needed by the serving engine, no act-order kernel). Default: on with
+    /// act_order; `false` gives GPTQ's dynamic groups in activation order (g_idx written).
     #[serde(default)]
-    pub static_groups: bool,
+    pub static_groups: Option<bool>,
     /// q/k/v → o → gate/up → down, re-running the partial layer between (statistics of later
     /// linears see the quantized earlier ones). Off by default, as in the GPTQ reference and
     /// llm-compressor: every linear's Hessian comes from the layer's original inputs (one
@@ -112,6 +115,11 @@ impl GptqSpec {
         }
     }
 
+    /// Static groups: on by default whenever act_order is.
+    pub fn static_groups(&self) -> bool {
+        self.act_order && self.static_groups.unwrap_or(true)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.scheme().args()?.validate()?;
         if !(self.damp > 0.0 && self.damp < 1.0) {
@@ -120,7 +128,7 @@ impl GptqSpec {
         if self.block_size == 0 {
             bail!("field `block_size` must be at least 1");
         }
-        if self.static_groups && !self.act_order {
+        if self.static_groups == Some(true) && !self.act_order {
             bail!("field `static_groups` only applies with `act_order: true`");
         }
         Ok(())
@@ -355,6 +363,7 @@ pub fn gptq_quantize(
         scales,
         zeros: (!args.symmetric).then(|| zeros.iter().map(|&z| z as i8).collect()),
         g_idx,
+        static_order: act_order && static_groups,
         scale_dtype,
         shape: (rows, cols),
     };
@@ -413,7 +422,7 @@ impl Pass for Gptq {
                     self.spec.damp,
                     self.spec.block_size,
                     self.spec.act_order,
-                    self.spec.static_groups,
+                    self.spec.static_groups(),
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let rel = crate::linalg::rel_output_error(&lin.weight, &r.dequant, &h);

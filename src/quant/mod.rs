@@ -74,6 +74,9 @@ pub struct QuantizedLinear {
     pub zeros: Option<Vec<i8>>,
     /// [in]: the group of each input column when groups follow activation order.
     pub g_idx: Option<Vec<i32>>,
+    /// Columns were quantized in activation order with groups fixed in column order (GPTQ's
+    /// static groups): nothing changes in the layout, but the config block says so.
+    pub static_order: bool,
     pub scale_dtype: DType,
     /// (out, in)
     pub shape: (usize, usize),
@@ -331,6 +334,7 @@ pub fn quantize_rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Resul
         scales,
         zeros: if args.symmetric { None } else { Some(zeros) },
         g_idx: None,
+        static_order: false,
         scale_dtype: dtype,
         shape: (out, inn),
     })

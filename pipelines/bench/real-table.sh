@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# RTN and GPTQ on a real pretrained checkpoint (SmolLM2-135M-Instruct, fetched and converted by
+# scripts/get-real-model.sh into models-real/, git-ignored): W4 and W3, group 64 (576 inputs
+# are not a multiple of 128), act order on (the default: static) and off, symmetric,
+# `targets: ["re:.*_proj$"]`. Calibration: the first 128 documents of c4_calib.jsonl
+# (`sampling: documents`, ≤ 512 tokens each), as llm-compressor's examples. Perplexity at
+# seq 512 on the first 300,000 bytes of wikitext2's test file and of the c4_eval text (the
+# texts of issue #25's table).
+# Usage (repository root, ../shared beside it): pipelines/bench/real-table.sh [OUT_DIR] [RECIPE…]
+set -euo pipefail
+out=${1:-out/real}
+shift || true
+mkdir -p "$out"
+bin=${BIN:-target/release/compress}
+model=models-real/smollm2-135m-instruct
+S=../shared
+[ -n "${BIN:-}" ] || cargo build --release --quiet
+[ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
+python3 - "$out" "$S" <<'PY'
+import json, sys
+out, S = sys.argv[1], sys.argv[2]
+raw = open(f"{S}/data/eval/wikitext2/wiki.test.raw", "rb").read()[:300000]
+open(f"{out}/wiki-head300k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
+docs = [json.loads(l)["text"] for l in open(f"{S}/data/eval/c4/c4_eval.jsonl") if l.strip()]
+t = "\n\n".join(docs).encode()[:300000]
+open(f"{out}/c4-head300k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
+PY
+eval_block="eval: {datasets: [$out/wiki-head300k.txt, $out/c4-head300k.txt], seq_len: 512, baseline: false}"
+calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
+run() { # name pass
+  [ -f "$out/$1/report.json" ] && { echo "$1: done"; return; }
+  cat > "$out/$1.yaml" <<YAML
+model: $model
+output: $out/$1
+$calib
+passes:
+  - $2
+export: {format: compressed-tensors}
+$eval_block
+YAML
+  /usr/bin/time -f "%e s wall, %M KB max RSS" -o "$out/$1.time" $bin "$out/$1.yaml" --overwrite --quiet
+  echo "$1: $(cat "$out/$1.time")"
+}
+recipes=(
+  "dense|"
+  "rtn-w4g64|rtn: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "gptq-w4g64|gptq: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "gptq-w4g64-noact|gptq: {bits: 4, group_size: 64, act_order: false, targets: [\"re:.*_proj$\"]}"
+  "rtn-w3g64|rtn: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "gptq-w3g64|gptq: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "gptq-w3g64-noact|gptq: {bits: 3, group_size: 64, act_order: false, targets: [\"re:.*_proj$\"]}"
+)
+for r in "${recipes[@]}"; do
+  name=${r%%|*}; pass=${r#*|}
+  if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then continue; fi
+  if [ "$name" = dense ]; then
+    [ -f "$out/dense/report.json" ] || { cat > "$out/dense.yaml" <<YAML
+model: $model
+output: $out/dense
+passes: []
+$eval_block
+YAML
+    $bin "$out/dense.yaml" --overwrite --quiet; }
+  else
+    run "$name" "$pass"
+  fi
+done
+python3 - "$out" <<'PY'
+import json, sys, os
+out = sys.argv[1]
+print("| recipe | wikitext2 head | c4_eval head | compress s |")
+print("|---|---:|---:|---:|")
+for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact"]:
+    p = os.path.join(out, n, "report.json")
+    if not os.path.exists(p):
+        continue
+    r = json.load(open(p))
+    v = [r["eval"][k]["after"]["perplexity"] for k in ["wiki-head300k.txt", "c4-head300k.txt"]]
+    print(f"| {n} | {v[0]:.2f} | {v[1]:.2f} | {r['timing']['compress_seconds']:.1f} |")
+PY
