@@ -14,6 +14,7 @@ pub mod calib;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod formats;
 pub mod inspect;
 pub mod linalg;
 pub mod model;

@@ -7,35 +7,15 @@ pub mod writer;
 use crate::engine::LayerSink;
 use crate::model::layer::{LayerWeights, Linear};
 use crate::model::safetensors_file::from_f32;
-use crate::model::{Checkpoint, DType};
-use crate::quant::{QuantArgs, Strategy};
+use crate::model::Checkpoint;
+use crate::quant::QuantArgs;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use writer::SafetensorsWriter;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Format {
-    /// Fake-quantized / pruned weights in the original dtype: loads anywhere.
-    #[default]
-    Dense,
-    /// compressed-tensors `pack-quantized` (vLLM, transformers).
-    CompressedTensors,
-    /// GPTQ v1 (AutoGPTQ, GPTQModel, transformers, TGI, vLLM).
-    Gptq,
-}
-
-impl Format {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Format::Dense => "dense",
-            Format::CompressedTensors => "compressed-tensors",
-            Format::Gptq => "gptq",
-        }
-    }
-}
+pub use crate::formats::{Format, Order};
 
 /// Files copied unchanged from the model folder besides the weights.
 const SIDE_FILES: [&str; 6] = [
@@ -46,29 +26,6 @@ const SIDE_FILES: [&str; 6] = [
     "tokenizer.model",
     "chat_template.jinja",
 ];
-
-/// The column order a linear was quantized in, as the config blocks state it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Order {
-    /// Input columns in order (no activation ordering).
-    Columns,
-    /// Activation order, groups fixed in column order (llm-compressor `actorder: static`).
-    Static,
-    /// Activation order with groups in that order (`g_idx` written; `actorder: group`).
-    Dynamic,
-}
-
-impl Order {
-    fn of(q: &crate::quant::QuantizedLinear) -> Order {
-        if q.g_idx.is_some() {
-            Order::Dynamic
-        } else if q.static_order {
-            Order::Static
-        } else {
-            Order::Columns
-        }
-    }
-}
 
 /// An exporter's progress, for resuming.
 #[derive(Clone, Serialize, Deserialize)]
@@ -159,14 +116,16 @@ impl Exporter {
         let wname = format!("{prefix}.weight");
         match (&lin.quant, self.format) {
             (Some(q), Format::CompressedTensors) => {
-                for (n, dt, shape, bytes) in pack::compressed_tensors_tensors(prefix, q)? {
+                for (n, dt, shape, bytes) in
+                    crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
+                {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
             (Some(q), Format::Gptq) => {
-                for (n, dt, shape, bytes) in pack::gptq_tensors(prefix, q)? {
+                for (n, dt, shape, bytes) in crate::formats::gptq::gptq_tensors(prefix, q)? {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized
@@ -254,93 +213,16 @@ impl Exporter {
 
     /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
     fn compressed_tensors_config(&self) -> Result<Option<Value>> {
-        let Some((a, order)) = self.distinct_args()? else {
-            return Ok(None);
-        };
-        // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
-        // even when it is tied to the embedding and has no tensor of its own: everything we
-        // left unquantized must be listed, or transformers/vLLM turn it into a quantized
-        // linear without tensors (tied checkpoints then fail to load).
-        let mut ignore: Vec<String> = vec!["lm_head".into()];
-        ignore.extend(self.unquantized.iter().cloned());
-        let (strategy, group_size) = match a.strategy {
-            Strategy::Group => ("group", json!(a.group_size)),
-            Strategy::Channel => ("channel", Value::Null),
-            Strategy::Tensor => ("tensor", Value::Null),
-        };
-        Ok(Some(json!({
-            "config_groups": {
-                "group_0": {
-                    "format": "pack-quantized",
-                    "input_activations": null,
-                    "output_activations": null,
-                    "targets": ["Linear"],
-                    "weights": {
-                        "actorder": match order {
-                            Order::Columns => Value::Null,
-                            Order::Static => json!("static"),
-                            Order::Dynamic => json!("group"),
-                        },
-                        "block_structure": null,
-                        "dynamic": false,
-                        "group_size": group_size,
-                        "num_bits": a.bits,
-                        "observer": match a.observer {
-                            crate::quant::Observer::MinMax => "memoryless_minmax",
-                            crate::quant::Observer::Mse => "memoryless_mse",
-                        },
-                        "observer_kwargs": {},
-                        "scale_dtype": null,
-                        "strategy": strategy,
-                        "symmetric": a.symmetric,
-                        "type": "int",
-                        "zp_dtype": if a.symmetric { Value::Null } else { json!("torch.int8") }
-                    }
-                }
-            },
-            "format": "pack-quantized",
-            "global_compression_ratio": null,
-            "ignore": ignore,
-            "kv_cache_scheme": null,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": "0.19.0"
-        })))
+        Ok(self.distinct_args()?.map(|(a, order)| {
+            crate::formats::compressed_tensors::quantization_config(&a, order, &self.unquantized)
+        }))
     }
 
     /// quantize_config.json / `quantization_config` of a GPTQ v1 checkpoint.
     fn gptq_config(&self) -> Result<Option<Value>> {
-        let Some((a, order)) = self.distinct_args()? else {
-            return Ok(None);
-        };
-        if !self.unquantized.is_empty() {
-            bail!(
-                "export gptq: every decoder linear must be quantized (GPTQ v1 has no per-module ignore list); left dense: {}",
-                self.unquantized.join(", ")
-            );
-        }
-        if a.strategy == Strategy::Tensor {
-            bail!(
-                "export gptq: strategy `tensor` cannot be written in GPTQ v1; use group or channel"
-            );
-        }
-        let group_size: i64 = if a.strategy == Strategy::Group {
-            a.group_size as i64
-        } else {
-            -1
-        };
-        Ok(Some(json!({
-            "bits": a.bits,
-            "group_size": group_size,
-            "desc_act": order != Order::Columns,
-            "sym": a.symmetric,
-            "static_groups": order == Order::Static,
-            "true_sequential": true,
-            "quant_method": "gptq",
-            "checkpoint_format": "gptq"
-        })))
+        self.distinct_args()?
+            .map(|(a, order)| crate::formats::gptq::quantize_config(&a, order, &self.unquantized))
+            .transpose()
     }
 }
 
@@ -364,10 +246,4 @@ impl LayerSink for Exporter {
     }
 }
 
-/// Storage dtype used for newly written scales: the checkpoint's own float dtype.
-pub fn scale_dtype_for(weight_dtype: DType) -> DType {
-    match weight_dtype {
-        DType::BF16 | DType::F16 | DType::F32 => weight_dtype,
-        _ => DType::F32,
-    }
-}
+pub use crate::quant::scale_dtype_for;

@@ -1,12 +1,12 @@
 //! Dense f32 weights of a linear, whatever format the checkpoint stores it in: plain
 //! floating point, compressed-tensors `pack-quantized`, or GPTQ v1. This is how `compress eval`
 //! and the report read back every format we write (the unpacking itself lives with each
-//! format in `export::pack`).
+//! format in `crate::formats`).
 
 use super::checkpoint::Checkpoint;
 use super::layer::read_checked;
 use super::safetensors_file::DType;
-use crate::export::pack;
+use crate::formats;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -97,11 +97,11 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
     };
     let (v, scale_name) = match method.as_str() {
         "compressed-tensors" => (
-            pack::read_compressed_tensors(&get, prefix, bits, gs, sym),
+            formats::compressed_tensors::read_compressed_tensors(&get, prefix, bits, gs, sym),
             format!("{prefix}.weight_scale"),
         ),
         _ => (
-            pack::read_gptq(&get, prefix, bits, gs, sym),
+            formats::gptq::read_gptq(&get, prefix, bits, gs, sym),
             format!("{prefix}.scales"),
         ),
     };

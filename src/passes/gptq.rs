@@ -19,9 +19,9 @@
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::export::scale_dtype_for;
 use crate::model::layer::{Site, LINEARS};
 use crate::model::DType;
+use crate::quant::scale_dtype_for;
 use crate::quant::{
     dequantize_value, group_params, quantize_value, Observer, QuantArgs, QuantizedLinear, Strategy,
 };

@@ -4,8 +4,8 @@
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::export::scale_dtype_for;
 use crate::model::layer::LINEARS;
+use crate::quant::scale_dtype_for;
 use crate::quant::{quantize_rtn, QuantArgs};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

@@ -472,6 +472,14 @@ impl QuantizedLinear {
     }
 }
 
+/// Storage dtype used for newly written scales: the checkpoint's own float dtype.
+pub fn scale_dtype_for(weight_dtype: DType) -> DType {
+    match weight_dtype {
+        DType::BF16 | DType::F16 | DType::F32 => weight_dtype,
+        _ => DType::F32,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)]
 mod tests {
