@@ -102,6 +102,9 @@ pub struct State {
     pub engine: EngineReport,
     /// (b, t) of each hidden-state batch in hidden-L.bin.
     pub hidden_shapes: Vec<(usize, usize)>,
+    /// (b, t) of each teacher-stream batch in teacher-L.bin (empty without a teacher stream).
+    #[serde(default)]
+    pub teacher_shapes: Vec<(usize, usize)>,
     /// SHA-256 of each finished layer's input tensors (names, dtypes, shapes, bytes): the
     /// model fingerprint covers headers only, so a resume re-hashes the layers it will not
     /// read again and refuses if their weights changed.
@@ -136,9 +139,13 @@ pub fn mark_exported(work: &Path, exported: Exported) -> Result<()> {
     state.exported = Some(exported);
     write_atomic(&dir(work).join("state.json"), &serde_json::to_vec(&state)?)?;
     // The hidden states of the last layer are of no further use.
-    let h = dir(work).join(hidden_file(state.next_layer));
-    if h.exists() {
-        std::fs::remove_file(&h).with_context(|| format!("cannot remove {}", h.display()))?;
+    for h in [
+        dir(work).join(hidden_file(state.next_layer)),
+        dir(work).join(teacher_file(state.next_layer)),
+    ] {
+        if h.exists() {
+            std::fs::remove_file(&h).with_context(|| format!("cannot remove {}", h.display()))?;
+        }
     }
     Ok(())
 }
@@ -195,10 +202,15 @@ pub fn validate(work: &Path, state: &State, hidden: usize) -> Result<()> {
             )));
         }
     }
-    if !state.hidden_shapes.is_empty() {
-        let p = dir(work).join(hidden_file(state.next_layer));
-        let want: u64 = state
-            .hidden_shapes
+    for (file, shapes) in [
+        (hidden_file(state.next_layer), &state.hidden_shapes),
+        (teacher_file(state.next_layer), &state.teacher_shapes),
+    ] {
+        if shapes.is_empty() {
+            continue;
+        }
+        let p = dir(work).join(file);
+        let want: u64 = shapes
             .iter()
             .map(|(b, t)| (b * t * hidden * 4) as u64)
             .sum();
@@ -310,38 +322,60 @@ pub fn load(work: &Path) -> Result<Option<State>> {
 
 /// Load the hidden states recorded with `state` and build the engine's resume point.
 pub fn resume_point(work: &Path, state: &State, hidden: usize) -> Result<ResumePoint> {
-    let p = dir(work).join(hidden_file(state.next_layer));
-    let mut acts = Vec::new();
-    if !state.hidden_shapes.is_empty() {
-        let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        let want: usize = state
-            .hidden_shapes
-            .iter()
-            .map(|(b, t)| b * t * hidden * 4)
-            .sum();
-        if b.len() != want {
-            bail!(
-                "{}: holds {} bytes, the resume state expects {want}",
-                p.display(),
-                b.len()
-            );
-        }
-        let mut off = 0;
-        for &(bb, t) in &state.hidden_shapes {
-            let n = bb * t * hidden;
-            let data = b[off..off + 4 * n]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            off += 4 * n;
-            acts.push(Act { data, b: bb, t });
-        }
-    }
+    let d = dir(work);
     Ok(ResumePoint {
         next_layer: state.next_layer,
-        hidden: acts,
+        hidden: read_acts(
+            &d.join(hidden_file(state.next_layer)),
+            &state.hidden_shapes,
+            hidden,
+        )?,
+        teacher: read_acts(
+            &d.join(teacher_file(state.next_layer)),
+            &state.teacher_shapes,
+            hidden,
+        )?,
         report: state.engine.clone(),
     })
+}
+
+/// Hidden-state batches of the given (b, t) shapes from one f32 file (none when `shapes` is
+/// empty).
+fn read_acts(p: &Path, shapes: &[(usize, usize)], hidden: usize) -> Result<Vec<Act>> {
+    let mut acts = Vec::new();
+    if shapes.is_empty() {
+        return Ok(acts);
+    }
+    let b = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let want: usize = shapes.iter().map(|(b, t)| b * t * hidden * 4).sum();
+    if b.len() != want {
+        bail!(
+            "{}: holds {} bytes, the resume state expects {want}",
+            p.display(),
+            b.len()
+        );
+    }
+    let mut off = 0;
+    for &(bb, t) in shapes {
+        let n = bb * t * hidden;
+        let data = b[off..off + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        off += 4 * n;
+        acts.push(Act { data, b: bb, t });
+    }
+    Ok(acts)
+}
+
+fn acts_bytes(acts: &[Act]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(acts.iter().map(|a| a.data.len() * 4).sum());
+    for a in acts {
+        for v in &a.data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -387,34 +421,39 @@ impl LayerSink for ResumableSink<'_> {
         self.exporter.layer(ckpt, layer)
     }
 
-    fn layer_done(&mut self, l: usize, hidden: &[Act], report: &EngineReport) -> Result<()> {
+    fn layer_done(
+        &mut self,
+        l: usize,
+        hidden: &[Act],
+        teacher: &[Act],
+        report: &EngineReport,
+    ) -> Result<()> {
         let d = dir(&self.work);
         std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
         let exporter = self.exporter.checkpoint()?;
-        let mut bytes = Vec::with_capacity(hidden.iter().map(|a| a.data.len() * 4).sum());
-        for a in hidden {
-            for v in &a.data {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
+        // Hidden states (and the teacher stream) go to files of their own per layer, and the
+        // state that names them is written last: a crash (or a full disk) between the two
+        // leaves the previous state and its own files intact.
+        write_atomic(&d.join(hidden_file(l + 1)), &acts_bytes(hidden))?;
+        if !teacher.is_empty() {
+            write_atomic(&d.join(teacher_file(l + 1)), &acts_bytes(teacher))?;
         }
-        // Hidden states go to a file of their own per layer, and the state that names it is
-        // written last: a crash (or a full disk) between the two leaves the previous state and
-        // its own hidden file intact.
-        write_atomic(&d.join(hidden_file(l + 1)), &bytes)?;
         let state = State {
             fingerprint: self.fingerprint.clone(),
             next_layer: l + 1,
             exporter,
             engine: report.clone(),
             hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
+            teacher_shapes: teacher.iter().map(|a| (a.b, a.t)).collect(),
             layer_digests: self.layer_digests.clone(),
             exported: None,
         };
         write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
-        let old = d.join(hidden_file(l));
-        if old.exists() {
-            std::fs::remove_file(&old)
-                .with_context(|| format!("cannot remove {}", old.display()))?;
+        for old in [d.join(hidden_file(l)), d.join(teacher_file(l))] {
+            if old.exists() {
+                std::fs::remove_file(&old)
+                    .with_context(|| format!("cannot remove {}", old.display()))?;
+            }
         }
         Ok(())
     }
@@ -423,4 +462,9 @@ impl LayerSink for ResumableSink<'_> {
 /// The hidden states that are the inputs of layer `next_layer`.
 fn hidden_file(next_layer: usize) -> String {
     format!("hidden-{next_layer}.bin")
+}
+
+/// The teacher stream at the input of layer `next_layer`.
+fn teacher_file(next_layer: usize) -> String {
+    format!("teacher-{next_layer}.bin")
 }

@@ -103,6 +103,10 @@ pub struct LayerCtx<'a> {
     pub layer: LayerWeights,
     pub config: &'a ModelConfig,
     inputs: &'a [Act],
+    /// The dense model's hidden states at this layer's input and output (empty unless some
+    /// pass asked for `teacher`).
+    teacher_in: &'a [Act],
+    teacher_out: &'a [Act],
     rope: Option<&'a Rope>,
     request: StatsRequest,
     stats: BTreeMap<Site, SiteStats>,
@@ -164,6 +168,67 @@ impl<'a> LayerCtx<'a> {
         )?;
         self.fresh = true;
         Ok(())
+    }
+
+    /// The calibration hidden states at this layer's input, as the compressed model so far
+    /// produces them (the student stream).
+    pub fn inputs(&self) -> &[Act] {
+        self.inputs
+    }
+
+    /// The teacher stream: the dense model's hidden states at this layer's (input, output),
+    /// batch by batch like [`LayerCtx::inputs`]. Requires `StatsRequest::teacher`.
+    pub fn teacher(&self) -> Result<(&[Act], &[Act])> {
+        if self.teacher_in.is_empty() && !self.inputs.is_empty() {
+            bail!("the teacher stream was not requested (StatsRequest::teacher)");
+        }
+        Ok((self.teacher_in, self.teacher_out))
+    }
+
+    /// The raw inputs at `site` on the current weights: per calibration batch, the rows
+    /// [tokens, d] row-major, keeping at most `max_rows` rows in all (the first ones; `None`
+    /// keeps every row).
+    pub fn site_inputs(
+        &self,
+        site: Site,
+        max_rows: Option<usize>,
+    ) -> Result<Vec<(Vec<f32>, usize)>> {
+        let rope = self
+            .rope
+            .context("a pass asked for site inputs but no calibration data was given")?;
+        let cl = DecoderLayer::new(&self.layer, self.config);
+        let mut out = Vec::new();
+        let mut left = max_rows.unwrap_or(usize::MAX);
+        for x in self.inputs {
+            if left == 0 {
+                break;
+            }
+            let mut hook = |s: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
+                if s == site {
+                    let n = rows.min(left);
+                    out.push((v[..n * d].to_vec(), d));
+                    left -= n;
+                }
+                Ok(())
+            };
+            cl.forward_until(x, rope, &mut hook, Some(site))?;
+        }
+        Ok(out)
+    }
+
+    /// The output of the whole decoder block with `candidate` weights on the calibration
+    /// inputs (one `Act` per batch): what a search over candidate weights (AWQ's scales, a
+    /// distillation step) compares against [`LayerCtx::teacher`] or the current layer's output.
+    pub fn block_output(&self, candidate: &LayerWeights) -> Result<Vec<Act>> {
+        let rope = self
+            .rope
+            .context("a pass asked for block outputs but no calibration data was given")?;
+        let cl = DecoderLayer::new(candidate, self.config);
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        self.inputs
+            .iter()
+            .map(|x| cl.forward(x, rope, &mut no_hook))
+            .collect()
     }
 
     /// Call after changing weights so the next `stats` call recollects.
@@ -322,6 +387,8 @@ pub struct EngineReport {
 pub struct ResumePoint {
     pub next_layer: usize,
     pub hidden: Vec<Act>,
+    /// The teacher stream at `next_layer`'s input (empty when no pass asks for it).
+    pub teacher: Vec<Act>,
     pub report: EngineReport,
 }
 
@@ -329,8 +396,15 @@ pub struct ResumePoint {
 pub trait LayerSink {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()>;
     /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty after the last
-    /// layer, or when no pass needs statistics). A resumable sink persists what a restart needs.
-    fn layer_done(&mut self, _l: usize, _hidden: &[Act], _report: &EngineReport) -> Result<()> {
+    /// layer, or when no pass needs statistics) and `teacher` the dense model's (empty unless a
+    /// pass asked for the teacher stream). A resumable sink persists what a restart needs.
+    fn layer_done(
+        &mut self,
+        _l: usize,
+        _hidden: &[Act],
+        _teacher: &[Act],
+        _report: &EngineReport,
+    ) -> Result<()> {
         Ok(())
     }
 }
@@ -346,10 +420,13 @@ pub fn run(
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
     let cfg = &ckpt.config;
-    let (start, mut report, resumed_hidden) = match resume {
-        Some(r) => (r.next_layer, r.report, Some(r.hidden)),
-        None => (0, EngineReport::default(), None),
+    let (start, mut report, resumed_hidden, resumed_teacher) = match resume {
+        Some(r) => (r.next_layer, r.report, Some(r.hidden), Some(r.teacher)),
+        None => (0, EngineReport::default(), None, None),
     };
+    let request = passes
+        .iter()
+        .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
     // Calibration forwards only when some pass needs statistics (RTN, say, needs none).
     let need_forward = passes.iter().any(|p| p.stats().any());
     let t0 = Instant::now();
@@ -388,16 +465,37 @@ pub fn run(
         ids.clear();
         (Vec::new(), None)
     };
+    // The teacher starts as the student does (the embeddings) and then runs the dense layers.
+    let mut teacher: Vec<Act> = match (request.teacher, resumed_teacher) {
+        (false, _) => Vec::new(),
+        (true, Some(t)) if start > 0 => t,
+        (true, _) => hidden.clone(),
+    };
+    if request.teacher && teacher.len() != hidden.len() {
+        bail!(
+            "resume state holds no teacher stream for this pipeline; start again without --resume"
+        );
+    }
     if start == 0 {
         report.calibration_seconds = t0.elapsed().as_secs_f64();
     }
-    let request = passes
-        .iter()
-        .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
     let pb = crate::progress::bar(cfg.num_layers as u64, "layers");
     pb.set_position(start as u64);
     for l in start..cfg.num_layers {
         let tl = Instant::now();
+        // the dense layer on the teacher stream: the teacher's output of this layer
+        let mut teacher_out: Vec<Act> = Vec::new();
+        if request.teacher {
+            let dense = LayerWeights::load(ckpt, l)?;
+            let rope = rope
+                .as_ref()
+                .context("teacher stream without calibration data")?;
+            let cl = DecoderLayer::new(&dense, cfg);
+            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            for x in &teacher {
+                teacher_out.push(cl.forward(x, rope, &mut no_hook)?);
+            }
+        }
         let layer = loop {
             let layer = LayerWeights::load(ckpt, l)?;
             if passes.is_empty() {
@@ -407,6 +505,8 @@ pub fn run(
                 layer,
                 config: cfg,
                 inputs: &hidden,
+                teacher_in: &teacher,
+                teacher_out: &teacher_out,
                 rope: rope.as_ref(),
                 request,
                 stats: BTreeMap::new(),
@@ -457,6 +557,10 @@ pub fn run(
                     window.sort_unstable();
                     let sites: std::collections::BTreeSet<&str> =
                         bad.iter().map(|&(_, _, s)| s.linears()[0]).collect();
+                    if request.teacher {
+                        drop_samples(&mut teacher, &mut ids.clone(), &pairs);
+                        drop_samples(&mut teacher_out, &mut ids.clone(), &pairs);
+                    }
                     drop_samples(&mut hidden, &mut ids, &pairs);
                     let remain: usize = ids.iter().map(|v| v.len()).sum();
                     let msg = format!(
@@ -492,7 +596,10 @@ pub fn run(
         drop(layer);
         ckpt.release_prefix(&LayerWeights::prefix(l));
         report.layer_seconds.push(tl.elapsed().as_secs_f64());
-        sink.layer_done(l, if last { &[] } else { &hidden }, &report)?;
+        if request.teacher {
+            teacher = if last { Vec::new() } else { teacher_out };
+        }
+        sink.layer_done(l, if last { &[] } else { &hidden }, &teacher, &report)?;
         pb.inc(1);
     }
     pb.finish_and_clear();

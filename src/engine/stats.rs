@@ -12,11 +12,15 @@ pub struct StatsRequest {
     pub act_absmax: bool,
     pub act_mean_abs: bool,
     pub col_norm: bool,
+    /// The dense model's (teacher's) hidden states at each layer's input and output, carried
+    /// beside the compressed stream (one more hidden-state buffer; see `LayerCtx::teacher`).
+    pub teacher: bool,
 }
 
 impl StatsRequest {
+    /// Whether the engine must run calibration forwards at all.
     pub fn any(&self) -> bool {
-        self.hessian || self.act_absmax || self.act_mean_abs || self.col_norm
+        self.hessian || self.act_absmax || self.act_mean_abs || self.col_norm || self.teacher
     }
     pub fn union(self, o: StatsRequest) -> StatsRequest {
         StatsRequest {
@@ -24,6 +28,7 @@ impl StatsRequest {
             act_absmax: self.act_absmax || o.act_absmax,
             act_mean_abs: self.act_mean_abs || o.act_mean_abs,
             col_norm: self.col_norm || o.col_norm,
+            teacher: self.teacher || o.teacher,
         }
     }
 }
@@ -142,6 +147,7 @@ mod tests {
             act_absmax: true,
             act_mean_abs: true,
             col_norm: true,
+            teacher: false,
         };
         // once with the GEMM-provided XᵀX, once computed inside
         let mut a = SiteStats::new(d, req);
