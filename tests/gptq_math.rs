@@ -67,8 +67,10 @@ fn gptq_with_identity_hessian_is_rtn() {
         args(4, Strategy::Group, 32, false),
         args(3, Strategy::Channel, 0, true),
     ] {
-        let rtn = quantize_rtn(w.view(), &a, DType::BF16).unwrap();
-        let g = gptq_quantize(&w, &h, &a, DType::BF16, 0.01, 128, false, false).unwrap();
+        // f32 weights: with bf16 ones RTN rounds every op to bf16 (compressed-tensors on bf16
+        // tensors) while GPTQ works on f32 copies (llm-compressor's GPTQ_PRECISION)
+        let rtn = quantize_rtn(w.view(), &a, DType::F32).unwrap();
+        let g = gptq_quantize(&w, &h, &a, DType::F32, 0.01, 128, false, false).unwrap();
         assert_eq!(g.quant.codes, rtn.codes, "{a:?}");
         assert_eq!(g.quant.scales, rtn.scales, "{a:?}");
         assert_eq!(g.quant.zeros, rtn.zeros, "{a:?}");

@@ -23,7 +23,8 @@ use crate::model::layer::{Site, LINEARS};
 use crate::model::DType;
 use crate::quant::scale_dtype_for;
 use crate::quant::{
-    dequantize_value, group_params, quantize_value, Observer, QuantArgs, QuantizedLinear, Strategy,
+    dequantize_value, group_params, quantize_value, round_to, Observer, QuantArgs, QuantizedLinear,
+    Strategy,
 };
 use anyhow::{bail, Result};
 use ndarray::Array2;
@@ -308,8 +309,15 @@ pub fn gptq_quantize(
                         (_, None) => unreachable!("channel/tensor parameters are fixed"),
                     }
                     let x = wr[i];
-                    let q = quantize_value(x, cur.0, cur.1, args, scale_dtype);
-                    let dq = dequantize_value(q, cur.0, cur.1);
+                    // The working weights are f32 (updated by the error feedback), so w/scale
+                    // is computed in f32 as llm-compressor's GPTQ does (GPTQ_PRECISION), even
+                    // when the scales are bf16 values; only RTN on the stored weights rounds
+                    // every op to the weight dtype, as compressed-tensors does on bf16 tensors.
+                    let q = quantize_value(x, cur.0, cur.1, args, DType::F32);
+                    // (q − z)·s as the reference computes it: in the scale's dtype (a bf16
+                    // product for bf16 checkpoints), which is also what the stored weight
+                    // dequantizes to; the error fed forward is measured against that.
+                    let dq = round_to(scale_dtype, dequantize_value(q, cur.0, cur.1));
                     cr[i] = q as i8;
                     let d = u32m[i * cols + i];
                     let e = (x - dq) / d;
