@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the RTN / GPTQ table of BENCHMARKS.md: ref-llama-9m, calibration 128 × 512 tokens
-# of c4_calib.jsonl (seed 0), perplexity on wikitext2 / ptb / c4_eval at seq 512.
+# Reproduces the RTN / GPTQ table of BENCHMARKS.md: ref-llama-9m, calibration as the peer table
+# (../shared/golden/peer/README.md): the first 128 documents of c4_calib.jsonl, each cut to 512
+# tokens (`sampling: documents`); perplexity on wikitext2 / ptb / c4_eval at seq 512.
 # Usage (repository root, ../shared beside it): pipelines/bench/quant-table.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-out/bench}
@@ -9,7 +10,7 @@ bin=target/release/compress
 cargo build --release --quiet
 S=../shared
 eval_block="eval: {datasets: [$S/data/eval/wikitext2/wiki.test.raw, $S/data/eval/ptb/ptb.test.txt, $S/data/eval/c4/c4_eval.jsonl], seq_len: 512, baseline: false}"
-calib="calibration: {path: $S/data/calib/c4_calib.jsonl, samples: 128, seq_len: 512, seed: 0}"
+calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
 run() { # name pass
   cat > "$out/$1.yaml" <<YAML
 model: $S/models/ref-llama-9m
