@@ -56,11 +56,14 @@ pub struct GptqSpec {
     /// Columns per lazy-update block.
     #[serde(default = "d_block")]
     pub block_size: usize,
-    /// Quantize columns in order of descending H_jj (default on, as llm-compressor's
-    /// `actorder: static`: on real checkpoints, whose activations have massive outlier
-    /// channels, GPTQ in plain column order can end up worse than RTN — BENCHMARKS.md).
-    #[serde(default = "d_true")]
-    pub act_order: bool,
+    /// Quantize columns in order of descending H_jj. Default by width, from measurements on a
+    /// real checkpoint (SmolLM2-135M, BENCHMARKS.md): on for 4 bits and more (as
+    /// llm-compressor's `actorder: static`; in column order GPTQ was worse than RTN at W4 g64,
+    /// 43.82 vs 42.11, with static order 39.82), off below (at W3 g64 column order with group
+    /// parameters from the updated weights gave 121.87 against 151.64 with static order: fixed
+    /// groups clip the error-fed weights on a 3-bit grid).
+    #[serde(default)]
+    pub act_order: Option<bool>,
     /// With act_order: group parameters from the original weights, groups in column order
     /// (no g_idx needed by the serving engine, no act-order kernel). Default: on with
     /// act_order; `false` gives GPTQ's dynamic groups in activation order (g_idx written).
@@ -118,7 +121,12 @@ impl GptqSpec {
 
     /// Static groups: on by default whenever act_order is.
     pub fn static_groups(&self) -> bool {
-        self.act_order && self.static_groups.unwrap_or(true)
+        self.act_order() && self.static_groups.unwrap_or(true)
+    }
+
+    /// Activation order: as given, else on for 4 bits and more (see the field).
+    pub fn act_order(&self) -> bool {
+        self.act_order.unwrap_or(self.bits >= 4)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -129,7 +137,7 @@ impl GptqSpec {
         if self.block_size == 0 {
             bail!("field `block_size` must be at least 1");
         }
-        if self.static_groups == Some(true) && !self.act_order {
+        if self.static_groups == Some(true) && !self.act_order() {
             bail!("field `static_groups` only applies with `act_order: true`");
         }
         Ok(())
@@ -429,7 +437,7 @@ impl Pass for Gptq {
                     scale_dtype_for(lin.dtype),
                     self.spec.damp,
                     self.spec.block_size,
-                    self.spec.act_order,
+                    self.spec.act_order(),
                     self.spec.static_groups(),
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
