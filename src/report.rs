@@ -31,6 +31,10 @@ pub struct OutputInfo {
     pub bits_per_weight: Option<f64>,
     /// Fraction of exactly-zero weights in the decoder-layer linears.
     pub sparsity: Option<f64>,
+    /// Weight bytes of the decoder-layer linears as their representations count them
+    /// (dense, packed codes with their parameters, or both factors).
+    #[serde(default)]
+    pub linear_bytes: Option<usize>,
     pub files: Vec<String>,
     /// For a pipeline without passes: whether every tensor is byte-identical to the input.
     pub identical_to_input: Option<bool>,
@@ -166,6 +170,9 @@ impl Report {
         }
         if let Some(b) = self.output.bits_per_weight {
             s.push_str(&format!("- bits per weight (decoder linears): {b:.3}\n"));
+        }
+        if let Some(b) = self.output.linear_bytes {
+            s.push_str(&format!("- decoder linear weights: {}\n", mib(b as u64)));
         }
         if let Some(same) = self.output.identical_to_input {
             s.push_str(&format!(

@@ -677,6 +677,7 @@ fn run_in(
             compression_ratio: in_bytes as f64 / out_bytes.max(1) as f64,
             bits_per_weight: linear_bits(&out),
             sparsity: er.sparsity,
+            linear_bytes: (er.numel > 0).then_some(er.linear_bytes),
             files,
             identical_to_input: identical,
         },

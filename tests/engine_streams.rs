@@ -9,7 +9,7 @@ use compress::engine::stats::StatsRequest;
 use compress::engine::{LayerCtx, LayerSink, Pass};
 use compress::export::{Exporter, Format};
 use compress::model::layer::{Site, LINEARS};
-use compress::model::llama::Act;
+use compress::model::llama::{Act, Part};
 use compress::model::Checkpoint;
 use compress::resume::{Fingerprint, ResumableSink};
 use std::sync::{Arc, Mutex};
@@ -71,11 +71,26 @@ impl Pass for Probe {
             // earlier layers were compressed: the student has drifted from the teacher
             assert_ne!(sum(ctx.inputs()), sum(&tin));
         }
+        // (c) sub-blocks: block output = x + attention(x̂) + mlp(norm(x + attention(x̂)))
+        let ai = ctx.part_inputs(Part::Attention)?;
+        let attn = ctx.part_output(&ctx.layer, Part::Attention, &ai)?;
+        let mi = ctx.part_inputs(Part::Mlp)?;
+        let mlp = ctx.part_output(&ctx.layer, Part::Mlp, &mi)?;
+        for (((x, a), m), y) in ctx.inputs().iter().zip(&attn).zip(&mlp).zip(&dense_out) {
+            let r: Vec<f32> = x
+                .data
+                .iter()
+                .zip(a)
+                .zip(m)
+                .map(|((x, a), m)| (x + a) + m)
+                .collect();
+            assert_eq!(r, y.data, "block output ≠ x + attention + mlp");
+        }
         // a candidate changes the block's output
         for name in LINEARS {
             let lin = ctx.layer.linears.get_mut(name).unwrap();
-            lin.weight.mapv_inplace(|w| (w * 20.0).round() / 20.0);
-            lin.modified = true;
+            let w = lin.weight().mapv(|w| (w * 20.0).round() / 20.0);
+            lin.set_weight(w)?;
         }
         let cand = ctx.block_output(&ctx.layer)?;
         assert_ne!(sum(&cand), sum(&dense_out));

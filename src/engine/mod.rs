@@ -8,7 +8,7 @@
 pub mod stats;
 
 use crate::model::layer::{LayerWeights, Site};
-use crate::model::llama::{Act, DecoderLayer, Outer, Rope};
+use crate::model::llama::{Act, DecoderLayer, Outer, Part, Rope};
 use crate::model::{Checkpoint, ModelConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -231,6 +231,41 @@ impl<'a> LayerCtx<'a> {
             .collect()
     }
 
+    /// The (normed) input of a sub-block on the current weights, one `Act` per calibration
+    /// batch: input_layernorm's output for [`Part::Attention`], post_attention_layernorm's for
+    /// [`Part::Mlp`]. Feed it to [`LayerCtx::part_output`] with candidate weights.
+    pub fn part_inputs(&self, part: Part) -> Result<Vec<Act>> {
+        let site = match part {
+            Part::Attention => Site::AttnIn,
+            Part::Mlp => Site::MlpIn,
+        };
+        let rows = self.site_inputs(site, None)?;
+        Ok(rows
+            .into_iter()
+            .zip(self.inputs)
+            .map(|((data, _), x)| Act {
+                data,
+                b: x.b,
+                t: x.t,
+            })
+            .collect())
+    }
+
+    /// The output of a sub-block of `candidate` (before the residual add) on `inputs` from
+    /// [`LayerCtx::part_inputs`]: what AWQ's scale search compares between candidates.
+    pub fn part_output(
+        &self,
+        candidate: &LayerWeights,
+        part: Part,
+        inputs: &[Act],
+    ) -> Result<Vec<Vec<f32>>> {
+        let rope = self
+            .rope
+            .context("a pass asked for sub-block outputs but no calibration data was given")?;
+        let cl = DecoderLayer::new(candidate, self.config);
+        inputs.iter().map(|h| cl.part(part, h, rope)).collect()
+    }
+
     /// Call after changing weights so the next `stats` call recollects.
     pub fn invalidate(&mut self) {
         self.fresh = false;
@@ -378,6 +413,9 @@ pub struct EngineReport {
     /// Running counts behind `sparsity` (kept for resuming).
     pub zeros: usize,
     pub numel: usize,
+    /// Storage bytes of the decoder-layer linears as each representation counts them.
+    #[serde(default)]
+    pub linear_bytes: usize,
     /// Calibration windows left out (`on_nonfinite: drop_sample`), by index, in order.
     #[serde(default)]
     pub dropped_samples: Vec<usize>,
@@ -589,8 +627,9 @@ pub fn run(
             }
         }
         for lin in layer.linears.values() {
-            report.zeros += lin.weight.iter().filter(|&&v| v == 0.0).count();
-            report.numel += lin.weight.len();
+            report.zeros += lin.weight().iter().filter(|&&v| v == 0.0).count();
+            report.numel += lin.weight().len();
+            report.linear_bytes += lin.bytes();
         }
         sink.layer(ckpt, &layer)?;
         drop(layer);

@@ -15,12 +15,20 @@ pub struct StatsRequest {
     /// The dense model's (teacher's) hidden states at each layer's input and output, carried
     /// beside the compressed stream (one more hidden-state buffer; see `LayerCtx::teacher`).
     pub teacher: bool,
+    /// The calibration stream itself, for passes that read raw inputs or call block forwards
+    /// with candidate weights without needing accumulated statistics.
+    pub inputs: bool,
 }
 
 impl StatsRequest {
     /// Whether the engine must run calibration forwards at all.
     pub fn any(&self) -> bool {
-        self.hessian || self.act_absmax || self.act_mean_abs || self.col_norm || self.teacher
+        self.hessian
+            || self.act_absmax
+            || self.act_mean_abs
+            || self.col_norm
+            || self.teacher
+            || self.inputs
     }
     pub fn union(self, o: StatsRequest) -> StatsRequest {
         StatsRequest {
@@ -29,6 +37,7 @@ impl StatsRequest {
             act_mean_abs: self.act_mean_abs || o.act_mean_abs,
             col_norm: self.col_norm || o.col_norm,
             teacher: self.teacher || o.teacher,
+            inputs: self.inputs || o.inputs,
         }
     }
 }
@@ -148,6 +157,7 @@ mod tests {
             act_mean_abs: true,
             col_norm: true,
             teacher: false,
+            inputs: false,
         };
         // once with the GEMM-provided XᵀX, once computed inside
         let mut a = SiteStats::new(d, req);

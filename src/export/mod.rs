@@ -5,7 +5,7 @@ pub mod pack;
 pub mod writer;
 
 use crate::engine::LayerSink;
-use crate::model::layer::{LayerWeights, Linear};
+use crate::model::layer::{LayerWeights, Linear, Repr};
 use crate::model::safetensors_file::from_f32;
 use crate::model::Checkpoint;
 use crate::quant::QuantArgs;
@@ -33,6 +33,8 @@ pub struct ExporterState {
     writer: writer::WriterState,
     quantized: Vec<(String, QuantArgs, Order)>,
     unquantized: Vec<String>,
+    #[serde(default)]
+    low_rank: Vec<(String, usize)>,
 }
 
 pub struct Exporter {
@@ -43,6 +45,8 @@ pub struct Exporter {
     quantized: Vec<(String, QuantArgs, Order)>,
     /// Decoder-layer linears left unquantized.
     unquantized: Vec<String>,
+    /// (module name, rank) of every linear written as two factors.
+    low_rank: Vec<(String, usize)>,
 }
 
 impl ExporterState {
@@ -66,6 +70,7 @@ impl Exporter {
             writer: Some(SafetensorsWriter::new(dir, max_shard_bytes)),
             quantized: Vec::new(),
             unquantized: Vec::new(),
+            low_rank: Vec::new(),
         };
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -77,6 +82,7 @@ impl Exporter {
             writer: self.w()?.checkpoint()?,
             quantized: self.quantized.clone(),
             unquantized: self.unquantized.clone(),
+            low_rank: self.low_rank.clone(),
         })
     }
 
@@ -97,6 +103,7 @@ impl Exporter {
             )?),
             quantized: state.quantized,
             unquantized: state.unquantized,
+            low_rank: state.low_rank,
         })
     }
 
@@ -112,10 +119,27 @@ impl Exporter {
         Ok(())
     }
 
+    /// Lay out one linear as its representation says: packed codes (quantized formats), two
+    /// factors (`weight_u`, `weight_v`; the `dense` format multiplies them back), or dense
+    /// values — copied byte for byte when no pass changed it.
     fn write_linear(&mut self, ckpt: &Checkpoint, prefix: &str, lin: &Linear) -> Result<()> {
         let wname = format!("{prefix}.weight");
-        match (&lin.quant, self.format) {
-            (Some(q), Format::CompressedTensors) => {
+        match (lin.repr(), lin.quant(), self.format) {
+            (Repr::Factored { u, v }, _, Format::CompressedTensors | Format::Gptq) => {
+                if u.quant.is_some() || v.quant.is_some() {
+                    bail!("export: `{prefix}` has quantized factors; this format stores factors in floating point only");
+                }
+                for (suffix, f) in [("weight_u", u), ("weight_v", v)] {
+                    let vals = f.values.as_standard_layout();
+                    let bytes = from_f32(lin.dtype, vals.as_slice().context("factor")?);
+                    let shape = [f.values.nrows(), f.values.ncols()];
+                    self.w()?
+                        .add(&format!("{prefix}.{suffix}"), lin.dtype, &shape, &bytes)?;
+                }
+                self.low_rank.push((prefix.to_string(), u.values.ncols()));
+                self.unquantized.push(prefix.to_string());
+            }
+            (_, Some(q), Format::CompressedTensors) => {
                 for (n, dt, shape, bytes) in
                     crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
                 {
@@ -124,20 +148,21 @@ impl Exporter {
                 self.quantized
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
-            (Some(q), Format::Gptq) => {
+            (_, Some(q), Format::Gptq) => {
                 for (n, dt, shape, bytes) in crate::formats::gptq::gptq_tensors(prefix, q)? {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
-            _ => {
-                if lin.quant.is_none() {
+            (_, q, _) => {
+                if q.is_none() {
                     self.unquantized.push(prefix.to_string());
                 }
-                if lin.modified || !ckpt.has(&wname) {
-                    let s = lin.weight.as_slice().context("weight not contiguous")?;
-                    let shape = [lin.weight.nrows(), lin.weight.ncols()];
+                if lin.is_modified() || !ckpt.has(&wname) {
+                    let w = lin.weight();
+                    let s = w.as_slice().context("weight not contiguous")?;
+                    let shape = [w.nrows(), w.ncols()];
                     let bytes = from_f32(lin.dtype, s);
                     self.w()?.add(&wname, lin.dtype, &shape, &bytes)?;
                 } else {
@@ -180,6 +205,17 @@ impl Exporter {
                     files.push("quantize_config.json".into());
                 }
             }
+        }
+        if !self.low_rank.is_empty() {
+            let ranks: serde_json::Map<String, Value> = self
+                .low_rank
+                .iter()
+                .map(|(m, r)| (m.clone(), Value::from(*r)))
+                .collect();
+            config["low_rank"] = serde_json::json!({
+                "layout": "weight_u [out, rank] · weight_v [rank, in]",
+                "ranks": ranks,
+            });
         }
         let p = self.dir.join("config.json");
         std::fs::write(&p, serde_json::to_vec_pretty(&config)?)

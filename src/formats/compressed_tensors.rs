@@ -229,6 +229,27 @@ pub fn compressed_tensors_tensors(prefix: &str, q: &QuantizedLinear) -> Result<V
     Ok(v)
 }
 
+/// Bytes [`compressed_tensors_tensors`] writes for `q`, computed from the shapes alone.
+pub fn stored_bytes(q: &QuantizedLinear) -> usize {
+    let (out, inn) = q.shape;
+    let bits = q.args.bits;
+    let tensor = q.args.strategy == Strategy::Tensor;
+    let ng = q.n_groups();
+    let mut b = out * ct_packed_len(inn, bits) * 4 + 2 * 8;
+    b += if tensor { 1 } else { out * ng } * q.scale_dtype.size();
+    if !q.args.symmetric {
+        b += if tensor {
+            1
+        } else {
+            ct_packed_len(out, bits) * ng * 4
+        };
+    }
+    if q.g_idx.is_some() {
+        b += inn * 4;
+    }
+    b
+}
+
 /// Read the compressed-tensors tensors of one linear back into a [`QuantizedLinear`].
 /// The strategy follows the scale's shape (`[1]` tensor, `[out, 1]` channel, else group);
 /// `group_size` is checked against it for the group strategy. Optional tensors

@@ -2,7 +2,6 @@
 
 use super::checkpoint::Checkpoint;
 use super::safetensors_file::DType;
-use crate::quant::QuantizedLinear;
 use anyhow::{bail, Result};
 use ndarray::Array2;
 use std::collections::BTreeMap;
@@ -41,19 +40,9 @@ impl Site {
     }
 }
 
-pub struct Linear {
-    /// [out_features, in_features], f32 whatever the storage dtype.
-    pub weight: Array2<f32>,
-    pub bias: Option<Vec<f32>>,
-    /// Storage dtype of the weight in the source checkpoint.
-    pub dtype: DType,
-    /// Set by a quantization pass: the integer codes and parameters the exporter packs.
-    /// `weight` then holds the dequantized values.
-    pub quant: Option<QuantizedLinear>,
-    /// Set once any pass changed `weight`.
-    pub modified: bool,
-}
+pub use super::linear::{ActQuant, Factor, Linear, Mask, Repr};
 
+#[derive(Clone)]
 pub struct LayerWeights {
     pub index: usize,
     pub linears: BTreeMap<String, Linear>,
@@ -78,10 +67,8 @@ impl LayerWeights {
         for name in LINEARS {
             let full = format!("{p}{name}.weight");
             let shape = &shapes[&full];
-            let (w, dtype) =
-                crate::model::dequant::dense_weight(ckpt, &format!("{p}{name}"), shape)?;
-            let weight = Array2::from_shape_vec((shape[0], shape[1]), w)?;
-            let bias_name = format!("{p}{name}.bias");
+            let module = format!("{p}{name}");
+            let bias_name = format!("{module}.bias");
             let desc = cfg
                 .block()
                 .linear(name)
@@ -91,16 +78,17 @@ impl LayerWeights {
             } else {
                 None
             };
-            linears.insert(
-                name.to_string(),
-                Linear {
-                    weight,
+            let lin = if ckpt.has(&format!("{module}.weight_u")) {
+                load_factored(ckpt, &module, shape, bias)?
+            } else {
+                let (w, dtype) = crate::model::dequant::dense_weight(ckpt, &module, shape)?;
+                Linear::dense(
+                    Array2::from_shape_vec((shape[0], shape[1]), w)?,
                     bias,
                     dtype,
-                    quant: None,
-                    modified: false,
-                },
-            );
+                )
+            };
+            linears.insert(name.to_string(), lin);
         }
         let mut norms = BTreeMap::new();
         for (n, _) in cfg.block().norms {
@@ -120,6 +108,50 @@ impl LayerWeights {
     pub fn linear(&self, name: &str) -> &Linear {
         &self.linears[name]
     }
+}
+
+/// A linear stored as two factors (`weight_u` [out, r], `weight_v` [r, in]), the rank agreeing
+/// with config.json's `low_rank` block when it has one.
+fn load_factored(
+    ckpt: &Checkpoint,
+    module: &str,
+    shape: &[usize],
+    bias: Option<Vec<f32>>,
+) -> Result<Linear> {
+    let (un, vn) = (format!("{module}.weight_u"), format!("{module}.weight_v"));
+    let (ui, upath) = ckpt.info(&un)?;
+    let r = match ui.shape.as_slice() {
+        [o, r] if *o == shape[0] => *r,
+        s => bail!(
+            "{}: tensor `{un}` has shape {s:?}, expected [{}, rank]",
+            upath.display(),
+            shape[0]
+        ),
+    };
+    if let Some(want) = ckpt
+        .config
+        .raw
+        .pointer("/low_rank/ranks")
+        .and_then(|m| m.get(module))
+        .and_then(|v| v.as_u64())
+    {
+        if want as usize != r {
+            bail!(
+                "{}: `{un}` has rank {r}, config.json `low_rank.ranks` says {want}",
+                upath.display()
+            );
+        }
+    }
+    let dtype = ui.dtype;
+    let u = read_checked(ckpt, &un, &[shape[0], r])?;
+    let v = read_checked(ckpt, &vn, &[r, shape[1]])?;
+    let f = |vals: Vec<f32>, rows, cols| -> Result<Factor> {
+        Ok(Factor {
+            values: Array2::from_shape_vec((rows, cols), vals)?,
+            quant: None,
+        })
+    };
+    Linear::factored(f(u, shape[0], r)?, f(v, r, shape[1])?, bias, dtype)
 }
 
 /// Read a dense tensor as f32, checking its shape.

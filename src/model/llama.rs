@@ -63,10 +63,7 @@ impl<'a> DecoderLayer<'a> {
     }
 
     fn lin(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let l = &self.w.linears[name];
-        let (out, k) = l.weight.dim();
-        let ws = l.weight.as_slice().context("weight not contiguous")?;
-        Ok(ops::linear(x, n, k, ws, out, l.bias.as_deref()))
+        self.w.linears[name].forward(x, n)
     }
 
     fn norm(&self, name: &str) -> Result<&[f32]> {
@@ -95,7 +92,6 @@ impl<'a> DecoderLayer<'a> {
         let (b, t) = (x.b, x.t);
         let n = b * t;
         let d = cfg.hidden_size;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
         ensure!(
             t <= rope.max_t,
@@ -109,10 +105,46 @@ impl<'a> DecoderLayer<'a> {
         if stop == Some(Site::AttnIn) {
             return Ok(None);
         }
-        let mut q = self.lin("self_attn.q_proj", &h, n)?;
-        let mut k = self.lin("self_attn.k_proj", &h, n)?;
-        let v = self.lin("self_attn.v_proj", &h, n)?;
+        let Some(o) = self.attention(&h, b, t, rope, hook, stop)? else {
+            return Ok(None);
+        };
         drop(h);
+        let mut r = x.data.clone();
+        ops::add_assign(&mut r, &o);
+        drop(o);
+        // --- MLP (SwiGLU) ---
+        let h = ops::rms_norm(&r, d, self.norm("post_attention_layernorm")?, eps);
+        hook(Site::MlpIn, &h, n, d)?;
+        if stop == Some(Site::MlpIn) {
+            return Ok(None);
+        }
+        let Some(dn) = self.mlp(&h, n, hook, stop)? else {
+            return Ok(None);
+        };
+        ops::add_assign(&mut r, &dn);
+        Ok(Some(Act { data: r, b, t }))
+    }
+}
+
+impl DecoderLayer<'_> {
+    /// Self-attention on the normed input `h` [b·t, hidden] up to the output of o_proj (before
+    /// the residual add); the hook sees o_proj's input. `None` when stopped there.
+    fn attention(
+        &self,
+        h: &[f32],
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        hook: &mut Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Vec<f32>>> {
+        let cfg = self.cfg;
+        let n = b * t;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let mut q = self.lin("self_attn.q_proj", h, n)?;
+        let mut k = self.lin("self_attn.k_proj", h, n)?;
+        let v = self.lin("self_attn.v_proj", h, n)?;
         if cfg.qk_norm {
             q = ops::rms_norm(&q, hd, self.norm("self_attn.q_norm")?, eps);
             k = ops::rms_norm(&k, hd, self.norm("self_attn.k_norm")?, eps);
@@ -126,30 +158,58 @@ impl<'a> DecoderLayer<'a> {
         if stop == Some(Site::OIn) {
             return Ok(None);
         }
-        let o = self.lin("self_attn.o_proj", &attn, n)?;
-        drop(attn);
-        let mut r = x.data.clone();
-        ops::add_assign(&mut r, &o);
-        drop(o);
-        // --- MLP (SwiGLU) ---
-        let h = ops::rms_norm(&r, d, self.norm("post_attention_layernorm")?, eps);
-        hook(Site::MlpIn, &h, n, d)?;
-        if stop == Some(Site::MlpIn) {
-            return Ok(None);
-        }
-        let g = self.lin("mlp.gate_proj", &h, n)?;
-        let u = self.lin("mlp.up_proj", &h, n)?;
-        drop(h);
+        Ok(Some(self.lin("self_attn.o_proj", &attn, n)?))
+    }
+
+    /// The SwiGLU MLP on the normed input `h` [n, hidden] up to down_proj's output (before the
+    /// residual add); the hook sees down_proj's input. `None` when stopped there.
+    fn mlp(
+        &self,
+        h: &[f32],
+        n: usize,
+        hook: &mut Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Vec<f32>>> {
+        let g = self.lin("mlp.gate_proj", h, n)?;
+        let u = self.lin("mlp.up_proj", h, n)?;
         let act = ops::silu_mul(&g, &u);
         drop((g, u));
-        hook(Site::DownIn, &act, n, cfg.intermediate_size)?;
+        hook(Site::DownIn, &act, n, self.cfg.intermediate_size)?;
         if stop == Some(Site::DownIn) {
             return Ok(None);
         }
-        let dn = self.lin("mlp.down_proj", &act, n)?;
-        ops::add_assign(&mut r, &dn);
-        Ok(Some(Act { data: r, b, t }))
+        Ok(Some(self.lin("mlp.down_proj", &act, n)?))
     }
+
+    /// The output of one sub-block on its own (normed) input `h` ([b, t, hidden] as an `Act`):
+    /// what AWQ's search compares between candidate scales.
+    pub fn part(&self, part: Part, h: &Act, rope: &Rope) -> Result<Vec<f32>> {
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        ensure!(
+            h.data.len() == h.rows() * self.cfg.hidden_size,
+            "sub-block input has the wrong size"
+        );
+        ensure!(
+            h.t <= rope.max_t,
+            "sequence of {} tokens exceeds the RoPE table ({})",
+            h.t,
+            rope.max_t
+        );
+        let y = match part {
+            Part::Attention => self.attention(&h.data, h.b, h.t, rope, &mut no_hook, None)?,
+            Part::Mlp => self.mlp(&h.data, h.rows(), &mut no_hook, None)?,
+        };
+        y.context("sub-block stopped early")
+    }
+}
+
+/// A sub-block of the decoder layer, from its normed input to its output before the residual.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// input_layernorm's output → q/k/v → attention → o_proj.
+    Attention,
+    /// post_attention_layernorm's output → gate/up → SwiGLU → down_proj.
+    Mlp,
 }
 
 /// Embedding table, final norm and LM head: the parts outside the decoder layers.

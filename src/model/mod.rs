@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dequant;
 pub mod layer;
+pub mod linear;
 pub mod llama;
 pub mod ops;
 pub mod safetensors_file;

@@ -431,7 +431,7 @@ impl Pass for Gptq {
                     .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
                 let lin = &ctx.layer.linears[name];
                 let r = gptq_quantize(
-                    &lin.weight,
+                    lin.weight(),
                     &h,
                     &self.args,
                     scale_dtype_for(lin.dtype),
@@ -441,7 +441,7 @@ impl Pass for Gptq {
                     self.spec.static_groups(),
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-                let rel = crate::linalg::rel_output_error(&lin.weight, &r.dequant, &h);
+                let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
                 if r.damp != self.spec.damp {
                     ctx.warn(format!(
                         "{module}: Cholesky failed with damp {}, succeeded with damp {}",
@@ -449,9 +449,8 @@ impl Pass for Gptq {
                     ));
                 }
                 let lin = ctx.layer.linears.get_mut(name).expect("linear present");
-                lin.weight = r.dequant;
-                lin.quant = Some(r.quant);
-                lin.modified = true;
+                lin.set_quantized(r.quant)
+                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let mut notes = std::collections::BTreeMap::new();
                 notes.insert("damp".into(), json!(r.damp));
                 ctx.records.push(LinearRecord {

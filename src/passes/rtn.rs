@@ -53,11 +53,10 @@ impl Pass for Rtn {
                 .linears
                 .get_mut(name)
                 .expect("all linears present");
-            let q = quantize_rtn(lin.weight.view(), &self.args, scale_dtype_for(lin.dtype))
+            let q = quantize_rtn(lin.weight().view(), &self.args, scale_dtype_for(lin.dtype))
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-            lin.weight = q.dequantize();
-            lin.quant = Some(q);
-            lin.modified = true;
+            lin.set_quantized(q)
+                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             ctx.records.push(LinearRecord {
                 layer: ctx.index(),
                 linear: name.to_string(),

@@ -1,0 +1,468 @@
+//! A decoder-layer linear as a value that owns its representation.
+//!
+//! A pass does not edit a weight matrix and hope the exporter guesses what happened: it gives
+//! the linear a new representation — dense values, integer codes on a grid, a mask over either,
+//! or two factors — through a setter that records the change. Every representation has
+//!
+//! * its forward ([`Linear::forward`]), used by the calibration forward and by evaluation, so
+//!   what the next layer calibrates on and what the report scores is the compressed function;
+//! * the matrix it computes ([`Linear::weight`], `u·v` for factors), for statistics and for a
+//!   pass that follows another;
+//! * its exact storage bytes ([`Linear::bytes`]) as the compressed-tensors exporter writes them;
+//! * whether it changed ([`Linear::is_modified`]): unchanged linears are copied byte for byte.
+//!
+//! An optional activation quantizer on the input ([`ActQuant`], for W8A8) runs inside the
+//! forward, so evaluation measures the model that will be served, not W8A16.
+
+use crate::model::ops;
+use crate::model::safetensors_file::DType;
+use crate::quant::QuantizedLinear;
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::Array2;
+use rayon::prelude::*;
+
+/// Which weights a pruned linear keeps: `[out, in]` row-major, `true` = kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mask {
+    pub shape: (usize, usize),
+    pub keep: Vec<bool>,
+}
+
+impl Mask {
+    pub fn new(shape: (usize, usize), keep: Vec<bool>) -> Result<Self> {
+        ensure!(
+            keep.len() == shape.0 * shape.1,
+            "mask has {} entries, the linear {}×{}",
+            keep.len(),
+            shape.0,
+            shape.1
+        );
+        Ok(Mask { shape, keep })
+    }
+
+    /// Fraction of weights removed.
+    pub fn sparsity(&self) -> f64 {
+        let zeros = self.keep.iter().filter(|k| !**k).count();
+        zeros as f64 / self.keep.len().max(1) as f64
+    }
+}
+
+/// One factor of a factored linear: its values and, when quantized, its codes.
+#[derive(Clone, Debug)]
+pub struct Factor {
+    pub values: Array2<f32>,
+    pub quant: Option<QuantizedLinear>,
+}
+
+/// What a linear stores.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per linear, never in bulk
+pub enum Repr {
+    /// Floating-point values in the checkpoint's dtype.
+    Dense,
+    /// Integer codes on a grid; the computed matrix is their dequantization.
+    Quantized(QuantizedLinear),
+    /// A mask over a dense or quantized inner representation (masked weights are exactly 0).
+    Sparse { mask: Mask, inner: Box<Repr> },
+    /// W ≈ U·V with U [out, r] and V [r, in]; the forward runs the two factors in turn.
+    Factored { u: Factor, v: Factor },
+}
+
+/// Dynamic, symmetric, per-token quantization of a linear's input (W8A8's "A8"): each row of
+/// the input is scaled by max|x|/qmax, rounded half to even and clamped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActQuant {
+    pub bits: u32,
+}
+
+impl ActQuant {
+    /// Quantize-dequantize `x` ([n, k] row-major) in place.
+    pub fn apply(&self, x: &mut [f32], k: usize) {
+        let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+        x.par_chunks_mut(k).for_each(|row| {
+            let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if m == 0.0 {
+                return;
+            }
+            let s = m / qmax;
+            for v in row.iter_mut() {
+                *v = crate::quant::round_half_even(*v / s).clamp(-qmax - 1.0, qmax) * s;
+            }
+        });
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    repr: Repr,
+    /// The matrix the linear computes, [out, in] f32 (for factors: U·V).
+    weight: Array2<f32>,
+    pub bias: Option<Vec<f32>>,
+    /// Storage dtype of the weight in the source checkpoint.
+    pub dtype: DType,
+    act_quant: Option<ActQuant>,
+    modified: bool,
+}
+
+impl Linear {
+    /// A dense linear as read from a checkpoint (not modified).
+    pub fn dense(weight: Array2<f32>, bias: Option<Vec<f32>>, dtype: DType) -> Self {
+        Linear {
+            repr: Repr::Dense,
+            weight,
+            bias,
+            dtype,
+            act_quant: None,
+            modified: false,
+        }
+    }
+
+    /// A factored linear as read from a checkpoint (not modified).
+    pub fn factored(u: Factor, v: Factor, bias: Option<Vec<f32>>, dtype: DType) -> Result<Self> {
+        let mut l = Linear::dense(Array2::zeros((0, 0)), bias, dtype);
+        l.set_factored(u, v)?;
+        l.modified = false;
+        Ok(l)
+    }
+
+    /// The matrix this linear computes, [out, in].
+    pub fn weight(&self) -> &Array2<f32> {
+        &self.weight
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        self.weight.dim()
+    }
+
+    pub fn repr(&self) -> &Repr {
+        &self.repr
+    }
+
+    /// The integer codes when the linear (or the inner representation of a sparse one) is
+    /// quantized.
+    pub fn quant(&self) -> Option<&QuantizedLinear> {
+        match &self.repr {
+            Repr::Quantized(q) => Some(q),
+            Repr::Sparse { inner, .. } => match inner.as_ref() {
+                Repr::Quantized(q) => Some(q),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    pub fn mask(&self) -> Option<&Mask> {
+        match &self.repr {
+            Repr::Sparse { mask, .. } => Some(mask),
+            _ => None,
+        }
+    }
+
+    pub fn act_quant(&self) -> Option<ActQuant> {
+        self.act_quant
+    }
+
+    /// Set once any pass changed the linear.
+    pub fn is_modified(&self) -> bool {
+        self.modified
+    }
+
+    /// New dense values (a pass that rescales or updates weights). A sparse linear keeps its
+    /// mask: masked positions must be zero in `w`.
+    pub fn set_weight(&mut self, w: Array2<f32>) -> Result<()> {
+        ensure!(
+            w.dim() == self.weight.dim() || self.weight.is_empty(),
+            "new weight {:?} for a {:?} linear",
+            w.dim(),
+            self.weight.dim()
+        );
+        if let Some(m) = self.mask() {
+            check_masked_zero(m, &w, "new weights")?;
+        }
+        self.repr = match std::mem::replace(&mut self.repr, Repr::Dense) {
+            Repr::Sparse { mask, .. } => Repr::Sparse {
+                mask,
+                inner: Box::new(Repr::Dense),
+            },
+            _ => Repr::Dense,
+        };
+        self.weight = w;
+        self.modified = true;
+        Ok(())
+    }
+
+    /// Integer codes on a grid. A sparse linear keeps its mask: the codes must dequantize to
+    /// exactly zero at masked positions (a quantizer that respects the mask does).
+    pub fn set_quantized(&mut self, q: QuantizedLinear) -> Result<()> {
+        ensure!(
+            q.shape == self.weight.dim(),
+            "codes {:?} for a {:?} linear",
+            q.shape,
+            self.weight.dim()
+        );
+        let dq = q.dequantize();
+        if let Some(m) = self.mask() {
+            check_masked_zero(m, &dq, "quantized weights")?;
+        }
+        self.repr = match std::mem::replace(&mut self.repr, Repr::Dense) {
+            Repr::Sparse { mask, .. } => Repr::Sparse {
+                mask,
+                inner: Box::new(Repr::Quantized(q)),
+            },
+            _ => Repr::Quantized(q),
+        };
+        self.weight = dq;
+        self.modified = true;
+        Ok(())
+    }
+
+    /// Prune: zero the weights the mask drops and keep the mask (later passes preserve it).
+    pub fn set_mask(&mut self, mask: Mask) -> Result<()> {
+        ensure!(
+            mask.shape == self.weight.dim(),
+            "mask {:?} for a {:?} linear",
+            mask.shape,
+            self.weight.dim()
+        );
+        match &self.repr {
+            Repr::Dense | Repr::Sparse { .. } => {}
+            Repr::Quantized(_) => bail!("prune before quantizing: the linear already holds codes"),
+            Repr::Factored { .. } => bail!("a factored linear cannot be masked"),
+        }
+        if let Repr::Sparse { inner, .. } = &self.repr {
+            ensure!(
+                matches!(inner.as_ref(), Repr::Dense),
+                "prune before quantizing: the linear already holds codes"
+            );
+        }
+        let inner = Repr::Dense;
+        let w = self
+            .weight
+            .as_slice_mut()
+            .context("weight not contiguous")?;
+        w.par_iter_mut()
+            .zip(mask.keep.par_iter())
+            .for_each(|(v, k)| {
+                if !k {
+                    *v = 0.0
+                }
+            });
+        self.repr = Repr::Sparse {
+            mask,
+            inner: Box::new(inner),
+        };
+        self.modified = true;
+        Ok(())
+    }
+
+    /// Replace the linear by two factors, U [out, r] · V [r, in].
+    pub fn set_factored(&mut self, u: Factor, v: Factor) -> Result<()> {
+        let (out, r) = u.values.dim();
+        let (r2, inn) = v.values.dim();
+        ensure!(
+            r == r2,
+            "factor ranks differ: U is {out}×{r}, V is {r2}×{inn}"
+        );
+        ensure!(
+            self.weight.is_empty() || (out, inn) == self.weight.dim(),
+            "factors {out}×{r}·{r2}×{inn} for a {:?} linear",
+            self.weight.dim()
+        );
+        for f in [&u, &v] {
+            if let Some(q) = &f.quant {
+                ensure!(
+                    q.shape == f.values.dim(),
+                    "factor codes {:?} for a {:?} factor",
+                    q.shape,
+                    f.values.dim()
+                );
+            }
+        }
+        // W = U·V: rows of U against the rows of Vᵀ, through the forward's GEMM
+        let us = u.values.as_standard_layout().to_owned();
+        let vt = v.values.t().as_standard_layout().to_owned();
+        let w = ops::linear(
+            us.as_slice().context("factor")?,
+            out,
+            r,
+            vt.as_slice().context("factor")?,
+            inn,
+            None,
+        );
+        self.weight = Array2::from_shape_vec((out, inn), w)?;
+        self.repr = Repr::Factored { u, v };
+        self.modified = true;
+        Ok(())
+    }
+
+    /// Quantize this linear's input at run time (W8A8), or stop doing so.
+    pub fn set_act_quant(&mut self, a: Option<ActQuant>) {
+        if a != self.act_quant {
+            self.act_quant = a;
+            self.modified = true;
+        }
+    }
+
+    /// y = x·Wᵀ + b for x [n, in] row-major, through the representation.
+    pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (out, k) = self.weight.dim();
+        ensure!(
+            x.len() == n * k,
+            "input has {} values, expected {n}×{k}",
+            x.len()
+        );
+        let mut xq;
+        let x = match self.act_quant {
+            Some(a) => {
+                xq = x.to_vec();
+                a.apply(&mut xq, k);
+                &xq[..]
+            }
+            None => x,
+        };
+        Ok(match &self.repr {
+            Repr::Factored { u, v } => {
+                let r = v.values.nrows();
+                let vs = v.values.as_slice().context("factor not contiguous")?;
+                let us = u.values.as_slice().context("factor not contiguous")?;
+                let h = ops::linear(x, n, k, vs, r, None);
+                ops::linear(&h, n, r, us, out, self.bias.as_deref())
+            }
+            _ => {
+                let ws = self.weight.as_slice().context("weight not contiguous")?;
+                ops::linear(x, n, k, ws, out, self.bias.as_deref())
+            }
+        })
+    }
+
+    /// Exact bytes of the weight as the compressed-tensors exporter stores it (bias excluded):
+    /// dense values in the checkpoint dtype (a pruned linear is stored dense, zeros included),
+    /// packed codes with their scales, zero points and g_idx, or both factors.
+    pub fn bytes(&self) -> usize {
+        fn of(repr: &Repr, w: &Array2<f32>, dtype: DType) -> usize {
+            match repr {
+                Repr::Dense => w.len() * dtype.size(),
+                Repr::Quantized(q) => crate::formats::compressed_tensors::stored_bytes(q),
+                Repr::Sparse { inner, .. } => of(inner, w, dtype),
+                Repr::Factored { u, v } => [u, v]
+                    .iter()
+                    .map(|f| match &f.quant {
+                        Some(q) => crate::formats::compressed_tensors::stored_bytes(q),
+                        None => f.values.len() * dtype.size(),
+                    })
+                    .sum(),
+            }
+        }
+        of(&self.repr, &self.weight, self.dtype)
+    }
+}
+
+fn check_masked_zero(mask: &Mask, w: &Array2<f32>, what: &str) -> Result<()> {
+    let ws = w.as_slice().context("weight not contiguous")?;
+    if let Some(i) = ws.iter().zip(&mask.keep).position(|(v, k)| !k && *v != 0.0) {
+        bail!(
+            "{what} are non-zero at pruned position ({}, {}): the pass did not keep the mask",
+            i / mask.shape.1,
+            i % mask.shape.1
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(shape: (usize, usize), seed: u64) -> Array2<f32> {
+        let mut s = seed;
+        Array2::from_shape_fn(shape, |_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+    }
+
+    fn naive(x: &[f32], n: usize, w: &Array2<f32>) -> Vec<f32> {
+        let (out, k) = w.dim();
+        let mut y = vec![0f32; n * out];
+        for i in 0..n {
+            for o in 0..out {
+                y[i * out + o] = (0..k).map(|j| x[i * k + j] * w[[o, j]]).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn factored_forward_is_the_product() {
+        let (u, v) = (rand((12, 5), 1), rand((5, 9), 2));
+        let mut l = Linear::dense(rand((12, 9), 3), None, DType::F32);
+        l.set_factored(
+            Factor {
+                values: u.clone(),
+                quant: None,
+            },
+            Factor {
+                values: v.clone(),
+                quant: None,
+            },
+        )
+        .unwrap();
+        let w = u.dot(&v);
+        for (a, b) in l.weight().iter().zip(w.iter()) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let x = rand((7, 9), 4).into_raw_vec_and_offset().0;
+        let y = l.forward(&x, 7).unwrap();
+        for (a, b) in y.iter().zip(naive(&x, 7, &w)) {
+            assert!((a - b).abs() < 1e-4, "{a} {b}");
+        }
+        assert!(l.is_modified());
+        assert_eq!(l.bytes(), (12 * 5 + 5 * 9) * 4);
+    }
+
+    #[test]
+    fn mask_zeroes_and_survives_quantization() {
+        let mut l = Linear::dense(rand((4, 8), 5), None, DType::BF16);
+        let keep: Vec<bool> = (0..32).map(|i| i % 4 < 2).collect();
+        l.set_mask(Mask::new((4, 8), keep.clone()).unwrap())
+            .unwrap();
+        assert!(l.weight().iter().zip(&keep).all(|(v, k)| *k || *v == 0.0));
+        assert_eq!(l.mask().unwrap().sparsity(), 0.5);
+        // dense values that break the mask are refused
+        assert!(l.set_weight(rand((4, 8), 6)).is_err());
+        let args = crate::quant::QuantArgs {
+            bits: 4,
+            symmetric: false,
+            strategy: crate::quant::Strategy::Group,
+            group_size: 8,
+            observer: crate::quant::Observer::MinMax,
+        };
+        let q = crate::quant::quantize_rtn(l.weight().view(), &args, DType::BF16).unwrap();
+        l.set_quantized(q).unwrap();
+        assert!(l.quant().is_some() && l.mask().is_some());
+        let x = rand((3, 8), 7).into_raw_vec_and_offset().0;
+        let y = l.forward(&x, 3).unwrap();
+        for (a, b) in y.iter().zip(naive(&x, 3, l.weight())) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn act_quant_is_per_token_symmetric() {
+        let a = ActQuant { bits: 8 };
+        let mut x = vec![
+            1.0, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.001, -3.0, 1.5,
+        ];
+        let orig = x.clone();
+        a.apply(&mut x, 4);
+        // row 0: scale 1/127; row 1 all zero; row 2: scale 3/127
+        assert_eq!(x[0], 1.0);
+        assert_eq!(&x[4..8], &[0.0; 4]);
+        assert_eq!(x[9], 0.0);
+        for (q, o) in x.iter().zip(&orig) {
+            assert!((q - o).abs() <= 3.0 / 127.0 / 2.0 + 1e-7);
+        }
+    }
+}
