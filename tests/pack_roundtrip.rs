@@ -71,6 +71,7 @@ fn random_linear(
         zeros,
         g_idx,
         static_order: false,
+        true_sequential: false,
         scale_dtype: DType::BF16,
         shape: (out, inn),
     }

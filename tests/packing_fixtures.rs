@@ -168,6 +168,7 @@ fn ct_compressor_tensors_reproduced_byte_for_byte() {
             zeros: if sym { None } else { Some(zeros) },
             g_idx: None,
             static_order: false,
+            true_sequential: false,
             scale_dtype: our_dtype(ws.dtype),
             shape: (out, inn),
         };
@@ -308,6 +309,7 @@ fn gptq_v1_linear_tensors_reproduced_byte_for_byte() {
                 zeros: if sym { None } else { Some(zeros) },
                 g_idx: None,
                 static_order: false,
+                true_sequential: false,
                 scale_dtype: DType::F16,
                 shape: (out, inn),
             };

@@ -387,7 +387,7 @@ fn document_sampling_calibrates_on_whole_records() {
     let r = run(
         &format!(
             "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 6, seq_len: 96, sampling: documents, batch: 4}}\n\
-             passes:\n  - gptq: {{bits: 4, group_size: 128, true_sequential: false}}\n",
+             passes:\n  - gptq: {{bits: 4, group_size: 128, true_sequential: false}}\nexport: {{format: gptq}}\n",
             model(),
             d.path().join("o").display(),
             common::shared().join("data/calib/c4_calib.jsonl").display()
@@ -397,6 +397,11 @@ fn document_sampling_calibrates_on_whole_records() {
     );
     assert_eq!(r["layers"].as_array().unwrap().len(), 42);
     assert_eq!(r["pipeline"]["calibration"]["sampling"], "documents");
+    // the GPTQ config block states what the pass did, not a constant
+    let qc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("o/quantize_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(qc["true_sequential"], false);
 }
 
 /// A sharded output (index + several files) reads back like the single file it came from.

@@ -35,6 +35,8 @@ pub struct ExporterState {
     unquantized: Vec<String>,
     #[serde(default)]
     low_rank: Vec<(String, usize)>,
+    #[serde(default)]
+    true_sequential: Option<bool>,
 }
 
 pub struct Exporter {
@@ -47,6 +49,8 @@ pub struct Exporter {
     unquantized: Vec<String>,
     /// (module name, rank) of every linear written as two factors.
     low_rank: Vec<(String, usize)>,
+    /// Whether every quantized linear was quantized "true sequentially" (as recorded by the pass).
+    true_sequential: Option<bool>,
 }
 
 impl ExporterState {
@@ -71,6 +75,7 @@ impl Exporter {
             quantized: Vec::new(),
             unquantized: Vec::new(),
             low_rank: Vec::new(),
+            true_sequential: None,
         };
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -83,6 +88,7 @@ impl Exporter {
             quantized: self.quantized.clone(),
             unquantized: self.unquantized.clone(),
             low_rank: self.low_rank.clone(),
+            true_sequential: self.true_sequential,
         })
     }
 
@@ -104,6 +110,7 @@ impl Exporter {
             quantized: state.quantized,
             unquantized: state.unquantized,
             low_rank: state.low_rank,
+            true_sequential: state.true_sequential,
         })
     }
 
@@ -149,6 +156,8 @@ impl Exporter {
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
             (_, Some(q), Format::Gptq) => {
+                let ts = self.true_sequential.unwrap_or(true) && q.true_sequential;
+                self.true_sequential = Some(ts);
                 for (n, dt, shape, bytes) in crate::formats::gptq::gptq_tensors(prefix, q)? {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
@@ -257,7 +266,14 @@ impl Exporter {
     /// quantize_config.json / `quantization_config` of a GPTQ v1 checkpoint.
     fn gptq_config(&self) -> Result<Option<Value>> {
         self.distinct_args()?
-            .map(|(a, order)| crate::formats::gptq::quantize_config(&a, order, &self.unquantized))
+            .map(|(a, order)| {
+                crate::formats::gptq::quantize_config(
+                    &a,
+                    order,
+                    &self.unquantized,
+                    self.true_sequential.unwrap_or(false),
+                )
+            })
             .transpose()
     }
 }

@@ -377,6 +377,7 @@ pub fn read_compressed_tensors_quantized(
         zeros,
         g_idx,
         static_order: false,
+        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
     };

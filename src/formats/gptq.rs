@@ -354,6 +354,7 @@ pub fn read_gptq_quantized(
         zeros: if symmetric { None } else { Some(zeros) },
         g_idx: if contiguous { None } else { Some(g_idx) },
         static_order: false,
+        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
     };
@@ -376,7 +377,13 @@ pub fn read_gptq(
 /// quantize_config.json / the `quantization_config` block of a GPTQ v1 checkpoint for linears
 /// quantized with `a` in column order `order`. GPTQ v1 has no per-module ignore list: every
 /// decoder linear must be quantized.
-pub fn quantize_config(a: &QuantArgs, order: Order, unquantized: &[String]) -> Result<Value> {
+/// `true_sequential` is what the quantizing pass recorded (false for RTN).
+pub fn quantize_config(
+    a: &QuantArgs,
+    order: Order,
+    unquantized: &[String],
+    true_sequential: bool,
+) -> Result<Value> {
     if !unquantized.is_empty() {
         bail!(
             "export gptq: every decoder linear must be quantized (GPTQ v1 has no per-module ignore list); left dense: {}",
@@ -397,7 +404,7 @@ pub fn quantize_config(a: &QuantArgs, order: Order, unquantized: &[String]) -> R
         "desc_act": order != Order::Columns,
         "sym": a.symmetric,
         "static_groups": order == Order::Static,
-        "true_sequential": true,
+        "true_sequential": true_sequential,
         "quant_method": "gptq",
         "checkpoint_format": "gptq"
     }))

@@ -380,6 +380,7 @@ pub fn gptq_quantize(
         zeros: (!args.symmetric).then(|| zeros.iter().map(|&z| z as i8).collect()),
         g_idx,
         static_order: act_order && static_groups,
+        true_sequential: false,
         scale_dtype,
         shape: (rows, cols),
     };
@@ -430,7 +431,7 @@ impl Pass for Gptq {
                     .hessian()
                     .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
                 let lin = &ctx.layer.linears[name];
-                let r = gptq_quantize(
+                let mut r = gptq_quantize(
                     lin.weight(),
                     &h,
                     &self.args,
@@ -448,6 +449,7 @@ impl Pass for Gptq {
                         self.spec.damp, r.damp
                     ));
                 }
+                r.quant.true_sequential = self.spec.true_sequential;
                 let lin = ctx.layer.linears.get_mut(name).expect("linear present");
                 lin.set_quantized(r.quant)
                     .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;

@@ -77,6 +77,9 @@ pub struct QuantizedLinear {
     /// Columns were quantized in activation order with groups fixed in column order (GPTQ's
     /// static groups): nothing changes in the layout, but the config block says so.
     pub static_order: bool,
+    /// The quantizer saw each linear's inputs through the already-quantized linears before it
+    /// in the layer (GPTQ's "true sequential"); recorded for the GPTQ config block.
+    pub true_sequential: bool,
     pub scale_dtype: DType,
     /// (out, in)
     pub shape: (usize, usize),
@@ -335,6 +338,7 @@ pub fn quantize_rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Resul
         zeros: if args.symmetric { None } else { Some(zeros) },
         g_idx: None,
         static_order: false,
+        true_sequential: false,
         scale_dtype: dtype,
         shape: (out, inn),
     })
