@@ -16,7 +16,7 @@
 //! Every row's updates are independent of the other rows (U is shared), so rows run in
 //! parallel with rayon; results do not depend on the thread count.
 
-use super::Scheme;
+use super::{sweep, Scheme};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
 use crate::model::layer::{Site, LINEARS};
@@ -28,7 +28,6 @@ use crate::quant::{
 };
 use anyhow::{bail, Result};
 use ndarray::Array2;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Instant;
@@ -173,6 +172,7 @@ pub struct GptqResult {
 }
 
 /// GPTQ on one weight matrix `w` [rows, cols] with Hessian `h` [cols, cols].
+#[allow(clippy::too_many_arguments)]
 pub fn gptq_quantize(
     w: &Array2<f32>,
     h: &Array2<f64>,
@@ -183,214 +183,273 @@ pub fn gptq_quantize(
     act_order: bool,
     static_groups: bool,
 ) -> Result<GptqResult> {
+    let order = Ordering {
+        act_order,
+        static_groups,
+    };
+    gptq_quantize_masked(w, h, args, scale_dtype, damp, block_size, order, None)
+}
+
+/// Column order options of [`gptq_quantize_masked`].
+#[derive(Clone, Copy, Debug)]
+pub struct Ordering {
+    pub act_order: bool,
+    pub static_groups: bool,
+}
+
+/// GPTQ that keeps a sparsity mask: `keep` ([rows, cols], `false` = pruned) columns are fixed
+/// to exactly zero (their code is the zero point) and their error is fed forward like any
+/// other, so SparseGPT followed by GPTQ stays sparse and compensated.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_quantize_masked(
+    w: &Array2<f32>,
+    h: &Array2<f64>,
+    args: &QuantArgs,
+    scale_dtype: DType,
+    damp: f64,
+    block_size: usize,
+    order: Ordering,
+    keep: Option<&[bool]>,
+) -> Result<GptqResult> {
     let (rows, cols) = w.dim();
     if h.dim() != (cols, cols) {
         bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
     }
-    let gs = match args.strategy {
-        Strategy::Group => {
-            if cols % args.group_size != 0 {
-                bail!(
-                    "in_features {cols} is not a multiple of group_size {}",
-                    args.group_size
-                );
-            }
-            args.group_size
-        }
-        _ => cols,
-    };
     let mut w = w.clone();
     let mut h = h.clone();
     // 1. dead inputs
-    for j in 0..cols {
-        if h[[j, j]] == 0.0 {
-            h[[j, j]] = 1.0;
-            w.column_mut(j).fill(0.0);
-        }
-    }
-    // Per-row parameters that do not follow the updates: channel/tensor strategies (from the
-    // original W, as the reference does) and static groups.
-    let n_groups = cols / gs;
-    let fixed: Option<(Vec<f32>, Vec<i32>)> = match args.strategy {
-        Strategy::Tensor => {
-            let all: Vec<f32> = w.iter().copied().collect();
-            let (s, z) = group_params(&all, args, scale_dtype);
-            Some((vec![s; rows], vec![z; rows]))
-        }
-        Strategy::Channel => {
-            let mut s = vec![0f32; rows];
-            let mut z = vec![0i32; rows];
-            for r in 0..rows {
-                let row: Vec<f32> = w.row(r).to_vec();
-                let (a, b) = group_params(&row, args, scale_dtype);
-                s[r] = a;
-                z[r] = b;
-            }
-            Some((s, z))
-        }
-        Strategy::Group if static_groups => {
-            let mut s = vec![0f32; rows * n_groups];
-            let mut z = vec![0i32; rows * n_groups];
-            for r in 0..rows {
-                for g in 0..n_groups {
-                    let v: Vec<f32> = (g * gs..(g + 1) * gs).map(|j| w[[r, j]]).collect();
-                    let (a, b) = group_params(&v, args, scale_dtype);
-                    s[r * n_groups + g] = a;
-                    z[r * n_groups + g] = b;
-                }
-            }
-            Some((s, z))
-        }
-        Strategy::Group => None,
-    };
+    sweep::fix_dead_inputs(&mut w, &mut h);
     // 2. act-order permutation
-    let perm: Vec<usize> = if act_order {
-        let mut p: Vec<usize> = (0..cols).collect();
-        // descending diag(H); stable sort keeps ties in column order (deterministic)
-        p.sort_by(|&a, &b| {
-            h[[b, b]]
-                .partial_cmp(&h[[a, a]])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        p
+    let perm: Vec<usize> = if order.act_order {
+        sweep::act_order(&h)
     } else {
         (0..cols).collect()
     };
-    let wp = Array2::from_shape_fn((rows, cols), |(r, j)| w[[r, perm[j]]]);
-    let hp = Array2::from_shape_fn((cols, cols), |(i, j)| h[[perm[i], perm[j]]]);
+    let grid = Grid::new(&w, args, scale_dtype, order, perm)?;
+    let (mut wp, hp) = sweep::permute(&w, &h, &grid.perm);
     // 3.–4. dampening and the Cholesky factor of H⁻¹
-    let mean_diag = (0..cols).map(|j| hp[[j, j]]).sum::<f64>() / cols as f64;
-    let mut used_damp = damp;
-    let u = loop {
-        let mut hd = hp.clone();
-        let lambda = used_damp * mean_diag;
-        for j in 0..cols {
-            hd[[j, j]] += lambda;
-        }
-        match crate::linalg::inverse_upper_cholesky(&hd) {
-            Ok(u) => break u,
-            Err(e) => {
-                if used_damp >= 1.0 {
-                    bail!("H is not positive definite even with damp {used_damp}: {e}");
-                }
-                used_damp = (used_damp * 10.0).min(1.0);
-            }
-        }
+    let f = sweep::Factor::new(&hp, damp)?;
+    // 5. the column sweep, rows in parallel
+    let keep_p: Option<Vec<bool>> = keep.map(|k| {
+        (0..rows)
+            .flat_map(|r| grid.perm.iter().map(move |&j| k[r * cols + j]))
+            .collect()
+    });
+    let rule = GridRule {
+        grid: &grid,
+        keep: keep_p.as_deref(),
     };
-    let u32m: Vec<f32> = u.iter().map(|&x| x as f32).collect(); // row-major [cols, cols]
-                                                                // 5. column loop, rows in parallel.
-    let mut wrows: Vec<f32> = wp.iter().copied().collect(); // row-major [rows, cols]
-    let mut codes = vec![0i8; rows * cols];
-    let mut scales = vec![0f32; rows * n_groups];
-    let mut zeros = vec![0i32; rows * n_groups];
-    let mut loss_rows = vec![0f64; rows];
-    let fixed_ref = fixed.as_ref();
-    wrows
-        .par_chunks_mut(cols)
-        .zip(codes.par_chunks_mut(cols))
-        .zip(scales.par_chunks_mut(n_groups))
-        .zip(zeros.par_chunks_mut(n_groups))
-        .zip(loss_rows.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, ((((wr, cr), sr), zr), lr))| {
-            let mut err = vec![0f32; block_size];
-            let mut cur: (f32, i32) = (1.0, 0);
-            let mut loss = 0f64;
-            let mut i1 = 0;
-            while i1 < cols {
-                let i2 = (i1 + block_size).min(cols);
-                for i in i1..i2 {
-                    // parameters for this column
-                    match (args.strategy, fixed_ref) {
-                        (Strategy::Group, Some((s, z))) => {
-                            let g = perm[i] / gs;
-                            cur = (s[r * n_groups + g], z[r * n_groups + g]);
-                        }
-                        (Strategy::Group, None) => {
-                            if i % gs == 0 {
-                                cur = group_params(&wr[i..i + gs], args, scale_dtype);
-                                sr[i / gs] = cur.0;
-                                zr[i / gs] = cur.1;
-                            }
-                        }
-                        (_, Some((s, z))) => cur = (s[r], z[r]),
-                        (_, None) => unreachable!("channel/tensor parameters are fixed"),
-                    }
-                    let x = wr[i];
-                    // The working weights are f32 (updated by the error feedback), so w/scale
-                    // is computed in f32 as llm-compressor's GPTQ does (GPTQ_PRECISION), even
-                    // when the scales are bf16 values; only RTN on the stored weights rounds
-                    // every op to the weight dtype, as compressed-tensors does on bf16 tensors.
-                    let q = quantize_value(x, cur.0, cur.1, args, DType::F32);
-                    // (q − z)·s as the reference computes it: in the scale's dtype (a bf16
-                    // product for bf16 checkpoints), which is also what the stored weight
-                    // dequantizes to; the error fed forward is measured against that.
-                    let dq = round_to(scale_dtype, dequantize_value(q, cur.0, cur.1));
-                    cr[i] = q as i8;
-                    let d = u32m[i * cols + i];
-                    let e = (x - dq) / d;
-                    loss += (e as f64) * (e as f64);
-                    // w_{i+1..i2} -= e · U[i, i+1..i2]   (within the block)
-                    let urow = &u32m[i * cols..(i + 1) * cols];
-                    for k in i + 1..i2 {
-                        wr[k] -= e * urow[k];
-                    }
-                    err[i - i1] = e;
-                }
-                // lazy batch update of the later columns: w_{i2..} -= E · U[i1..i2, i2..]
-                for (bi, e) in err[..i2 - i1].iter().enumerate() {
-                    let urow = &u32m[(i1 + bi) * cols..(i1 + bi + 1) * cols];
-                    for k in i2..cols {
-                        wr[k] -= e * urow[k];
-                    }
-                }
-                i1 = i2;
-            }
-            *lr = loss;
-        });
-    // Undo the permutation; record parameters.
-    let mut out_codes = vec![0i8; rows * cols];
-    for r in 0..rows {
-        for j in 0..cols {
-            out_codes[r * cols + perm[j]] = codes[r * cols + j];
-        }
-    }
-    let (scales, zeros, g_idx) = match (args.strategy, fixed) {
-        (Strategy::Group, Some((s, z))) => (s, z, None),
-        (Strategy::Group, None) => {
-            let g_idx = if act_order {
-                let mut g = vec![0i32; cols];
-                for (j, &p) in perm.iter().enumerate() {
-                    g[p] = (j / gs) as i32;
-                }
-                Some(g)
-            } else {
-                None
-            };
-            (scales, zeros, g_idx)
-        }
-        (Strategy::Tensor, Some((s, z))) => (vec![s[0]], vec![z[0]], None),
-        (_, Some((s, z))) => (s, z, None),
-        (_, None) => unreachable!(),
-    };
-    let quant = QuantizedLinear {
-        args: args.clone(),
-        codes: out_codes,
-        scales,
-        zeros: (!args.symmetric).then(|| zeros.iter().map(|&z| z as i8).collect()),
-        g_idx,
-        static_order: act_order && static_groups,
-        true_sequential: false,
-        scale_dtype,
-        shape: (rows, cols),
-    };
+    let mut states: Vec<GridRow> = (0..rows).map(|_| grid.row()).collect();
+    let loss = sweep::sweep(&mut wp, cols, &f, block_size, &rule, &mut states);
+    let quant = grid.finish(states);
     let dequant = quant.dequantize();
     Ok(GptqResult {
         quant,
         dequant,
-        loss: loss_rows.iter().sum(),
-        damp: used_damp,
+        loss: loss.iter().sum(),
+        damp: f.damp,
     })
+}
+
+/// The quantization grid of one linear as GPTQ walks it: per-row parameters that do not follow
+/// the updates (channel/tensor strategies, from the original W as the reference does, and
+/// static groups), or group parameters computed at each group boundary from the
+/// already-updated weights (step 6).
+pub struct Grid {
+    args: QuantArgs,
+    scale_dtype: DType,
+    order: Ordering,
+    /// Processing order of the columns.
+    pub perm: Vec<usize>,
+    gs: usize,
+    n_groups: usize,
+    cols: usize,
+    fixed: Option<(Vec<f32>, Vec<i32>)>,
+}
+
+/// One row's codes and parameters as the sweep fills them (in processing order).
+pub struct GridRow {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    zeros: Vec<i32>,
+    cur: (f32, i32),
+}
+
+impl Grid {
+    pub fn new(
+        w: &Array2<f32>,
+        args: &QuantArgs,
+        scale_dtype: DType,
+        order: Ordering,
+        perm: Vec<usize>,
+    ) -> Result<Self> {
+        let (rows, cols) = w.dim();
+        let gs = match args.strategy {
+            Strategy::Group => {
+                if cols % args.group_size != 0 {
+                    bail!(
+                        "in_features {cols} is not a multiple of group_size {}",
+                        args.group_size
+                    );
+                }
+                args.group_size
+            }
+            _ => cols,
+        };
+        let n_groups = cols / gs;
+        let fixed: Option<(Vec<f32>, Vec<i32>)> = match args.strategy {
+            Strategy::Tensor => {
+                let all: Vec<f32> = w.iter().copied().collect();
+                let (s, z) = group_params(&all, args, scale_dtype);
+                Some((vec![s; rows], vec![z; rows]))
+            }
+            Strategy::Channel => {
+                let mut s = vec![0f32; rows];
+                let mut z = vec![0i32; rows];
+                for r in 0..rows {
+                    let row: Vec<f32> = w.row(r).to_vec();
+                    let (a, b) = group_params(&row, args, scale_dtype);
+                    s[r] = a;
+                    z[r] = b;
+                }
+                Some((s, z))
+            }
+            Strategy::Group if order.static_groups => {
+                let mut s = vec![0f32; rows * n_groups];
+                let mut z = vec![0i32; rows * n_groups];
+                for r in 0..rows {
+                    for g in 0..n_groups {
+                        let v: Vec<f32> = (g * gs..(g + 1) * gs).map(|j| w[[r, j]]).collect();
+                        let (a, b) = group_params(&v, args, scale_dtype);
+                        s[r * n_groups + g] = a;
+                        z[r * n_groups + g] = b;
+                    }
+                }
+                Some((s, z))
+            }
+            Strategy::Group => None,
+        };
+        Ok(Grid {
+            args: args.clone(),
+            scale_dtype,
+            order,
+            perm,
+            gs,
+            n_groups,
+            cols,
+            fixed,
+        })
+    }
+
+    pub fn row(&self) -> GridRow {
+        GridRow {
+            codes: vec![0; self.cols],
+            scales: vec![0.0; self.n_groups],
+            zeros: vec![0; self.n_groups],
+            cur: (1.0, 0),
+        }
+    }
+
+    /// Fix column `i` (processing order) of row `r`: its grid value, or exactly zero (code =
+    /// zero point) when `pruned`. `wr` is the row's current weights.
+    pub fn column(&self, st: &mut GridRow, r: usize, i: usize, wr: &[f32], pruned: bool) -> f32 {
+        let (args, gs, ng) = (&self.args, self.gs, self.n_groups);
+        match (args.strategy, &self.fixed) {
+            (Strategy::Group, Some((s, z))) => {
+                let g = self.perm[i] / gs;
+                st.cur = (s[r * ng + g], z[r * ng + g]);
+            }
+            (Strategy::Group, None) => {
+                if i.is_multiple_of(gs) {
+                    st.cur = group_params(&wr[i..i + gs], args, self.scale_dtype);
+                    st.scales[i / gs] = st.cur.0;
+                    st.zeros[i / gs] = st.cur.1;
+                }
+            }
+            (_, Some((s, z))) => st.cur = (s[r], z[r]),
+            (_, None) => unreachable!("channel/tensor parameters are fixed"),
+        }
+        if pruned {
+            st.codes[i] = st.cur.1 as i8;
+            return 0.0;
+        }
+        // The working weights are f32 (updated by the error feedback), so w/scale is computed
+        // in f32 as llm-compressor's GPTQ does (GPTQ_PRECISION), even when the scales are bf16
+        // values; only RTN on the stored weights rounds every op to the weight dtype, as
+        // compressed-tensors does on bf16 tensors.
+        let q = quantize_value(wr[i], st.cur.0, st.cur.1, args, DType::F32);
+        st.codes[i] = q as i8;
+        // (q − z)·s as the reference computes it: in the scale's dtype (a bf16 product for
+        // bf16 checkpoints), which is also what the stored weight dequantizes to; the error
+        // fed forward is measured against that.
+        round_to(self.scale_dtype, dequantize_value(q, st.cur.0, st.cur.1))
+    }
+
+    /// Undo the permutation and record the parameters.
+    pub fn finish(self, states: Vec<GridRow>) -> QuantizedLinear {
+        let (rows, cols, gs) = (states.len(), self.cols, self.gs);
+        let perm = &self.perm;
+        let mut codes = vec![0i8; rows * cols];
+        for (r, st) in states.iter().enumerate() {
+            for j in 0..cols {
+                codes[r * cols + perm[j]] = st.codes[j];
+            }
+        }
+        let act_order = self.order.act_order;
+        let (scales, zeros, g_idx) = match (self.args.strategy, self.fixed) {
+            (Strategy::Group, Some((s, z))) => (s, z, None),
+            (Strategy::Group, None) => {
+                let g_idx = act_order.then(|| {
+                    let mut g = vec![0i32; cols];
+                    for (j, &p) in perm.iter().enumerate() {
+                        g[p] = (j / gs) as i32;
+                    }
+                    g
+                });
+                let s = states.iter().flat_map(|st| st.scales.clone()).collect();
+                let z = states.iter().flat_map(|st| st.zeros.clone()).collect();
+                (s, z, g_idx)
+            }
+            (Strategy::Tensor, Some((s, z))) => (vec![s[0]], vec![z[0]], None),
+            (_, Some((s, z))) => (s, z, None),
+            (_, None) => unreachable!(),
+        };
+        QuantizedLinear {
+            args: self.args.clone(),
+            codes,
+            scales,
+            zeros: (!self.args.symmetric).then(|| zeros.iter().map(|&z| z as i8).collect()),
+            g_idx,
+            static_order: act_order && self.order.static_groups,
+            true_sequential: false,
+            scale_dtype: self.scale_dtype,
+            shape: (rows, cols),
+        }
+    }
+}
+
+/// GPTQ's column rule: quantize, keeping a fixed mask when given (processing order).
+struct GridRule<'a> {
+    grid: &'a Grid,
+    keep: Option<&'a [bool]>,
+}
+
+impl sweep::ColumnRule for GridRule<'_> {
+    type Row = GridRow;
+    type Block = ();
+    fn begin_block(&self, _: usize, _: usize, _: &[f32], _: &sweep::Factor) {}
+    fn column(
+        &self,
+        _: &(),
+        st: &mut GridRow,
+        r: usize,
+        i: usize,
+        wr: &[f32],
+        _: &sweep::Factor,
+    ) -> f32 {
+        let pruned = self.keep.is_some_and(|k| !k[r * self.grid.cols + i]);
+        self.grid.column(st, r, i, wr, pruned)
+    }
 }
 
 impl Pass for Gptq {
@@ -431,15 +490,20 @@ impl Pass for Gptq {
                     .hessian()
                     .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
                 let lin = &ctx.layer.linears[name];
-                let mut r = gptq_quantize(
+                // a pruned linear keeps its mask (SparseGPT/Wanda then GPTQ)
+                let keep = lin.mask().map(|m| m.keep.as_slice());
+                let mut r = gptq_quantize_masked(
                     lin.weight(),
                     &h,
                     &self.args,
                     scale_dtype_for(lin.dtype),
                     self.spec.damp,
                     self.spec.block_size,
-                    self.spec.act_order(),
-                    self.spec.static_groups(),
+                    Ordering {
+                        act_order: self.spec.act_order(),
+                        static_groups: self.spec.static_groups(),
+                    },
+                    keep,
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);

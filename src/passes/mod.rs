@@ -2,8 +2,13 @@
 //! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
 
 pub mod gptq;
+pub mod magnitude;
+pub mod prune;
 pub mod rtn;
 pub mod select;
+pub mod sparsegpt;
+pub mod sweep;
+pub mod wanda;
 
 use crate::engine::Pass;
 use crate::quant::{Observer, QuantArgs, Strategy};
@@ -18,6 +23,12 @@ pub enum PassSpec {
     Rtn(rtn::RtnSpec),
     /// GPTQ (Frantar et al. 2022).
     Gptq(gptq::GptqSpec),
+    /// Magnitude pruning (no calibration).
+    Magnitude(prune::PruneSpec),
+    /// Wanda pruning (Sun et al. 2024).
+    Wanda(prune::PruneSpec),
+    /// SparseGPT pruning, optionally joint with quantization (Frantar & Alistarh 2023).
+    SparseGpt(sparsegpt::SparseGptSpec),
 }
 
 impl PassSpec {
@@ -25,6 +36,9 @@ impl PassSpec {
         match self {
             PassSpec::Rtn(_) => "rtn",
             PassSpec::Gptq(_) => "gptq",
+            PassSpec::Magnitude(_) => "magnitude",
+            PassSpec::Wanda(_) => "wanda",
+            PassSpec::SparseGpt(_) => "sparsegpt",
         }
     }
 
@@ -32,17 +46,22 @@ impl PassSpec {
         match self {
             PassSpec::Rtn(s) => s.scheme.args()?.validate(),
             PassSpec::Gptq(s) => s.validate(),
+            PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
+            PassSpec::SparseGpt(s) => s.validate(),
         }
     }
 
     pub fn needs_calibration(&self) -> bool {
-        !matches!(self, PassSpec::Rtn(_))
+        !matches!(self, PassSpec::Rtn(_) | PassSpec::Magnitude(_))
     }
 
     pub fn build(&self) -> Result<Box<dyn Pass>> {
         Ok(match self {
             PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
             PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
+            PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),
+            PassSpec::Wanda(s) => Box::new(wanda::Wanda::new(s)?),
+            PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
         })
     }
 }

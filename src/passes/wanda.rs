@@ -1,0 +1,94 @@
+//! Wanda — Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language
+//! Models" (ICLR 2024).
+//!
+//! Score each weight by its magnitude times the norm of the input feature it multiplies,
+//!
+//!   S_ij = |W_ij| · ‖X_j‖₂                                               (eq. 1)
+//!
+//! with ‖X_j‖₂ over every calibration token at the linear's input, and remove the lowest scores
+//! *per output row* (the paper's comparison group, §3: comparing within a row works better for
+//! LLMs than over the layer). N:M compares within each group of M consecutive inputs of a row.
+//! No weight update, no Hessian: one statistics forward per layer.
+
+use super::prune::{mask_from_scores, targeted, PruneSpec};
+use crate::engine::stats::StatsRequest;
+use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::model::layer::Site;
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::time::Instant;
+
+pub struct Wanda {
+    spec: PruneSpec,
+    select: super::select::Selector,
+}
+
+impl Wanda {
+    pub fn new(spec: &PruneSpec) -> Result<Self> {
+        spec.validate()?;
+        Ok(Wanda {
+            spec: spec.clone(),
+            select: super::select::Selector::new(&spec.targets, &spec.ignore)?,
+        })
+    }
+}
+
+/// Eq. 1 for one linear: [rows, cols] scores.
+pub fn wanda_scores(w: &ndarray::Array2<f32>, col_norm: &[f64]) -> Vec<f32> {
+    let cols = w.ncols();
+    w.iter()
+        .enumerate()
+        .map(|(i, v)| (v.abs() as f64 * col_norm[i % cols]) as f32)
+        .collect()
+}
+
+impl Pass for Wanda {
+    fn name(&self) -> String {
+        "wanda".into()
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest {
+            col_norm: true,
+            ..Default::default()
+        }
+    }
+
+    fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        // every linear scored on the layer's dense inputs (one statistics forward), as the
+        // paper's reference implementation does
+        ctx.refresh()?;
+        for name in targeted(ctx, &self.select) {
+            let t = Instant::now();
+            let module = ctx.module_name(name);
+            let norm = ctx
+                .stats(Site::of(name))?
+                .col_norm()
+                .context("no column norms collected")?;
+            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            let (rows, cols) = lin.shape();
+            let scores = wanda_scores(lin.weight(), &norm);
+            let mask = mask_from_scores(
+                &scores,
+                rows,
+                cols,
+                self.spec.pattern,
+                self.spec.target(),
+                true,
+            )
+            .with_context(|| module.clone())?;
+            let sparsity = mask.sparsity();
+            lin.set_mask(mask).with_context(|| module.clone())?;
+            ctx.records.push(LinearRecord {
+                layer: ctx.index(),
+                linear: name.to_string(),
+                pass: "wanda".into(),
+                rel_output_error: None,
+                loss: None,
+                seconds: t.elapsed().as_secs_f64(),
+                notes: [("sparsity".to_string(), json!(sparsity))].into(),
+            });
+        }
+        Ok(())
+    }
+}
