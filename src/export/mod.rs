@@ -37,6 +37,58 @@ pub struct ExporterState {
     low_rank: Vec<(String, usize)>,
     #[serde(default)]
     true_sequential: Option<bool>,
+    #[serde(default)]
+    sparsity: SparsityTally,
+    #[serde(default)]
+    linears: Vec<String>,
+}
+
+/// What the exporter saw of sparse linears (measured on the values it wrote).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct SparsityTally {
+    /// Modules written with a mask.
+    sparse: Vec<String>,
+    /// Zeros and weights over every decoder-layer linear.
+    zeros: usize,
+    numel: usize,
+    /// Every sparse linear has at most 2 non-zeros in each 4 consecutive inputs.
+    all_2_4: bool,
+}
+
+impl SparsityTally {
+    fn add(&mut self, prefix: &str, lin: &Linear) {
+        let w = lin.weight();
+        self.zeros += w.iter().filter(|v| **v == 0.0).count();
+        self.numel += w.len();
+        if lin.mask().is_none() {
+            return;
+        }
+        let cols = w.ncols();
+        let conforms = cols.is_multiple_of(4)
+            && w.as_slice().is_some_and(|s| {
+                s.chunks(4)
+                    .all(|g| g.iter().filter(|v| **v != 0.0).count() <= 2)
+            });
+        self.all_2_4 = conforms && (self.sparse.is_empty() || self.all_2_4);
+        self.sparse.push(prefix.to_string());
+    }
+
+    /// The `sparsity_config` block, when any linear was written with a mask.
+    fn block(&self, all_linears: &[String]) -> Option<Value> {
+        if self.sparse.is_empty() {
+            return None;
+        }
+        let dense: Vec<String> = all_linears
+            .iter()
+            .filter(|m| !self.sparse.contains(m))
+            .cloned()
+            .collect();
+        let structure = if self.all_2_4 { "2:4" } else { "unstructured" };
+        let global = self.zeros as f64 / self.numel.max(1) as f64;
+        Some(crate::formats::compressed_tensors::sparsity_config(
+            global, structure, &dense,
+        ))
+    }
 }
 
 pub struct Exporter {
@@ -51,6 +103,9 @@ pub struct Exporter {
     low_rank: Vec<(String, usize)>,
     /// Whether every quantized linear was quantized "true sequentially" (as recorded by the pass).
     true_sequential: Option<bool>,
+    sparsity: SparsityTally,
+    /// Every decoder-layer linear written, in order.
+    linears: Vec<String>,
 }
 
 impl ExporterState {
@@ -76,6 +131,8 @@ impl Exporter {
             unquantized: Vec::new(),
             low_rank: Vec::new(),
             true_sequential: None,
+            sparsity: SparsityTally::default(),
+            linears: Vec::new(),
         };
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -89,6 +146,8 @@ impl Exporter {
             unquantized: self.unquantized.clone(),
             low_rank: self.low_rank.clone(),
             true_sequential: self.true_sequential,
+            sparsity: self.sparsity.clone(),
+            linears: self.linears.clone(),
         })
     }
 
@@ -111,6 +170,8 @@ impl Exporter {
             unquantized: state.unquantized,
             low_rank: state.low_rank,
             true_sequential: state.true_sequential,
+            sparsity: state.sparsity,
+            linears: state.linears,
         })
     }
 
@@ -131,6 +192,8 @@ impl Exporter {
     /// values — copied byte for byte when no pass changed it.
     fn write_linear(&mut self, ckpt: &Checkpoint, prefix: &str, lin: &Linear) -> Result<()> {
         let wname = format!("{prefix}.weight");
+        self.sparsity.add(prefix, lin);
+        self.linears.push(prefix.to_string());
         match (lin.repr(), lin.quant(), self.format) {
             (Repr::Factored { u, v }, _, Format::CompressedTensors | Format::Gptq) => {
                 if u.quant.is_some() || v.quant.is_some() {
@@ -201,8 +264,19 @@ impl Exporter {
         match self.format {
             Format::Dense => {}
             Format::CompressedTensors => {
-                if let Some(q) = self.compressed_tensors_config()? {
-                    config["quantization_config"] = q;
+                let sparsity = self.sparsity.block(&self.linears);
+                match (self.compressed_tensors_config()?, sparsity) {
+                    (Some(mut q), s) => {
+                        if let Some(s) = s {
+                            q["sparsity_config"] = s;
+                        }
+                        config["quantization_config"] = q;
+                    }
+                    // dense weights with exact zeros load everywhere; a quantization_config
+                    // without config groups would make transformers refuse the checkpoint,
+                    // so the metadata goes at the top level
+                    (None, Some(s)) => config["sparsity_config"] = s,
+                    (None, None) => {}
                 }
             }
             Format::Gptq => {

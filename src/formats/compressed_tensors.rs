@@ -397,6 +397,24 @@ pub fn read_compressed_tensors(
     Ok(q.dequantize().into_raw_vec_and_offset().0)
 }
 
+/// The `sparsity_config` block (compressed-tensors' `SparsityCompressionConfig`): weights are
+/// stored dense with exact zeros (`format: dense`), `global_sparsity` is the measured fraction of
+/// zeros over the decoder-layer linears, `sparsity_structure` `2:4` when every group of four
+/// consecutive inputs of every sparse linear holds at most two non-zeros (checked on the
+/// written values), else `unstructured`.
+pub fn sparsity_config(global: f64, structure: &str, dense_linears: &[String]) -> Value {
+    let mut ignore: Vec<String> = vec!["lm_head".into()];
+    ignore.extend(dense_linears.iter().cloned());
+    json!({
+        "format": "dense",
+        "global_sparsity": global,
+        "ignore": ignore,
+        "registry_requires_subclass": false,
+        "sparsity_structure": structure,
+        "targets": ["Linear"],
+    })
+}
+
 /// The `quantization_config` block compressed-tensors (and so vLLM and transformers) reads, for
 /// linears quantized with `a` in column order `order`; `unquantized` are the decoder linears
 /// left dense.
