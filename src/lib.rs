@@ -23,7 +23,6 @@ pub mod pipeline;
 pub mod progress;
 pub mod quant;
 pub mod report;
-pub mod report_html;
 pub mod resume;
 pub mod runner;
 pub mod util;

@@ -216,11 +216,11 @@ fn real_main(cli: Cli) -> Result<()> {
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_else(|| r.display().to_string());
-                v.push((name, serde_json::to_value(rep)?));
+                v.push((name, rep));
             }
-            print!("{}", compress::report_html::render_compare_markdown(&v));
+            print!("{}", compress::report::html::render_compare_markdown(&v));
             if let Some(h) = html {
-                std::fs::write(&h, compress::report_html::render_compare_html(&v))
+                std::fs::write(&h, compress::report::html::render_compare_html(&v))
                     .with_context(|| format!("cannot write {}", h.display()))?;
             }
             Ok(())

@@ -1,16 +1,20 @@
-//! The HTML / Markdown views of `report.json` (`compress::report_html`): self-contained pages
-//! (no external references), escaped text, one SVG per chart, partial reports render, the
-//! comparison marks a best value per row.
+//! The HTML / Markdown views of a [`Report`] (`compress::report::html`): self-contained pages
+//! (no external references), escaped text, one SVG per chart, reports without the optional
+//! fields render, `compress.report/1` files still read, the comparison marks a best value per
+//! row.
 //!
 //! `REPORT_HTML_DUMP=/some/dir cargo test --release --test report_html` also writes the pages
 //! (report.html, report_full.html, compare.html) there, for a look in a browser (see the doc
-//! comment of src/report_html.rs for the headless screenshot command; not part of the tests).
+//! comment of src/report/html/mod.rs for the headless screenshot command; not part of the
+//! tests).
 
-use compress::report_html::{render_compare_html, render_compare_markdown, render_html};
+use compress::report::html::{render_compare_html, render_compare_markdown, render_html};
+use compress::report::Report;
 use serde_json::{json, Value};
 
 /// `out/quickstart/report.json` of a GPTQ W4 g128 run on the reference model (copied here so
-/// the test does not depend on files outside the crate).
+/// the test does not depend on files outside the crate). Schema `compress.report/1`: no
+/// `summary`, `tasks`, `output.sparsity` or task timings.
 const EXAMPLE: &str = r#"{
   "schema": "compress.report/1",
   "tool_version": "0.1.0",
@@ -158,22 +162,30 @@ const EXAMPLE: &str = r#"{
   "peak_rss_bytes": 506343424
 }"#;
 
-fn example() -> Value {
+fn example_json() -> Value {
     serde_json::from_str(EXAMPLE).expect("example report parses")
+}
+
+fn report(v: Value) -> Report {
+    serde_json::from_value(v).expect("a compress report")
+}
+
+fn example() -> Report {
+    report(example_json())
 }
 
 /// The example plus every optional field the page knows: zero-shot tasks, sparsity / rank
 /// notes, `output.sparsity`, `summary.mcr`, and warnings with markup in them.
-fn full() -> Value {
-    let mut r = example();
+fn full_json() -> Value {
+    let mut r = example_json();
     r["tasks"] = json!({
         "piqa": {
-            "before": {"metrics": {"acc": 0.6235, "acc_norm": 0.6001}, "stderr": {"acc": 0.0113, "acc_norm": 0.0114}, "n": 1838},
-            "after": {"metrics": {"acc": 0.6180, "acc_norm": 0.5990}, "stderr": {"acc": 0.0113, "acc_norm": 0.0114}, "n": 1838}
+            "before": {"task": "piqa", "metrics": {"acc": 0.6235, "acc_norm": 0.6001}, "stderr": {"acc": 0.0113, "acc_norm": 0.0114}, "n": 1838},
+            "after": {"task": "piqa", "metrics": {"acc": 0.6180, "acc_norm": 0.5990}, "stderr": {"acc": 0.0113, "acc_norm": 0.0114}, "n": 1838}
         },
         "lambada": {
-            "before": {"metrics": {"acc": 0.2104, "perplexity": 301.5}, "stderr": {"acc": 0.0057}, "n": 5153},
-            "after": {"metrics": {"acc": 0.2011, "perplexity": 322.25}, "stderr": {"acc": 0.0056}, "n": 5153}
+            "before": {"task": "lambada", "metrics": {"acc": 0.2104, "perplexity": 301.5}, "stderr": {"acc": 0.0057}, "n": 5153},
+            "after": {"task": "lambada", "metrics": {"acc": 0.2011, "perplexity": 322.25}, "stderr": {"acc": 0.0056}, "n": 5153}
         }
     });
     r["output"]["sparsity"] = json!(0.5);
@@ -188,6 +200,29 @@ fn full() -> Value {
         l["notes"]["rank"] = json!(32 + i);
     }
     r
+}
+
+fn full() -> Report {
+    report(full_json())
+}
+
+/// Only the fields every report has: the optional ones (`eval_seq_len`, `bits_per_weight`,
+/// `sparsity`, `identical_to_input`, `summary`, `tasks`, `peak_rss_bytes`, …) left out.
+fn minimal_json() -> Value {
+    json!({
+        "schema": "compress.report/1",
+        "tool_version": "0.1.0",
+        "model": {"path": "m<1>", "architecture": "llama", "num_layers": 2, "parameters": 1000,
+            "dtype": "weird", "size_bytes": 0},
+        "pipeline": null,
+        "output": {"path": "o", "format": "fake-quant", "size_bytes": 100,
+            "compression_ratio": 0.0, "files": []},
+        "eval": {},
+        "layers": [],
+        "warnings": [],
+        "timing": {"total_seconds": 1.5, "calibration_seconds": 0.0, "compress_seconds": 100.0,
+            "eval_before_seconds": 0.0, "eval_after_seconds": 0.0}
+    })
 }
 
 fn assert_self_contained(html: &str) {
@@ -281,42 +316,60 @@ fn full_report_page_escapes_and_charts_everything() {
     assert!(html.contains("Rank per linear"));
 }
 
+/// A `compress.report/1` file reads back through `Report::from_file`, the fields v2 added
+/// defaulted.
+#[test]
+fn report_v1_file_reads() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("report.json");
+    std::fs::write(&p, EXAMPLE).unwrap();
+    let r = Report::from_file(&p).unwrap();
+    assert_eq!(r.schema, "compress.report/1");
+    assert!(r.summary.mcr.is_none() && r.tasks.is_empty() && r.output.sparsity.is_none());
+    assert_eq!(r.layers.len(), 42);
+    assert_eq!(render_html(&r), render_html(&example()));
+}
+
 #[test]
 fn partial_and_odd_reports_render() {
-    let cases = [
-        json!({}),
-        json!(null),
-        json!({"schema": "compress.report/1"}),
-        json!({
-            "model": {"path": "m<1>"},
-            "output": {"format": "gptq", "size_bytes": 100},
-            "eval": {"d.raw": {"after": {"perplexity": 12.5}}},
-            "layers": [
-                {"layer": 0, "linear": "q_proj", "rel_output_error": 0.0},
-                {"layer": 0, "linear": "k_proj", "rel_output_error": null, "loss": 3.0},
-                {"layer": 1, "linear": "q_proj", "pass": "rtn", "rel_output_error": 1e-3}
-            ],
-            "warnings": "one string",
-            "timing": {"total_seconds": 1.5},
-            "pipeline": "not an object"
-        }),
-    ];
+    let mut odd = minimal_json();
+    odd["output"]["format"] = json!("gptq");
+    odd["eval"] = json!({
+        "d.raw": {"file": "d.raw", "before": null, "delta_pct": null,
+            "after": {"perplexity": 12.5, "tokens": 100, "windows": 1, "nll": 2.5}},
+        "e.raw": {"file": "e.raw", "after": null, "delta_pct": null,
+            "before": {"perplexity": 7.25, "tokens": 2000, "windows": 3, "nll": 2.0}}
+    });
+    odd["layers"] = json!([
+        {"layer": 0, "linear": "q_proj", "pass": "gptq", "rel_output_error": 0.0, "seconds": 0.0, "notes": {}},
+        {"layer": 0, "linear": "k_proj", "pass": "gptq", "rel_output_error": null, "loss": 3.0, "seconds": 0.0, "notes": {}},
+        {"layer": 1, "linear": "q_proj", "pass": "rtn", "rel_output_error": 1e-3, "seconds": 0.1, "notes": {"bits": 4}}
+    ]);
+    odd["warnings"] = json!(["one string"]);
+    odd["pipeline"] = json!("not an object");
+    let cases = [report(minimal_json()), report(odd)];
     for r in &cases {
         let html = render_html(r);
         assert_self_contained(&html);
         assert!(html.contains("Warnings"));
     }
-    let html = render_html(&cases[3]);
+    let html = render_html(&cases[1]);
     assert!(html.contains("m&lt;1&gt;"));
     assert!(html.contains("12.5000"));
     assert!(html.contains("one string"));
     assert!(!html.contains("<p class=\"ok\">none</p>"));
-    assert!(render_html(&cases[0]).contains("<p class=\"ok\">none</p>"));
+    // a data set measured before only shows that measurement's windows, as report.md does
+    assert!(html.contains("3 windows, 2,000 tokens"));
+    assert!(html.contains("records carry no value (hollow markers)"));
+    let html = render_html(&cases[0]);
+    assert!(html.contains("<p class=\"ok\">none</p>"));
+    assert!(html.contains("MCR not available"));
+    assert!(!html.contains("Pipeline as run"));
 }
 
-fn runs() -> Vec<(String, Value)> {
-    let w4 = example();
-    let mut w3 = example();
+fn runs() -> Vec<(String, Report)> {
+    let w4 = example_json();
+    let mut w3 = example_json();
     w3["output"]["bits_per_weight"] = json!(3.127);
     w3["output"]["size_bytes"] = json!(8_900_000u64);
     w3["output"]["compression_ratio"] = json!(17838656.0 / 8_900_000.0);
@@ -325,14 +378,13 @@ fn runs() -> Vec<(String, Value)> {
     w3["eval"]["wiki.test.raw"]["delta_pct"] = json!(10.98);
     w3["timing"]["compress_seconds"] = json!(80.5);
     w3["warnings"] = json!(["damping raised <x>"]);
-    let mut tasks = full();
+    let mut tasks = full_json();
     tasks["output"]["sparsity"] = json!(null);
-    let old = json!({"schema": "compress.report/1", "output": {"format": "fake-quant"}});
     vec![
-        ("gptq-w4g128".to_string(), w4),
-        ("gptq-w3 <b>".to_string(), w3),
-        ("with-tasks".to_string(), tasks),
-        ("old|partial".to_string(), old),
+        ("gptq-w4g128".to_string(), report(w4)),
+        ("gptq-w3 <b>".to_string(), report(w3)),
+        ("with-tasks".to_string(), report(tasks)),
+        ("old|partial".to_string(), report(minimal_json())),
     ]
 }
 
@@ -403,10 +455,10 @@ fn many_layers_two_passes() {
                 "notes": {"damp": 0.01}}));
         }
     }
-    let mut r = example();
+    let mut r = example_json();
     r["layers"] = Value::Array(layers);
     r["model"]["num_layers"] = json!(32);
-    let html = render_html(&r);
+    let html = render_html(&report(r));
     dump("report_32.html", &html);
     assert_self_contained(&html);
     // rel error × 2 passes, loss (gptq), sparsity (sparsegpt), timing
