@@ -2,7 +2,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::safetensors_file::DType;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use std::collections::BTreeMap;
 
@@ -107,6 +107,79 @@ impl LayerWeights {
 
     pub fn linear(&self, name: &str) -> &Linear {
         &self.linears[name]
+    }
+
+    /// Fold a per-channel scale `s` into a mapping without changing the block's function:
+    /// the producer's output channel j is divided by s_j (an RMSNorm weight, rounded to its
+    /// storage dtype as the checkpoint will hold it; or a linear's row j and bias) and every
+    /// consumer's input column j multiplied by s_j — x·diag(s)⁻¹ · diag(s)·Wᵀ = x·Wᵀ.
+    pub fn fold_scale(&mut self, m: &super::arch::Mapping, s: &[f32]) -> Result<()> {
+        if !m.foldable {
+            bail!(
+                "layer {}: a scale cannot be folded into {:?} for this model's shapes",
+                self.index,
+                m.producer
+            );
+        }
+        match m.producer {
+            super::arch::Producer::Norm(n) => {
+                let (v, dt) = self
+                    .norms
+                    .get_mut(n)
+                    .with_context(|| format!("layer {}: no norm `{n}`", self.index))?;
+                if v.len() != s.len() {
+                    bail!(
+                        "scale of {} channels for norm `{n}` of {}",
+                        s.len(),
+                        v.len()
+                    );
+                }
+                for (w, s) in v.iter_mut().zip(s) {
+                    *w = crate::quant::round_to(*dt, *w / s);
+                }
+                self.norms_modified = true;
+            }
+            super::arch::Producer::Linear(p) => {
+                let lin = self
+                    .linears
+                    .get_mut(p)
+                    .with_context(|| format!("layer {}: no linear `{p}`", self.index))?;
+                let mut w = lin.weight().clone();
+                if w.nrows() != s.len() {
+                    bail!(
+                        "scale of {} channels for `{p}` with {} rows",
+                        s.len(),
+                        w.nrows()
+                    );
+                }
+                for (mut row, s) in w.rows_mut().into_iter().zip(s) {
+                    row.mapv_inplace(|x| x / s);
+                }
+                if let Some(b) = lin.bias.as_mut() {
+                    b.iter_mut().zip(s).for_each(|(b, s)| *b /= s);
+                }
+                lin.set_weight(w)?;
+            }
+        }
+        for c in &m.consumers {
+            let lin = self
+                .linears
+                .get_mut(*c)
+                .with_context(|| format!("layer {}: no linear `{c}`", self.index))?;
+            let mut w = lin.weight().clone();
+            if w.ncols() != s.len() {
+                bail!(
+                    "scale of {} channels for `{c}` with {} inputs",
+                    s.len(),
+                    w.ncols()
+                );
+            }
+            for mut row in w.rows_mut() {
+                row.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
+            }
+            lin.set_weight(w)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Compression passes: one file per method, each reading like its paper. This module holds
 //! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
 
+pub mod awq;
 pub mod gptq;
 pub mod magnitude;
 pub mod prune;
@@ -23,6 +24,8 @@ pub enum PassSpec {
     Rtn(rtn::RtnSpec),
     /// GPTQ (Frantar et al. 2022).
     Gptq(gptq::GptqSpec),
+    /// AWQ scale (and clip) search (Lin et al. 2024); a quantizer follows it.
+    Awq(awq::AwqSpec),
     /// Magnitude pruning (no calibration).
     Magnitude(prune::PruneSpec),
     /// Wanda pruning (Sun et al. 2024).
@@ -36,6 +39,7 @@ impl PassSpec {
         match self {
             PassSpec::Rtn(_) => "rtn",
             PassSpec::Gptq(_) => "gptq",
+            PassSpec::Awq(_) => "awq",
             PassSpec::Magnitude(_) => "magnitude",
             PassSpec::Wanda(_) => "wanda",
             PassSpec::SparseGpt(_) => "sparsegpt",
@@ -48,6 +52,7 @@ impl PassSpec {
             PassSpec::Gptq(s) => s.validate(),
             PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
             PassSpec::SparseGpt(s) => s.validate(),
+            PassSpec::Awq(s) => s.validate(),
         }
     }
 
@@ -59,11 +64,40 @@ impl PassSpec {
         Ok(match self {
             PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
             PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
+            PassSpec::Awq(s) => Box::new(awq::Awq::new(s)?),
             PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),
             PassSpec::Wanda(s) => Box::new(wanda::Wanda::new(s)?),
             PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
         })
     }
+}
+
+/// Checks across passes: AWQ only rescales, so a quantizer must follow it on the grid its search
+/// assumed (`bits`, `group_size`, `sym`).
+pub fn check_sequence(passes: &[PassSpec]) -> Result<()> {
+    for (i, p) in passes.iter().enumerate() {
+        let PassSpec::Awq(a) = p else { continue };
+        let next = passes[i + 1..].iter().find_map(|q| match q {
+            PassSpec::Rtn(r) => Some(r.scheme.args()),
+            PassSpec::Gptq(g) => Some(g.scheme().args()),
+            _ => None,
+        });
+        let Some(next) = next else {
+            bail!(
+                "passes[{i}] awq: only rescales weights; put `rtn` or `gptq` after it to quantize"
+            );
+        };
+        let (n, want) = (next?, a.args()?);
+        if (n.bits, n.group_width(1 << 20), n.symmetric)
+            != (want.bits, want.group_width(1 << 20), want.symmetric)
+        {
+            bail!(
+                "passes[{i}] awq: searched for {} bits, group {}, sym {}, but the quantizer after it uses {} bits, group {}, sym {}",
+                want.bits, want.group_size, want.symmetric, n.bits, n.group_size, n.symmetric
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The weight quantization scheme shared by RTN and GPTQ (compressed-tensors vocabulary).

@@ -208,6 +208,7 @@ impl Pipeline {
             p.validate()
                 .with_context(|| format!("{f}: passes[{i}] ({})", p.name()))?;
         }
+        crate::passes::check_sequence(&self.passes).with_context(|| f.to_string())?;
         if !self.passes.is_empty()
             && self.calibration.is_none()
             && self.passes.iter().any(|p| p.needs_calibration())

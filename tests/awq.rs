@@ -1,0 +1,149 @@
+//! AWQ's building blocks on the reference model: folding a scale into a mapping leaves the
+//! block's function unchanged before quantization; AWQ with α = 0 only (no duo scaling, no
+//! clip) followed by RTN writes exactly RTN's checkpoint; the pipeline refuses AWQ without a
+//! quantizer on its grid.
+
+mod common;
+use anyhow::Result;
+use compress::engine::stats::StatsRequest;
+use compress::engine::{LayerCtx, Pass};
+use compress::model::Checkpoint;
+use std::process::Command;
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Folds scales into every foldable mapping and checks the block output.
+struct Fold;
+impl Pass for Fold {
+    fn name(&self) -> String {
+        "test-fold".into()
+    }
+    fn stats(&self) -> StatsRequest {
+        StatsRequest {
+            inputs: true,
+            ..Default::default()
+        }
+    }
+    fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        let before = ctx.block_output(&ctx.layer)?;
+        let maps = ctx.config.block().mappings(ctx.config);
+        assert!(maps.iter().filter(|m| m.foldable).count() >= 3);
+        for (pow2, tol) in [(true, 1e-6f32), (false, 2e-2)] {
+            let mut cand = ctx.layer.clone();
+            for m in maps.iter().filter(|m| m.foldable) {
+                let n = cand.linears[m.consumers[0]].shape().1;
+                let s: Vec<f32> = (0..n)
+                    .map(|j| {
+                        if pow2 {
+                            [0.25f32, 0.5, 2.0, 4.0][j % 4]
+                        } else {
+                            0.3 + (j * 37 % 17) as f32 / 8.0
+                        }
+                    })
+                    .collect();
+                cand.fold_scale(m, &s)?;
+            }
+            let after = ctx.block_output(&cand)?;
+            for (a, b) in after.iter().zip(&before) {
+                let e = max_rel(&a.data, &b.data);
+                assert!(e <= tol, "pow2 {pow2}: folding changed the block: {e}");
+            }
+        }
+        // GQA: v → o is not foldable on this model (4 query heads, 2 KV heads)
+        let vo = maps
+            .iter()
+            .find(|m| m.consumers == ["self_attn.o_proj"])
+            .unwrap();
+        assert!(!vo.foldable);
+        assert!(ctx.layer.clone().fold_scale(vo, &[1.0; 256]).is_err());
+        Ok(())
+    }
+}
+
+#[test]
+fn folding_a_scale_leaves_the_block_unchanged() {
+    let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
+    let tok = compress::calib::load_tokenizer(&ckpt.tokenizer_path()).unwrap();
+    let text =
+        compress::calib::read_text(&common::shared().join("data/calib/c4_calib.jsonl"), "text")
+            .unwrap();
+    let ids = compress::calib::tokenize(&tok, &text).unwrap();
+    let windows = compress::calib::random_windows(&ids, 2, 64, 1).unwrap();
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(Fold)];
+    struct Null;
+    impl compress::engine::LayerSink for Null {
+        fn layer(
+            &mut self,
+            _: &Checkpoint,
+            _: &compress::model::layer::LayerWeights,
+        ) -> Result<()> {
+            Ok(())
+        }
+    }
+    compress::engine::run(
+        &ckpt,
+        &passes,
+        &windows,
+        &Default::default(),
+        &mut Null,
+        None,
+    )
+    .unwrap();
+}
+
+fn run(dir: &std::path::Path, name: &str, passes: &str) -> (bool, String) {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 8, seq_len: 128}}\npasses:\n{passes}",
+            common::ref_model().display(),
+            dir.join(name).display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn awq_at_alpha_zero_is_rtn_and_needs_a_quantizer_on_its_grid() {
+    let d = tempfile::tempdir().unwrap();
+    let rtn = "  - rtn: {bits: 4, group_size: 64, sym: false}\n";
+    assert!(run(d.path(), "rtn", rtn).0);
+    let awq0 = "  - awq: {bits: 4, group_size: 64, n_grid: 1, duo_scaling: false, clip: false}\n";
+    let (ok, err) = run(d.path(), "awq0", &format!("{awq0}{rtn}"));
+    assert!(ok, "{err}");
+    let a = Checkpoint::open(&d.path().join("rtn")).unwrap();
+    let b = Checkpoint::open(&d.path().join("awq0")).unwrap();
+    assert!(compress::runner::tensors_identical(&a, &b).unwrap());
+    // a full search changes the weights
+    let (ok, err) = run(
+        d.path(),
+        "awq",
+        &format!("  - awq: {{bits: 4, group_size: 64}}\n{rtn}"),
+    );
+    assert!(ok, "{err}");
+    let c = Checkpoint::open(&d.path().join("awq")).unwrap();
+    assert!(!compress::runner::tensors_identical(&a, &c).unwrap());
+    // refused: no quantizer, or another grid
+    let (ok, err) = run(d.path(), "bad1", "  - awq: {bits: 4}\n");
+    assert!(!ok && err.contains("put `rtn` or `gptq` after it"), "{err}");
+    let (ok, err) = run(
+        d.path(),
+        "bad2",
+        "  - awq: {bits: 4, group_size: 64}\n  - rtn: {bits: 3, group_size: 64, sym: false}\n",
+    );
+    assert!(!ok && err.contains("searched for 4 bits"), "{err}");
+}
