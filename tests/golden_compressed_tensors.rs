@@ -159,3 +159,55 @@ fn rtn_w4g128_asymmetric_matches_compressed_tensors() {
 fn rtn_w8_symmetric_matches_compressed_tensors() {
     check_folder("ref-llama-9m-rtn-w8ch", (8, true, Strategy::Group, 128));
 }
+
+/// W8A8 (llm-compressor's `W8A8` preset, RTN): our pipeline writes the golden checkpoint
+/// tensor for tensor and byte for byte, its `quantization_config` key for key, and reading it
+/// back puts the per-token int8 activation quantizer on every quantized linear.
+#[test]
+fn rtn_w8a8_pipeline_writes_the_golden_checkpoint() {
+    let gold_dir = shared().join("golden/compressed_tensors/ref-llama-9m-rtn-w8a8");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("w8a8");
+    let p = d.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 8, strategy: channel, act_bits: 8}}\nexport: {{format: compressed-tensors}}\n",
+            shared().join("models/ref-llama-9m").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+    let gold = SafetensorsFile::open(&gold_dir.join("model.safetensors")).unwrap();
+    let on: BTreeSet<&String> = ours.tensors.keys().collect();
+    let gn: BTreeSet<&String> = gold.tensors.keys().collect();
+    assert_eq!(on, gn, "tensor names");
+    for (n, g) in &gold.tensors {
+        let t = &ours.tensors[n];
+        assert_eq!((t.dtype, &t.shape), (g.dtype, &g.shape), "{n}");
+        assert!(ours.bytes(t) == gold.bytes(g), "{n}: bytes differ");
+    }
+    let cfg = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        cfg(&out)["quantization_config"],
+        cfg(&gold_dir)["quantization_config"]
+    );
+    let ck = compress::model::Checkpoint::open(&out).unwrap();
+    let lw = compress::model::layer::LayerWeights::load(&ck, 0).unwrap();
+    for lin in LINEARS {
+        assert_eq!(
+            lw.linears[lin].act_quant().map(|a| a.bits),
+            Some(8),
+            "{lin}"
+        );
+    }
+}

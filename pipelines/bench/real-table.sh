@@ -34,7 +34,7 @@ model: $model
 output: $out/$1
 $calib
 passes:
-  - $2
+  - $(printf '%b' "$2")
 export: {format: compressed-tensors}
 $eval_block
 YAML
@@ -49,6 +49,11 @@ recipes=(
   "rtn-w3g64|rtn: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "gptq-w3g64|gptq: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "gptq-w3g64-noact|gptq: {bits: 3, group_size: 64, act_order: false, targets: [\"re:.*_proj$\"]}"
+  "awq-w4g64|awq: {bits: 4, group_size: 64, sym: true, targets: [\"re:.*_proj$\"]}\n  - rtn: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "awq-w3g64|awq: {bits: 3, group_size: 64, sym: true, targets: [\"re:.*_proj$\"]}\n  - rtn: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
+  "magnitude-50|magnitude: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
+  "wanda-50|wanda: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
+  "sparsegpt-50|sparsegpt: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
 )
 for r in "${recipes[@]}"; do
   name=${r%%|*}; pass=${r#*|}
@@ -70,7 +75,7 @@ import json, sys, os
 out = sys.argv[1]
 print("| recipe | wikitext2 head | c4_eval head | compress s |")
 print("|---|---:|---:|---:|")
-for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact"]:
+for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue

@@ -41,6 +41,8 @@ pub struct ExporterState {
     sparsity: SparsityTally,
     #[serde(default)]
     linears: Vec<String>,
+    #[serde(default)]
+    act_bits: Vec<Option<u32>>,
 }
 
 /// What the exporter saw of sparse linears (measured on the values it wrote).
@@ -106,6 +108,8 @@ pub struct Exporter {
     sparsity: SparsityTally,
     /// Every decoder-layer linear written, in order.
     linears: Vec<String>,
+    /// Input-activation bits of every quantized linear written (W8A8), in order.
+    act_bits: Vec<Option<u32>>,
 }
 
 impl ExporterState {
@@ -133,6 +137,7 @@ impl Exporter {
             true_sequential: None,
             sparsity: SparsityTally::default(),
             linears: Vec::new(),
+            act_bits: Vec::new(),
         };
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -148,6 +153,7 @@ impl Exporter {
             true_sequential: self.true_sequential,
             sparsity: self.sparsity.clone(),
             linears: self.linears.clone(),
+            act_bits: self.act_bits.clone(),
         })
     }
 
@@ -172,6 +178,7 @@ impl Exporter {
             true_sequential: state.true_sequential,
             sparsity: state.sparsity,
             linears: state.linears,
+            act_bits: state.act_bits,
         })
     }
 
@@ -210,11 +217,19 @@ impl Exporter {
                 self.unquantized.push(prefix.to_string());
             }
             (_, Some(q), Format::CompressedTensors) => {
-                for (n, dt, shape, bytes) in
-                    crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
-                {
+                let act = lin.act_quant().map(|a| a.bits);
+                let tensors = match act {
+                    Some(_) => {
+                        crate::formats::compressed_tensors::int_quantized_tensors(prefix, q)?
+                    }
+                    None => {
+                        crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
+                    }
+                };
+                for (n, dt, shape, bytes) in tensors {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
+                self.act_bits.push(act);
                 self.quantized
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }
@@ -332,8 +347,16 @@ impl Exporter {
 
     /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
     fn compressed_tensors_config(&self) -> Result<Option<Value>> {
+        if self.act_bits.windows(2).any(|w| w[0] != w[1]) {
+            bail!("export: some quantized linears quantize their input activations and others do not; one scheme per checkpoint is supported");
+        }
         Ok(self.distinct_args()?.map(|(a, order)| {
-            crate::formats::compressed_tensors::quantization_config(&a, order, &self.unquantized)
+            crate::formats::compressed_tensors::quantization_config(
+                &a,
+                order,
+                &self.unquantized,
+                self.act_bits.first().copied().flatten(),
+            )
         }))
     }
 

@@ -229,6 +229,90 @@ pub fn compressed_tensors_tensors(prefix: &str, q: &QuantizedLinear) -> Result<V
     Ok(v)
 }
 
+/// compressed-tensors `int-quantized` (W8A8's weights, what vLLM's int8 kernels load): the codes
+/// as an I8 `weight` [out, in] and `weight_scale` [out, 1]; 8-bit symmetric per-channel only.
+pub fn int_quantized_tensors(prefix: &str, q: &QuantizedLinear) -> Result<Vec<NamedTensor>> {
+    q.validate()?;
+    ensure!(
+        q.args.bits == 8 && q.args.symmetric && q.args.strategy == Strategy::Channel,
+        "`{prefix}`: int-quantized stores 8-bit symmetric per-channel weights, found {} bits, {:?}, sym {}",
+        q.args.bits,
+        q.args.strategy,
+        q.args.symmetric
+    );
+    let (out, inn) = q.shape;
+    Ok(vec![
+        (
+            format!("{prefix}.weight"),
+            DType::I8,
+            vec![out, inn],
+            q.codes.iter().map(|&c| c as u8).collect(),
+        ),
+        (
+            format!("{prefix}.weight_scale"),
+            q.scale_dtype,
+            vec![out, 1],
+            scale_bytes(q, q.scale_dtype, &q.scales)?,
+        ),
+    ])
+}
+
+/// Read an `int-quantized` linear back.
+pub fn read_int_quantized(get: TensorGetter, prefix: &str) -> Result<QuantizedLinear> {
+    let wname = format!("{prefix}.weight");
+    let (dt, shape, bytes) = get(&wname)?;
+    ensure!(
+        dt == DType::I8 && shape.len() == 2,
+        "`{wname}`: expected a 2-d I8 tensor, found {} {shape:?}",
+        dt.name()
+    );
+    let (out, inn) = (shape[0], shape[1]);
+    let sname = format!("{prefix}.weight_scale");
+    let (sdt, sshape, sbytes) = get(&sname)?;
+    ensure!(
+        sshape.iter().product::<usize>() == out,
+        "`{sname}`: shape {sshape:?} for {out} output channels"
+    );
+    let scales = to_f32(sdt, &sbytes).with_context(|| format!("`{sname}`: not a float tensor"))?;
+    let q = QuantizedLinear {
+        args: QuantArgs {
+            bits: 8,
+            symmetric: true,
+            strategy: Strategy::Channel,
+            group_size: 0,
+            observer: Observer::MinMax,
+        },
+        codes: bytes.iter().map(|&b| b as i8).collect(),
+        scales,
+        zeros: None,
+        g_idx: None,
+        static_order: false,
+        true_sequential: false,
+        scale_dtype: sdt,
+        shape: (out, inn),
+    };
+    q.validate().with_context(|| format!("`{prefix}`"))?;
+    Ok(q)
+}
+
+/// The `input_activations` block of W8A8: dynamic, symmetric, per token.
+pub fn input_activations(bits: u32) -> Value {
+    json!({
+        "actorder": null,
+        "block_structure": null,
+        "dynamic": true,
+        "group_size": null,
+        "num_bits": bits,
+        "observer": null,
+        "observer_kwargs": {},
+        "scale_dtype": null,
+        "strategy": "token",
+        "symmetric": true,
+        "type": "int",
+        "zp_dtype": null
+    })
+}
+
 /// Bytes [`compressed_tensors_tensors`] writes for `q`, computed from the shapes alone.
 pub fn stored_bytes(q: &QuantizedLinear) -> usize {
     let (out, inn) = q.shape;
@@ -418,7 +502,17 @@ pub fn sparsity_config(global: f64, structure: &str, dense_linears: &[String]) -
 /// The `quantization_config` block compressed-tensors (and so vLLM and transformers) reads, for
 /// linears quantized with `a` in column order `order`; `unquantized` are the decoder linears
 /// left dense.
-pub fn quantization_config(a: &QuantArgs, order: Order, unquantized: &[String]) -> Value {
+pub fn quantization_config(
+    a: &QuantArgs,
+    order: Order,
+    unquantized: &[String],
+    act_bits: Option<u32>,
+) -> Value {
+    let format = if act_bits.is_some() {
+        "int-quantized"
+    } else {
+        "pack-quantized"
+    };
     // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
     // even when it is tied to the embedding and has no tensor of its own: everything we
     // left unquantized must be listed, or transformers/vLLM turn it into a quantized
@@ -433,8 +527,8 @@ pub fn quantization_config(a: &QuantArgs, order: Order, unquantized: &[String]) 
     json!({
         "config_groups": {
             "group_0": {
-                "format": "pack-quantized",
-                "input_activations": null,
+                "format": format,
+                "input_activations": act_bits.map(input_activations),
                 "output_activations": null,
                 "targets": ["Linear"],
                 "weights": {
@@ -460,7 +554,7 @@ pub fn quantization_config(a: &QuantArgs, order: Order, unquantized: &[String]) 
                 }
             }
         },
-        "format": "pack-quantized",
+        "format": format,
         "global_compression_ratio": null,
         "ignore": ignore,
         "kv_cache_scheme": null,

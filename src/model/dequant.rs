@@ -50,11 +50,14 @@ fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
                 .and_then(|g| g.get("weights"))
                 .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
             let fmt = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
-            if fmt != "pack-quantized" {
+            if fmt != "pack-quantized" && fmt != "int-quantized" {
                 bail!(
-                    "{}: compressed-tensors format `{fmt}` is not supported (pack-quantized is)",
+                    "{}: compressed-tensors format `{fmt}` is not supported (pack-quantized and int-quantized are)",
                     file.display()
                 );
+            }
+            if fmt == "int-quantized" {
+                return Ok(Some((8, 0, true, "int-quantized".into())));
             }
             let bits = w
                 .get("num_bits")
@@ -84,7 +87,8 @@ fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
 /// [out, in] as f32 and the storage dtype of its floating-point parts.
 pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<(Vec<f32>, DType)> {
     let w = format!("{prefix}.weight");
-    if ckpt.has(&w) {
+    let integer = ckpt.has(&w) && ckpt.info(&w)?.0.dtype == DType::I8;
+    if ckpt.has(&w) && !integer {
         let v = read_checked(ckpt, &w, shape)?;
         return Ok((v, ckpt.info(&w)?.0.dtype));
     }
@@ -96,6 +100,11 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         Ok((info.dtype, info.shape.clone(), bytes.to_vec()))
     };
     let (v, scale_name) = match method.as_str() {
+        "int-quantized" => (
+            formats::compressed_tensors::read_int_quantized(&get, prefix)
+                .map(|q| q.dequantize().into_raw_vec_and_offset().0),
+            format!("{prefix}.weight_scale"),
+        ),
         "compressed-tensors" => (
             formats::compressed_tensors::read_compressed_tensors(&get, prefix, bits, gs, sym),
             format!("{prefix}.weight_scale"),
@@ -124,4 +133,41 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         .map(|(i, _)| i.dtype)
         .unwrap_or(DType::F32);
     Ok((v, dt))
+}
+
+/// Bits of the dynamic per-token activation quantizer config.json's `quantization_config`
+/// puts on linear `module` (W8A8's `input_activations`), if any: the module is quantized
+/// (not in `ignore`) and the group's input activations are dynamic, per token, symmetric.
+pub fn input_activation_bits(ckpt: &Checkpoint, module: &str) -> Result<Option<u32>> {
+    let Some(q) = ckpt.config.raw.get("quantization_config") else {
+        return Ok(None);
+    };
+    let ignored = q
+        .get("ignore")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(module)));
+    let Some(a) = q
+        .pointer("/config_groups/group_0/input_activations")
+        .filter(|a| !a.is_null())
+    else {
+        return Ok(None);
+    };
+    if ignored {
+        return Ok(None);
+    }
+    let file = ckpt.dir.join("config.json");
+    let ok = a.get("dynamic") == Some(&Value::Bool(true))
+        && a.get("strategy").and_then(Value::as_str) == Some("token")
+        && a.get("symmetric") != Some(&Value::Bool(false));
+    if !ok {
+        bail!(
+            "{}: `input_activations` other than dynamic symmetric per-token are not supported",
+            file.display()
+        );
+    }
+    let bits = a
+        .get("num_bits")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: `input_activations.num_bits` missing", file.display()))?;
+    Ok(Some(bits as u32))
 }

@@ -88,6 +88,9 @@ impl LayerWeights {
                     dtype,
                 )
             };
+            // W8A8 checkpoints quantize the inputs at run time: evaluation must too
+            let act = crate::model::dequant::input_activation_bits(ckpt, &module)?;
+            let lin = lin.with_act_quant(act.map(|bits| ActQuant { bits }));
             linears.insert(name.to_string(), lin);
         }
         let mut norms = BTreeMap::new();

@@ -295,6 +295,12 @@ impl Linear {
         Ok(())
     }
 
+    /// As read from a checkpoint whose config quantizes this linear's input (not a change).
+    pub fn with_act_quant(mut self, a: Option<ActQuant>) -> Self {
+        self.act_quant = a;
+        self
+    }
+
     /// Quantize this linear's input at run time (W8A8), or stop doing so.
     pub fn set_act_quant(&mut self, a: Option<ActQuant>) {
         if a != self.act_quant {

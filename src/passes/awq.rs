@@ -112,6 +112,7 @@ impl AwqSpec {
             observer: crate::quant::Observer::MinMax,
             targets: vec![],
             ignore: vec![],
+            act_bits: None,
         }
         .args()
     }

@@ -75,6 +75,9 @@ pub struct GptqSpec {
     /// (BENCHMARKS.md) and 1.4× faster.
     #[serde(default)]
     pub true_sequential: bool,
+    /// Quantize the linears' inputs per token too (`8`: W8A8), as `rtn`'s field.
+    #[serde(default)]
+    pub act_bits: Option<u32>,
 }
 
 fn d_bits() -> u32 {
@@ -115,6 +118,7 @@ impl GptqSpec {
             observer: self.observer,
             targets: self.targets.clone(),
             ignore: self.ignore.clone(),
+            act_bits: self.act_bits,
         }
     }
 
@@ -130,6 +134,7 @@ impl GptqSpec {
 
     pub fn validate(&self) -> Result<()> {
         self.scheme().args()?.validate()?;
+        self.scheme().act_quant()?;
         if !(self.damp > 0.0 && self.damp < 1.0) {
             bail!("field `damp` must be in (0, 1), found {}", self.damp);
         }
@@ -145,6 +150,7 @@ impl GptqSpec {
 
 pub struct Gptq {
     spec: GptqSpec,
+    act: Option<crate::model::layer::ActQuant>,
     args: QuantArgs,
     select: super::select::Selector,
 }
@@ -154,6 +160,7 @@ impl Gptq {
         spec.validate()?;
         let s = spec.scheme();
         Ok(Gptq {
+            act: s.act_quant()?,
             spec: spec.clone(),
             args: s.args()?,
             select: s.selector()?,
@@ -517,6 +524,7 @@ impl Pass for Gptq {
                 let lin = ctx.layer.linears.get_mut(name).expect("linear present");
                 lin.set_quantized(r.quant)
                     .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+                lin.set_act_quant(self.act);
                 let mut notes = std::collections::BTreeMap::new();
                 notes.insert("damp".into(), json!(r.damp));
                 ctx.records.push(LinearRecord {

@@ -7,6 +7,7 @@ pub mod magnitude;
 pub mod prune;
 pub mod rtn;
 pub mod select;
+pub mod smoothquant;
 pub mod sparsegpt;
 pub mod sweep;
 pub mod wanda;
@@ -26,6 +27,8 @@ pub enum PassSpec {
     Gptq(gptq::GptqSpec),
     /// AWQ scale (and clip) search (Lin et al. 2024); a quantizer follows it.
     Awq(awq::AwqSpec),
+    /// SmoothQuant scale migration (Xiao et al. 2023); a W8A8 quantizer follows it.
+    SmoothQuant(smoothquant::SmoothQuantSpec),
     /// Magnitude pruning (no calibration).
     Magnitude(prune::PruneSpec),
     /// Wanda pruning (Sun et al. 2024).
@@ -40,6 +43,7 @@ impl PassSpec {
             PassSpec::Rtn(_) => "rtn",
             PassSpec::Gptq(_) => "gptq",
             PassSpec::Awq(_) => "awq",
+            PassSpec::SmoothQuant(_) => "smoothquant",
             PassSpec::Magnitude(_) => "magnitude",
             PassSpec::Wanda(_) => "wanda",
             PassSpec::SparseGpt(_) => "sparsegpt",
@@ -48,11 +52,15 @@ impl PassSpec {
 
     pub fn validate(&self) -> Result<()> {
         match self {
-            PassSpec::Rtn(s) => s.scheme.args()?.validate(),
+            PassSpec::Rtn(s) => {
+                s.scheme.act_quant()?;
+                s.scheme.args()?.validate()
+            }
             PassSpec::Gptq(s) => s.validate(),
             PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
             PassSpec::SparseGpt(s) => s.validate(),
             PassSpec::Awq(s) => s.validate(),
+            PassSpec::SmoothQuant(s) => s.validate(),
         }
     }
 
@@ -65,6 +73,7 @@ impl PassSpec {
             PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
             PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
             PassSpec::Awq(s) => Box::new(awq::Awq::new(s)?),
+            PassSpec::SmoothQuant(s) => Box::new(smoothquant::SmoothQuant::new(s)?),
             PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),
             PassSpec::Wanda(s) => Box::new(wanda::Wanda::new(s)?),
             PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
@@ -124,6 +133,11 @@ pub struct Scheme {
     /// Linears to leave alone (same syntax). `lm_head` is never inside a decoder layer.
     #[serde(default = "default_ignore")]
     pub ignore: Vec<String>,
+    /// Quantize the inputs of the quantized linears too, dynamically per token (symmetric):
+    /// `8` with 8-bit per-channel weights is W8A8 (compressed-tensors `int-quantized`). The
+    /// calibration forward and evaluation run the quantized activations.
+    #[serde(default)]
+    pub act_bits: Option<u32>,
 }
 
 fn default_bits() -> u32 {
@@ -171,6 +185,15 @@ impl Scheme {
             group_size: self.group_size.max(0) as usize,
             observer: self.observer,
         })
+    }
+
+    /// The activation quantizer, if any (only 8-bit per-token is supported).
+    pub fn act_quant(&self) -> Result<Option<crate::model::layer::ActQuant>> {
+        match self.act_bits {
+            None => Ok(None),
+            Some(8) => Ok(Some(crate::model::layer::ActQuant { bits: 8 })),
+            Some(b) => bail!("field `act_bits` must be 8 (dynamic per-token int8), found {b}"),
+        }
     }
 
     pub fn selector(&self) -> Result<select::Selector> {

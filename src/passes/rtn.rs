@@ -20,6 +20,7 @@ pub struct RtnSpec {
 
 pub struct Rtn {
     args: QuantArgs,
+    act: Option<crate::model::layer::ActQuant>,
     select: super::select::Selector,
 }
 
@@ -27,6 +28,7 @@ impl Rtn {
     pub fn new(spec: &RtnSpec) -> Result<Self> {
         Ok(Rtn {
             args: spec.scheme.args()?,
+            act: spec.scheme.act_quant()?,
             select: spec.scheme.selector()?,
         })
     }
@@ -57,6 +59,7 @@ impl Pass for Rtn {
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_quantized(q)
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            lin.set_act_quant(self.act);
             ctx.records.push(LinearRecord {
                 layer: ctx.index(),
                 linear: name.to_string(),

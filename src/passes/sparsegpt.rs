@@ -88,6 +88,7 @@ impl JointScheme {
             observer: crate::quant::Observer::MinMax,
             targets: vec![],
             ignore: vec![],
+            act_bits: None,
         }
         .args()
     }
