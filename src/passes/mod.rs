@@ -9,6 +9,8 @@ pub mod rtn;
 pub mod select;
 pub mod smoothquant;
 pub mod sparsegpt;
+pub mod svd;
+pub mod svd_llm;
 pub mod sweep;
 pub mod wanda;
 
@@ -35,6 +37,11 @@ pub enum PassSpec {
     Wanda(prune::PruneSpec),
     /// SparseGPT pruning, optionally joint with quantization (Frantar & Alistarh 2023).
     SparseGpt(sparsegpt::SparseGptSpec),
+    /// Truncated SVD into two factors (no calibration).
+    Svd(svd::SvdSpec),
+    /// SVD-LLM, truncation-aware whitened SVD (Wang et al. 2025).
+    #[serde(rename = "svd_llm")]
+    SvdLlm(svd_llm::SvdLlmSpec),
 }
 
 impl PassSpec {
@@ -47,6 +54,8 @@ impl PassSpec {
             PassSpec::Magnitude(_) => "magnitude",
             PassSpec::Wanda(_) => "wanda",
             PassSpec::SparseGpt(_) => "sparsegpt",
+            PassSpec::Svd(_) => "svd",
+            PassSpec::SvdLlm(_) => "svd_llm",
         }
     }
 
@@ -61,11 +70,16 @@ impl PassSpec {
             PassSpec::SparseGpt(s) => s.validate(),
             PassSpec::Awq(s) => s.validate(),
             PassSpec::SmoothQuant(s) => s.validate(),
+            PassSpec::Svd(s) => s.validate(),
+            PassSpec::SvdLlm(s) => s.validate(),
         }
     }
 
     pub fn needs_calibration(&self) -> bool {
-        !matches!(self, PassSpec::Rtn(_) | PassSpec::Magnitude(_))
+        !matches!(
+            self,
+            PassSpec::Rtn(_) | PassSpec::Magnitude(_) | PassSpec::Svd(_)
+        )
     }
 
     pub fn build(&self) -> Result<Box<dyn Pass>> {
@@ -77,6 +91,8 @@ impl PassSpec {
             PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),
             PassSpec::Wanda(s) => Box::new(wanda::Wanda::new(s)?),
             PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
+            PassSpec::Svd(s) => Box::new(svd::Svd::new(s)?),
+            PassSpec::SvdLlm(s) => Box::new(svd_llm::SvdLlm::new(s)?),
         })
     }
 }

@@ -1,0 +1,351 @@
+//! SVD-LLM — Wang, Zheng, Wan, Zhang, "SVD-LLM: Truncation-aware Singular Value Decomposition
+//! for Large Language Model Compression" (ICLR 2025), §3.1 and Algorithm 1 (truncation-aware
+//! data whitening).
+//!
+//! Plain SVD truncates the singular values of W, but a small singular value of W is not a small
+//! loss: what matters is the output, L = ‖WX − W′X‖_F (eq. 1). SVD-LLM whitens the input first.
+//! With S the Cholesky factor of the input's Gram matrix, S Sᵀ = XᵀX (the paper writes X with
+//! tokens as columns, XXᵀ = SSᵀ; here X is [tokens, in] and the engine's statistic is
+//! H = 2/n·XᵀX, which scales S by a constant and changes nothing below):
+//!
+//!   W S = U Σ Vᵀ                                   (SVD of the whitened weight)
+//!   W′  = U_r Σ_r V_rᵀ S⁻¹                         (truncate, then un-whiten)
+//!   ‖(W − W′) S‖_F² = Σ_{i>r} σ_i²                 (Theorem 3.2: each dropped σ_i costs σ_i²
+//!                                                   of output error, and nothing else does)
+//!
+//! because ‖A X ᵀ‖_F² = tr(A XᵀX Aᵀ) = ‖A S‖_F² and (W − W′) S = Σ_{i>r} σ_i u_i v_iᵀ. So the
+//! truncation is the optimal rank-r output approximation on the calibration data, which plain
+//! SVD is not. The factors are stored as in §3.1:
+//!
+//!   W_u = U_r Σ_r^{1/2}  [out, r],   W_v = Σ_r^{1/2} V_rᵀ S⁻¹  [r, in]
+//!
+//! (S⁻¹ applied as a triangular solve, never formed). The rank comes from the same `ratio` /
+//! `rank` fields as `svd`. When H is not positive definite (dead inputs, fewer tokens than
+//! channels), H is dampened with GPTQ's policy — H + λI, λ = damp · mean(diag H), damp ×10 until
+//! Cholesky succeeds — and the value used is recorded as a warning. The paper's second stage
+//! (§3.2, LoRA fine-tuning of W_u and W_v after truncation) is training and is not done here.
+
+use super::prune::targeted;
+use super::svd::{params_removed, rank_notes, split_sqrt, LowRank, SvdSpec};
+use crate::engine::stats::StatsRequest;
+use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::model::layer::Site;
+use anyhow::{bail, Context, Result};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvdLlmSpec {
+    /// `ratio` or `rank`, `targets`, `ignore` as for `svd`.
+    #[serde(flatten)]
+    pub rank: SvdSpec,
+    /// λ = damp · mean(diag H) when H is not positive definite, stepped up ×10 (and recorded)
+    /// until Cholesky succeeds.
+    #[serde(default = "d_damp")]
+    pub damp: f64,
+}
+
+fn d_damp() -> f64 {
+    0.01
+}
+
+impl SvdLlmSpec {
+    pub fn validate(&self) -> Result<()> {
+        self.rank.validate()?;
+        if !(self.damp > 0.0 && self.damp < 1.0) {
+            bail!("field `damp` must be in (0, 1), found {}", self.damp);
+        }
+        Ok(())
+    }
+}
+
+/// The whitening matrix: the lower Cholesky factor S of H (S Sᵀ = H), or of H + λI with
+/// λ = damp · mean(diag H) when H is not positive definite, damp growing ×10 up to 1. Returns
+/// S and the dampening fraction used (0 when H itself was factored).
+pub fn whitening(h: &Array2<f64>, damp: f64) -> Result<(Array2<f64>, f64)> {
+    if let Ok(s) = crate::linalg::cholesky_lower(h) {
+        return Ok((s, 0.0));
+    }
+    let n = h.nrows();
+    let mean_diag = (0..n).map(|j| h[[j, j]]).sum::<f64>() / n.max(1) as f64;
+    if !(mean_diag > 0.0 && mean_diag.is_finite()) {
+        bail!("input statistic has mean diagonal {mean_diag}: no calibration signal to whiten");
+    }
+    let mut used = damp;
+    loop {
+        let mut hd = h.clone();
+        for j in 0..n {
+            hd[[j, j]] += used * mean_diag;
+        }
+        match crate::linalg::cholesky_lower(&hd) {
+            Ok(s) => return Ok((s, used)),
+            Err(e) if used >= 1.0 => {
+                bail!("H is not positive definite even with damp {used}: {e}")
+            }
+            Err(_) => used = (used * 10.0).min(1.0),
+        }
+    }
+}
+
+/// What SVD-LLM made of one weight matrix.
+pub struct SvdLlmResult {
+    /// W_u [out, r], W_v [r, in]; `sigma` is the spectrum of W·S, `loss` = Σ_{i>r} σ_i².
+    pub factors: LowRank,
+    /// The whitening matrix S (lower triangular, S Sᵀ = H + λI).
+    pub s: Array2<f64>,
+    /// The dampening fraction used (0: none needed).
+    pub damp: f64,
+}
+
+/// SVD-LLM on one weight `w` [out, in] with input statistic `h` [in, in], at rank `r`.
+pub fn svd_llm(w: &Array2<f32>, h: &Array2<f64>, r: usize, damp: f64) -> Result<SvdLlmResult> {
+    let (_, cols) = w.dim();
+    if h.dim() != (cols, cols) {
+        bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
+    }
+    // S Sᵀ = H (dampened only if needed)
+    let (s, damp) = whitening(h, damp)?;
+    // W S = U Σ Vᵀ
+    let ws = crate::linalg::matmul(&w.mapv(|x| x as f64), &s);
+    let d = crate::linalg::svd_thin(&ws)?;
+    // U_r Σ_r^{1/2} and Σ_r^{1/2} V_rᵀ, then W_v = (Σ_r^{1/2} V_rᵀ) S⁻¹
+    let (u, b) = split_sqrt(&d, r)?;
+    let v = crate::linalg::solve_right_lower(&b, &s)?;
+    // Theorem 3.2: the whitened truncation loss is the dropped spectrum
+    let loss = d.s[r..].iter().map(|x| x * x).sum();
+    Ok(SvdLlmResult {
+        factors: LowRank {
+            u,
+            v,
+            sigma: d.s,
+            loss,
+        },
+        s,
+        damp,
+    })
+}
+
+pub struct SvdLlm {
+    spec: SvdLlmSpec,
+    select: super::select::Selector,
+}
+
+impl SvdLlm {
+    pub fn new(spec: &SvdLlmSpec) -> Result<Self> {
+        spec.validate()?;
+        Ok(SvdLlm {
+            spec: spec.clone(),
+            select: super::select::Selector::new(&spec.rank.targets, &spec.rank.ignore)?,
+        })
+    }
+}
+
+impl Pass for SvdLlm {
+    fn name(&self) -> String {
+        "svd_llm".into()
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest {
+            hessian: true,
+            ..Default::default()
+        }
+    }
+
+    fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        // every linear whitened with the layer's inputs before any is factored (one
+        // statistics forward), as the paper profiles the uncompressed layer
+        ctx.refresh()?;
+        for name in targeted(ctx, &self.select) {
+            let t = Instant::now();
+            let module = ctx.module_name(name);
+            let h = ctx
+                .stats(Site::of(name))?
+                .hessian()
+                .context("no Hessian collected")?;
+            let lin = &ctx.layer.linears[name];
+            let (m, n) = lin.shape();
+            let r = self
+                .spec
+                .rank
+                .rank_for(m, n)
+                .with_context(|| module.clone())?;
+            let res =
+                svd_llm(lin.weight(), &h, r, self.spec.damp).with_context(|| module.clone())?;
+            if res.damp > 0.0 {
+                ctx.warn(format!(
+                    "{module}: input statistic not positive definite, whitened with damp {}",
+                    res.damp
+                ));
+            }
+            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            let before = lin.weight().clone();
+            let (u, v) = res.factors.factors(lin.dtype);
+            lin.set_factored(u, v).with_context(|| module.clone())?;
+            let rel = crate::linalg::rel_output_error(&before, lin.weight(), &h);
+            let mut notes = rank_notes(m, n, r);
+            notes.insert("damp".into(), json!(res.damp));
+            ctx.records.push(LinearRecord {
+                layer: ctx.index(),
+                linear: name.to_string(),
+                pass: "svd_llm".into(),
+                rel_output_error: Some(rel),
+                loss: Some(res.factors.loss),
+                seconds: t.elapsed().as_secs_f64(),
+                notes,
+            });
+            if params_removed(m, n, r) <= 0 {
+                ctx.warn(format!(
+                    "{module}: rank {r} factors hold {} parameters, not fewer than the {m}×{n} matrix",
+                    r * (m + n)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::svd::svd_truncate;
+    use super::*;
+
+    /// Correlated inputs X = Z·A (Z standard normal, A random mixing), W random:
+    /// H = 2/n·XᵀX, as in the SparseGPT tests.
+    fn problem(rows: usize, cols: usize, n: usize, seed: u64) -> (Array2<f32>, Array2<f64>) {
+        let mut s = seed;
+        let mut next = move || {
+            // Box-Muller on a 64-bit LCG
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u1 = ((s >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u2 = (s >> 11) as f64 / (1u64 << 53) as f64;
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        };
+        // a decaying channel scale on top of the mixing makes the correlation strong
+        let a = Array2::from_shape_fn((cols, cols), |(i, _)| next() / (1.0 + i as f64));
+        let z = Array2::from_shape_fn((n, cols), |_| next());
+        let x = z.dot(&a);
+        let h = x.t().dot(&x) * (2.0 / n as f64);
+        let w = Array2::from_shape_fn((rows, cols), |_| next() as f32);
+        (w, h)
+    }
+
+    fn product32(lr: &LowRank) -> Array2<f32> {
+        lr.u.dot(&lr.v).mapv(|x| x as f32)
+    }
+
+    #[test]
+    fn whitened_truncation_loss_is_the_dropped_spectrum() {
+        let (w, h) = problem(48, 64, 512, 1);
+        for r in [1, 8, 24, 47] {
+            let res = svd_llm(&w, &h, r, 0.01).unwrap();
+            assert_eq!(res.damp, 0.0, "H is positive definite with 512 tokens");
+            let lr = &res.factors;
+            assert_eq!((lr.u.dim(), lr.v.dim()), ((48, r), (r, 64)));
+            // ‖(W − W_u W_v) S‖_F² against Σ_{i>r} σ_i²
+            let delta = w.mapv(|x| x as f64) - lr.u.dot(&lr.v);
+            let whitened: f64 = delta.dot(&res.s).iter().map(|x| x * x).sum();
+            let dropped: f64 = lr.sigma[r..].iter().map(|s| s * s).sum();
+            assert!(
+                (whitened - dropped).abs() <= 1e-9 * dropped,
+                "rank {r}: ‖ΔW·S‖² = {whitened}, dropped σ² = {dropped}"
+            );
+            assert_eq!(lr.loss, dropped);
+            // and it is the output error: tr(ΔW H ΔWᵀ) = ‖ΔW S‖² (S Sᵀ = H)
+            let out = crate::linalg::quad_trace(&delta.mapv(|x| x as f32), &h);
+            assert!(
+                (out - whitened).abs() <= 1e-4 * whitened,
+                "{out} vs {whitened}"
+            );
+        }
+    }
+
+    #[test]
+    fn beats_plain_svd_on_correlated_inputs() {
+        let (w, h) = problem(48, 64, 512, 2);
+        for r in [4, 16, 32] {
+            let llm = svd_llm(&w, &h, r, 0.01).unwrap();
+            let plain = svd_truncate(&w, r).unwrap();
+            let e_llm = crate::linalg::rel_output_error(&w, &product32(&llm.factors), &h);
+            let e_svd = crate::linalg::rel_output_error(&w, &product32(&plain), &h);
+            assert!(
+                e_llm < e_svd,
+                "rank {r}: SVD-LLM output error {e_llm} not below plain SVD's {e_svd}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_rank_factors_multiply_back() {
+        for (rows, cols) in [(32, 48), (48, 32)] {
+            let (w, h) = problem(rows, cols, 256, 3);
+            let res = svd_llm(&w, &h, rows.min(cols), 0.01).unwrap();
+            let back = res.factors.u.dot(&res.factors.v);
+            let e = (&back - &w.mapv(|x| x as f64))
+                .iter()
+                .fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                e < 1e-8,
+                "{rows}×{cols}: full-rank factors differ from W by {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rank_deficient_inputs_are_dampened_and_recorded() {
+        // 16 tokens for 32 channels: XᵀX has rank 16, and one input is dead
+        let (w, mut h) = problem(8, 32, 16, 4);
+        for k in 0..32 {
+            h[[5, k]] = 0.0;
+            h[[k, 5]] = 0.0;
+        }
+        let res = svd_llm(&w, &h, 4, 0.01).unwrap();
+        assert!(res.damp >= 0.01, "damp {}", res.damp);
+        assert!(res
+            .factors
+            .u
+            .iter()
+            .chain(res.factors.v.iter())
+            .all(|x| x.is_finite()));
+        // zero statistic: nothing to whiten with
+        assert!(svd_llm(&w, &Array2::zeros((32, 32)), 4, 0.01).is_err());
+    }
+
+    /// One `passes:` entry as the pipeline reads it.
+    fn entry(yaml: &str) -> Result<super::super::PassSpec> {
+        let text = format!("- {yaml}");
+        let de = serde_yaml::Deserializer::from_str(&text);
+        let mut v: Vec<super::super::PassSpec> =
+            serde_yaml::with::singleton_map_recursive::deserialize(de)?;
+        let s = v.pop().context("one entry")?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    #[test]
+    fn yaml_fields() {
+        let spec = entry("svd_llm: {ratio: 0.2, targets: [\"re:.*_proj$\"]}").unwrap();
+        assert_eq!(spec.name(), "svd_llm");
+        assert!(spec.needs_calibration());
+        let svd = entry("svd: {rank: 8}").unwrap();
+        assert!(!svd.needs_calibration());
+        for bad in [
+            "svd_llm: {ratio: 0.2, rnak: 3}",
+            "svd_llm: {ratio: 0.2, rank: 3}",
+            "svd_llm: {}",
+            "svd: {ratio: 1.5}",
+            "svd: {ratio: 0.2, damp: 0.1}",
+            "svdllm: {ratio: 0.2}",
+        ] {
+            assert!(entry(bad).is_err(), "accepted `{bad}`");
+        }
+    }
+}
