@@ -2,11 +2,10 @@
 //! linear, zero the weights of smallest |w| — over the whole matrix to the target sparsity, or
 //! within every group of M consecutive inputs for N:M. No calibration data.
 
-use super::prune::{mask_from_scores, targeted, PruneSpec};
+use super::prune::{prune_by_scores, targeted, PruneSpec};
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
-use anyhow::{Context, Result};
-use serde_json::json;
+use crate::engine::{LayerCtx, Pass};
+use anyhow::Result;
 use std::time::Instant;
 
 pub struct Magnitude {
@@ -36,30 +35,12 @@ impl Pass for Magnitude {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         for name in targeted(ctx, &self.select) {
             let t = Instant::now();
-            let module = ctx.module_name(name);
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
-            let (rows, cols) = lin.shape();
-            let scores: Vec<f32> = lin.weight().iter().map(|w| w.abs()).collect();
-            let mask = mask_from_scores(
-                &scores,
-                rows,
-                cols,
-                self.spec.pattern,
-                self.spec.target(),
-                false,
-            )
-            .with_context(|| module.clone())?;
-            let sparsity = mask.sparsity();
-            lin.set_mask(mask).with_context(|| module.clone())?;
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "magnitude".into(),
-                rel_output_error: None,
-                loss: None,
-                seconds: t.elapsed().as_secs_f64(),
-                notes: [("sparsity".to_string(), json!(sparsity))].into(),
-            });
+            let scores: Vec<f32> = ctx.layer.linears[name]
+                .weight()
+                .iter()
+                .map(|w| w.abs())
+                .collect();
+            prune_by_scores(ctx, "magnitude", name, &self.spec, false, &scores, t)?;
         }
         Ok(())
     }

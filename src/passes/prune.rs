@@ -5,7 +5,7 @@
 
 use crate::engine::LayerCtx;
 use crate::model::layer::{Mask, LINEARS};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where zeros may go.
@@ -152,6 +152,40 @@ pub fn mask_from_scores(
         }
     }
     Mask::new((rows, cols), keep)
+}
+
+/// Prune linear `name` of the layer by `scores` ([rows, cols], lowest go) per `spec`, and
+/// record the measured sparsity under `pass`.
+pub fn prune_by_scores(
+    ctx: &mut LayerCtx,
+    pass: &str,
+    name: &str,
+    spec: &PruneSpec,
+    per_row: bool,
+    scores: &[f32],
+    started: std::time::Instant,
+) -> Result<()> {
+    let module = ctx.module_name(name);
+    let lin = ctx
+        .layer
+        .linears
+        .get_mut(name)
+        .with_context(|| format!("{module}: no such linear"))?;
+    let (rows, cols) = lin.shape();
+    let mask = mask_from_scores(scores, rows, cols, spec.pattern, spec.target(), per_row)
+        .with_context(|| module.clone())?;
+    let sparsity = mask.sparsity();
+    lin.set_mask(mask).with_context(|| module.clone())?;
+    ctx.records.push(crate::engine::LinearRecord {
+        layer: ctx.index(),
+        linear: name.to_string(),
+        pass: pass.into(),
+        rel_output_error: None,
+        loss: None,
+        seconds: started.elapsed().as_secs_f64(),
+        notes: [("sparsity".to_string(), serde_json::json!(sparsity))].into(),
+    });
+    Ok(())
 }
 
 /// The targeted linears of the layer, in execution order.

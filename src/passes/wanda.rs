@@ -10,12 +10,11 @@
 //! LLMs than over the layer). N:M compares within each group of M consecutive inputs of a row.
 //! No weight update, no Hessian: one statistics forward per layer.
 
-use super::prune::{mask_from_scores, targeted, PruneSpec};
+use super::prune::{prune_by_scores, targeted, PruneSpec};
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::model::layer::Site;
 use anyhow::{Context, Result};
-use serde_json::json;
 use std::time::Instant;
 
 pub struct Wanda {
@@ -60,34 +59,12 @@ impl Pass for Wanda {
         ctx.refresh()?;
         for name in targeted(ctx, &self.select) {
             let t = Instant::now();
-            let module = ctx.module_name(name);
             let norm = ctx
                 .stats(Site::of(name))?
                 .col_norm()
                 .context("no column norms collected")?;
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
-            let (rows, cols) = lin.shape();
-            let scores = wanda_scores(lin.weight(), &norm);
-            let mask = mask_from_scores(
-                &scores,
-                rows,
-                cols,
-                self.spec.pattern,
-                self.spec.target(),
-                true,
-            )
-            .with_context(|| module.clone())?;
-            let sparsity = mask.sparsity();
-            lin.set_mask(mask).with_context(|| module.clone())?;
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "wanda".into(),
-                rel_output_error: None,
-                loss: None,
-                seconds: t.elapsed().as_secs_f64(),
-                notes: [("sparsity".to_string(), json!(sparsity))].into(),
-            });
+            let scores = wanda_scores(ctx.layer.linears[name].weight(), &norm);
+            prune_by_scores(ctx, "wanda", name, &self.spec, true, &scores, t)?;
         }
         Ok(())
     }
