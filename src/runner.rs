@@ -256,19 +256,27 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Continue an interrupted run from its work folder.
     pub resume: bool,
+    /// Override the pipeline's `device` (`cpu`, `cuda:N`, `auto`).
+    pub device: Option<String>,
 }
 
+/// Select the run's device. On `cuda:N` the GPU is opened (kernels compiled or read from the
+/// cache) before any work starts, so a missing driver or device fails the run at once.
 fn check_device(p: &Pipeline) -> Result<()> {
     match parse_device(&p.device)? {
         Device::Cpu => Ok(()),
         Device::Cuda(n) => {
-            if cfg!(feature = "cuda") && crate::backend::cuda_available() {
-                bail!("device cuda:{n}: the CUDA path does not run compression passes yet; use `device: cpu`")
-            } else if cfg!(feature = "cuda") {
-                bail!("device cuda:{n}: no CUDA device or driver found")
-            } else {
+            if !cfg!(feature = "cuda") {
                 bail!("device cuda:{n}: this build has no CUDA support (rebuild with `--features cuda`)")
             }
+            let name = crate::backend::activate(n)
+                .with_context(|| format!("device cuda:{n}: the GPU could not be opened"))?;
+            if !crate::progress::quiet() {
+                eprintln!(
+                    "device cuda:{n} ({name}): RTN and GPTQ's Hessian factorization and column sweep run on the GPU; the layer forward and evaluation run on the CPU"
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -348,6 +356,9 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
     }
     if let Some(o) = &opts.output {
         p.output = o.clone();
+    }
+    if let Some(d) = &opts.device {
+        p.device = d.clone();
     }
     check_device(&p).with_context(|| format!("{}: field `device`", pipeline_path.display()))?;
     let ckpt = Checkpoint::open(&p.model)?;
