@@ -17,7 +17,7 @@ prepare)
   set -e
   cargo build --release --features cuda --bin bench
   test_bin=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    | grep -o '"executable":"[^"]*/deps/cuda-[^"]*"' | cut -d'"' -f4 | tail -1)
   mkdir -p .device/shared/models .device/shared/data/calib .device/shared/data/eval/ptb \
     .device/shared/golden/compressed_tensors
   cp -r ../shared/models/ref-llama-9m .device/shared/models/

@@ -41,6 +41,7 @@ fn kernels_compile_under_nvrtc() {
         for (name, src) in [
             ("quant", backend::cuda::QUANT_CU),
             ("util", backend::cuda::UTIL_CU),
+            ("layer", backend::cuda::LAYER_CU),
         ] {
             match backend::cuda::compile(name, src, arch) {
                 Ok(ptx) => {
@@ -60,9 +61,9 @@ fn kernels_compile_under_nvrtc() {
     }
     // the second compile of the same source comes from the cache
     let n = std::fs::read_dir(d.path()).unwrap().count();
-    assert_eq!(n, 4, "one cached PTX per source and architecture");
+    assert_eq!(n, 6, "one cached PTX per source and architecture");
     backend::cuda::compile("quant", backend::cuda::QUANT_CU, "compute_90").unwrap();
-    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 4);
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 6);
 }
 
 fn random_weights(rows: usize, cols: usize, dtype: DType, rng: &mut ChaCha8Rng) -> Array2<f32> {
@@ -267,7 +268,58 @@ fn gpu_path_matches_cpu() {
         assert_eq!(g.damp, c.damp, "{label}: damp");
     }
 
-    // 4. The reference model: RTN W4 g128 on the GPU writes llm-compressor's golden checkpoint
+    // 4. The decoder layer's forward on the GPU equals the CPU's (f32 both; products and
+    //    reductions are summed in other orders, so within float tolerance), layer after layer
+    //    of the reference model on random token ids.
+    {
+        use compress::backend::cuda_layer::{GpuLayer, GpuRope};
+        use compress::model::layer::LayerWeights;
+        use compress::model::llama::{DecoderLayer, Outer, Rope};
+        let ck = compress::model::Checkpoint::open(&shared().join("models/ref-llama-9m")).unwrap();
+        let cfg = ck.config.clone();
+        let (b, t) = (2, 200);
+        let ids: Vec<u32> = (0..b * t)
+            .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
+            .collect();
+        let outer = Outer::load(&ck).unwrap();
+        let mut x_cpu = outer.embed(&ids, b, t).unwrap();
+        let mut x_gpu = x_cpu.data.clone();
+        let rope = Rope::new(&cfg, t).unwrap();
+        let grope = backend::with_gpu(|g| GpuRope::new(g, &cfg, t))
+            .unwrap()
+            .unwrap();
+        let mut no_hook = |_: compress::model::layer::Site, _: &[f32], _: usize, _: usize| Ok(());
+        for l in 0..cfg.num_layers {
+            let lw = LayerWeights::load(&ck, l).unwrap();
+            x_cpu = DecoderLayer::new(&lw, &cfg)
+                .forward(&x_cpu, &rope, &mut no_hook)
+                .unwrap();
+            x_gpu = backend::with_gpu(|g| {
+                let gl = GpuLayer::upload(g, &lw, &cfg)?;
+                gl.forward(g, &x_gpu, b, t, &grope)
+            })
+            .unwrap()
+            .unwrap();
+            assert!(
+                x_gpu.iter().all(|v| v.is_finite()),
+                "layer {l}: non-finite output"
+            );
+            let num: f64 = x_gpu
+                .iter()
+                .zip(&x_cpu.data)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = x_cpu.data.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            eprintln!("layer {l}: GPU forward vs CPU, relative difference {rel:.2e}");
+            assert!(
+                rel < 1e-4,
+                "layer {l}: GPU forward differs from the CPU's by {rel}"
+            );
+        }
+    }
+
+    // 5. The reference model: RTN W4 g128 on the GPU writes llm-compressor's golden checkpoint
     //    byte for byte; GPTQ W4 g128's perplexity is within 0.5% of the CPU path's.
     let d = tempfile::tempdir().unwrap();
     let model = shared().join("models/ref-llama-9m");

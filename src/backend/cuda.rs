@@ -23,6 +23,7 @@ use std::sync::Arc;
 /// Kernel sources, embedded so the binary is self-contained.
 pub const QUANT_CU: &str = include_str!("../../kernels/quant.cu");
 pub const UTIL_CU: &str = include_str!("../../kernels/util.cu");
+pub const LAYER_CU: &str = include_str!("../../kernels/layer.cu");
 
 /// Run `f`, turning cudarc's panic on a missing shared library into an error.
 pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -353,13 +354,14 @@ mod sol {
 
 /// One CUDA device with its stream, libraries and compiled kernels.
 pub struct Gpu {
-    ctx: Arc<CudaContext>,
+    pub(crate) ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    pub(crate) blas: CudaBlas,
     sol: sol::Lib,
     solver: sol::Handle,
     quant: Arc<CudaModule>,
     util: Arc<CudaModule>,
+    pub(crate) layer: Arc<CudaModule>,
     pub name: String,
     pub arch: &'static str,
 }
@@ -383,7 +385,7 @@ fn check_sol(what: &str, s: i32) -> Result<()> {
     Ok(())
 }
 
-fn blocks(n: usize, threads: u32) -> LaunchConfig {
+pub(crate) fn blocks(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u64).div_ceil(threads as u64).max(1) as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -408,6 +410,7 @@ impl Gpu {
             let arch = arch_for(major, minor)?;
             let quant = ctx.load_module(compile("quant", QUANT_CU, arch)?)?;
             let util = ctx.load_module(compile("util", UTIL_CU, arch)?)?;
+            let layer = ctx.load_module(compile("layer", LAYER_CU, arch)?)?;
             let blas = CudaBlas::new(stream.clone()).context("cuBLAS (libcublas)")?;
             ctx.bind_to_thread()?;
             let sol = sol::Lib::load()?;
@@ -427,6 +430,7 @@ impl Gpu {
                 solver,
                 quant,
                 util,
+                layer,
                 name,
                 arch,
             })
@@ -437,7 +441,7 @@ impl Gpu {
         &self.stream
     }
 
-    fn f(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn f(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
         module
             .load_function(name)
             .with_context(|| format!("kernel {name}"))

@@ -7,13 +7,14 @@
 //! Hessians XᵀX (same); then per linear the dampened Cholesky factor of H⁻¹ (cuSOLVER, f64)
 //! and the GPTQ column sweep (kernels/quant.cu + SGEMM lazy updates), W4 g128 symmetric; then
 //! the codes and scales come back to the host and are packed into compressed-tensors' int32
-//! words. Prints per-stage seconds, the achieved TFLOP/s of the product stages against the
+//! words (the seven linears of a layer in parallel). Prints per-stage seconds, the achieved TFLOP/s of the product stages against the
 //! measured bf16 GEMM rate, and the peak device memory in use.
 
 use super::cuda::Gpu;
 use super::SweepJob;
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
 use anyhow::Result;
+use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -115,6 +116,7 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
     let mut t_fwd = 0.0;
     let mut t_factor_sweep = 0.0;
     let mut t_pack = 0.0;
+    let mut t_download = 0.0;
     let mut t_weights = 0.0;
     let mut packed_bytes = 0usize;
     let hess_flops_per_tok: f64 = site_dim.iter().map(|&d| 2.0 * (d * d) as f64).sum();
@@ -166,6 +168,7 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
             }
         }
         drop(outs);
+        let mut quants = Vec::with_capacity(linears.len());
         for (k, l) in linears.iter().enumerate() {
             let t = Instant::now();
             let (rows, cols) = (l.1, l.2);
@@ -190,27 +193,39 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
             drop((hf, w));
             t_factor_sweep += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let q = QuantizedLinear {
-                args: args.clone(),
-                codes: s.memcpy_dtov(&d.codes)?,
-                scales: s.memcpy_dtov(&d.dyn_scales)?,
-                zeros: None,
-                g_idx: None,
-                static_order: false,
-                true_sequential: false,
-                scale_dtype: crate::model::DType::BF16,
-                shape: (rows, cols),
-            };
-            let tensors = crate::formats::compressed_tensors::compressed_tensors_tensors(
-                &format!("model.layers.{layer}.{}", l.0),
-                &q,
-            )?;
-            packed_bytes += tensors.iter().map(|t| t.3.len()).sum::<usize>();
-            t_pack += t.elapsed().as_secs_f64();
+            quants.push((
+                l.0,
+                QuantizedLinear {
+                    args: args.clone(),
+                    codes: s.memcpy_dtov(&d.codes)?,
+                    scales: s.memcpy_dtov(&d.dyn_scales)?,
+                    zeros: None,
+                    g_idx: None,
+                    static_order: false,
+                    true_sequential: false,
+                    scale_dtype: crate::model::DType::BF16,
+                    shape: (rows, cols),
+                },
+            ));
+            t_download += t.elapsed().as_secs_f64();
         }
+        // pack the layer's seven linears on the host, in parallel
+        let t = Instant::now();
+        let sizes = quants
+            .par_iter()
+            .map(|(name, q)| {
+                crate::formats::compressed_tensors::compressed_tensors_tensors(
+                    &format!("model.layers.{layer}.{name}"),
+                    q,
+                )
+                .map(|ts| ts.iter().map(|t| t.3.len()).sum::<usize>())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        packed_bytes += sizes.iter().sum::<usize>();
+        t_pack += t.elapsed().as_secs_f64();
         if layer == 0 || layer + 1 == shape.layers || (layer + 1) % 8 == 0 {
             say(format!(
-                "layer {}/{}: {:.1}s so far (fill {t_fill:.1}, Hessians {t_hess:.1}, forward products {t_fwd:.1}, factor+sweep {t_factor_sweep:.1}, download+pack {t_pack:.1})",
+                "layer {}/{}: {:.1}s so far (fill {t_fill:.1}, Hessians {t_hess:.1}, forward products {t_fwd:.1}, factor+sweep {t_factor_sweep:.1}, download {t_download:.1}, pack {t_pack:.1})",
                 layer + 1,
                 shape.layers,
                 t_all.elapsed().as_secs_f64()
@@ -240,7 +255,8 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
             "hessians": t_hess,
             "forward_products": t_fwd,
             "factor_and_sweep": t_factor_sweep,
-            "download_and_pack": t_pack,
+            "download": t_download,
+            "pack_host_parallel": t_pack,
         },
         "hessian_tflops": hess_tflops,
         "forward_products_tflops": fwd_tflops,
@@ -249,7 +265,7 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
         "device_bytes_in_use_at_start": baseline_used,
     });
     say(format!(
-        "total {total_s:.1}s: Hessians {t_hess:.1}s ({hess_tflops:.0} TFLOP/s, {:.0}% of GEMM), forward products {t_fwd:.1}s ({fwd_tflops:.0} TFLOP/s), factor+sweep {t_factor_sweep:.1}s, download+pack {t_pack:.1}s; peak device memory in use {:.2} GiB (at start {:.2})",
+        "total {total_s:.1}s: Hessians {t_hess:.1}s ({hess_tflops:.0} TFLOP/s, {:.0}% of GEMM), forward products {t_fwd:.1}s ({fwd_tflops:.0} TFLOP/s), factor+sweep {t_factor_sweep:.1}s, download {t_download:.1}s, pack {t_pack:.1}s; peak device memory in use {:.2} GiB (at start {:.2})",
         100.0 * hess_tflops / gemm_tflops,
         peak_used as f64 / (1u64 << 30) as f64,
         baseline_used as f64 / (1u64 << 30) as f64

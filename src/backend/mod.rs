@@ -11,6 +11,8 @@
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_bench;
+#[cfg(feature = "cuda")]
+pub mod cuda_layer;
 
 use crate::model::DType;
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
