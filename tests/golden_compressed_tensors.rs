@@ -3,8 +3,8 @@
 //! decoder-layer linear must match in name, dtype, shape and bytes.
 
 use compress::export::pack::{compressed_tensors_tensors, read_compressed_tensors};
-use compress::model::safetensors_file::{to_f32, DType, SafetensorsFile};
 use compress::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
+use compress::safetensors_file::{to_f32, DType, SafetensorsFile};
 use ndarray::ArrayView2;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,8 @@
 //! Pack/unpack round trips of the compressed-tensors and GPTQ v1 layouts on random codes.
 
 use compress::export::pack::*;
-use compress::model::safetensors_file::DType;
 use compress::quant::{qrange, Observer, QuantArgs, QuantizedLinear, Strategy};
+use compress::safetensors_file::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;

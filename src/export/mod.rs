@@ -6,9 +6,9 @@ pub mod writer;
 
 use crate::engine::LayerSink;
 use crate::model::layer::{LayerWeights, Linear, Repr};
-use crate::model::safetensors_file::from_f32;
 use crate::model::Checkpoint;
 use crate::quant::QuantArgs;
+use crate::safetensors_file::from_f32;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

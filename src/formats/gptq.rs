@@ -8,8 +8,8 @@
 use super::bits::{bytes_to_i32s, i32s_to_bytes, pack_stream, unpack_stream};
 use super::Order;
 use super::{get_i64s, NamedTensor, TensorGetter};
-use crate::model::safetensors_file::{from_f32, to_f32, DType};
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{from_f32, to_f32, DType};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 

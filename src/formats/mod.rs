@@ -12,7 +12,7 @@ pub mod bits;
 pub mod compressed_tensors;
 pub mod gptq;
 
-use crate::model::safetensors_file::{to_i64, DType};
+use crate::safetensors_file::{to_i64, DType};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 

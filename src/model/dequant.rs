@@ -5,8 +5,8 @@
 
 use super::checkpoint::Checkpoint;
 use super::layer::read_checked;
-use super::safetensors_file::DType;
 use crate::formats;
+use crate::safetensors_file::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
