@@ -2,7 +2,9 @@
 //! tests/interop/make_packing_fixtures.py with compressed-tensors and GPTQModel themselves):
 //! every fixture must be reproduced byte for byte and read back to the codes it came from.
 
-use compress::export::pack::*;
+use compress::formats::bits::*;
+use compress::formats::compressed_tensors::*;
+use compress::formats::gptq::*;
 use compress::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
 use compress::safetensors_file::DType;
 use safetensors::{Dtype, SafeTensors};

@@ -1,7 +1,6 @@
 //! Writers of compressed checkpoints. An exporter only lays out bytes: it never runs an
 //! algorithm. Tensors that no pass changed are copied byte for byte from the source.
 
-pub mod pack;
 pub mod writer;
 
 use crate::engine::LayerSink;
