@@ -48,11 +48,15 @@ pub fn eval_perplexity_each(
         let tokens = calib::tokenize(&tok, &text)?;
         let windows = tokens.len() / seq_len;
         let pb = crate::progress::bar(windows as u64, &format!("{label} {}", dataset_key(f)));
-        let r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
+        let mut r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
             pb.set_position(w as u64)
         })
         .with_context(|| format!("evaluating {}", f.display()))?;
         pb.finish_and_clear();
+        r.min_windows = Some(calib::min_tokens(&tok, &text) / seq_len);
+        if let Some(w) = r.short_warning(&dataset_key(f)) {
+            info!("warning: {w}");
+        }
         done(f, &r, t.elapsed().as_secs_f64())?;
         info!(
             "{label} {}: perplexity {:.4} ({} windows)",
@@ -678,6 +682,14 @@ fn run_in(
         },
         None => (None, None),
     };
+    let mut warnings = er.warnings;
+    for (k, d) in &eval {
+        for (label, r) in [("before", &d.before), ("after", &d.after)] {
+            if let Some(w) = r.as_ref().and_then(|r| r.short_warning(k)) {
+                warnings.push(format!("perplexity {label}: {w}"));
+            }
+        }
+    }
     let report = Report {
         schema: SCHEMA.into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -706,7 +718,7 @@ fn run_in(
         tasks,
         summary: crate::report::Summary { mcr, mcr_basis },
         layers: er.records,
-        warnings: er.warnings,
+        warnings,
         dropped_calibration_samples: er.dropped_samples,
         timing,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
