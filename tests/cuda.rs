@@ -12,10 +12,10 @@ mod common;
 
 use common::shared;
 use compress::backend;
-use compress::model::safetensors_file::SafetensorsFile;
 use compress::model::DType;
 use compress::passes::gptq::{gptq_quantize, GptqResult};
 use compress::quant::{quantize_rtn, Observer, QuantArgs, QuantizedLinear, Strategy};
+use compress::safetensors_file::SafetensorsFile;
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,6 +1,7 @@
-//! Execution backends. The CPU path (ndarray, our own GEMM-backed kernels, rayon, faer) is
-//! always built; the CUDA path (cudarc with dynamic loading, kernels from `kernels/*.cu`
-//! compiled by NVRTC at run time) is behind the `cuda` cargo feature.
+//! Execution backends. The CPU path (faer for GEMM and factorizations, our kernels in
+//! `model/ops.rs` and `model/attention.rs`, rayon, ndarray for host matrices) is always built;
+//! the CUDA path (cudarc with dynamic loading, kernels from `kernels/*.cu` compiled by NVRTC at
+//! run time) is behind the `cuda` cargo feature.
 //!
 //! A run selects its device once ([`activate`], from the pipeline's `device:` or `--device`);
 //! passes then ask for device primitives through the functions here ([`rtn`], [`gptq_sweep`]),

@@ -86,6 +86,20 @@ pub struct LinearRecord {
     pub notes: BTreeMap<String, serde_json::Value>,
 }
 
+/// What a pass keeps from one layer to the next (a running statistic, a budget left), as the
+/// engine holds it: one per pass, in pipeline order. A pass reads its own with
+/// [`LayerCtx::state`] and replaces it with [`LayerCtx::set_state`]; a layer whose passes fail
+/// leaves every state as it was. After each layer the engine hands the states to the sink with
+/// the live streams, and the resume checkpoint (`.resume/state.json`) saves them with the layer
+/// and gives them back to a resumed run (JSON; floats round-trip exactly).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PassState {
+    /// The pass's name (a resumed run checks it against its passes).
+    pub pass: String,
+    /// What the pass stored; `None` until it stores something.
+    pub value: Option<serde_json::Value>,
+}
+
 /// A compression method. One implementation per file in `passes/`; it reads the layer's
 /// linears and the statistics it asked for, and changes weights (and, for quantizers,
 /// attaches the integer codes the exporter packs). It never touches files.
@@ -94,7 +108,9 @@ pub trait Pass: Send + Sync {
     fn name(&self) -> String;
     /// Statistics the pass needs, collected on the layer's current weights before `apply`.
     fn stats(&self) -> StatsRequest;
-    /// Compress one decoder layer in place.
+    /// Compress one decoder layer in place. State kept across layers goes through
+    /// [`LayerCtx::state`] / [`LayerCtx::set_state`] (so that resume restores it), never
+    /// through the pass object.
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()>;
 }
 
@@ -111,6 +127,8 @@ pub struct LayerCtx<'a> {
     request: StatsRequest,
     stats: BTreeMap<Site, SiteStats>,
     fresh: bool,
+    /// The running pass's state (see [`PassState`]).
+    pass_state: Option<serde_json::Value>,
     pub records: Vec<LinearRecord>,
     pub warnings: Vec<String>,
 }
@@ -264,6 +282,36 @@ impl<'a> LayerCtx<'a> {
             .context("a pass asked for sub-block outputs but no calibration data was given")?;
         let cl = DecoderLayer::new(candidate, self.config);
         inputs.iter().map(|h| cl.part(part, h, rope)).collect()
+    }
+
+    /// The state the running pass stored at an earlier layer with [`LayerCtx::set_state`]
+    /// (`None` at its first layer, or if it never stored one).
+    pub fn state<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.pass_state
+            .as_ref()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .context("internal: a pass's state does not read back as its type")
+            })
+            .transpose()
+    }
+
+    /// Keep `value` for the running pass's next layers. It is saved with the layer in the
+    /// resume checkpoint, so it must survive JSON unchanged (refused otherwise: NaN or ±Inf).
+    pub fn set_state<T>(&mut self, value: &T) -> Result<()>
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq,
+    {
+        let v = serde_json::to_value(value)?;
+        let back: Option<T> = serde_json::from_value(v.clone()).ok();
+        if back.as_ref() != Some(value) {
+            bail!(
+                "layer {}: a pass's state does not survive the resume checkpoint unchanged (non-finite number?)",
+                self.layer.index
+            );
+        }
+        self.pass_state = Some(v);
+        Ok(())
     }
 
     /// Call after changing weights so the next `stats` call recollects.
@@ -427,22 +475,29 @@ pub struct ResumePoint {
     pub hidden: Vec<Act>,
     /// The teacher stream at `next_layer`'s input (empty when no pass asks for it).
     pub teacher: Vec<Act>,
+    /// Each pass's state after the last finished layer (empty: every pass starts afresh).
+    pub pass_states: Vec<PassState>,
     pub report: EngineReport,
+}
+
+/// What a restart after layer `l` needs besides the written tensors: the streams at the input
+/// of layer `l + 1` and the passes' states.
+pub struct Carry<'a> {
+    /// The calibration hidden states (empty after the last layer, or when no pass needs
+    /// statistics).
+    pub hidden: &'a [Act],
+    /// The dense model's hidden states (empty unless a pass asked for the teacher stream).
+    pub teacher: &'a [Act],
+    /// One per pass, in pipeline order.
+    pub pass_states: &'a [PassState],
 }
 
 /// Receives each finished layer, then the parts outside the layers (an exporter).
 pub trait LayerSink {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()>;
-    /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty after the last
-    /// layer, or when no pass needs statistics) and `teacher` the dense model's (empty unless a
-    /// pass asked for the teacher stream). A resumable sink persists what a restart needs.
-    fn layer_done(
-        &mut self,
-        _l: usize,
-        _hidden: &[Act],
-        _teacher: &[Act],
-        _report: &EngineReport,
-    ) -> Result<()> {
+    /// Layer `l` is complete; `carry` is what layer `l + 1` starts from. A resumable sink
+    /// persists it.
+    fn layer_done(&mut self, _l: usize, _carry: &Carry, _report: &EngineReport) -> Result<()> {
         Ok(())
     }
 }
@@ -458,10 +513,30 @@ pub fn run(
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
     let cfg = &ckpt.config;
-    let (start, mut report, resumed_hidden, resumed_teacher) = match resume {
-        Some(r) => (r.next_layer, r.report, Some(r.hidden), Some(r.teacher)),
-        None => (0, EngineReport::default(), None, None),
+    let (start, mut report, resumed_hidden, resumed_teacher, resumed_states) = match resume {
+        Some(r) => (
+            r.next_layer,
+            r.report,
+            Some(r.hidden),
+            Some(r.teacher),
+            r.pass_states,
+        ),
+        None => (0, EngineReport::default(), None, None, Vec::new()),
     };
+    let mut states: Vec<PassState> = if resumed_states.is_empty() {
+        passes
+            .iter()
+            .map(|p| PassState {
+                pass: p.name(),
+                value: None,
+            })
+            .collect()
+    } else {
+        resumed_states
+    };
+    if states.len() != passes.len() || states.iter().zip(passes).any(|(s, p)| s.pass != p.name()) {
+        bail!("resume state holds the states of other passes than this pipeline's; start again without --resume");
+    }
     let request = passes
         .iter()
         .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
@@ -539,6 +614,8 @@ pub fn run(
             if passes.is_empty() {
                 break layer;
             }
+            // the states as this layer found them; committed only when every pass succeeded
+            let mut layer_states = states.clone();
             let mut ctx = LayerCtx {
                 layer,
                 config: cfg,
@@ -549,13 +626,16 @@ pub fn run(
                 request,
                 stats: BTreeMap::new(),
                 fresh: false,
+                pass_state: None,
                 records: Vec::new(),
                 warnings: Vec::new(),
             };
             let mut result = Ok(());
-            for p in passes {
+            for (p, st) in passes.iter().zip(layer_states.iter_mut()) {
                 pb.set_message(format!("layer {l} {}", p.name()));
+                ctx.pass_state = st.value.take();
                 result = p.apply(&mut ctx);
+                st.value = ctx.pass_state.take();
                 if result.is_err() {
                     break;
                 }
@@ -563,6 +643,7 @@ pub fn run(
             }
             match result {
                 Ok(()) => {
+                    states = layer_states;
                     report.records.append(&mut ctx.records);
                     report.warnings.append(&mut ctx.warnings);
                     break ctx.layer;
@@ -638,7 +719,12 @@ pub fn run(
         if request.teacher {
             teacher = if last { Vec::new() } else { teacher_out };
         }
-        sink.layer_done(l, if last { &[] } else { &hidden }, &teacher, &report)?;
+        let carry = Carry {
+            hidden: if last { &[] } else { &hidden },
+            teacher: &teacher,
+            pass_states: &states,
+        };
+        sink.layer_done(l, &carry, &report)?;
         pb.inc(1);
     }
     pb.finish_and_clear();

@@ -12,9 +12,9 @@
 
 use super::bits::{bytes_to_i32s, i32s_to_bytes, i64s_to_bytes, pack_bits, unpack_stream};
 use super::Order;
-use super::{get_i64s, NamedTensor, TensorGetter};
-use crate::model::safetensors_file::{from_f32, to_f32, to_i64, DType};
-use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use super::{get_i64s, NamedTensor, Stored, TensorGetter};
+use crate::quant::{QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{from_f32, to_f32, to_i64, DType};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
@@ -274,25 +274,19 @@ pub fn read_int_quantized(get: TensorGetter, prefix: &str) -> Result<QuantizedLi
         "`{sname}`: shape {sshape:?} for {out} output channels"
     );
     let scales = to_f32(sdt, &sbytes).with_context(|| format!("`{sname}`: not a float tensor"))?;
-    let q = QuantizedLinear {
-        args: QuantArgs {
-            bits: 8,
-            symmetric: true,
-            strategy: Strategy::Channel,
-            group_size: 0,
-            observer: Observer::MinMax,
-        },
+    Stored {
+        bits: 8,
+        symmetric: true,
+        strategy: Strategy::Channel,
+        group_size: 0,
         codes: bytes.iter().map(|&b| b as i8).collect(),
         scales,
         zeros: None,
         g_idx: None,
-        static_order: false,
-        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
-    };
-    q.validate().with_context(|| format!("`{prefix}`"))?;
-    Ok(q)
+    }
+    .linear(prefix)
 }
 
 /// The `input_activations` block of W8A8: dynamic, symmetric, per token.
@@ -444,41 +438,23 @@ pub fn read_compressed_tensors_quantized(
         Err(_) => None,
     };
 
-    let q = QuantizedLinear {
-        args: QuantArgs {
-            bits,
-            symmetric,
-            strategy,
-            group_size: if strategy == Strategy::Group {
-                inn / ng
-            } else {
-                group_size
-            },
-            observer: Observer::MinMax,
+    Stored {
+        bits,
+        symmetric,
+        strategy,
+        group_size: if strategy == Strategy::Group {
+            inn / ng
+        } else {
+            group_size
         },
         codes,
         scales,
         zeros,
         g_idx,
-        static_order: false,
-        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
-    };
-    q.validate().with_context(|| format!("`{prefix}`"))?;
-    Ok(q)
-}
-
-/// Dense `[out, in]` f32 weights of one compressed-tensors linear (read-back evaluation).
-pub fn read_compressed_tensors(
-    get: TensorGetter,
-    prefix: &str,
-    bits: u32,
-    group_size: usize,
-    symmetric: bool,
-) -> Result<Vec<f32>> {
-    let q = read_compressed_tensors_quantized(get, prefix, bits, group_size, symmetric)?;
-    Ok(q.dequantize().into_raw_vec_and_offset().0)
+    }
+    .linear(prefix)
 }
 
 /// The `sparsity_config` block (compressed-tensors' `SparsityCompressionConfig`): weights are

@@ -12,7 +12,8 @@ pub mod bits;
 pub mod compressed_tensors;
 pub mod gptq;
 
-use crate::model::safetensors_file::{to_i64, DType};
+use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{to_i64, DType};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,54 @@ impl Order {
             Order::Columns
         }
     }
+}
+
+/// What a reader found in a checkpoint's tensors for one quantized linear. A checkpoint does not
+/// store how the codes were found, so the observer reads as min-max and the column order as
+/// plain columns (neither changes the dequantized values).
+pub(crate) struct Stored {
+    pub bits: u32,
+    pub symmetric: bool,
+    pub strategy: Strategy,
+    pub group_size: usize,
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub zeros: Option<Vec<i8>>,
+    pub g_idx: Option<Vec<i32>>,
+    pub scale_dtype: DType,
+    /// (out, in)
+    pub shape: (usize, usize),
+}
+
+impl Stored {
+    /// The quantized linear, checked for consistency (`prefix` names it in errors).
+    pub fn linear(self, prefix: &str) -> Result<QuantizedLinear> {
+        let q = QuantizedLinear {
+            args: QuantArgs {
+                bits: self.bits,
+                symmetric: self.symmetric,
+                strategy: self.strategy,
+                group_size: self.group_size,
+                observer: Observer::MinMax,
+            },
+            codes: self.codes,
+            scales: self.scales,
+            zeros: self.zeros,
+            g_idx: self.g_idx,
+            static_order: false,
+            true_sequential: false,
+            scale_dtype: self.scale_dtype,
+            shape: self.shape,
+        };
+        q.validate().with_context(|| format!("`{prefix}`"))?;
+        Ok(q)
+    }
+}
+
+/// Dense `[out, in]` f32 weights of a quantized linear as a reader returned it (read-back
+/// evaluation of every format).
+pub fn dequantized(q: Result<QuantizedLinear>) -> Result<Vec<f32>> {
+    Ok(q?.dequantize().into_raw_vec_and_offset().0)
 }
 
 pub(crate) fn get_i64s(get: TensorGetter, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {

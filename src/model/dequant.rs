@@ -5,8 +5,8 @@
 
 use super::checkpoint::Checkpoint;
 use super::layer::read_checked;
-use super::safetensors_file::DType;
 use crate::formats;
+use crate::safetensors_file::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -101,16 +101,23 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
     };
     let (v, scale_name) = match method.as_str() {
         "int-quantized" => (
-            formats::compressed_tensors::read_int_quantized(&get, prefix)
-                .map(|q| q.dequantize().into_raw_vec_and_offset().0),
+            formats::dequantized(formats::compressed_tensors::read_int_quantized(
+                &get, prefix,
+            )),
             format!("{prefix}.weight_scale"),
         ),
         "compressed-tensors" => (
-            formats::compressed_tensors::read_compressed_tensors(&get, prefix, bits, gs, sym),
+            formats::dequantized(
+                formats::compressed_tensors::read_compressed_tensors_quantized(
+                    &get, prefix, bits, gs, sym,
+                ),
+            ),
             format!("{prefix}.weight_scale"),
         ),
         _ => (
-            formats::gptq::read_gptq(&get, prefix, bits, gs, sym),
+            formats::dequantized(formats::gptq::read_gptq_quantized(
+                &get, prefix, bits, gs, sym,
+            )),
             format!("{prefix}.scales"),
         ),
     };

@@ -19,7 +19,7 @@
 //!
 //! Pure functions only: no I/O, no file formats (those live in `export`).
 
-use crate::model::DType;
+use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
