@@ -4,8 +4,9 @@
 //! cuBLAS SGEMM, the rest by `kernels/layer.cu`. A layer's weights are uploaded once
 //! ([`GpuLayer::upload`]) and stay on the device while the calibration batches run through it.
 //!
-//! Not yet wired into the engine's calibration forward (which runs on the CPU): tested against
-//! it in `tests/cuda.rs`.
+//! The engine runs its calibration forwards through it when a GPU is active (statistics are
+//! still accumulated on the host from the downloaded site inputs); `tests/cuda.rs` checks it
+//! against the CPU forward.
 
 use super::cuda::{blocks, Gpu};
 use anyhow::{ensure, Context, Result};
@@ -15,7 +16,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::collections::BTreeMap;
 
 use crate::model::config::ModelConfig;
-use crate::model::layer::LayerWeights;
+use crate::model::layer::{LayerWeights, Site};
+use crate::model::llama::Hook;
 
 /// One linear on the device: W [out, in] f32 row-major and its bias.
 struct DevLinear {
@@ -212,6 +214,24 @@ impl GpuLayer {
         t: usize,
         rope: &GpuRope,
     ) -> Result<Vec<f32>> {
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        self.forward_hooked(gpu, x, b, t, rope, &mut no_hook, None)?
+            .context("forward stopped early")
+    }
+
+    /// As `DecoderLayer::forward_until`: the hook sees each site's input (downloaded to the
+    /// host) and the run stops right after `stop`'s (then `None`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_hooked(
+        &self,
+        gpu: &Gpu,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &GpuRope,
+        hook: &mut Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Vec<f32>>> {
         let s = gpu.stream();
         let (d, n) = (self.hidden, b * t);
         ensure!(x.len() == n * d, "hidden state has the wrong size");
@@ -224,6 +244,10 @@ impl GpuLayer {
         let mut r = s.memcpy_stod(x)?;
         // --- attention ---
         let h = self.rms_norm(gpu, &r, self.norm("input_layernorm")?, n, d)?;
+        hook(Site::AttnIn, &s.memcpy_dtov(&h)?, n, d)?;
+        if stop == Some(Site::AttnIn) {
+            return Ok(None);
+        }
         let mut q = self.linear(gpu, "self_attn.q_proj", &h, n)?;
         let mut k = self.linear(gpu, "self_attn.k_proj", &h, n)?;
         let v = self.linear(gpu, "self_attn.v_proj", &h, n)?;
@@ -253,12 +277,20 @@ impl GpuLayer {
         };
         unsafe { l.launch(cfg) }?;
         drop((q, k, v));
+        hook(Site::OIn, &s.memcpy_dtov(&attn)?, n, nh * hd)?;
+        if stop == Some(Site::OIn) {
+            return Ok(None);
+        }
         let o = self.linear(gpu, "self_attn.o_proj", &attn, n)?;
         drop(attn);
         self.add(gpu, &mut r, &o)?;
         drop(o);
         // --- MLP (SwiGLU) ---
         let h = self.rms_norm(gpu, &r, self.norm("post_attention_layernorm")?, n, d)?;
+        hook(Site::MlpIn, &s.memcpy_dtov(&h)?, n, d)?;
+        if stop == Some(Site::MlpIn) {
+            return Ok(None);
+        }
         let g = self.linear(gpu, "mlp.gate_proj", &h, n)?;
         let u = self.linear(gpu, "mlp.up_proj", &h, n)?;
         drop(h);
@@ -270,9 +302,13 @@ impl GpuLayer {
         l.arg(&g).arg(&u).arg(&mut act).arg(&nn);
         unsafe { l.launch(blocks(ni, 256)) }?;
         drop((g, u));
+        hook(Site::DownIn, &s.memcpy_dtov(&act)?, n, self.inter)?;
+        if stop == Some(Site::DownIn) {
+            return Ok(None);
+        }
         let dn = self.linear(gpu, "mlp.down_proj", &act, n)?;
         self.add(gpu, &mut r, &dn)?;
-        Ok(s.memcpy_dtov(&r)?)
+        Ok(Some(s.memcpy_dtov(&r)?))
     }
 
     fn add(&self, gpu: &Gpu, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {

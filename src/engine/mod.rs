@@ -214,7 +214,7 @@ impl<'a> LayerCtx<'a> {
         let rope = self
             .rope
             .context("a pass asked for site inputs but no calibration data was given")?;
-        let cl = DecoderLayer::new(&self.layer, self.config);
+        let cl = LayerRun::new(&self.layer, self.config, self.inputs)?;
         let mut out = Vec::new();
         let mut left = max_rows.unwrap_or(usize::MAX);
         for x in self.inputs {
@@ -241,12 +241,8 @@ impl<'a> LayerCtx<'a> {
         let rope = self
             .rope
             .context("a pass asked for block outputs but no calibration data was given")?;
-        let cl = DecoderLayer::new(candidate, self.config);
-        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-        self.inputs
-            .iter()
-            .map(|x| cl.forward(x, rope, &mut no_hook))
-            .collect()
+        let cl = LayerRun::new(candidate, self.config, self.inputs)?;
+        self.inputs.iter().map(|x| cl.forward(x, rope)).collect()
     }
 
     /// The (normed) input of a sub-block on the current weights, one `Act` per calibration
@@ -327,6 +323,75 @@ impl<'a> LayerCtx<'a> {
 
 /// Run `layer` over every calibration batch, accumulating `req` at the input sites up to
 /// `until` (all four when `None`).
+/// The decoder layer as the engine runs it: on the active GPU when there is one (the layer's
+/// weights uploaded once; each batch's hidden states go up, the site inputs the hooks see and
+/// the output come back), else on the CPU. Both compute the same function (`tests/cuda.rs`).
+/// Layers whose linears quantize their inputs (W8A8) run on the CPU.
+struct LayerRun<'a> {
+    cpu: DecoderLayer<'a>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<(
+        crate::backend::cuda_layer::GpuLayer,
+        crate::backend::cuda_layer::GpuRope,
+    )>,
+}
+
+impl<'a> LayerRun<'a> {
+    fn new(layer: &'a LayerWeights, cfg: &'a ModelConfig, inputs: &[Act]) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let gpu = {
+            use crate::backend::cuda_layer::{GpuLayer, GpuRope};
+            let max_t = inputs.iter().map(|a| a.t).max().unwrap_or(1);
+            if layer.linears.values().all(|l| l.act_quant().is_none()) && !inputs.is_empty() {
+                crate::backend::with_gpu(|g| -> Result<_> {
+                    Ok((
+                        GpuLayer::upload(g, layer, cfg)?,
+                        GpuRope::new(g, cfg, max_t)?,
+                    ))
+                })
+                .transpose()?
+            } else {
+                None
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = inputs;
+        Ok(LayerRun {
+            cpu: DecoderLayer::new(layer, cfg),
+            #[cfg(feature = "cuda")]
+            gpu,
+        })
+    }
+
+    fn forward_until(
+        &self,
+        x: &Act,
+        rope: &Rope,
+        hook: &mut crate::model::llama::Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Act>> {
+        #[cfg(feature = "cuda")]
+        if let Some((gl, gr)) = &self.gpu {
+            if let Some(r) = crate::backend::with_gpu(|g| {
+                gl.forward_hooked(g, &x.data, x.b, x.t, gr, hook, stop)
+            }) {
+                return Ok(r?.map(|data| Act {
+                    data,
+                    b: x.b,
+                    t: x.t,
+                }));
+            }
+        }
+        self.cpu.forward_until(x, rope, hook, stop)
+    }
+
+    fn forward(&self, x: &Act, rope: &Rope) -> Result<Act> {
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        self.forward_until(x, rope, &mut no_hook, None)?
+            .context("forward stopped early")
+    }
+}
+
 pub fn collect_stats(
     layer: &LayerWeights,
     cfg: &ModelConfig,
@@ -335,7 +400,7 @@ pub fn collect_stats(
     req: StatsRequest,
     until: Option<Site>,
 ) -> Result<BTreeMap<Site, SiteStats>> {
-    let cl = DecoderLayer::new(layer, cfg);
+    let cl = LayerRun::new(layer, cfg, inputs)?;
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
     for (bi, x) in inputs.iter().enumerate() {
         let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
@@ -386,7 +451,7 @@ fn screen_nonfinite(
     inputs: &[Act],
     rope: &Rope,
 ) -> Result<Vec<(usize, usize, Site)>> {
-    let cl = DecoderLayer::new(layer, cfg);
+    let cl = LayerRun::new(layer, cfg, inputs)?;
     let mut bad = Vec::new();
     for (bi, x) in inputs.iter().enumerate() {
         let mut seen: BTreeMap<usize, Site> = BTreeMap::new();
@@ -603,10 +668,9 @@ pub fn run(
             let rope = rope
                 .as_ref()
                 .context("teacher stream without calibration data")?;
-            let cl = DecoderLayer::new(&dense, cfg);
-            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            let cl = LayerRun::new(&dense, cfg, &teacher)?;
             for x in &teacher {
-                teacher_out.push(cl.forward(x, rope, &mut no_hook)?);
+                teacher_out.push(cl.forward(x, rope)?);
             }
         }
         let layer = loop {
@@ -701,10 +765,9 @@ pub fn run(
         // X_{i+1} = compressed layer (X_i); nothing reads the last layer's outputs.
         let last = l + 1 == cfg.num_layers;
         if let (Some(rope), false, false) = (rope.as_ref(), passes.is_empty(), last) {
-            let cl = DecoderLayer::new(&layer, cfg);
-            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            let cl = LayerRun::new(&layer, cfg, &hidden)?;
             for x in hidden.iter_mut() {
-                *x = cl.forward(x, rope, &mut no_hook)?;
+                *x = cl.forward(x, rope)?;
             }
         }
         for lin in layer.linears.values() {
