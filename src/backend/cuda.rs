@@ -722,6 +722,28 @@ impl Gpu {
         })
     }
 
+    /// XᵀX [d, d] of X [n, d] f32 on the device (SGEMM, f32 arithmetic), to the host: one
+    /// batch's Hessian statistic (`model::ops::gram` on the CPU).
+    pub fn gram(&self, x: &CudaSlice<f32>, n: usize, d: usize) -> Result<Vec<f32>> {
+        let s = &self.stream;
+        let mut g = s.alloc_zeros::<f32>(d * d)?;
+        // column-major: X is [d, n] (ld d); G = X · Xᵀ (symmetric, so row-major alike)
+        let cfg = GemmConfig {
+            transa: cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            transb: cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+            m: d as i32,
+            n: d as i32,
+            k: n as i32,
+            alpha: 1.0f32,
+            lda: d as i32,
+            ldb: d as i32,
+            beta: 0.0f32,
+            ldc: d as i32,
+        };
+        unsafe { self.blas.gemm(cfg, x, x, &mut g) }?;
+        Ok(s.memcpy_dtov(&g)?)
+    }
+
     /// H += XᵀX for X [n, d] in bf16 (raw bits), accumulated in f32 by cuBLAS (tensor cores,
     /// f32 accumulation). `h` is d×d f32, symmetric.
     pub fn xtx_bf16(

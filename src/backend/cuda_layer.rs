@@ -232,6 +232,50 @@ impl GpuLayer {
         hook: &mut Hook,
         stop: Option<Site>,
     ) -> Result<Option<Vec<f32>>> {
+        let s = gpu.stream().clone();
+        let mut dev_hook = |site: Site, v: &CudaSlice<f32>, rows: usize, d: usize| -> Result<()> {
+            hook(site, &s.memcpy_dtov(v)?, rows, d)
+        };
+        self.forward_dev(gpu, x, b, t, rope, &mut dev_hook, stop)
+    }
+
+    /// As [`GpuLayer::forward_hooked`], and each site's XᵀX [d, d] computed on the device
+    /// (SGEMM, f32) comes back with its rows: the Hessian statistic without a host GEMM.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_grams(
+        &self,
+        gpu: &Gpu,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &GpuRope,
+        hook: &mut dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()>,
+        grams: bool,
+        stop: Option<Site>,
+    ) -> Result<Option<Vec<f32>>> {
+        let s = gpu.stream().clone();
+        let mut dev_hook = |site: Site, v: &CudaSlice<f32>, rows: usize, d: usize| -> Result<()> {
+            let g = if grams {
+                Some(gpu.gram(v, rows, d)?)
+            } else {
+                None
+            };
+            hook(site, &s.memcpy_dtov(v)?, rows, d, g.as_deref())
+        };
+        self.forward_dev(gpu, x, b, t, rope, &mut dev_hook, stop)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_dev(
+        &self,
+        gpu: &Gpu,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &GpuRope,
+        hook: &mut dyn FnMut(Site, &CudaSlice<f32>, usize, usize) -> Result<()>,
+        stop: Option<Site>,
+    ) -> Result<Option<Vec<f32>>> {
         let s = gpu.stream();
         let (d, n) = (self.hidden, b * t);
         ensure!(x.len() == n * d, "hidden state has the wrong size");
@@ -244,7 +288,7 @@ impl GpuLayer {
         let mut r = s.memcpy_stod(x)?;
         // --- attention ---
         let h = self.rms_norm(gpu, &r, self.norm("input_layernorm")?, n, d)?;
-        hook(Site::AttnIn, &s.memcpy_dtov(&h)?, n, d)?;
+        hook(Site::AttnIn, &h, n, d)?;
         if stop == Some(Site::AttnIn) {
             return Ok(None);
         }
@@ -277,7 +321,7 @@ impl GpuLayer {
         };
         unsafe { l.launch(cfg) }?;
         drop((q, k, v));
-        hook(Site::OIn, &s.memcpy_dtov(&attn)?, n, nh * hd)?;
+        hook(Site::OIn, &attn, n, nh * hd)?;
         if stop == Some(Site::OIn) {
             return Ok(None);
         }
@@ -287,7 +331,7 @@ impl GpuLayer {
         drop(o);
         // --- MLP (SwiGLU) ---
         let h = self.rms_norm(gpu, &r, self.norm("post_attention_layernorm")?, n, d)?;
-        hook(Site::MlpIn, &s.memcpy_dtov(&h)?, n, d)?;
+        hook(Site::MlpIn, &h, n, d)?;
         if stop == Some(Site::MlpIn) {
             return Ok(None);
         }
@@ -302,7 +346,7 @@ impl GpuLayer {
         l.arg(&g).arg(&u).arg(&mut act).arg(&nn);
         unsafe { l.launch(blocks(ni, 256)) }?;
         drop((g, u));
-        hook(Site::DownIn, &s.memcpy_dtov(&act)?, n, self.inter)?;
+        hook(Site::DownIn, &act, n, self.inter)?;
         if stop == Some(Site::DownIn) {
             return Ok(None);
         }

@@ -385,6 +385,29 @@ impl<'a> LayerRun<'a> {
         self.cpu.forward_until(x, rope, hook, stop)
     }
 
+    /// The statistics forward: `hook` gets each site's rows and, when `grams`, their XᵀX —
+    /// computed on the GPU when the layer runs there, else `None` (the caller computes it).
+    fn forward_stats(
+        &self,
+        x: &Act,
+        rope: &Rope,
+        hook: &mut dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()>,
+        grams: bool,
+        stop: Option<Site>,
+    ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some((gl, gr)) = &self.gpu {
+            if let Some(r) = crate::backend::with_gpu(|g| {
+                gl.forward_with_grams(g, &x.data, x.b, x.t, gr, hook, grams, stop)
+            }) {
+                return r.map(|_| ());
+            }
+        }
+        let _ = grams;
+        let mut h = |site: Site, v: &[f32], rows: usize, d: usize| hook(site, v, rows, d, None);
+        self.cpu.forward_until(x, rope, &mut h, stop).map(|_| ())
+    }
+
     fn forward(&self, x: &Act, rope: &Rope) -> Result<Act> {
         let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
         self.forward_until(x, rope, &mut no_hook, None)?
@@ -403,16 +426,20 @@ pub fn collect_stats(
     let cl = LayerRun::new(layer, cfg, inputs)?;
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
     for (bi, x) in inputs.iter().enumerate() {
-        let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
-            if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
-                return Err(nf.into());
-            }
-            let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
-            let xtx = req.hessian.then(|| crate::model::ops::gram(v, rows, d));
-            st.add(v, rows, xtx.as_deref());
-            Ok(())
-        };
-        cl.forward_until(x, rope, &mut hook, until)?;
+        let mut hook =
+            |site: Site, v: &[f32], rows: usize, d: usize, gram: Option<&[f32]>| -> Result<()> {
+                if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+                    return Err(nf.into());
+                }
+                let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
+                let xtx = match gram {
+                    Some(_) => None,
+                    None => req.hessian.then(|| crate::model::ops::gram(v, rows, d)),
+                };
+                st.add(v, rows, gram.or(xtx.as_deref()));
+                Ok(())
+            };
+        cl.forward_stats(x, rope, &mut hook, req.hessian, until)?;
     }
     Ok(stats)
 }
