@@ -289,6 +289,86 @@ pub fn read_int_quantized(get: TensorGetter, prefix: &str) -> Result<QuantizedLi
     .linear(prefix)
 }
 
+/// (bits, group_size, symmetric, method) of a compressed-tensors `quantization_config` block
+/// (see [`super::read_scheme`]).
+pub fn read_config_block(q: &Value, file: &std::path::Path) -> Result<(u32, usize, bool, String)> {
+    let groups = q
+        .get("config_groups")
+        .and_then(|g| g.as_object())
+        .with_context(|| {
+            format!(
+                "{}: `quantization_config.config_groups` missing",
+                file.display()
+            )
+        })?;
+    if groups.len() != 1 {
+        bail!(
+            "{}: only one quantization config group is supported, found {}",
+            file.display(),
+            groups.len()
+        );
+    }
+    let w = groups
+        .values()
+        .next()
+        .and_then(|g| g.get("weights"))
+        .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
+    let fmt = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if fmt != "pack-quantized" && fmt != "int-quantized" {
+        bail!(
+            "{}: compressed-tensors format `{fmt}` is not supported (pack-quantized and int-quantized are)",
+            file.display()
+        );
+    }
+    if fmt == "int-quantized" {
+        return Ok((8, 0, true, "int-quantized".into()));
+    }
+    let bits = w
+        .get("num_bits")
+        .and_then(Value::as_u64)
+        .context("`num_bits` missing")? as u32;
+    let gs = w.get("group_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let sym = w.get("symmetric").and_then(Value::as_bool).unwrap_or(true);
+    Ok((bits, gs, sym, "compressed-tensors".into()))
+}
+
+/// Bits of the dynamic per-token activation quantizer a `quantization_config` block (`q`, of
+/// config.json `file`) puts on linear `module`, if any (see
+/// `model::dequant::input_activation_bits`).
+pub fn read_input_activation_bits(
+    q: &Value,
+    module: &str,
+    file: &std::path::Path,
+) -> Result<Option<u32>> {
+    let ignored = q
+        .get("ignore")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(module)));
+    let Some(a) = q
+        .pointer("/config_groups/group_0/input_activations")
+        .filter(|a| !a.is_null())
+    else {
+        return Ok(None);
+    };
+    if ignored {
+        return Ok(None);
+    }
+    let ok = a.get("dynamic") == Some(&Value::Bool(true))
+        && a.get("strategy").and_then(Value::as_str) == Some("token")
+        && a.get("symmetric") != Some(&Value::Bool(false));
+    if !ok {
+        bail!(
+            "{}: `input_activations` other than dynamic symmetric per-token are not supported",
+            file.display()
+        );
+    }
+    let bits = a
+        .get("num_bits")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: `input_activations.num_bits` missing", file.display()))?;
+    Ok(Some(bits as u32))
+}
+
 /// The `input_activations` block of W8A8: dynamic, symmetric, per token.
 pub fn input_activations(bits: u32) -> Value {
     json!({

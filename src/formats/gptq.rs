@@ -356,6 +356,18 @@ pub fn read_gptq_quantized(
     .linear(prefix)
 }
 
+/// (bits, group_size, symmetric, method) of a GPTQ v1 `quantization_config` block (see
+/// [`super::read_scheme`]).
+pub fn read_config_block(q: &Value) -> Result<(u32, usize, bool, String)> {
+    let bits = q
+        .get("bits")
+        .and_then(Value::as_u64)
+        .context("gptq `bits` missing")? as u32;
+    let gs = q.get("group_size").and_then(Value::as_i64).unwrap_or(-1);
+    let sym = q.get("sym").and_then(Value::as_bool).unwrap_or(true);
+    Ok((bits, gs.max(0) as usize, sym, "gptq".into()))
+}
+
 /// quantize_config.json / the `quantization_config` block of a GPTQ v1 checkpoint for linears
 /// quantized with `a` in column order `order`. GPTQ v1 has no per-module ignore list: every
 /// decoder linear must be quantized.

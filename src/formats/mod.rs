@@ -14,8 +14,10 @@ pub mod gptq;
 
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
 use crate::safetensors_file::{to_i64, DType};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
 
 /// (name, dtype, shape, little-endian bytes)
 pub type NamedTensor = (String, DType, Vec<usize>, Vec<u8>);
@@ -114,6 +116,29 @@ impl Stored {
 /// evaluation of every format).
 pub fn dequantized(q: Result<QuantizedLinear>) -> Result<Vec<f32>> {
     Ok(q?.dequantize().into_raw_vec_and_offset().0)
+}
+
+/// (bits, group_size (0 = not grouped), symmetric, method) of a `quantization_config` block
+/// (`q`) of config.json (`file`, for messages), from the format whose block it is. `method` is
+/// `compressed-tensors`, `int-quantized` (compressed-tensors W8A8) or `gptq`.
+pub fn read_scheme(q: &Value, file: &Path) -> Result<(u32, usize, bool, String)> {
+    let method = q
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .with_context(|| {
+            format!(
+                "{}: `quantization_config.quant_method` missing",
+                file.display()
+            )
+        })?;
+    match method {
+        "compressed-tensors" => compressed_tensors::read_config_block(q, file),
+        "gptq" => gptq::read_config_block(q),
+        other => bail!(
+            "{}: quantization method `{other}` is not supported",
+            file.display()
+        ),
+    }
 }
 
 pub(crate) fn get_i64s(get: TensorGetter, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
