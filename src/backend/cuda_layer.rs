@@ -17,7 +17,10 @@ use std::collections::BTreeMap;
 
 use crate::model::config::ModelConfig;
 use crate::model::layer::{LayerWeights, Site};
-use crate::model::llama::Hook;
+use crate::model::llama::{Hook, StatsHook};
+
+/// A hook on a site's input while it is still on the device.
+type DevHook<'a> = dyn FnMut(Site, &CudaSlice<f32>, usize, usize) -> Result<()> + 'a;
 
 /// One linear on the device: W [out, in] f32 row-major and its bias.
 struct DevLinear {
@@ -249,7 +252,7 @@ impl GpuLayer {
         b: usize,
         t: usize,
         rope: &GpuRope,
-        hook: &mut dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()>,
+        hook: &mut StatsHook,
         grams: bool,
         stop: Option<Site>,
     ) -> Result<Option<Vec<f32>>> {
@@ -273,7 +276,7 @@ impl GpuLayer {
         b: usize,
         t: usize,
         rope: &GpuRope,
-        hook: &mut dyn FnMut(Site, &CudaSlice<f32>, usize, usize) -> Result<()>,
+        hook: &mut DevHook,
         stop: Option<Site>,
     ) -> Result<Option<Vec<f32>>> {
         let s = gpu.stream();

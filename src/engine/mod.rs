@@ -391,7 +391,7 @@ impl<'a> LayerRun<'a> {
         &self,
         x: &Act,
         rope: &Rope,
-        hook: &mut dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()>,
+        hook: &mut crate::model::llama::StatsHook,
         grams: bool,
         stop: Option<Site>,
     ) -> Result<()> {
