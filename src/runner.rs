@@ -277,7 +277,7 @@ fn check_device(p: &Pipeline) -> Result<()> {
                 .with_context(|| format!("device cuda:{n}: the GPU could not be opened"))?;
             if !crate::progress::quiet() {
                 eprintln!(
-                    "device cuda:{n} ({name}): the calibration forward, RTN and GPTQ's factorization and column sweep run on the GPU; statistics are accumulated and evaluation runs on the CPU"
+                    "device cuda:{n} ({name}): the calibration forward with its XᵀX products, RTN and GPTQ's factorization and column sweep run on the GPU; statistics are summed and evaluation runs on the CPU"
                 );
             }
             Ok(())
