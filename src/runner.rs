@@ -288,7 +288,7 @@ fn linear_bits(ckpt: &Checkpoint) -> Option<f64> {
     for n in ckpt.names() {
         if n.starts_with("model.layers.") && n.contains("_proj.") && !n.ends_with(".bias") {
             if let Some(stored) = &ckpt.gguf_stored {
-                bytes += stored.get(n).copied().unwrap_or(0);
+                bytes += stored.get(n).map(|(_, b)| *b).unwrap_or(0);
             } else if let Ok((info, _)) = ckpt.info(n) {
                 bytes += info.end - info.start;
             }

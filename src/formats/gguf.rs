@@ -678,6 +678,9 @@ pub fn permute_rows(
 /// `export.gguf_type`: llama.cpp's `llama_ftype` presets we write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileType {
+    /// Everything in f32 (`LLAMA_FTYPE_ALL_F32`): lossless, the input llama-quantize takes.
+    #[serde(rename = "f32")]
+    F32,
     #[serde(rename = "f16")]
     F16,
     #[serde(rename = "bf16")]
@@ -708,6 +711,7 @@ impl FileType {
     /// `enum llama_ftype` (`general.file_type`).
     pub fn id(self) -> u32 {
         match self {
+            FileType::F32 => 0,
             FileType::F16 => 1,
             FileType::Q4_0 => 2,
             FileType::Q4_1 => 3,
@@ -725,6 +729,7 @@ impl FileType {
 
     pub fn name(self) -> &'static str {
         match self {
+            FileType::F32 => "f32",
             FileType::F16 => "f16",
             FileType::BF16 => "bf16",
             FileType::Q8_0 => "q8_0",
@@ -743,6 +748,7 @@ impl FileType {
     /// The default type of the mix (`llama_model_quantize_impl`'s `default_type`).
     pub fn base(self) -> GgmlType {
         match self {
+            FileType::F32 => GgmlType::F32,
             FileType::F16 => GgmlType::F16,
             FileType::BF16 => GgmlType::BF16,
             FileType::Q8_0 => GgmlType::Q8_0,
@@ -778,10 +784,9 @@ impl Overrides {
                 format!("tensor_types[{i}]: `{}` is not a valid regex", t.pattern)
             })?;
             let ty = GgmlType::parse(&t.ty)
-                .filter(|ty| *ty != GgmlType::F32)
                 .with_context(|| {
                     format!(
-                        "tensor_types[{i}]: unknown type `{}` (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16)",
+                        "tensor_types[{i}]: unknown type `{}` (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16, f32)",
                         t.ty
                     )
                 })?;

@@ -14,9 +14,9 @@ pub struct Checkpoint {
     pub files: Vec<SafetensorsFile>,
     /// tensor name → index into `files`
     index: BTreeMap<String, usize>,
-    /// GGUF checkpoints: HF tensor name → bytes stored in the GGUF file (the in-memory
-    /// image in `files` holds them dequantized to f32).
-    pub gguf_stored: Option<BTreeMap<String, usize>>,
+    /// GGUF checkpoints: HF tensor name → (ggml type, bytes) as stored in the GGUF file (the
+    /// in-memory image in `files` holds them dequantized to f32).
+    pub gguf_stored: Option<BTreeMap<String, (crate::quant::ggml::GgmlType, usize)>>,
 }
 
 /// Parse a sharded checkpoint's `model.safetensors.index.json`: tensor name → shard file name.
@@ -233,11 +233,15 @@ impl Checkpoint {
 
 /// Read a GGUF file we can evaluate: its metadata must agree with config.json, every tensor is
 /// decoded to f32 under its HF name (Q/K rows un-permuted) into an in-memory safetensors image.
-/// Returns the image and each tensor's stored byte count.
+/// Returns the image and each tensor's stored type and byte count.
+#[allow(clippy::type_complexity)]
 fn gguf_image(
     path: &Path,
     cfg: &ModelConfig,
-) -> Result<(SafetensorsFile, BTreeMap<String, usize>)> {
+) -> Result<(
+    SafetensorsFile,
+    BTreeMap<String, (crate::quant::ggml::GgmlType, usize)>,
+)> {
     use crate::formats::gguf;
     let g = gguf::GgufFile::open(path)?;
     let f = path.display();
@@ -276,7 +280,7 @@ fn gguf_image(
             hf.clone(),
             serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
         );
-        stored.insert(hf, r.len());
+        stored.insert(hf, (t.ty, r.len()));
     }
     let mut hb = serde_json::to_vec(&serde_json::Value::Object(header))?;
     while hb.len() % 8 != 0 {

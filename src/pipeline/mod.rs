@@ -98,7 +98,7 @@ pub struct Export {
     #[serde(default)]
     pub max_shard_bytes: Option<usize>,
     /// `format: gguf`: llama.cpp's mix (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s,
-    /// q5_k_m, q6_k, f16, bf16).
+    /// q5_k_m, q6_k, f16, bf16, f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gguf_type: Option<crate::formats::gguf::FileType>,
     /// `format: gguf`: per-tensor types as llama-quantize's `--tensor-type`: the first
@@ -219,7 +219,7 @@ impl Pipeline {
         crate::passes::check_sequence(&self.passes).with_context(|| f.to_string())?;
         match (self.export.format, &self.export.gguf_type) {
             (Format::Gguf, None) => {
-                bail!("{f}: field `export.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16)")
+                bail!("{f}: field `export.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16, f32)")
             }
             (Format::Gguf, Some(_)) => {
                 crate::formats::gguf::Overrides::new(&self.export.tensor_types)
