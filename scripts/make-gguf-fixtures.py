@@ -10,7 +10,10 @@ For the k-quants (Q4_K, Q5_K, Q6_K) the package only decodes, so:
   <type>.q        random blocks with finite f16 super-block scales
   <type>.dq.f32   gguf.quants.dequantize(<type>.q)
 and, when a C reference is given with --kquant-ref (scripts/make-kquant-ref.sh builds one from
-llama.cpp's ggml-quants.c), also <type>.in.f32 / <type>.q from quantize_row_<type>_ref.
+llama.cpp's ggml-quants.c), also <type>.in.f32 / <type>.q from quantize_row_<type>_ref, and for
+the importance-weighted encoders (llama-quantize --imatrix) of Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K: <type>.imat.in.f32, <type>.imat.qw.f32 (one weight per column) and <type>.imat.q
+from quantize_<type>(x, y, rows, 256, qw).
 
 Usage: scripts/make-gguf-fixtures.py tests/fixtures/gguf [--kquant-ref libkref.so]
 """
@@ -94,6 +97,21 @@ def main():
         qr = random_kblocks(t, 300 + i)
         write(f"{a.out}/{name}.rand.q", qr)
         write(f"{a.out}/{name}.rand.dq.f32", dequantize(qr.reshape(ROWS, -1), t).astype(np.float32))
+    if lib is not None:
+        for i, t in enumerate([T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]):
+            name = t.name.lower()
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            x = inputs(400 + i)
+            rng = np.random.default_rng(500 + i)
+            qw = np.exp(rng.standard_normal(COLS)).astype(np.float32)
+            q = np.zeros((ROWS * COLS // block, size), dtype=np.uint8)
+            fn = getattr(lib, f"quantize_{name.replace('_k', '_K')}")
+            fn.restype = ctypes.c_size_t
+            fn(x.ctypes.data_as(ctypes.c_void_p), q.ctypes.data_as(ctypes.c_void_p),
+               ctypes.c_int64(ROWS), ctypes.c_int64(COLS), qw.ctypes.data_as(ctypes.c_void_p))
+            write(f"{a.out}/{name}.imat.in.f32", x)
+            write(f"{a.out}/{name}.imat.qw.f32", qw)
+            write(f"{a.out}/{name}.imat.q", q)
     with open(f"{a.out}/VERSION", "w") as f:
         f.write(f"gguf {importlib.metadata.version('gguf')} numpy {np.__version__}\n")
         f.write(f"k-quant encodings from: {'quantize_row_*_ref of llama.cpp ggml-quants.c (' + os.path.basename(a.kquant_ref) + ') ' + a.ref_source if lib else 'none'}\n")

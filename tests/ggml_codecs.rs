@@ -92,3 +92,29 @@ fn kquant_encoders_match_llama_cpp_reference() {
         check_decode(ty, &format!("{f}.q"), &format!("{f}.dq.f32"));
     }
 }
+
+#[test]
+fn importance_weighted_encoders_match_llama_cpp() {
+    // quantize_<type>(x, y, rows, 256, imatrix) of llama.cpp's ggml-quants.c
+    for (ty, f) in [
+        (GgmlType::Q4_0, "q4_0"),
+        (GgmlType::Q4_1, "q4_1"),
+        (GgmlType::Q5_0, "q5_0"),
+        (GgmlType::Q5_1, "q5_1"),
+        (GgmlType::Q4K, "q4_k"),
+        (GgmlType::Q5K, "q5_k"),
+        (GgmlType::Q6K, "q6_k"),
+    ] {
+        let x = f32s(&read(&format!("{f}.imat.in.f32")).expect("fixture"));
+        let qw = f32s(&read(&format!("{f}.imat.qw.f32")).expect("fixture"));
+        let want = read(&format!("{f}.imat.q")).expect("fixture");
+        let got = compress::quant::ggml::quantize_weighted(ty, &x, qw.len(), &qw).unwrap();
+        assert_eq!(got.len(), want.len(), "{f}: length");
+        let bs = ty.type_size();
+        for (i, (g, w)) in got.chunks(bs).zip(want.chunks(bs)).enumerate() {
+            assert_eq!(g, w, "{f}: imatrix block {i} differs from llama.cpp");
+        }
+        // and the weights matter: the plain reference encoding differs somewhere
+        assert_ne!(quantize(ty, &x).unwrap(), got, "{f}");
+    }
+}

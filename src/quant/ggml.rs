@@ -511,11 +511,15 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
-/// `make_qx_quants` with `rmse_type` 1 and no importance weights (the path
-/// `quantize_row_q6_K_ref` takes): symmetric levels in [−nmax, nmax), weights x², and a search
-/// over 18 scales around −nmax/max. Returns the scale; `l` holds level + nmax.
-fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+/// `make_qx_quants` with `rmse_type` 1 (the path `quantize_row_q6_K_ref` and the imatrix
+/// encoders take): symmetric levels in [−nmax, nmax), weights `qw` (x² without an imatrix),
+/// and a search over 18 scales around −nmax/max. Returns the scale; `l` holds level + nmax.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32 {
     let n = x.len();
+    let w_of = |i: usize| match qw {
+        Some(q) => q[i],
+        None => x[i] * x[i],
+    };
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         let ax = v.abs();
@@ -533,7 +537,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     for i in 0..n {
         let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
         l[i] = (q + nmax) as i8;
-        let w = x[i] * x[i];
+        let w = w_of(i);
         let lf = q as f32;
         sumlx += w * x[i] * lf;
         suml2 += w * lf * lf;
@@ -547,9 +551,9 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for &xi in x {
+        for (i, &xi) in x.iter().enumerate() {
             let q = nearest_int(iscale * xi).clamp(-nmax, nmax - 1);
-            let w = xi * xi;
+            let w = w_of(i);
             let lf = q as f32;
             sumlx += w * xi * lf;
             suml2 += w * lf * lf;
@@ -564,6 +568,86 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         }
     }
     scale
+}
+
+/// `make_qp_quants`: quantize the non-negative sub-block scales (or mins) `x` to levels
+/// 0..=nmax with weights `qw` (a 9-point scale search, then up to 5 rounds of coordinate
+/// refinement). Returns the super-block scale; `l` holds the levels.
+fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], qw: &[f32]) -> f32 {
+    let n = x.len();
+    let mut max = 0f32;
+    for &v in x {
+        max = max.max(v);
+    }
+    if max < GROUP_MAX_EPS {
+        l[..n].iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let mut iscale = nmax as f32 / max;
+    for i in 0..n {
+        l[i] = nearest_int(iscale * x[i]) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0f32;
+    for i in 0..n {
+        let diff = x[i] - scale * l[i] as f32;
+        best_mse += qw[i] * diff * diff;
+    }
+    for is in -4i32..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0f32;
+        for i in 0..n {
+            let q = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * q as f32;
+            mse += qw[i] * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for i in 0..n {
+        let q = nearest_int(iscale * x[i]).min(nmax);
+        l[i] = q as u8;
+        let w = qw[i];
+        sumlx += w * x[i] * q as f32;
+        suml2 += w * q as f32 * q as f32;
+    }
+    for _ in 0..5 {
+        let mut n_changed = 0;
+        for i in 0..n {
+            let w = qw[i];
+            let li = l[i] as f32;
+            let mut slx = sumlx - w * x[i] * li;
+            let mut sl2 = suml2 - w * li * li;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != l[i] as i32 {
+                    slx += w * x[i] * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l[i] = new_l as u8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed += 1;
+                    }
+                }
+            }
+        }
+        if n_changed == 0 {
+            break;
+        }
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
 }
 
 /// `get_scale_min_k4`: the j-th 6-bit scale and min of a Q4_K/Q5_K super-block.
@@ -660,47 +744,34 @@ fn k_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, hdr: &mut [u
 /// `quantize_row_q4_K_ref` for one super-block.
 fn q4_k_block(x: &[f32], y: &mut [u8]) {
     let l = k_scales_and_levels(x, 15, -1.0, 20, &mut y[..16]);
-    let q = &mut y[16..144];
-    for (c, j) in (0..QK_K).step_by(64).enumerate() {
-        for i in 0..32 {
-            q[32 * c + i] = l[j + i] | (l[j + i + 32] << 4);
-        }
-    }
+    pack_q4_k(&l, &mut y[16..144]);
 }
 
 /// `quantize_row_q5_K_ref` for one super-block.
 fn q5_k_block(x: &[f32], y: &mut [u8]) {
     let l = k_scales_and_levels(x, 31, -0.5, 15, &mut y[..16]);
-    let (qh, ql) = y[16..176].split_at_mut(32);
-    qh.iter_mut().for_each(|v| *v = 0);
-    let (mut m1, mut m2) = (1u8, 2u8);
-    for (c, n) in (0..QK_K).step_by(64).enumerate() {
-        for j in 0..32 {
-            let mut l1 = l[n + j];
-            if l1 > 15 {
-                l1 -= 16;
-                qh[j] |= m1;
-            }
-            let mut l2 = l[n + j + 32];
-            if l2 > 15 {
-                l2 -= 16;
-                qh[j] |= m2;
-            }
-            ql[32 * c + j] = l1 | (l2 << 4);
-        }
-        m1 <<= 2;
-        m2 <<= 2;
-    }
+    pack_q5_k(&l, &mut y[16..176]);
 }
 
 /// `quantize_row_q6_K_ref` for one super-block: 16 sub-blocks of 16 with `make_qx_quants`
 /// (32 levels each side), the sub-block scales as int8 against the largest one.
 fn q6_k_block(x: &[f32], y: &mut [u8]) {
+    q6_k_block_w(x, None, y)
+}
+
+/// `quantize_row_q6_K_impl` (with importance weights `qw` for this super-block; `None` is the
+/// reference encoder): the sub-block search weighs by `qw` instead of x².
+fn q6_k_block_w(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
     let mut l = [0i8; QK_K];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for ib in 0..16 {
-        let s = make_qx_quants_rmse1(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        let s = make_qx_quants(
+            32,
+            &x[16 * ib..16 * ib + 16],
+            &mut l[16 * ib..16 * ib + 16],
+            qw.map(|q| &q[16 * ib..16 * ib + 16]),
+        );
         scales[ib] = s;
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
@@ -737,6 +808,225 @@ fn q6_k_block(x: &[f32], y: &mut [u8]) {
             qh[32 * c + i] =
                 (lv(0) >> 4) | ((lv(32) >> 4) << 2) | ((lv(64) >> 4) << 4) | ((lv(96) >> 4) << 6);
         }
+    }
+}
+
+// ---------------------------------------------------------------- importance-weighted encoders
+
+/// Encode a `[rows, n_per_row]` row-major matrix as `ty` with per-column importance weights
+/// `qw` (length `n_per_row`): llama.cpp's `quantize_<type>(…, quant_weights)` with an imatrix
+/// (`quantize_row_*_impl`): the error each element contributes is weighted by its column's
+/// importance (llama-imatrix stores the mean of x² over the calibration tokens per input
+/// column). Q8_0 and the float types ignore the weights, as llama.cpp does.
+pub fn quantize_weighted(ty: GgmlType, x: &[f32], n_per_row: usize, qw: &[f32]) -> Result<Vec<u8>> {
+    ensure!(
+        qw.len() == n_per_row && n_per_row > 0 && x.len().is_multiple_of(n_per_row),
+        "importance weights: {} for rows of {n_per_row} ({} values)",
+        qw.len(),
+        x.len()
+    );
+    ensure!(
+        qw.iter().all(|w| w.is_finite() && *w >= 0.0),
+        "importance weights must be finite and non-negative"
+    );
+    let row_bytes = ty.bytes_for(n_per_row)?;
+    if matches!(
+        ty,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0
+    ) {
+        return quantize(ty, x);
+    }
+    let mut out = vec![0u8; x.len() / n_per_row * row_bytes];
+    out.par_chunks_mut(row_bytes)
+        .zip(x.par_chunks(n_per_row))
+        .for_each(|(y, xr)| weighted_row(ty, xr, qw, y));
+    Ok(out)
+}
+
+fn weighted_row(ty: GgmlType, x: &[f32], qw: &[f32], y: &mut [u8]) {
+    let bs = ty.block_size();
+    let ts = ty.type_size();
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // sigma2 over the whole row (quantize_row_q4_0_impl & co.)
+            let mut sum_x2 = 0f32;
+            for &v in x {
+                sum_x2 += v * v;
+            }
+            let sigma2 = sum_x2 / x.len() as f32;
+            let mut weight = [0f32; 32];
+            for ((xb, qb), yb) in x.chunks(bs).zip(qw.chunks(bs)).zip(y.chunks_mut(ts)) {
+                for j in 0..32 {
+                    weight[j] = qb[j] * (sigma2 + xb[j] * xb[j]).sqrt();
+                }
+                match ty {
+                    GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                        let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
+                        let mut l = [0i8; 32];
+                        let d = make_qx_quants(nmax, xb, &mut l, Some(&weight));
+                        yb[..2].copy_from_slice(&fp16(d));
+                        let l: Vec<u8> = l.iter().map(|v| *v as u8).collect();
+                        if ty == GgmlType::Q4_0 {
+                            for j in 0..16 {
+                                yb[2 + j] = l[j] | (l[j + 16] << 4);
+                            }
+                        } else {
+                            pack_q5(&l, &mut yb[2..22]);
+                        }
+                    }
+                    _ => {
+                        let nmax = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+                        let mut l = [0u8; 32];
+                        let (d, min) =
+                            make_qkx2_quants(nmax, xb, &weight, &mut l, -0.9, 0.05, 36, false);
+                        yb[..2].copy_from_slice(&fp16(d));
+                        yb[2..4].copy_from_slice(&fp16(-min));
+                        if ty == GgmlType::Q4_1 {
+                            for j in 0..16 {
+                                yb[4 + j] = l[j] | (l[j + 16] << 4);
+                            }
+                        } else {
+                            pack_q5(&l, &mut yb[4..24]);
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            for ((xb, qb), yb) in x.chunks(bs).zip(qw.chunks(bs)).zip(y.chunks_mut(ts)) {
+                let nmax = if ty == GgmlType::Q4K { 15 } else { 31 };
+                let l = k_scales_and_levels_w(xb, qb, nmax, &mut yb[..16]);
+                if ty == GgmlType::Q4K {
+                    pack_q4_k(&l, &mut yb[16..144]);
+                } else {
+                    pack_q5_k(&l, &mut yb[16..176]);
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for ((xb, qb), yb) in x.chunks(bs).zip(qw.chunks(bs)).zip(y.chunks_mut(ts)) {
+                q6_k_block_w(xb, Some(qb), yb);
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => {}
+    }
+}
+
+/// qh (u32, the 5th bits) and qs of a Q5_0/Q5_1 block from levels 0..=31.
+fn pack_q5(l: &[u8], out: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (a, b) = (l[j], l[j + 16]);
+        out[4 + j] = (a & 0x0f) | ((b & 0x0f) << 4);
+        qh |= (((a & 0x10) >> 4) as u32) << j;
+        qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
+    }
+    out[..4].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// `quantize_row_q4_K_impl` / `quantize_row_q5_K_impl` with importance weights, first half:
+/// per sub-block weights qw·sqrt(σ² + x²) (σ² = 2·mean x² of the super-block), a
+/// `make_qkx3_quants` search, then the 8 scales and mins quantized by `make_qp_quants`
+/// weighted by each sub-block's total weight; levels re-derived from the stored scales.
+fn k_scales_and_levels_w(x: &[f32], qw: &[f32], nmax: i32, hdr: &mut [u8]) -> [u8; QK_K] {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let mut sw = [0f32; 8];
+    let mut weights = [0f32; 32];
+    let mut sum_x2 = 0f32;
+    for &v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        for l in 0..32 {
+            weights[l] = qw[32 * j + l] * (sigma2 + xs[l] * xs[l]).sqrt();
+        }
+        let mut sumw = 0f32;
+        for w in &weights {
+            sumw += w;
+        }
+        sw[j] = sumw;
+        // make_qkx3_quants with weights given is make_qkx2_quants
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
+        scales[j] = s;
+        mins[j] = m;
+    }
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
+    let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
+    let sc = &mut hdr[4..16];
+    sc.iter_mut().for_each(|v| *v = 0);
+    for j in 0..8 {
+        // quantize_row_q5_K_impl clamps to 63; q4_K's levels are ≤ 63 already
+        let (a, b) = (ls[j].min(63), lm[j].min(63));
+        if j < 4 {
+            sc[j] = a;
+            sc[j + 4] = b;
+        } else {
+            sc[j + 4] = (a & 0x0f) | ((b & 0x0f) << 4);
+            sc[j - 4] |= (a >> 4) << 6;
+            sc[j] |= (b >> 4) << 6;
+        }
+    }
+    hdr[0..2].copy_from_slice(&fp16(d_block));
+    hdr[2..4].copy_from_slice(&fp16(m_block));
+    let dd = fp16_at(hdr, 0);
+    let dmin = fp16_at(hdr, 2);
+    for j in 0..8 {
+        let (s, m) = get_scale_min_k4(j, &hdr[4..16]);
+        let d = dd * s as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
+        }
+    }
+    l
+}
+
+fn pack_q4_k(l: &[u8; QK_K], q: &mut [u8]) {
+    for (c, j) in (0..QK_K).step_by(64).enumerate() {
+        for i in 0..32 {
+            q[32 * c + i] = l[j + i] | (l[j + i + 32] << 4);
+        }
+    }
+}
+
+fn pack_q5_k(l: &[u8; QK_K], y: &mut [u8]) {
+    let (qh, ql) = y.split_at_mut(32);
+    qh.iter_mut().for_each(|v| *v = 0);
+    let (mut m1, mut m2) = (1u8, 2u8);
+    for (c, n) in (0..QK_K).step_by(64).enumerate() {
+        for j in 0..32 {
+            let mut l1 = l[n + j];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            let mut l2 = l[n + j + 32];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            ql[32 * c + j] = l1 | (l2 << 4);
+        }
+        m1 <<= 2;
+        m2 <<= 2;
     }
 }
 
