@@ -238,6 +238,10 @@ fn gguf_pipeline_errors_are_one_clear_line() {
             format!("model: {}\noutput: {}\nexport: {{format: gguf, gguf_type: q4_0, tensor_types: [{{pattern: '(', type: q8_0}}]}}\n", common::ref_model().display(), out.display()),
             "not a valid regex",
         ),
+        (
+            format!("model: {}\noutput: {}\ncalibration: {{path: x.txt}}\npasses: [{{imatrix: {{}}}}]\nexport: {{format: compressed-tensors}}\n", common::ref_model().display(), out.display()),
+            "only informs a GGUF export",
+        ),
     ] {
         std::fs::write(&p, yaml).unwrap();
         let o = Command::new(common::bin()).arg(&p).arg("--quiet").output().unwrap();
@@ -319,4 +323,80 @@ print(json.dumps({
         ts.len(),
         keys.len()
     );
+}
+
+/// Mean x² per input column of layer 0's q/k/v input (RMSNorm of the embeddings times the
+/// norm weight) over the first tokens of the calibration text: an independent estimate of the
+/// importance the `imatrix` pass gives q_proj of layer 0.
+fn layer0_importance(src: &Checkpoint) -> Vec<f32> {
+    let tok = compress::calib::load_tokenizer(&src.tokenizer_path()).unwrap();
+    let text =
+        compress::calib::read_text(&common::shared().join("data/calib/c4_calib.jsonl"), "text")
+            .unwrap();
+    let ids = compress::calib::tokenize(&tok, &text[..40_000]).unwrap();
+    let d = src.config.hidden_size;
+    let emb = src.f32("model.embed_tokens.weight").unwrap();
+    let g = src.f32("model.layers.0.input_layernorm.weight").unwrap();
+    let eps = src.config.rms_norm_eps as f32;
+    let mut acc = vec![0f64; d];
+    for &t in &ids {
+        let e = &emb[t as usize * d..(t as usize + 1) * d];
+        let ms = e.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for j in 0..d {
+            let x = e[j] * r * g[j];
+            acc[j] += (x * x) as f64;
+        }
+    }
+    acc.iter().map(|a| (a / ids.len() as f64) as f32).collect()
+}
+
+#[test]
+fn imatrix_weighs_the_rounding_as_llama_quantize_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    run(&pipeline(&plain, "q4_k_m", ""), dir.path());
+    let out = dir.path().join("imat");
+    let yaml = pipeline(&out, "q4_k_m", "").replace(
+        "passes: []\n",
+        &format!(
+            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - imatrix: {{}}\n",
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    );
+    let report = run(&yaml, dir.path());
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let p = GgufFile::open(&plain.join("model.gguf")).unwrap();
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(types(&p), types(&g), "the imatrix does not change the mix");
+    let mut differ = 0;
+    for ((t, r), (_, rp)) in g.tensors.iter().zip(&p.tensors) {
+        let same = g.bytes(r) == p.bytes(rp);
+        if t.name.starts_with("blk.") && !t.name.ends_with("norm.weight") {
+            differ += (!same) as usize;
+        } else {
+            // no importance for the embedding, the output and the norms
+            assert!(same, "{}", t.name);
+        }
+    }
+    assert_eq!(
+        differ,
+        7 * src.config.num_layers,
+        "every decoder linear re-encoded"
+    );
+    // the importance-weighted error of layer 0's q_proj is lower than plain rounding's
+    let qw = layer0_importance(&src);
+    let w = src.f32("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let werr = |f: &GgufFile| {
+        let (_, enc) = f.f32("blk.0.attn_q.weight").unwrap();
+        let back = gguf::permute_rows(&enc, 256, 256, src.config.num_heads, true).unwrap();
+        w.iter()
+            .zip(&back)
+            .enumerate()
+            .map(|(i, (a, b))| qw[i % 256] as f64 * ((a - b) as f64).powi(2))
+            .sum::<f64>()
+    };
+    let (ep, ei) = (werr(&p), werr(&g));
+    assert!(ei < ep, "weighted error with imatrix {ei} ≥ without {ep}");
+    assert_eq!(report["layers"][0]["pass"], "imatrix");
 }

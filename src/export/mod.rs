@@ -260,6 +260,7 @@ impl Exporter {
         hf: &str,
         values: Vec<f32>,
         shape: &[usize],
+        importance: Option<&[f32]>,
     ) -> Result<()> {
         let cfg = &ckpt.config;
         let name = gguf::gguf_name(hf).with_context(|| {
@@ -286,8 +287,12 @@ impl Exporter {
                 bail!("export: `{hf}` has shape {shape:?}; GGUF export writes 1-d and 2-d tensors")
             }
         };
-        let bytes = crate::quant::ggml::quantize(ty, &values)
-            .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?;
+        // with an importance matrix (imatrix pass): llama.cpp's weighted encoders, per row
+        let bytes = match (importance, shape) {
+            (Some(qw), [_, cols]) => crate::quant::ggml::quantize_weighted(ty, &values, *cols, qw),
+            _ => crate::quant::ggml::quantize(ty, &values),
+        }
+        .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?;
         let dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
         self.w()?.add(&name, DType::U8, &[bytes.len()], &bytes)?;
         let (g, _) = self.gguf.as_mut().context("internal: not a GGUF export")?;
@@ -300,7 +305,7 @@ impl Exporter {
         let shape = ckpt.info(hf)?.0.shape.clone();
         let v = ckpt.f32(hf)?;
         ckpt.release(hf);
-        self.gguf_add(ckpt, hf, v, &shape)
+        self.gguf_add(ckpt, hf, v, &shape, None)
     }
 
     /// GGUF: assemble `model.gguf` from the spilled tensors (header with the model's and the
@@ -399,7 +404,8 @@ impl Exporter {
                 .into_raw_vec_and_offset()
                 .0;
             self.unquantized.push(prefix.to_string());
-            return self.gguf_add(ckpt, &wname, v, &[w.nrows(), w.ncols()]);
+            let imp = lin.importance().map(|i| i.to_vec());
+            return self.gguf_add(ckpt, &wname, v, &[w.nrows(), w.ncols()], imp.as_deref());
         }
         match (lin.repr(), lin.quant(), self.format) {
             (Repr::Factored { u, v }, _, Format::CompressedTensors | Format::Gptq) => {
@@ -598,7 +604,7 @@ impl LayerSink for Exporter {
         if self.format == Format::Gguf {
             for (n, (v, _)) in &layer.norms {
                 let name = format!("{p}{n}.weight");
-                self.gguf_add(ckpt, &name, v.clone(), &[v.len()])?;
+                self.gguf_add(ckpt, &name, v.clone(), &[v.len()], None)?;
             }
             for (n, lin) in &layer.linears {
                 self.write_linear(ckpt, &format!("{p}{n}"), lin)?;

@@ -217,6 +217,14 @@ impl Pipeline {
                 .with_context(|| format!("{f}: passes[{i}] ({})", p.name()))?;
         }
         crate::passes::check_sequence(&self.passes).with_context(|| f.to_string())?;
+        if self.export.format != Format::Gguf
+            && self
+                .passes
+                .iter()
+                .any(|p| matches!(p, crate::passes::PassSpec::Imatrix(_)))
+        {
+            bail!("{f}: the `imatrix` pass only informs a GGUF export's rounding: use `export: {{format: gguf}}`");
+        }
         match (self.export.format, &self.export.gguf_type) {
             (Format::Gguf, None) => {
                 bail!("{f}: field `export.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16, f32)")
