@@ -25,5 +25,6 @@ pub mod quant;
 pub mod report;
 pub mod resume;
 pub mod runner;
+pub mod safetensors_file;
 pub mod util;
 pub mod verify;

@@ -43,6 +43,9 @@ struct RunArgs {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Override the pipeline's `device`: cpu, cuda:N or auto.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +124,7 @@ fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
         output: a.output,
         overwrite: a.overwrite,
         resume: a.resume,
+        device: a.device,
     };
     let report = runner::run_pipeline(&pipeline, &opts)?;
     if a.json {

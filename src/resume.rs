@@ -1,11 +1,12 @@
 //! Resuming an interrupted run. After every decoder layer the run's work folder gets
-//! `.resume/hidden-L.bin` (the next layer's calibration inputs, f32) and `.resume/state.json`
-//! (what the exporter has written, the engine's report so far, and fingerprints of the
-//! pipeline, the model and the calibration data), each written to a temp file and renamed, the
-//! state last. `compress PIPELINE --resume` continues from the last complete layer and refuses
+//! `.resume/hidden-L.bin` (the next layer's calibration inputs, f32), `.resume/teacher-L.bin`
+//! (the dense model's, when a pass reads the teacher stream) and `.resume/state.json` (what the
+//! exporter has written, the engine's report so far, each pass's state kept across layers, and
+//! fingerprints of the pipeline, the model and the calibration data), each written to a temp
+//! file and renamed, the state last. `compress PIPELINE --resume` continues from the last complete layer and refuses
 //! if any fingerprint changed.
 
-use crate::engine::{EngineReport, LayerSink, ResumePoint};
+use crate::engine::{Carry, EngineReport, LayerSink, PassState, ResumePoint};
 use crate::export::{Exporter, ExporterState};
 use crate::model::layer::LayerWeights;
 use crate::model::llama::Act;
@@ -105,6 +106,9 @@ pub struct State {
     /// (b, t) of each teacher-stream batch in teacher-L.bin (empty without a teacher stream).
     #[serde(default)]
     pub teacher_shapes: Vec<(usize, usize)>,
+    /// Each pass's state after layer `next_layer - 1` (see `engine::PassState`).
+    #[serde(default)]
+    pub pass_states: Vec<PassState>,
     /// SHA-256 of each finished layer's input tensors (names, dtypes, shapes, bytes): the
     /// model fingerprint covers headers only, so a resume re-hashes the layers it will not
     /// read again and refuses if their weights changed.
@@ -335,6 +339,7 @@ pub fn resume_point(work: &Path, state: &State, hidden: usize) -> Result<ResumeP
             &state.teacher_shapes,
             hidden,
         )?,
+        pass_states: state.pass_states.clone(),
         report: state.engine.clone(),
     })
 }
@@ -421,13 +426,8 @@ impl LayerSink for ResumableSink<'_> {
         self.exporter.layer(ckpt, layer)
     }
 
-    fn layer_done(
-        &mut self,
-        l: usize,
-        hidden: &[Act],
-        teacher: &[Act],
-        report: &EngineReport,
-    ) -> Result<()> {
+    fn layer_done(&mut self, l: usize, carry: &Carry, report: &EngineReport) -> Result<()> {
+        let (hidden, teacher) = (carry.hidden, carry.teacher);
         let d = dir(&self.work);
         std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
         let exporter = self.exporter.checkpoint()?;
@@ -445,6 +445,7 @@ impl LayerSink for ResumableSink<'_> {
             engine: report.clone(),
             hidden_shapes: hidden.iter().map(|a| (a.b, a.t)).collect(),
             teacher_shapes: teacher.iter().map(|a| (a.b, a.t)).collect(),
+            pass_states: carry.pass_states.to_vec(),
             layer_digests: self.layer_digests.clone(),
             exported: None,
         };

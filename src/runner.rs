@@ -48,11 +48,15 @@ pub fn eval_perplexity_each(
         let tokens = calib::tokenize(&tok, &text)?;
         let windows = tokens.len() / seq_len;
         let pb = crate::progress::bar(windows as u64, &format!("{label} {}", dataset_key(f)));
-        let r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
+        let mut r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
             pb.set_position(w as u64)
         })
         .with_context(|| format!("evaluating {}", f.display()))?;
         pb.finish_and_clear();
+        r.min_windows = Some(calib::min_tokens(&tok, &text) / seq_len);
+        if let Some(w) = r.short_warning(&dataset_key(f)) {
+            info!("warning: {w}");
+        }
         done(f, &r, t.elapsed().as_secs_f64())?;
         info!(
             "{label} {}: perplexity {:.4} ({} windows)",
@@ -256,19 +260,27 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Continue an interrupted run from its work folder.
     pub resume: bool,
+    /// Override the pipeline's `device` (`cpu`, `cuda:N`, `auto`).
+    pub device: Option<String>,
 }
 
+/// Select the run's device. On `cuda:N` the GPU is opened (kernels compiled or read from the
+/// cache) before any work starts, so a missing driver or device fails the run at once.
 fn check_device(p: &Pipeline) -> Result<()> {
     match parse_device(&p.device)? {
         Device::Cpu => Ok(()),
         Device::Cuda(n) => {
-            if cfg!(feature = "cuda") && crate::backend::cuda_available() {
-                bail!("device cuda:{n}: the CUDA path does not run compression passes yet; use `device: cpu`")
-            } else if cfg!(feature = "cuda") {
-                bail!("device cuda:{n}: no CUDA device or driver found")
-            } else {
+            if !cfg!(feature = "cuda") {
                 bail!("device cuda:{n}: this build has no CUDA support (rebuild with `--features cuda`)")
             }
+            let name = crate::backend::activate(n)
+                .with_context(|| format!("device cuda:{n}: the GPU could not be opened"))?;
+            if !crate::progress::quiet() {
+                eprintln!(
+                    "device cuda:{n} ({name}): the calibration forward, RTN and GPTQ's factorization and column sweep run on the GPU; statistics are accumulated and evaluation runs on the CPU"
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -343,6 +355,18 @@ pub fn write_checksums(dir: &Path) -> Result<()> {
 /// Run a pipeline end to end: compress into a work folder, evaluate the written artifact,
 /// write the report, then rename the folder into place.
 pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
+    run_pipeline_with(pipeline_path, opts, Vec::new())
+}
+
+/// [`run_pipeline`] with `extra` passes run after the pipeline's own on every layer (passes
+/// defined outside this crate, such as tests' own). They count for calibration, resume
+/// fingerprints and the identity check like the pipeline's passes; the report's `pipeline`
+/// shows the file as given, its `layers` what every pass recorded.
+pub fn run_pipeline_with(
+    pipeline_path: &Path,
+    opts: &RunOptions,
+    extra: Vec<Box<dyn crate::engine::Pass>>,
+) -> Result<Report> {
     let t_all = Instant::now();
     let mut p = Pipeline::from_file(pipeline_path)?;
     if let Some(m) = &opts.model {
@@ -350,6 +374,9 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
     }
     if let Some(o) = &opts.output {
         p.output = o.clone();
+    }
+    if let Some(d) = &opts.device {
+        p.device = d.clone();
     }
     check_device(&p).with_context(|| format!("{}: field `device`", pipeline_path.display()))?;
     let ckpt = Checkpoint::open(&p.model)?;
@@ -380,7 +407,11 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
     // crashed run never leaves it held.
     let _lock = crate::util::lock_output(&output)?;
     let work = crate::util::work_dir_for(&output);
-    let fingerprint = crate::resume::Fingerprint::of(&p, &ckpt)?;
+    let mut fingerprint = crate::resume::Fingerprint::of(&p, &ckpt)?;
+    if !extra.is_empty() {
+        let names: Vec<String> = extra.iter().map(|x| x.name()).collect();
+        fingerprint.pipeline = format!("{} + {}", fingerprint.pipeline, names.join(" + "));
+    }
     let mut state = None;
     if work.exists() {
         if opts.resume {
@@ -419,7 +450,7 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
     }
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     crate::util::set_active_work(Some(work.clone()));
-    let result = run_in(&p, &ckpt, &work, opts, t_all, fingerprint, state);
+    let result = run_in(&p, extra, &ckpt, &work, t_all, fingerprint, state);
     crate::util::set_active_work(None);
     match result {
         Ok(mut report) => {
@@ -453,19 +484,22 @@ pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
 /// finished artifact, and the spill files to remove once that is recorded.
 fn compress_into(
     p: &Pipeline,
+    extra: Vec<Box<dyn crate::engine::Pass>>,
     ckpt: &Checkpoint,
     work: &Path,
     fingerprint: crate::resume::Fingerprint,
     state: Option<crate::resume::State>,
 ) -> Result<(crate::resume::Exported, Vec<PathBuf>)> {
-    let passes = p
+    let needs_calib =
+        p.passes.iter().any(|s| s.needs_calibration()) || extra.iter().any(|x| x.stats().any());
+    let mut passes = p
         .passes
         .iter()
         .map(|s| s.build())
         .collect::<Result<Vec<_>>>()?;
+    passes.extend(extra);
     // Calibration windows, only when some pass needs statistics.
     let t = Instant::now();
-    let needs_calib = p.passes.iter().any(|s| s.needs_calibration());
     let (windows, opts) = match (&p.calibration, needs_calib) {
         (Some(c), true) => {
             let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
@@ -551,14 +585,15 @@ fn compress_into(
 
 fn run_in(
     p: &Pipeline,
+    extra: Vec<Box<dyn crate::engine::Pass>>,
     ckpt: &Checkpoint,
     work: &Path,
-    _opts: &RunOptions,
     t_all: Instant,
     fingerprint: crate::resume::Fingerprint,
     state: Option<crate::resume::State>,
 ) -> Result<Report> {
     let mut timing = Timing::default();
+    let no_passes = p.passes.is_empty() && extra.is_empty();
     let exported = match state.as_ref().and_then(|s| s.exported.clone()) {
         Some(x) => {
             info!(
@@ -578,7 +613,7 @@ fn run_in(
             x
         }
         None => {
-            let x = compress_into(p, ckpt, work, fingerprint, state)?;
+            let x = compress_into(p, extra, ckpt, work, fingerprint, state)?;
             // Recorded before the spill files go: from here a kill resumes with evaluation.
             crate::resume::mark_exported(work, x.0.clone())?;
             crate::export::writer::remove_spills(&x.1)?;
@@ -593,7 +628,7 @@ fn run_in(
 
     // Read the artifact back: everything below is measured on what was written.
     let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
-    let identical = if p.passes.is_empty() {
+    let identical = if no_passes {
         Some(tensors_identical(ckpt, &out)?)
     } else {
         None
@@ -665,6 +700,14 @@ fn run_in(
         },
         None => (None, None),
     };
+    let mut warnings = er.warnings;
+    for (k, d) in &eval {
+        for (label, r) in [("before", &d.before), ("after", &d.after)] {
+            if let Some(w) = r.as_ref().and_then(|r| r.short_warning(k)) {
+                warnings.push(format!("perplexity {label}: {w}"));
+            }
+        }
+    }
     let report = Report {
         schema: SCHEMA.into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -693,7 +736,7 @@ fn run_in(
         tasks,
         summary: crate::report::Summary { mcr, mcr_basis },
         layers: er.records,
-        warnings: er.warnings,
+        warnings,
         dropped_calibration_samples: er.dropped_samples,
         timing,
         peak_rss_bytes: crate::util::peak_rss_bytes(),

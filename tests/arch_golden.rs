@@ -6,8 +6,8 @@
 
 mod common;
 use compress::model::llama::Model;
-use compress::model::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 use compress::model::Checkpoint;
+use compress::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {

@@ -217,7 +217,7 @@ fn nan_weights() {
     let m = common::model_copy(d.path());
     let f = m.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
-    let (tensors, _) = compress::model::safetensors_file::parse_header(&bytes, &f).unwrap();
+    let (tensors, _) = compress::safetensors_file::parse_header(&bytes, &f).unwrap();
     let name = "model.layers.2.self_attn.v_proj.weight";
     let t = &tensors[name];
     // bf16 NaN at element 5

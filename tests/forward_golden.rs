@@ -2,8 +2,8 @@
 
 mod common;
 use compress::model::llama::Model;
-use compress::model::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 use compress::model::Checkpoint;
+use compress::safetensors_file::{to_f32, to_i64, SafetensorsFile};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     // relative to the largest magnitude of the reference (elementwise relative error is

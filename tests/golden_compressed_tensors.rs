@@ -2,9 +2,12 @@
 //! compressed-tensors themselves (../shared/golden/compressed_tensors): every tensor of every
 //! decoder-layer linear must match in name, dtype, shape and bytes.
 
-use compress::export::pack::{compressed_tensors_tensors, read_compressed_tensors};
-use compress::model::safetensors_file::{to_f32, DType, SafetensorsFile};
+use compress::formats::compressed_tensors::{
+    compressed_tensors_tensors, read_compressed_tensors_quantized,
+};
+use compress::formats::dequantized;
 use compress::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
+use compress::safetensors_file::{to_f32, DType, SafetensorsFile};
 use ndarray::ArrayView2;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -120,9 +123,14 @@ fn check_folder(name: &str, expect: (u32, bool, Strategy, usize)) {
                     .ok_or_else(|| anyhow::anyhow!("missing {n}"))?;
                 Ok((t.dtype, t.shape.clone(), golden.bytes(t).to_vec()))
             };
-            let dense =
-                read_compressed_tensors(&get, &prefix, args.bits, args.group_size, args.symmetric)
-                    .unwrap();
+            let dense = dequantized(read_compressed_tensors_quantized(
+                &get,
+                &prefix,
+                args.bits,
+                args.group_size,
+                args.symmetric,
+            ))
+            .unwrap();
             let ours_dense = q.dequantize();
             assert_eq!(
                 dense.as_slice(),

@@ -2,7 +2,9 @@
 //! an exact factorization (U·V at full rank) and another a 2:4 mask, a third is quantized with
 //! RTN. The calibration forward, the evaluation model read back from the exported checkpoint,
 //! and a naive reference forward written here (plain loops, no shared kernels) must compute the
-//! same function; the engine's byte count must equal the bytes written.
+//! same function; the engine's byte count must equal the bytes written. The second test runs
+//! the same passes through a whole run (`runner::run_pipeline_with`) and `compress eval`: both
+//! perplexities equal the plain-loop reference's, and report.json counts the bytes on disk.
 
 mod common;
 use anyhow::Result;
@@ -324,4 +326,132 @@ fn factored_sparse_and_quantized_linears_compute_one_function_everywhere() {
     );
     let e = max_rel(&got, &reference);
     assert!(e < 1e-4, "exported model vs reference: max rel error {e}");
+}
+
+/// Perplexity by the eval protocol (non-overlapping windows, every predicted token) from the
+/// plain-loop reference.
+fn reference_ppl(
+    src: &Path,
+    overrides: &[((usize, &str), Vec<f32>)],
+    ids: &[u32],
+    t: usize,
+) -> f64 {
+    let vocab = Checkpoint::open(src).unwrap().config.vocab_size;
+    let (mut total, mut n) = (0f64, 0usize);
+    for w in ids.chunks_exact(t) {
+        let logits = reference_logits(src, overrides, w);
+        for i in 0..t - 1 {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+            total += m + z.ln() - row[w[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    (total / n as f64).exp()
+}
+
+/// The same test-only passes through the whole run (`runner::run_pipeline_with`: calibration,
+/// export, read-back evaluation, report) and `compress eval` on the written checkpoint: the
+/// perplexity both measure is the plain-loop reference's, and the report counts the bytes the
+/// factored, pruned and quantized linears take on disk.
+#[test]
+fn the_run_its_report_and_compress_eval_see_the_same_function() {
+    let src = common::ref_model();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("tiny.txt");
+    let text = std::fs::read_to_string(common::shared().join("data/eval/wikitext2/wiki.test.raw"))
+        .unwrap();
+    std::fs::write(&data, text.chars().take(700).collect::<String>()).unwrap();
+    let out = d.path().join("out");
+    let p = d.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n\
+             calibration: {{path: {}, samples: 4, seq_len: 64, seed: 3}}\n\
+             passes:\n  - rtn: {{bits: 4, group_size: 64, sym: false, targets: [\"re:.*layers\\\\.2\\\\.mlp\\\\.down_proj\"]}}\n\
+             export: {{format: compressed-tensors}}\n\
+             eval: {{datasets: [{}], seq_len: 32, baseline: false}}\n",
+            src.display(),
+            out.display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let report = compress::runner::run_pipeline_with(
+        &p,
+        &Default::default(),
+        vec![Box::new(Factorize), Box::new(Prune24)],
+    )
+    .unwrap();
+
+    // the report's byte count is what the decoder linears take on disk
+    let written = Checkpoint::open(&out).unwrap();
+    let mut on_disk = 0;
+    for n in written.names() {
+        if n.starts_with("model.layers.") && n.contains("_proj.") && !n.ends_with(".bias") {
+            let (info, _) = written.info(n).unwrap();
+            on_disk += info.end - info.start;
+        }
+    }
+    assert_eq!(report.output.linear_bytes, Some(on_disk));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(saved["output"]["linear_bytes"], serde_json::json!(on_disk));
+    let fm = format!("model.layers.{}.{}", FACTORED.0, FACTORED.1);
+    assert!(written.has(&format!("{fm}.weight_u")));
+    let (out_f, in_f) = (
+        ckpt_dim(&written, &format!("{fm}.weight_u"), 0),
+        ckpt_dim(&written, &format!("{fm}.weight_v"), 1),
+    );
+    assert_eq!(out_f, written.config.intermediate_size);
+    assert_eq!(in_f, written.config.hidden_size);
+
+    // the reference: source weights (the factorization is exact), the 2:4 linear as written,
+    // the 4-bit linear as dequantized by the reader
+    let pm = format!("model.layers.{}.{}", PRUNED.0, PRUNED.1);
+    let pw = written.f32(&format!("{pm}.weight")).unwrap();
+    let dq = compress::model::layer::LayerWeights::load(&written, 2)
+        .unwrap()
+        .linears["mlp.down_proj"]
+        .weight()
+        .as_slice()
+        .unwrap()
+        .to_vec();
+    let tok = compress::calib::load_tokenizer(&written.tokenizer_path()).unwrap();
+    let ids = compress::calib::tokenize(&tok, &compress::calib::read_text(&data, "text").unwrap())
+        .unwrap();
+    assert!(ids.len() / 32 >= 3, "{} tokens", ids.len());
+    let want = reference_ppl(&src, &[(PRUNED, pw), ((2, "mlp.down_proj"), dq)], &ids, 32);
+
+    let after = report.eval["tiny.txt"].after.as_ref().unwrap();
+    assert_eq!(after.windows, ids.len() / 32);
+    let rel = |a: f64| (a - want).abs() / want;
+    assert!(
+        rel(after.perplexity) < 1e-5,
+        "report: {} vs reference {want}",
+        after.perplexity
+    );
+
+    let o = std::process::Command::new(common::bin())
+        .args(["eval", "--quiet", "--json", "--seq-len", "32", "--model"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ev = v["results"]["tiny.txt"]["perplexity"].as_f64().unwrap();
+    assert!(rel(ev) < 1e-5, "compress eval: {ev} vs reference {want}");
+    assert_eq!(
+        ev, after.perplexity,
+        "compress eval and the report's read-back"
+    );
+}
+
+fn ckpt_dim(ck: &Checkpoint, name: &str, i: usize) -> usize {
+    ck.info(name).unwrap().0.shape[i]
 }

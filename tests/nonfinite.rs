@@ -11,7 +11,7 @@
 //! dropped windows, killed and resumed, writes the same bytes.
 
 mod common;
-use compress::model::safetensors_file::{from_f32, parse_header, to_f32, DType};
+use compress::safetensors_file::{from_f32, parse_header, to_f32, DType};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;

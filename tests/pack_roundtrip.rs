@@ -1,8 +1,10 @@
 //! Pack/unpack round trips of the compressed-tensors and GPTQ v1 layouts on random codes.
 
-use compress::export::pack::*;
-use compress::model::safetensors_file::DType;
+use compress::formats::compressed_tensors::*;
+use compress::formats::gptq::*;
+use compress::formats::{dequantized, NamedTensor};
 use compress::quant::{qrange, Observer, QuantArgs, QuantizedLinear, Strategy};
+use compress::safetensors_file::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -183,7 +185,10 @@ fn compressed_tensors_round_trips() {
                     let back =
                         read_compressed_tensors_quantized(&get, "m.l", bits, gs, sym).unwrap();
                     same(&q, &back);
-                    let dense = read_compressed_tensors(&get, "m.l", bits, gs, sym).unwrap();
+                    let dense = dequantized(read_compressed_tensors_quantized(
+                        &get, "m.l", bits, gs, sym,
+                    ))
+                    .unwrap();
                     assert_eq!(dense.as_slice(), q.dequantize().as_slice().unwrap());
                 }
             }
@@ -258,7 +263,8 @@ fn gptq_round_trips() {
                         .map(|&s| half::f16::from_f32(s).to_f32())
                         .collect();
                     assert_eq!(back.scales, s16);
-                    let dense = read_gptq(&get, "m.l", bits, gs, sym).unwrap();
+                    let dense =
+                        dequantized(read_gptq_quantized(&get, "m.l", bits, gs, sym)).unwrap();
                     assert_eq!(dense.as_slice(), back.dequantize().as_slice().unwrap());
                     // without g_idx the reader falls back to group_size
                     if !with_g && strategy == Strategy::Group {
@@ -289,7 +295,7 @@ fn gptq_tensor_strategy_exports_one_group() {
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("missing {n}"))
     };
-    let dense = read_gptq(&get, "x", 4, 0, false).unwrap();
+    let dense = dequantized(read_gptq_quantized(&get, "x", 4, 0, false)).unwrap();
     let want: Vec<f32> = q.dequantize().iter().copied().collect();
     assert_eq!(dense, want);
 }

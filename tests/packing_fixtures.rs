@@ -2,9 +2,11 @@
 //! tests/interop/make_packing_fixtures.py with compressed-tensors and GPTQModel themselves):
 //! every fixture must be reproduced byte for byte and read back to the codes it came from.
 
-use compress::export::pack::*;
-use compress::model::safetensors_file::DType;
+use compress::formats::bits::*;
+use compress::formats::compressed_tensors::*;
+use compress::formats::gptq::*;
 use compress::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use compress::safetensors_file::DType;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -67,7 +69,7 @@ fn our_dtype(d: Dtype) -> DType {
 }
 
 fn floats(t: &T) -> Vec<f32> {
-    compress::model::safetensors_file::to_f32(our_dtype(t.dtype), &t.bytes).unwrap()
+    compress::safetensors_file::to_f32(our_dtype(t.dtype), &t.bytes).unwrap()
 }
 
 /// The `(bits, dim, rows, cols)` cases in ct_pack_to_int32.safetensors (`b{bits}.d{dim}.{r}x{c}`).

@@ -4,9 +4,9 @@
 //! which needs a nightly toolchain this project's machines do not have.)
 
 mod common;
-use compress::model::safetensors_file::parse_header;
 use compress::model::ModelConfig;
 use compress::pipeline::Pipeline;
+use compress::safetensors_file::parse_header;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 

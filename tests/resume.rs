@@ -336,7 +336,7 @@ fn resume_refuses_changed_weights_of_a_finished_layer() {
     // flip one bit of layer 0's q_proj, keeping the file's size and header
     let f = m.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
-    let (t, _) = compress::model::safetensors_file::parse_header(&bytes, &f).unwrap();
+    let (t, _) = compress::safetensors_file::parse_header(&bytes, &f).unwrap();
     let i = &t["model.layers.0.self_attn.q_proj.weight"];
     bytes[i.start + 100] ^= 1;
     std::fs::write(&f, bytes).unwrap();

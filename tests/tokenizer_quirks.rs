@@ -60,3 +60,58 @@ fn saved_truncation_and_padding_are_ignored() {
         "{err}"
     );
 }
+
+/// Calibration reads texts through the same loader: the saved truncation is off there too.
+/// And a set cut short (as the saved truncation cut it before the fix) is flagged: it yields
+/// fewer windows than the text's length allows, which the report and `compress eval` say.
+#[test]
+fn calibration_ignores_truncation_and_a_cut_set_is_flagged() {
+    let d = tempfile::tempdir().unwrap();
+    let m = common::model_copy(d.path());
+    let p = m.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 64, "strategy": "LongestFirst", "stride": 0});
+    std::fs::write(&p, serde_json::to_vec(&t).unwrap()).unwrap();
+    let text =
+        compress::calib::read_text(&common::shared().join("data/calib/c4_calib.jsonl"), "text")
+            .unwrap();
+    let ours = compress::calib::load_tokenizer(&p).unwrap();
+    let plain =
+        compress::calib::load_tokenizer(&common::ref_model().join("tokenizer.json")).unwrap();
+    let ids = compress::calib::tokenize(&ours, &text).unwrap();
+    assert_eq!(ids, compress::calib::tokenize(&plain, &text).unwrap());
+    assert!(ids.len() > 10_000);
+
+    // the file as saved, truncation on: 64 tokens of a long text
+    let raw = tokenizers::Tokenizer::from_file(&p).unwrap();
+    let cut = raw.encode(text.as_str(), false).unwrap().get_ids().len();
+    assert_eq!(cut, 64);
+    let seq = 32;
+    let floor = compress::calib::min_tokens(&ours, &text) / seq;
+    assert!(floor > 2 && floor <= ids.len() / seq, "{floor}");
+    let result = |tokens: usize| compress::eval::ppl::PplResult {
+        perplexity: 1.0,
+        tokens,
+        windows: tokens / seq,
+        nll: 0.0,
+        min_windows: Some(floor),
+    };
+    let w = result(cut).short_warning("c4").unwrap();
+    assert!(w.contains("the text was cut short"), "{w}");
+    assert_eq!(result(ids.len()).short_warning("c4"), None);
+}
+
+/// `compress eval` reports the floor, and a whole text stays above it.
+#[test]
+fn whole_sets_are_not_flagged() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("text.txt");
+    let src = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    std::fs::write(&data, &src[..20_000]).unwrap();
+    let r = eval_ppl(&common::ref_model(), &data);
+    let (w, min) = (
+        r["windows"].as_u64().unwrap(),
+        r["min_windows"].as_u64().unwrap(),
+    );
+    assert!(min > 0 && min <= w, "{r}");
+}

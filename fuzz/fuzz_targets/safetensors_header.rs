@@ -2,7 +2,7 @@
 //! checked against the file length. Any input must give Ok or Err, never a panic or a huge
 //! allocation (the header size is capped before anything is allocated).
 #![no_main]
-use compress::model::safetensors_file::{parse_header, to_f32};
+use compress::safetensors_file::{parse_header, to_f32};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

@@ -78,6 +78,34 @@ fn default_ref_model() -> PathBuf {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// GPTQ's device stages on random Llama-shaped layers (needs `--features cuda` and a GPU):
+    /// Hessians and forward products over the calibration tokens, factor + sweep per linear,
+    /// download + pack. Defaults: Llama-3-8B's shapes, 512 × 2048 tokens, W4 g128.
+    GpuGptq {
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        #[arg(long, default_value_t = 4096)]
+        hidden: usize,
+        #[arg(long, default_value_t = 14336)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        #[arg(long, default_value_t = 8)]
+        kv_heads: usize,
+        /// Calibration tokens (512 samples × 2048).
+        #[arg(long, default_value_t = 512 * 2048)]
+        tokens: usize,
+        /// Tokens per device batch.
+        #[arg(long, default_value_t = 8192)]
+        chunk: usize,
+        #[arg(long, default_value_t = 128)]
+        group: usize,
+        #[arg(long, default_value_t = 4)]
+        bits: u32,
+        /// Print the figures as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a random-weight Llama-shaped HF checkpoint (weights ~ N(0, 0.02), norms = 1).
     GenCheckpoint {
         #[arg(long)]
@@ -727,6 +755,7 @@ fn identity(
                 output: None,
                 overwrite,
                 resume: false,
+                device: None,
             },
         );
         let wall = t0.elapsed().as_secs_f64();
@@ -998,6 +1027,54 @@ fn real_main(cli: Cli) -> Result<()> {
             batch,
             json,
         } => eval_speed(&model, &data, seq_len, windows, batch, json),
+        Cmd::GpuGptq {
+            layers,
+            hidden,
+            intermediate,
+            heads,
+            kv_heads,
+            tokens,
+            chunk,
+            group,
+            bits,
+            json,
+        } => {
+            #[cfg(feature = "cuda")]
+            {
+                let shape = compress::backend::cuda_bench::Shape {
+                    layers,
+                    hidden,
+                    intermediate,
+                    heads,
+                    kv_heads,
+                    tokens,
+                    chunk,
+                    group,
+                    bits,
+                };
+                let v = compress::backend::cuda_bench::gptq_layers(&shape, false)?;
+                if json {
+                    println!("{v}");
+                }
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (
+                    layers,
+                    hidden,
+                    intermediate,
+                    heads,
+                    kv_heads,
+                    tokens,
+                    chunk,
+                    group,
+                    bits,
+                    json,
+                );
+                bail!("gpu-gptq needs a build with `--features cuda`")
+            }
+        }
     }
 }
 

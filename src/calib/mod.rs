@@ -44,6 +44,22 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// A floor on the tokens any faithful tokenization of `text` by `tok` yields: no token stands
+/// for more bytes than the longest vocabulary entry takes in UTF-8 (byte-level BPE and
+/// SentencePiece entries are at least as long as the bytes they stand for), halved as a margin
+/// for normalizers that drop characters. A tokenizer that cuts texts (a saved `truncation`)
+/// falls far below it.
+pub fn min_tokens(tok: &Tokenizer, text: &str) -> usize {
+    let longest = tok
+        .get_vocab(true)
+        .keys()
+        .map(|k| k.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    text.len() / (2 * longest)
+}
+
 /// Read a text file, or the `field` of every line of a `.jsonl` file joined with "\n\n".
 pub fn read_text(path: &Path, field: &str) -> Result<String> {
     let raw = std::fs::read_to_string(path)

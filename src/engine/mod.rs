@@ -86,6 +86,20 @@ pub struct LinearRecord {
     pub notes: BTreeMap<String, serde_json::Value>,
 }
 
+/// What a pass keeps from one layer to the next (a running statistic, a budget left), as the
+/// engine holds it: one per pass, in pipeline order. A pass reads its own with
+/// [`LayerCtx::state`] and replaces it with [`LayerCtx::set_state`]; a layer whose passes fail
+/// leaves every state as it was. After each layer the engine hands the states to the sink with
+/// the live streams, and the resume checkpoint (`.resume/state.json`) saves them with the layer
+/// and gives them back to a resumed run (JSON; floats round-trip exactly).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PassState {
+    /// The pass's name (a resumed run checks it against its passes).
+    pub pass: String,
+    /// What the pass stored; `None` until it stores something.
+    pub value: Option<serde_json::Value>,
+}
+
 /// A compression method. One implementation per file in `passes/`; it reads the layer's
 /// linears and the statistics it asked for, and changes weights (and, for quantizers,
 /// attaches the integer codes the exporter packs). It never touches files.
@@ -94,7 +108,9 @@ pub trait Pass: Send + Sync {
     fn name(&self) -> String;
     /// Statistics the pass needs, collected on the layer's current weights before `apply`.
     fn stats(&self) -> StatsRequest;
-    /// Compress one decoder layer in place.
+    /// Compress one decoder layer in place. State kept across layers goes through
+    /// [`LayerCtx::state`] / [`LayerCtx::set_state`] (so that resume restores it), never
+    /// through the pass object.
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()>;
 }
 
@@ -111,6 +127,8 @@ pub struct LayerCtx<'a> {
     request: StatsRequest,
     stats: BTreeMap<Site, SiteStats>,
     fresh: bool,
+    /// The running pass's state (see [`PassState`]).
+    pass_state: Option<serde_json::Value>,
     pub records: Vec<LinearRecord>,
     pub warnings: Vec<String>,
 }
@@ -196,7 +214,7 @@ impl<'a> LayerCtx<'a> {
         let rope = self
             .rope
             .context("a pass asked for site inputs but no calibration data was given")?;
-        let cl = DecoderLayer::new(&self.layer, self.config);
+        let cl = LayerRun::new(&self.layer, self.config, self.inputs)?;
         let mut out = Vec::new();
         let mut left = max_rows.unwrap_or(usize::MAX);
         for x in self.inputs {
@@ -223,12 +241,8 @@ impl<'a> LayerCtx<'a> {
         let rope = self
             .rope
             .context("a pass asked for block outputs but no calibration data was given")?;
-        let cl = DecoderLayer::new(candidate, self.config);
-        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-        self.inputs
-            .iter()
-            .map(|x| cl.forward(x, rope, &mut no_hook))
-            .collect()
+        let cl = LayerRun::new(candidate, self.config, self.inputs)?;
+        self.inputs.iter().map(|x| cl.forward(x, rope)).collect()
     }
 
     /// The (normed) input of a sub-block on the current weights, one `Act` per calibration
@@ -266,6 +280,36 @@ impl<'a> LayerCtx<'a> {
         inputs.iter().map(|h| cl.part(part, h, rope)).collect()
     }
 
+    /// The state the running pass stored at an earlier layer with [`LayerCtx::set_state`]
+    /// (`None` at its first layer, or if it never stored one).
+    pub fn state<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.pass_state
+            .as_ref()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .context("internal: a pass's state does not read back as its type")
+            })
+            .transpose()
+    }
+
+    /// Keep `value` for the running pass's next layers. It is saved with the layer in the
+    /// resume checkpoint, so it must survive JSON unchanged (refused otherwise: NaN or ±Inf).
+    pub fn set_state<T>(&mut self, value: &T) -> Result<()>
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq,
+    {
+        let v = serde_json::to_value(value)?;
+        let back: Option<T> = serde_json::from_value(v.clone()).ok();
+        if back.as_ref() != Some(value) {
+            bail!(
+                "layer {}: a pass's state does not survive the resume checkpoint unchanged (non-finite number?)",
+                self.layer.index
+            );
+        }
+        self.pass_state = Some(v);
+        Ok(())
+    }
+
     /// Call after changing weights so the next `stats` call recollects.
     pub fn invalidate(&mut self) {
         self.fresh = false;
@@ -279,6 +323,98 @@ impl<'a> LayerCtx<'a> {
 
 /// Run `layer` over every calibration batch, accumulating `req` at the input sites up to
 /// `until` (all four when `None`).
+/// The decoder layer as the engine runs it: on the active GPU when there is one (the layer's
+/// weights uploaded once; each batch's hidden states go up, the site inputs the hooks see and
+/// the output come back), else on the CPU. Both compute the same function (`tests/cuda.rs`).
+/// Layers whose linears quantize their inputs (W8A8) run on the CPU.
+struct LayerRun<'a> {
+    cpu: DecoderLayer<'a>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<(
+        crate::backend::cuda_layer::GpuLayer,
+        crate::backend::cuda_layer::GpuRope,
+    )>,
+}
+
+impl<'a> LayerRun<'a> {
+    fn new(layer: &'a LayerWeights, cfg: &'a ModelConfig, inputs: &[Act]) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let gpu = {
+            use crate::backend::cuda_layer::{GpuLayer, GpuRope};
+            let max_t = inputs.iter().map(|a| a.t).max().unwrap_or(1);
+            if layer.linears.values().all(|l| l.act_quant().is_none()) && !inputs.is_empty() {
+                crate::backend::with_gpu(|g| -> Result<_> {
+                    Ok((
+                        GpuLayer::upload(g, layer, cfg)?,
+                        GpuRope::new(g, cfg, max_t)?,
+                    ))
+                })
+                .transpose()?
+            } else {
+                None
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = inputs;
+        Ok(LayerRun {
+            cpu: DecoderLayer::new(layer, cfg),
+            #[cfg(feature = "cuda")]
+            gpu,
+        })
+    }
+
+    fn forward_until(
+        &self,
+        x: &Act,
+        rope: &Rope,
+        hook: &mut crate::model::llama::Hook,
+        stop: Option<Site>,
+    ) -> Result<Option<Act>> {
+        #[cfg(feature = "cuda")]
+        if let Some((gl, gr)) = &self.gpu {
+            if let Some(r) = crate::backend::with_gpu(|g| {
+                gl.forward_hooked(g, &x.data, x.b, x.t, gr, hook, stop)
+            }) {
+                return Ok(r?.map(|data| Act {
+                    data,
+                    b: x.b,
+                    t: x.t,
+                }));
+            }
+        }
+        self.cpu.forward_until(x, rope, hook, stop)
+    }
+
+    /// The statistics forward: `hook` gets each site's rows and, when `grams`, their XᵀX —
+    /// computed on the GPU when the layer runs there, else `None` (the caller computes it).
+    fn forward_stats(
+        &self,
+        x: &Act,
+        rope: &Rope,
+        hook: &mut crate::model::llama::StatsHook,
+        grams: bool,
+        stop: Option<Site>,
+    ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some((gl, gr)) = &self.gpu {
+            if let Some(r) = crate::backend::with_gpu(|g| {
+                gl.forward_with_grams(g, &x.data, x.b, x.t, gr, hook, grams, stop)
+            }) {
+                return r.map(|_| ());
+            }
+        }
+        let _ = grams;
+        let mut h = |site: Site, v: &[f32], rows: usize, d: usize| hook(site, v, rows, d, None);
+        self.cpu.forward_until(x, rope, &mut h, stop).map(|_| ())
+    }
+
+    fn forward(&self, x: &Act, rope: &Rope) -> Result<Act> {
+        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+        self.forward_until(x, rope, &mut no_hook, None)?
+            .context("forward stopped early")
+    }
+}
+
 pub fn collect_stats(
     layer: &LayerWeights,
     cfg: &ModelConfig,
@@ -287,19 +423,23 @@ pub fn collect_stats(
     req: StatsRequest,
     until: Option<Site>,
 ) -> Result<BTreeMap<Site, SiteStats>> {
-    let cl = DecoderLayer::new(layer, cfg);
+    let cl = LayerRun::new(layer, cfg, inputs)?;
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
     for (bi, x) in inputs.iter().enumerate() {
-        let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
-            if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
-                return Err(nf.into());
-            }
-            let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
-            let xtx = req.hessian.then(|| crate::model::ops::gram(v, rows, d));
-            st.add(v, rows, xtx.as_deref());
-            Ok(())
-        };
-        cl.forward_until(x, rope, &mut hook, until)?;
+        let mut hook =
+            |site: Site, v: &[f32], rows: usize, d: usize, gram: Option<&[f32]>| -> Result<()> {
+                if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+                    return Err(nf.into());
+                }
+                let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
+                let xtx = match gram {
+                    Some(_) => None,
+                    None => req.hessian.then(|| crate::model::ops::gram(v, rows, d)),
+                };
+                st.add(v, rows, gram.or(xtx.as_deref()));
+                Ok(())
+            };
+        cl.forward_stats(x, rope, &mut hook, req.hessian, until)?;
     }
     Ok(stats)
 }
@@ -338,7 +478,7 @@ fn screen_nonfinite(
     inputs: &[Act],
     rope: &Rope,
 ) -> Result<Vec<(usize, usize, Site)>> {
-    let cl = DecoderLayer::new(layer, cfg);
+    let cl = LayerRun::new(layer, cfg, inputs)?;
     let mut bad = Vec::new();
     for (bi, x) in inputs.iter().enumerate() {
         let mut seen: BTreeMap<usize, Site> = BTreeMap::new();
@@ -427,22 +567,29 @@ pub struct ResumePoint {
     pub hidden: Vec<Act>,
     /// The teacher stream at `next_layer`'s input (empty when no pass asks for it).
     pub teacher: Vec<Act>,
+    /// Each pass's state after the last finished layer (empty: every pass starts afresh).
+    pub pass_states: Vec<PassState>,
     pub report: EngineReport,
+}
+
+/// What a restart after layer `l` needs besides the written tensors: the streams at the input
+/// of layer `l + 1` and the passes' states.
+pub struct Carry<'a> {
+    /// The calibration hidden states (empty after the last layer, or when no pass needs
+    /// statistics).
+    pub hidden: &'a [Act],
+    /// The dense model's hidden states (empty unless a pass asked for the teacher stream).
+    pub teacher: &'a [Act],
+    /// One per pass, in pipeline order.
+    pub pass_states: &'a [PassState],
 }
 
 /// Receives each finished layer, then the parts outside the layers (an exporter).
 pub trait LayerSink {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()>;
-    /// Layer `l` is complete; `hidden` are the inputs of layer `l + 1` (empty after the last
-    /// layer, or when no pass needs statistics) and `teacher` the dense model's (empty unless a
-    /// pass asked for the teacher stream). A resumable sink persists what a restart needs.
-    fn layer_done(
-        &mut self,
-        _l: usize,
-        _hidden: &[Act],
-        _teacher: &[Act],
-        _report: &EngineReport,
-    ) -> Result<()> {
+    /// Layer `l` is complete; `carry` is what layer `l + 1` starts from. A resumable sink
+    /// persists it.
+    fn layer_done(&mut self, _l: usize, _carry: &Carry, _report: &EngineReport) -> Result<()> {
         Ok(())
     }
 }
@@ -458,10 +605,30 @@ pub fn run(
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
     let cfg = &ckpt.config;
-    let (start, mut report, resumed_hidden, resumed_teacher) = match resume {
-        Some(r) => (r.next_layer, r.report, Some(r.hidden), Some(r.teacher)),
-        None => (0, EngineReport::default(), None, None),
+    let (start, mut report, resumed_hidden, resumed_teacher, resumed_states) = match resume {
+        Some(r) => (
+            r.next_layer,
+            r.report,
+            Some(r.hidden),
+            Some(r.teacher),
+            r.pass_states,
+        ),
+        None => (0, EngineReport::default(), None, None, Vec::new()),
     };
+    let mut states: Vec<PassState> = if resumed_states.is_empty() {
+        passes
+            .iter()
+            .map(|p| PassState {
+                pass: p.name(),
+                value: None,
+            })
+            .collect()
+    } else {
+        resumed_states
+    };
+    if states.len() != passes.len() || states.iter().zip(passes).any(|(s, p)| s.pass != p.name()) {
+        bail!("resume state holds the states of other passes than this pipeline's; start again without --resume");
+    }
     let request = passes
         .iter()
         .fold(StatsRequest::default(), |a, p| a.union(p.stats()));
@@ -528,10 +695,9 @@ pub fn run(
             let rope = rope
                 .as_ref()
                 .context("teacher stream without calibration data")?;
-            let cl = DecoderLayer::new(&dense, cfg);
-            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            let cl = LayerRun::new(&dense, cfg, &teacher)?;
             for x in &teacher {
-                teacher_out.push(cl.forward(x, rope, &mut no_hook)?);
+                teacher_out.push(cl.forward(x, rope)?);
             }
         }
         let layer = loop {
@@ -539,6 +705,8 @@ pub fn run(
             if passes.is_empty() {
                 break layer;
             }
+            // the states as this layer found them; committed only when every pass succeeded
+            let mut layer_states = states.clone();
             let mut ctx = LayerCtx {
                 layer,
                 config: cfg,
@@ -549,13 +717,16 @@ pub fn run(
                 request,
                 stats: BTreeMap::new(),
                 fresh: false,
+                pass_state: None,
                 records: Vec::new(),
                 warnings: Vec::new(),
             };
             let mut result = Ok(());
-            for p in passes {
+            for (p, st) in passes.iter().zip(layer_states.iter_mut()) {
                 pb.set_message(format!("layer {l} {}", p.name()));
+                ctx.pass_state = st.value.take();
                 result = p.apply(&mut ctx);
+                st.value = ctx.pass_state.take();
                 if result.is_err() {
                     break;
                 }
@@ -563,6 +734,7 @@ pub fn run(
             }
             match result {
                 Ok(()) => {
+                    states = layer_states;
                     report.records.append(&mut ctx.records);
                     report.warnings.append(&mut ctx.warnings);
                     break ctx.layer;
@@ -620,10 +792,9 @@ pub fn run(
         // X_{i+1} = compressed layer (X_i); nothing reads the last layer's outputs.
         let last = l + 1 == cfg.num_layers;
         if let (Some(rope), false, false) = (rope.as_ref(), passes.is_empty(), last) {
-            let cl = DecoderLayer::new(&layer, cfg);
-            let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
+            let cl = LayerRun::new(&layer, cfg, &hidden)?;
             for x in hidden.iter_mut() {
-                *x = cl.forward(x, rope, &mut no_hook)?;
+                *x = cl.forward(x, rope)?;
             }
         }
         for lin in layer.linears.values() {
@@ -638,7 +809,12 @@ pub fn run(
         if request.teacher {
             teacher = if last { Vec::new() } else { teacher_out };
         }
-        sink.layer_done(l, if last { &[] } else { &hidden }, &teacher, &report)?;
+        let carry = Carry {
+            hidden: if last { &[] } else { &hidden },
+            teacher: &teacher,
+            pass_states: &states,
+        };
+        sink.layer_done(l, &carry, &report)?;
         pb.inc(1);
     }
     pb.finish_and_clear();

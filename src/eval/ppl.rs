@@ -14,6 +14,21 @@ pub struct PplResult {
     pub windows: usize,
     /// Mean negative log-likelihood per predicted token.
     pub nll: f64,
+    /// The fewest windows the text's length allows (see [`crate::calib::min_tokens`]): fewer
+    /// `windows` than this mean the text was cut before it was scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_windows: Option<usize>,
+}
+
+impl PplResult {
+    /// A warning when the set yielded fewer windows than its length allows (`set` names it).
+    pub fn short_warning(&self, set: &str) -> Option<String> {
+        let min = self.min_windows.filter(|&m| self.windows < m)?;
+        Some(format!(
+            "{set}: {} windows ({} tokens) scored, but the text's length allows at least {min}: the text was cut short before scoring",
+            self.windows, self.tokens
+        ))
+    }
 }
 
 /// Σ −log softmax(logits)[target] over rows, in f64.
@@ -70,5 +85,6 @@ pub fn perplexity(
         tokens: tokens.len(),
         windows,
         nll,
+        min_windows: None,
     })
 }

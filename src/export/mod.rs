@@ -1,14 +1,13 @@
 //! Writers of compressed checkpoints. An exporter only lays out bytes: it never runs an
 //! algorithm. Tensors that no pass changed are copied byte for byte from the source.
 
-pub mod pack;
 pub mod writer;
 
 use crate::engine::LayerSink;
 use crate::model::layer::{LayerWeights, Linear, Repr};
-use crate::model::safetensors_file::from_f32;
 use crate::model::Checkpoint;
 use crate::quant::QuantArgs;
+use crate::safetensors_file::from_f32;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

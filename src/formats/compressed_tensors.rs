@@ -12,9 +12,9 @@
 
 use super::bits::{bytes_to_i32s, i32s_to_bytes, i64s_to_bytes, pack_bits, unpack_stream};
 use super::Order;
-use super::{get_i64s, NamedTensor, TensorGetter};
-use crate::model::safetensors_file::{from_f32, to_f32, to_i64, DType};
-use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use super::{get_i64s, NamedTensor, Stored, TensorGetter};
+use crate::quant::{QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{from_f32, to_f32, to_i64, DType};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
@@ -274,25 +274,99 @@ pub fn read_int_quantized(get: TensorGetter, prefix: &str) -> Result<QuantizedLi
         "`{sname}`: shape {sshape:?} for {out} output channels"
     );
     let scales = to_f32(sdt, &sbytes).with_context(|| format!("`{sname}`: not a float tensor"))?;
-    let q = QuantizedLinear {
-        args: QuantArgs {
-            bits: 8,
-            symmetric: true,
-            strategy: Strategy::Channel,
-            group_size: 0,
-            observer: Observer::MinMax,
-        },
+    Stored {
+        bits: 8,
+        symmetric: true,
+        strategy: Strategy::Channel,
+        group_size: 0,
         codes: bytes.iter().map(|&b| b as i8).collect(),
         scales,
         zeros: None,
         g_idx: None,
-        static_order: false,
-        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
+    }
+    .linear(prefix)
+}
+
+/// (bits, group_size, symmetric, method) of a compressed-tensors `quantization_config` block
+/// (see [`super::read_scheme`]).
+pub fn read_config_block(q: &Value, file: &std::path::Path) -> Result<(u32, usize, bool, String)> {
+    let groups = q
+        .get("config_groups")
+        .and_then(|g| g.as_object())
+        .with_context(|| {
+            format!(
+                "{}: `quantization_config.config_groups` missing",
+                file.display()
+            )
+        })?;
+    if groups.len() != 1 {
+        bail!(
+            "{}: only one quantization config group is supported, found {}",
+            file.display(),
+            groups.len()
+        );
+    }
+    let w = groups
+        .values()
+        .next()
+        .and_then(|g| g.get("weights"))
+        .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
+    let fmt = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if fmt != "pack-quantized" && fmt != "int-quantized" {
+        bail!(
+            "{}: compressed-tensors format `{fmt}` is not supported (pack-quantized and int-quantized are)",
+            file.display()
+        );
+    }
+    if fmt == "int-quantized" {
+        return Ok((8, 0, true, "int-quantized".into()));
+    }
+    let bits = w
+        .get("num_bits")
+        .and_then(Value::as_u64)
+        .context("`num_bits` missing")? as u32;
+    let gs = w.get("group_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let sym = w.get("symmetric").and_then(Value::as_bool).unwrap_or(true);
+    Ok((bits, gs, sym, "compressed-tensors".into()))
+}
+
+/// Bits of the dynamic per-token activation quantizer a `quantization_config` block (`q`, of
+/// config.json `file`) puts on linear `module`, if any (see
+/// `model::dequant::input_activation_bits`).
+pub fn read_input_activation_bits(
+    q: &Value,
+    module: &str,
+    file: &std::path::Path,
+) -> Result<Option<u32>> {
+    let ignored = q
+        .get("ignore")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(module)));
+    let Some(a) = q
+        .pointer("/config_groups/group_0/input_activations")
+        .filter(|a| !a.is_null())
+    else {
+        return Ok(None);
     };
-    q.validate().with_context(|| format!("`{prefix}`"))?;
-    Ok(q)
+    if ignored {
+        return Ok(None);
+    }
+    let ok = a.get("dynamic") == Some(&Value::Bool(true))
+        && a.get("strategy").and_then(Value::as_str) == Some("token")
+        && a.get("symmetric") != Some(&Value::Bool(false));
+    if !ok {
+        bail!(
+            "{}: `input_activations` other than dynamic symmetric per-token are not supported",
+            file.display()
+        );
+    }
+    let bits = a
+        .get("num_bits")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: `input_activations.num_bits` missing", file.display()))?;
+    Ok(Some(bits as u32))
 }
 
 /// The `input_activations` block of W8A8: dynamic, symmetric, per token.
@@ -444,41 +518,23 @@ pub fn read_compressed_tensors_quantized(
         Err(_) => None,
     };
 
-    let q = QuantizedLinear {
-        args: QuantArgs {
-            bits,
-            symmetric,
-            strategy,
-            group_size: if strategy == Strategy::Group {
-                inn / ng
-            } else {
-                group_size
-            },
-            observer: Observer::MinMax,
+    Stored {
+        bits,
+        symmetric,
+        strategy,
+        group_size: if strategy == Strategy::Group {
+            inn / ng
+        } else {
+            group_size
         },
         codes,
         scales,
         zeros,
         g_idx,
-        static_order: false,
-        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
-    };
-    q.validate().with_context(|| format!("`{prefix}`"))?;
-    Ok(q)
-}
-
-/// Dense `[out, in]` f32 weights of one compressed-tensors linear (read-back evaluation).
-pub fn read_compressed_tensors(
-    get: TensorGetter,
-    prefix: &str,
-    bits: u32,
-    group_size: usize,
-    symmetric: bool,
-) -> Result<Vec<f32>> {
-    let q = read_compressed_tensors_quantized(get, prefix, bits, group_size, symmetric)?;
-    Ok(q.dequantize().into_raw_vec_and_offset().0)
+    }
+    .linear(prefix)
 }
 
 /// The `sparsity_config` block (compressed-tensors' `SparsityCompressionConfig`): weights are

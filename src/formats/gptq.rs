@@ -7,9 +7,9 @@
 
 use super::bits::{bytes_to_i32s, i32s_to_bytes, pack_stream, unpack_stream};
 use super::Order;
-use super::{get_i64s, NamedTensor, TensorGetter};
-use crate::model::safetensors_file::{from_f32, to_f32, DType};
-use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use super::{get_i64s, NamedTensor, Stored, TensorGetter};
+use crate::quant::{QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{from_f32, to_f32, DType};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
@@ -335,43 +335,37 @@ pub fn read_gptq_quantized(
     } else {
         Strategy::Group
     };
-    let q = QuantizedLinear {
-        args: QuantArgs {
-            bits,
-            symmetric,
-            strategy,
-            group_size: if ng == 1 {
-                inn
-            } else if group_size > 0 {
-                group_size
-            } else {
-                width
-            },
-            observer: Observer::MinMax,
+    Stored {
+        bits,
+        symmetric,
+        strategy,
+        group_size: if ng == 1 {
+            inn
+        } else if group_size > 0 {
+            group_size
+        } else {
+            width
         },
         codes,
         scales,
         zeros: if symmetric { None } else { Some(zeros) },
         g_idx: if contiguous { None } else { Some(g_idx) },
-        static_order: false,
-        true_sequential: false,
         scale_dtype: sdt,
         shape: (out, inn),
-    };
-    q.validate().with_context(|| format!("`{prefix}`"))?;
-    Ok(q)
+    }
+    .linear(prefix)
 }
 
-/// Dense `[out, in]` f32 weights of one GPTQ v1 linear: `(q - zero) * scale` per column group.
-pub fn read_gptq(
-    get: TensorGetter,
-    prefix: &str,
-    bits: u32,
-    group_size: usize,
-    symmetric: bool,
-) -> Result<Vec<f32>> {
-    let q = read_gptq_quantized(get, prefix, bits, group_size, symmetric)?;
-    Ok(q.dequantize().into_raw_vec_and_offset().0)
+/// (bits, group_size, symmetric, method) of a GPTQ v1 `quantization_config` block (see
+/// [`super::read_scheme`]).
+pub fn read_config_block(q: &Value) -> Result<(u32, usize, bool, String)> {
+    let bits = q
+        .get("bits")
+        .and_then(Value::as_u64)
+        .context("gptq `bits` missing")? as u32;
+    let gs = q.get("group_size").and_then(Value::as_i64).unwrap_or(-1);
+    let sym = q.get("sym").and_then(Value::as_bool).unwrap_or(true);
+    Ok((bits, gs.max(0) as usize, sym, "gptq".into()))
 }
 
 /// quantize_config.json / the `quantization_config` block of a GPTQ v1 checkpoint for linears

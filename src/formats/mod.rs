@@ -14,9 +14,12 @@ pub mod compressed_tensors;
 pub mod gguf;
 pub mod gptq;
 
-use crate::model::safetensors_file::{to_i64, DType};
-use anyhow::{Context, Result};
+use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
+use crate::safetensors_file::{to_i64, DType};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
 
 /// (name, dtype, shape, little-endian bytes)
 pub type NamedTensor = (String, DType, Vec<usize>, Vec<u8>);
@@ -69,6 +72,77 @@ impl Order {
         } else {
             Order::Columns
         }
+    }
+}
+
+/// What a reader found in a checkpoint's tensors for one quantized linear. A checkpoint does not
+/// store how the codes were found, so the observer reads as min-max and the column order as
+/// plain columns (neither changes the dequantized values).
+pub(crate) struct Stored {
+    pub bits: u32,
+    pub symmetric: bool,
+    pub strategy: Strategy,
+    pub group_size: usize,
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub zeros: Option<Vec<i8>>,
+    pub g_idx: Option<Vec<i32>>,
+    pub scale_dtype: DType,
+    /// (out, in)
+    pub shape: (usize, usize),
+}
+
+impl Stored {
+    /// The quantized linear, checked for consistency (`prefix` names it in errors).
+    pub fn linear(self, prefix: &str) -> Result<QuantizedLinear> {
+        let q = QuantizedLinear {
+            args: QuantArgs {
+                bits: self.bits,
+                symmetric: self.symmetric,
+                strategy: self.strategy,
+                group_size: self.group_size,
+                observer: Observer::MinMax,
+            },
+            codes: self.codes,
+            scales: self.scales,
+            zeros: self.zeros,
+            g_idx: self.g_idx,
+            static_order: false,
+            true_sequential: false,
+            scale_dtype: self.scale_dtype,
+            shape: self.shape,
+        };
+        q.validate().with_context(|| format!("`{prefix}`"))?;
+        Ok(q)
+    }
+}
+
+/// Dense `[out, in]` f32 weights of a quantized linear as a reader returned it (read-back
+/// evaluation of every format).
+pub fn dequantized(q: Result<QuantizedLinear>) -> Result<Vec<f32>> {
+    Ok(q?.dequantize().into_raw_vec_and_offset().0)
+}
+
+/// (bits, group_size (0 = not grouped), symmetric, method) of a `quantization_config` block
+/// (`q`) of config.json (`file`, for messages), from the format whose block it is. `method` is
+/// `compressed-tensors`, `int-quantized` (compressed-tensors W8A8) or `gptq`.
+pub fn read_scheme(q: &Value, file: &Path) -> Result<(u32, usize, bool, String)> {
+    let method = q
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .with_context(|| {
+            format!(
+                "{}: `quantization_config.quant_method` missing",
+                file.display()
+            )
+        })?;
+    match method {
+        "compressed-tensors" => compressed_tensors::read_config_block(q, file),
+        "gptq" => gptq::read_config_block(q),
+        other => bail!(
+            "{}: quantization method `{other}` is not supported",
+            file.display()
+        ),
     }
 }
 

@@ -3,7 +3,7 @@
 //! one tensor at a time, so the whole model is never in RAM.
 
 use super::config::ModelConfig;
-use super::safetensors_file::{to_f32, DType, SafetensorsFile, TensorInfo};
+use crate::safetensors_file::{to_f32, DType, SafetensorsFile, TensorInfo};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! One decoder layer's weights on the host, as the passes see them.
 
 use super::checkpoint::Checkpoint;
-use super::safetensors_file::DType;
+use crate::safetensors_file::DType;
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use std::collections::BTreeMap;

@@ -15,8 +15,8 @@
 //! forward, so evaluation measures the model that will be served, not W8A16.
 
 use crate::model::ops;
-use crate::model::safetensors_file::DType;
 use crate::quant::QuantizedLinear;
+use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array2;
 use rayon::prelude::*;

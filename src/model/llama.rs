@@ -27,6 +27,9 @@ impl Act {
 /// Sees each distinct linear input as rows × cols (this is where statistics are collected).
 pub type Hook<'a> = dyn FnMut(Site, &[f32], usize, usize) -> Result<()> + 'a;
 
+/// A statistics hook: as [`Hook`], plus the rows' XᵀX when a device computed it already.
+pub type StatsHook<'a> = dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()> + 'a;
+
 /// Precomputed RoPE tables (cos and sin of position × inverse frequency, [max_t, head_dim/2]).
 pub struct Rope {
     cos: Vec<f32>,

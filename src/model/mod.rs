@@ -9,8 +9,7 @@ pub mod layer;
 pub mod linear;
 pub mod llama;
 pub mod ops;
-pub mod safetensors_file;
 
+pub use crate::safetensors_file::DType;
 pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;
-pub use safetensors_file::DType;

@@ -234,6 +234,21 @@ pub fn gptq_quantize_masked(
     };
     let grid = Grid::new(&w, args, scale_dtype, order, perm)?;
     let (mut wp, hp) = sweep::permute(&w, &h, &grid.perm);
+    // On an active GPU the same sweep runs there (kernels/quant.cu `gptq_block`); masks and
+    // the MSE observer's dynamic groups stay on the CPU.
+    if keep.is_none() {
+        if let Some(r) = grid.sweep_on_device(&wp, rows, &hp, damp, block_size) {
+            let (states, loss, damp) = r?;
+            let quant = grid.finish(states);
+            let dequant = quant.dequantize();
+            return Ok(GptqResult {
+                quant,
+                dequant,
+                loss,
+                damp,
+            });
+        }
+    }
     // 3.–4. dampening and the Cholesky factor of H⁻¹
     let f = sweep::Factor::new(&hp, damp)?;
     // 5. the column sweep, rows in parallel
@@ -346,6 +361,67 @@ impl Grid {
             cols,
             fixed,
         })
+    }
+
+    /// Run the sweep on the active GPU ([`crate::backend::gptq_sweep`]): `None` when no GPU is
+    /// active or the grid needs what the kernel does not do (dynamic groups with the MSE
+    /// observer, dtypes without a device rounding). Returns the rows' states, Σ loss, damp.
+    #[allow(clippy::type_complexity)]
+    pub fn sweep_on_device(
+        &self,
+        wp: &[f32],
+        rows: usize,
+        hp: &Array2<f64>,
+        damp: f64,
+        block_size: usize,
+    ) -> Option<Result<(Vec<GridRow>, f64, f64)>> {
+        let scale_dtype = crate::backend::dtype_code(self.scale_dtype)?;
+        if self.fixed.is_none() && self.args.observer != Observer::MinMax {
+            return None;
+        }
+        let gcol: Vec<i32> = match self.args.strategy {
+            Strategy::Group => self.perm.iter().map(|&j| (j / self.gs) as i32).collect(),
+            _ => vec![0; self.cols],
+        };
+        let fixed_z: Option<Vec<i32>> = self.fixed.as_ref().map(|(_, z)| z.clone());
+        let job = crate::backend::SweepJob {
+            w: wp,
+            rows,
+            cols: self.cols,
+            h: hp.as_slice()?,
+            damp,
+            block_size,
+            gs: self.gs,
+            n_groups: match self.fixed {
+                // channel/tensor parameters are one per row
+                Some(_) if self.args.strategy != Strategy::Group => 1,
+                _ => self.n_groups,
+            },
+            bits: self.args.bits,
+            sym: self.args.symmetric,
+            scale_dtype,
+            fixed: self
+                .fixed
+                .as_ref()
+                .map(|(s, _)| crate::backend::FixedParams {
+                    scales: s,
+                    zeros: fixed_z.as_deref().unwrap_or(&[]),
+                    gcol: &gcol,
+                }),
+        };
+        let out = crate::backend::gptq_sweep(&job)?;
+        Some(out.map(|o| {
+            let (ng, cols) = (self.n_groups, self.cols);
+            let states = (0..rows)
+                .map(|r| GridRow {
+                    codes: o.codes[r * cols..(r + 1) * cols].to_vec(),
+                    scales: o.dyn_scales[r * ng..(r + 1) * ng].to_vec(),
+                    zeros: o.dyn_zeros[r * ng..(r + 1) * ng].to_vec(),
+                    cur: (1.0, 0),
+                })
+                .collect();
+            (states, o.loss.iter().sum(), o.damp)
+        }))
     }
 
     pub fn row(&self) -> GridRow {

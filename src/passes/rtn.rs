@@ -6,7 +6,7 @@ use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
 use crate::model::layer::LINEARS;
 use crate::quant::scale_dtype_for;
-use crate::quant::{quantize_rtn, QuantArgs};
+use crate::quant::QuantArgs;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -55,8 +55,9 @@ impl Pass for Rtn {
                 .linears
                 .get_mut(name)
                 .expect("all linears present");
-            let q = quantize_rtn(lin.weight().view(), &self.args, scale_dtype_for(lin.dtype))
-                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            let q =
+                crate::backend::rtn(lin.weight().view(), &self.args, scale_dtype_for(lin.dtype))
+                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_quantized(q)
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_act_quant(self.act);

@@ -21,7 +21,7 @@
 
 pub mod ggml;
 
-use crate::model::DType;
+use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
