@@ -14,10 +14,15 @@ pub fn inspect(dir: &Path) -> Result<Value> {
     let mut tensors = Vec::new();
     for n in ckpt.names() {
         let (info, _) = ckpt.info(n)?;
-        *dtypes.entry(info.dtype.name().to_string()).or_default() += 1;
+        // a GGUF file's tensors are read as f32: say what the file stores
+        let dtype = match ckpt.gguf_stored.as_ref().and_then(|g| g.get(n)) {
+            Some((t, _)) => t.name().to_string(),
+            None => info.dtype.name().to_string(),
+        };
+        *dtypes.entry(dtype.clone()).or_default() += 1;
         stored_params += info.numel();
         if !n.starts_with("model.layers.") || n.starts_with("model.layers.0.") {
-            tensors.push(json!({"name": n, "dtype": info.dtype.name(), "shape": info.shape}));
+            tensors.push(json!({"name": n, "dtype": dtype, "shape": info.shape}));
         }
     }
     Ok(json!({
@@ -38,7 +43,10 @@ pub fn inspect(dir: &Path) -> Result<Value> {
         "dtypes": dtypes,
         "files": ckpt.files.iter().map(|f| f.path.file_name().map(|n| n.to_string_lossy().to_string())).collect::<Vec<_>>(),
         "size_on_disk_bytes": ckpt.safetensors_bytes(),
-        "quantization_config": c.raw.get("quantization_config").cloned().unwrap_or(Value::Null),
+        "quantization_config": match &ckpt.gguf_stored {
+            Some(_) => json!({"format": "gguf", "file": crate::formats::gguf::FILE_NAME}),
+            None => c.raw.get("quantization_config").cloned().unwrap_or(Value::Null),
+        },
         "tensors_outside_layers_and_layer_0": tensors,
     }))
 }

@@ -299,7 +299,9 @@ fn linear_bits(ckpt: &Checkpoint) -> Option<f64> {
     let mut bytes = 0usize;
     for n in ckpt.names() {
         if n.starts_with("model.layers.") && n.contains("_proj.") && !n.ends_with(".bias") {
-            if let Ok((info, _)) = ckpt.info(n) {
+            if let Some(stored) = &ckpt.gguf_stored {
+                bytes += stored.get(n).map(|(_, b)| *b).unwrap_or(0);
+            } else if let Ok((info, _)) = ckpt.info(n) {
                 bytes += info.end - info.start;
             }
         }
@@ -541,10 +543,15 @@ fn compress_into(
                 Some(rp),
             )
         }
-        None => (
-            Exporter::begin(p.export.format, work, ckpt, max_shard)?,
-            None,
-        ),
+        None => {
+            let e = match (p.export.format, p.export.gguf_type) {
+                (crate::export::Format::Gguf, Some(ft)) => {
+                    Exporter::begin_gguf(work, ckpt, ft, p.export.tensor_types.clone())?
+                }
+                _ => Exporter::begin(p.export.format, work, ckpt, max_shard)?,
+            };
+            (e, None)
+        }
     };
     info!(
         "compressing {} ({} layers) with {} pass(es), format {}",

@@ -88,6 +88,9 @@ impl TensorInfo {
 pub struct SafetensorsFile {
     pub path: PathBuf,
     mmap: Mmap,
+    /// Built in memory (anonymous mapping): `release` must not discard its pages, which
+    /// would zero them.
+    in_memory: bool,
     pub tensors: BTreeMap<String, TensorInfo>,
     pub metadata: BTreeMap<String, String>,
 }
@@ -221,6 +224,31 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
+            in_memory: false,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// A safetensors image built in memory (a GGUF file dequantized for evaluation), held in an
+    /// anonymous mapping; `path` names the file it came from.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).with_context(|| {
+            format!(
+                "cannot allocate {} bytes for {}",
+                bytes.len(),
+                path.display()
+            )
+        })?;
+        m[..bytes.len()].copy_from_slice(bytes);
+        let mmap = m
+            .make_read_only()
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let (tensors, metadata) = parse_header(&mmap[..bytes.len()], path)?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            in_memory: true,
             tensors,
             metadata,
         })
@@ -233,6 +261,9 @@ impl SafetensorsFile {
     /// Drop this tensor's pages from our resident set (the page cache keeps them). Streaming
     /// calls this after each layer so peak RSS stays near one layer, not the whole file.
     pub fn release(&self, info: &TensorInfo) {
+        if self.in_memory {
+            return;
+        }
         let page = 4096;
         let start = info.start.div_ceil(page) * page;
         let end = (info.end / page) * page;

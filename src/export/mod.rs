@@ -8,11 +8,14 @@ use crate::model::layer::{LayerWeights, Linear, Repr};
 use crate::model::Checkpoint;
 use crate::quant::QuantArgs;
 use crate::safetensors_file::from_f32;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use writer::SafetensorsWriter;
+
+use crate::formats::gguf::{self, FileType, TensorEntry, TypeOverride};
+use crate::model::DType;
 
 pub use crate::formats::{Format, Order};
 
@@ -42,6 +45,17 @@ pub struct ExporterState {
     linears: Vec<String>,
     #[serde(default)]
     act_bits: Vec<Option<u32>>,
+    #[serde(default)]
+    gguf: Option<GgufState>,
+}
+
+/// What a GGUF export needs besides the spill file: the mix, the overrides, and every tensor
+/// written so far (GGUF name, dims, ggml type), in order.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct GgufState {
+    pub file_type: FileType,
+    pub overrides: Vec<TypeOverride>,
+    entries: Vec<TensorEntry>,
 }
 
 /// What the exporter saw of sparse linears (measured on the values it wrote).
@@ -109,6 +123,8 @@ pub struct Exporter {
     linears: Vec<String>,
     /// Input-activation bits of every quantized linear written (W8A8), in order.
     act_bits: Vec<Option<u32>>,
+    /// GGUF: the mix, its compiled overrides and the tensors written.
+    gguf: Option<(GgufState, gguf::Overrides)>,
 }
 
 impl ExporterState {
@@ -137,8 +153,47 @@ impl Exporter {
             sparsity: SparsityTally::default(),
             linears: Vec::new(),
             act_bits: Vec::new(),
+            gguf: None,
         };
+        ensure!(
+            format != Format::Gguf,
+            "internal: a GGUF export starts with Exporter::begin_gguf"
+        );
         e.copy_raw(ckpt, "model.embed_tokens.weight")?;
+        Ok(e)
+    }
+
+    /// Start a GGUF export into `dir` with mix `file_type` and `--tensor-type`-style overrides.
+    /// Tensors are encoded as they arrive and spilled; `finish` writes `model.gguf`.
+    pub fn begin_gguf(
+        dir: &Path,
+        ckpt: &Checkpoint,
+        file_type: FileType,
+        overrides: Vec<TypeOverride>,
+    ) -> Result<Self> {
+        gguf::arch_name(&ckpt.config)?;
+        let compiled = gguf::Overrides::new(&overrides)?;
+        let mut e = Exporter {
+            format: Format::Gguf,
+            dir: dir.to_path_buf(),
+            writer: Some(SafetensorsWriter::new(dir, usize::MAX)),
+            quantized: Vec::new(),
+            unquantized: Vec::new(),
+            low_rank: Vec::new(),
+            true_sequential: None,
+            sparsity: SparsityTally::default(),
+            linears: Vec::new(),
+            act_bits: Vec::new(),
+            gguf: Some((
+                GgufState {
+                    file_type,
+                    overrides,
+                    entries: Vec::new(),
+                },
+                compiled,
+            )),
+        };
+        e.gguf_copy(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
     }
 
@@ -153,6 +208,7 @@ impl Exporter {
             sparsity: self.sparsity.clone(),
             linears: self.linears.clone(),
             act_bits: self.act_bits.clone(),
+            gguf: self.gguf.as_ref().map(|(g, _)| g.clone()),
         })
     }
 
@@ -163,6 +219,18 @@ impl Exporter {
         max_shard_bytes: usize,
         state: ExporterState,
     ) -> Result<Self> {
+        let gguf = match state.gguf {
+            Some(g) => {
+                let o = gguf::Overrides::new(&g.overrides)?;
+                Some((g, o))
+            }
+            None => None,
+        };
+        let max_shard_bytes = if gguf.is_some() {
+            usize::MAX
+        } else {
+            max_shard_bytes
+        };
         Ok(Exporter {
             format,
             dir: dir.to_path_buf(),
@@ -178,7 +246,122 @@ impl Exporter {
             sparsity: state.sparsity,
             linears: state.linears,
             act_bits: state.act_bits,
+            gguf,
         })
+    }
+
+    /// GGUF: encode one tensor (HF name, HF row-major values and shape) the way llama.cpp's
+    /// converter and quantizer lay it out — GGUF name, Q/K rows permuted, the mix's type (1-d
+    /// tensors F32) — and spill its bytes.
+    fn gguf_add(
+        &mut self,
+        ckpt: &Checkpoint,
+        hf: &str,
+        values: Vec<f32>,
+        shape: &[usize],
+        importance: Option<&[f32]>,
+    ) -> Result<()> {
+        let cfg = &ckpt.config;
+        let name = gguf::gguf_name(hf).with_context(|| {
+            format!("export: tensor `{hf}` has no GGUF name (llama architecture)")
+        })?;
+        let (g, overrides) = self.gguf.as_ref().context("internal: not a GGUF export")?;
+        let ft = g.file_type;
+        let values = match (gguf::permute_heads(hf, cfg), shape) {
+            (Some(h), [rows, cols]) => gguf::permute_rows(&values, *rows, *cols, h, false)
+                .with_context(|| format!("export: `{hf}`"))?,
+            _ => values,
+        };
+        let ty = match shape {
+            [_] => crate::quant::ggml::GgmlType::F32,
+            [_, cols] => gguf::tensor_type(
+                ft,
+                &name,
+                *cols,
+                cfg.num_layers,
+                cfg.tie_word_embeddings,
+                overrides,
+            ),
+            _ => {
+                bail!("export: `{hf}` has shape {shape:?}; GGUF export writes 1-d and 2-d tensors")
+            }
+        };
+        // with an importance matrix (imatrix pass): llama.cpp's weighted encoders, per row
+        let bytes = match (importance, shape) {
+            (Some(qw), [_, cols]) => crate::quant::ggml::quantize_weighted(ty, &values, *cols, qw),
+            _ => crate::quant::ggml::quantize(ty, &values),
+        }
+        .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?;
+        let dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
+        self.w()?.add(&name, DType::U8, &[bytes.len()], &bytes)?;
+        let (g, _) = self.gguf.as_mut().context("internal: not a GGUF export")?;
+        g.entries.push(TensorEntry { name, dims, ty });
+        Ok(())
+    }
+
+    /// GGUF: a tensor no pass touches (embedding, final norm, LM head), from the source.
+    fn gguf_copy(&mut self, ckpt: &Checkpoint, hf: &str) -> Result<()> {
+        let shape = ckpt.info(hf)?.0.shape.clone();
+        let v = ckpt.f32(hf)?;
+        ckpt.release(hf);
+        self.gguf_add(ckpt, hf, v, &shape, None)
+    }
+
+    /// GGUF: assemble `model.gguf` from the spilled tensors (header with the model's and the
+    /// tokenizer's metadata, then each tensor aligned to 32 bytes).
+    fn gguf_finish(&mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
+        self.gguf_copy(ckpt, "model.norm.weight")?;
+        if !ckpt.config.tie_word_embeddings {
+            self.gguf_copy(ckpt, "lm_head.weight")?;
+        }
+        let writer = self.writer.take().context("exporter already finished")?;
+        let spills = writer.finish_spills()?;
+        let (g, _) = self.gguf.as_ref().context("internal: not a GGUF export")?;
+        let name = ckpt
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        let mut kv = gguf::model_metadata(&ckpt.config, g.file_type, &name)?;
+        kv.extend(gguf::tokenizer_metadata(&ckpt.dir, &ckpt.config)?);
+        // where each tensor's bytes are: (spill file, offset)
+        let mut at = Vec::new();
+        for (si, (_, entries)) in spills.iter().enumerate() {
+            let mut off = 0usize;
+            for (n, len) in entries {
+                at.push((n.clone(), si, off, *len));
+                off += len;
+            }
+        }
+        ensure!(
+            at.len() == g.entries.len() && at.iter().zip(&g.entries).all(|(a, e)| a.0 == e.name),
+            "internal: GGUF spill files do not match the tensors recorded"
+        );
+        let mut files = Vec::new();
+        for (p, _) in &spills {
+            files.push(
+                std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?,
+            );
+        }
+        let path = self.dir.join(gguf::FILE_NAME);
+        gguf::write_file(&path, &kv, &g.entries, |i, out| {
+            use std::io::{Read, Seek, SeekFrom};
+            let (_, si, off, len) = &at[i];
+            let f = &mut files[*si];
+            f.seek(SeekFrom::Start(*off as u64))?;
+            let copied = std::io::copy(&mut f.take(*len as u64), out)?;
+            ensure!(
+                copied == *len as u64,
+                "spill file {} is short",
+                spills[*si].0.display()
+            );
+            Ok(())
+        })?;
+        // the spill files stay until the caller has recorded the artifact (resume)
+        Ok((
+            vec![gguf::FILE_NAME.to_string()],
+            spills.into_iter().map(|(p, _)| p).collect(),
+        ))
     }
 
     fn w(&mut self) -> Result<&mut SafetensorsWriter> {
@@ -200,6 +383,29 @@ impl Exporter {
         let wname = format!("{prefix}.weight");
         self.sparsity.add(prefix, lin);
         self.linears.push(prefix.to_string());
+        if self.format == Format::Gguf {
+            if matches!(lin.repr(), Repr::Factored { .. }) {
+                bail!("export: `{prefix}` is factored (svd); GGUF stores whole weight matrices: use `format: dense` or drop the low-rank pass");
+            }
+            if lin.quant().is_some() {
+                bail!("export: `{prefix}` was quantized onto an integer grid by a pass; GGUF export encodes the weights onto ggml's grids itself (llama.cpp's reference encoders), so a gguf pipeline runs without rtn/gptq passes");
+            }
+            if lin.act_quant().is_some() {
+                bail!("export: `{prefix}` quantizes its input activations (W8A8); GGUF has no such scheme");
+            }
+            if lin.bias.is_some() {
+                bail!("export: `{prefix}` has a bias; the llama GGUF layout has none");
+            }
+            let w = lin.weight();
+            let v = w
+                .as_standard_layout()
+                .into_owned()
+                .into_raw_vec_and_offset()
+                .0;
+            self.unquantized.push(prefix.to_string());
+            let imp = lin.importance().map(|i| i.to_vec());
+            return self.gguf_add(ckpt, &wname, v, &[w.nrows(), w.ncols()], imp.as_deref());
+        }
         match (lin.repr(), lin.quant(), self.format) {
             (Repr::Factored { u, v }, _, Format::CompressedTensors | Format::Gptq) => {
                 if u.quant.is_some() || v.quant.is_some() {
@@ -268,6 +474,17 @@ impl Exporter {
     /// to remove once the caller has recorded the artifact as complete
     /// ([`writer::remove_spills`]).
     pub fn finish(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
+        if self.format == Format::Gguf {
+            let (mut files, spills) = self.gguf_finish(ckpt)?;
+            // config.json and the tokenizer beside the GGUF file: `compress eval` / `inspect`
+            // read the folder (the GGUF file alone is what llama.cpp loads)
+            let p = self.dir.join("config.json");
+            std::fs::write(&p, serde_json::to_vec_pretty(&ckpt.config.raw)?)
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            files.push("config.json".into());
+            files.extend(self.copy_side_files(ckpt)?);
+            return Ok((files, spills));
+        }
         self.copy_raw(ckpt, "model.norm.weight")?;
         if ckpt.has("lm_head.weight") {
             self.copy_raw(ckpt, "lm_head.weight")?;
@@ -276,7 +493,7 @@ impl Exporter {
         let (mut files, spills) = writer.finish()?;
         let mut config = ckpt.config.raw.clone();
         match self.format {
-            Format::Dense => {}
+            Format::Dense | Format::Gguf => {}
             Format::CompressedTensors => {
                 let sparsity = self.sparsity.block(&self.linears);
                 match (self.compressed_tensors_config()?, sparsity) {
@@ -318,6 +535,12 @@ impl Exporter {
         std::fs::write(&p, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
         files.push("config.json".into());
+        files.extend(self.copy_side_files(ckpt)?);
+        Ok((files, spills))
+    }
+
+    fn copy_side_files(&self, ckpt: &Checkpoint) -> Result<Vec<String>> {
+        let mut files = Vec::new();
         for f in SIDE_FILES {
             let src = ckpt.dir.join(f);
             if src.is_file() {
@@ -329,7 +552,7 @@ impl Exporter {
                 files.push(f.to_string());
             }
         }
-        Ok((files, spills))
+        Ok(files)
     }
 
     fn distinct_args(&self) -> Result<Option<(QuantArgs, Order)>> {
@@ -377,6 +600,16 @@ impl Exporter {
 impl LayerSink for Exporter {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
         let p = LayerWeights::prefix(layer.index);
+        if self.format == Format::Gguf {
+            for (n, (v, _)) in &layer.norms {
+                let name = format!("{p}{n}.weight");
+                self.gguf_add(ckpt, &name, v.clone(), &[v.len()], None)?;
+            }
+            for (n, lin) in &layer.linears {
+                self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
+            }
+            return Ok(());
+        }
         // Tensors in the source's name order keeps identity output layouts stable.
         for (n, (v, dt)) in &layer.norms {
             let name = format!("{p}{n}.weight");

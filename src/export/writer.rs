@@ -228,6 +228,28 @@ impl SafetensorsWriter {
     }
 }
 
+impl SafetensorsWriter {
+    /// Flush and hand over the spill files as they are, for a container other than safetensors
+    /// (GGUF): each spill file with the (name, byte length) of its tensors, in write order.
+    #[allow(clippy::type_complexity)]
+    pub fn finish_spills(mut self) -> Result<Vec<(PathBuf, Vec<(String, usize)>)>> {
+        if let (Some(mut w), Some(s)) = (self.out.take(), self.shards.last()) {
+            w.flush()
+                .with_context(|| format!("cannot write {} (disk full?)", s.spill.display()))?;
+        }
+        Ok(self
+            .shards
+            .iter()
+            .map(|s| {
+                (
+                    s.spill.clone(),
+                    s.entries.iter().map(|e| (e.name.clone(), e.len)).collect(),
+                )
+            })
+            .collect())
+    }
+}
+
 /// Remove the spill files [`SafetensorsWriter::finish`] assembled the shards from.
 pub fn remove_spills(spills: &[PathBuf]) -> Result<()> {
     for s in spills {

@@ -6,10 +6,12 @@
 //!
 //! * `compressed_tensors`: `pack-quantized` (vLLM, transformers)
 //! * `gptq`: GPTQ v1 (AutoGPTQ, GPTQModel, transformers, TGI, vLLM)
+//! * `gguf`: GGUF v3 (llama.cpp): container, metadata, tokenizer, tensor names, type mixes
 //! * `bits`: the little-endian bit stream both pack into, and byte helpers
 
 pub mod bits;
 pub mod compressed_tensors;
+pub mod gguf;
 pub mod gptq;
 
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
@@ -35,6 +37,8 @@ pub enum Format {
     CompressedTensors,
     /// GPTQ v1 (AutoGPTQ, GPTQModel, transformers, TGI, vLLM).
     Gptq,
+    /// GGUF v3 (llama.cpp, Ollama, LM Studio): one `model.gguf`, tensors on ggml grids.
+    Gguf,
 }
 
 impl Format {
@@ -43,6 +47,7 @@ impl Format {
             Format::Dense => "dense",
             Format::CompressedTensors => "compressed-tensors",
             Format::Gptq => "gptq",
+            Format::Gguf => "gguf",
         }
     }
 }

@@ -14,6 +14,9 @@ pub struct Checkpoint {
     pub files: Vec<SafetensorsFile>,
     /// tensor name → index into `files`
     index: BTreeMap<String, usize>,
+    /// GGUF checkpoints: HF tensor name → (ggml type, bytes) as stored in the GGUF file (the
+    /// in-memory image in `files` holds them dequantized to f32).
+    pub gguf_stored: Option<BTreeMap<String, (crate::quant::ggml::GgmlType, usize)>>,
 }
 
 /// Parse a sharded checkpoint's `model.safetensors.index.json`: tensor name → shard file name.
@@ -76,6 +79,21 @@ impl Checkpoint {
                 }
                 index.insert(name, fi);
             }
+        } else if !dir.join("model.safetensors").exists()
+            && dir.join(crate::formats::gguf::FILE_NAME).exists()
+        {
+            let (f, stored) = gguf_image(&dir.join(crate::formats::gguf::FILE_NAME), &config)?;
+            for name in f.tensors.keys() {
+                index.insert(name.clone(), 0);
+            }
+            files.push(f);
+            return Ok(Checkpoint {
+                dir: dir.to_path_buf(),
+                config,
+                files,
+                index,
+                gguf_stored: Some(stored),
+            });
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
@@ -95,6 +113,7 @@ impl Checkpoint {
             config,
             files,
             index,
+            gguf_stored: None,
         })
     }
 
@@ -210,6 +229,68 @@ impl Checkpoint {
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join("tokenizer.json")
     }
+}
+
+/// Read a GGUF file we can evaluate: its metadata must agree with config.json, every tensor is
+/// decoded to f32 under its HF name (Q/K rows un-permuted) into an in-memory safetensors image.
+/// Returns the image and each tensor's stored type and byte count.
+#[allow(clippy::type_complexity)]
+fn gguf_image(
+    path: &Path,
+    cfg: &ModelConfig,
+) -> Result<(
+    SafetensorsFile,
+    BTreeMap<String, (crate::quant::ggml::GgmlType, usize)>,
+)> {
+    use crate::formats::gguf;
+    let g = gguf::GgufFile::open(path)?;
+    let f = path.display();
+    let arch = g.get_str("general.architecture")?.to_string();
+    let want = gguf::arch_name(cfg)?;
+    if arch != want {
+        bail!("{f}: architecture `{arch}`, config.json describes `{want}`");
+    }
+    for (k, v) in [
+        ("block_count", cfg.num_layers),
+        ("embedding_length", cfg.hidden_size),
+        ("feed_forward_length", cfg.intermediate_size),
+        ("attention.head_count", cfg.num_heads),
+        ("attention.head_count_kv", cfg.num_kv_heads),
+    ] {
+        let got = g.get_u64(&format!("{arch}.{k}"))?;
+        if got != v as u64 {
+            bail!("{f}: `{arch}.{k}` is {got}, config.json implies {v}");
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut stored = BTreeMap::new();
+    for (t, r) in &g.tensors {
+        let hf = gguf::hf_name(&t.name)
+            .with_context(|| format!("{f}: tensor `{}` is not one of the llama layout", t.name))?;
+        let (_, mut v) = g.f32(&t.name)?;
+        let shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
+        if let (Some(h), [rows, cols]) = (gguf::permute_heads(&hf, cfg), shape.as_slice()) {
+            v = gguf::permute_rows(&v, *rows, *cols, h, true)
+                .with_context(|| format!("{f}: tensor `{}`", t.name))?;
+        }
+        let start = data.len();
+        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        header.insert(
+            hf.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+        stored.insert(hf, (t.ty, r.len()));
+    }
+    let mut hb = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while hb.len() % 8 != 0 {
+        hb.push(b' ');
+    }
+    let mut img = Vec::with_capacity(8 + hb.len() + data.len());
+    img.extend((hb.len() as u64).to_le_bytes());
+    img.extend(hb);
+    img.extend(data);
+    Ok((SafetensorsFile::from_bytes(path, &img)?, stored))
 }
 
 /// Total size of the regular files in a folder (not recursive).

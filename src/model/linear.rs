@@ -102,6 +102,9 @@ pub struct Linear {
     pub dtype: DType,
     act_quant: Option<ActQuant>,
     modified: bool,
+    /// Per-input-column importance (mean x² of the calibration inputs, llama.cpp's imatrix)
+    /// for exporters that weigh rounding errors by it (GGUF). Does not change the weights.
+    importance: Option<Vec<f32>>,
 }
 
 impl Linear {
@@ -114,6 +117,7 @@ impl Linear {
             dtype,
             act_quant: None,
             modified: false,
+            importance: None,
         }
     }
 
@@ -160,6 +164,27 @@ impl Linear {
 
     pub fn act_quant(&self) -> Option<ActQuant> {
         self.act_quant
+    }
+
+    /// Per-input-column importance recorded by the `imatrix` pass.
+    pub fn importance(&self) -> Option<&[f32]> {
+        self.importance.as_deref()
+    }
+
+    /// Record per-input-column importance (one finite, non-negative value per input).
+    pub fn set_importance(&mut self, v: Vec<f32>) -> Result<()> {
+        ensure!(
+            v.len() == self.shape().1,
+            "{} importance values for a linear with {} inputs",
+            v.len(),
+            self.shape().1
+        );
+        ensure!(
+            v.iter().all(|x| x.is_finite() && *x >= 0.0),
+            "importance values must be finite and non-negative"
+        );
+        self.importance = Some(v);
+        Ok(())
     }
 
     /// Set once any pass changed the linear.

@@ -3,6 +3,7 @@
 
 pub mod awq;
 pub mod gptq;
+pub mod imatrix;
 pub mod magnitude;
 pub mod prune;
 pub mod rtn;
@@ -25,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub enum PassSpec {
     /// Round-to-nearest weight quantization (no calibration).
     Rtn(rtn::RtnSpec),
+    /// Importance matrix (mean x² per input column) for the GGUF exporter's weighted rounding.
+    Imatrix(imatrix::ImatrixSpec),
     /// GPTQ (Frantar et al. 2022).
     Gptq(gptq::GptqSpec),
     /// AWQ scale (and clip) search (Lin et al. 2024); a quantizer follows it.
@@ -48,6 +51,7 @@ impl PassSpec {
     pub fn name(&self) -> &'static str {
         match self {
             PassSpec::Rtn(_) => "rtn",
+            PassSpec::Imatrix(_) => "imatrix",
             PassSpec::Gptq(_) => "gptq",
             PassSpec::Awq(_) => "awq",
             PassSpec::SmoothQuant(_) => "smoothquant",
@@ -66,6 +70,7 @@ impl PassSpec {
                 s.scheme.args()?.validate()
             }
             PassSpec::Gptq(s) => s.validate(),
+            PassSpec::Imatrix(_) => Ok(()),
             PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
             PassSpec::SparseGpt(s) => s.validate(),
             PassSpec::Awq(s) => s.validate(),
@@ -85,6 +90,7 @@ impl PassSpec {
     pub fn build(&self) -> Result<Box<dyn Pass>> {
         Ok(match self {
             PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
+            PassSpec::Imatrix(_) => Box::new(imatrix::Imatrix),
             PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
             PassSpec::Awq(s) => Box::new(awq::Awq::new(s)?),
             PassSpec::SmoothQuant(s) => Box::new(smoothquant::SmoothQuant::new(s)?),

@@ -97,6 +97,14 @@ pub struct Export {
     /// Largest safetensors shard in bytes (default 4 GiB).
     #[serde(default)]
     pub max_shard_bytes: Option<usize>,
+    /// `format: gguf`: llama.cpp's mix (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s,
+    /// q5_k_m, q6_k, f16, bf16, f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf_type: Option<crate::formats::gguf::FileType>,
+    /// `format: gguf`: per-tensor types as llama-quantize's `--tensor-type`: the first
+    /// `{pattern, type}` whose regex matches the GGUF tensor name wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tensor_types: Vec<crate::formats::gguf::TypeOverride>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +217,28 @@ impl Pipeline {
                 .with_context(|| format!("{f}: passes[{i}] ({})", p.name()))?;
         }
         crate::passes::check_sequence(&self.passes).with_context(|| f.to_string())?;
+        if self.export.format != Format::Gguf
+            && self
+                .passes
+                .iter()
+                .any(|p| matches!(p, crate::passes::PassSpec::Imatrix(_)))
+        {
+            bail!("{f}: the `imatrix` pass only informs a GGUF export's rounding: use `export: {{format: gguf}}`");
+        }
+        match (self.export.format, &self.export.gguf_type) {
+            (Format::Gguf, None) => {
+                bail!("{f}: field `export.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16, f32)")
+            }
+            (Format::Gguf, Some(_)) => {
+                crate::formats::gguf::Overrides::new(&self.export.tensor_types)
+                    .with_context(|| format!("{f}: field `export.tensor_types`"))?;
+            }
+            (_, Some(_)) => bail!("{f}: field `export.gguf_type` needs `format: gguf`"),
+            (_, None) if !self.export.tensor_types.is_empty() => {
+                bail!("{f}: field `export.tensor_types` needs `format: gguf`")
+            }
+            _ => {}
+        }
         if !self.passes.is_empty()
             && self.calibration.is_none()
             && self.passes.iter().any(|p| p.needs_calibration())

@@ -19,6 +19,8 @@
 //!
 //! Pure functions only: no I/O, no file formats (those live in `export`).
 
+pub mod ggml;
+
 use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
 use ndarray::{Array2, ArrayView2};

@@ -1,0 +1,470 @@
+//! GGUF export end to end on the reference model (`export: {format: gguf}`): the written
+//! model.gguf is read by our own reader (names, ggml types of llama.cpp's mixes, shapes,
+//! metadata, every tensor's bytes equal to llama.cpp's reference encoder applied to the source
+//! weights in the converter's layout), read back for evaluation (the report's perplexity is the
+//! GGUF file's), and, when a Python with the `gguf` package is available
+//! (`COMPRESS_GGUF_PYTHON`, or /work/ggufvenv/bin/python), parsed by gguf-py's GGUFReader.
+
+mod common;
+use compress::formats::gguf::{self, GgufFile, Value};
+use compress::model::Checkpoint;
+use compress::quant::ggml::{self, GgmlType};
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(yaml: &str, dir: &Path) -> Json {
+    let p = dir.join("p.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .args(["--quiet", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "compress failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn pipeline(out: &Path, ty: &str, extra: &str) -> String {
+    let eval = out.with_file_name("wiki-head.txt");
+    let text = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    std::fs::write(&eval, &text[..24_000]).unwrap();
+    format!(
+        "model: {}\noutput: {}\npasses: []\nexport: {{format: gguf, gguf_type: {ty}{extra}}}\n\
+         eval: {{datasets: [{}], seq_len: 128}}\n",
+        common::ref_model().display(),
+        out.display(),
+        eval.display()
+    )
+}
+
+fn types(g: &GgufFile) -> Vec<(String, GgmlType)> {
+    g.tensors
+        .iter()
+        .map(|(t, _)| (t.name.clone(), t.ty))
+        .collect()
+}
+
+/// Every tensor of `g` holds exactly the reference encoding of the source tensor in the
+/// converter's layout (Q/K rows permuted), and has the HF shape reversed.
+fn check_bytes(g: &GgufFile, src: &Checkpoint) {
+    for (t, r) in &g.tensors {
+        let hf = gguf::hf_name(&t.name).unwrap();
+        let shape = src.info(&hf).unwrap().0.shape.clone();
+        let want_dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
+        assert_eq!(t.dims, want_dims, "{}", t.name);
+        let mut v = src.f32(&hf).unwrap();
+        if let Some(h) = gguf::permute_heads(&hf, &src.config) {
+            v = gguf::permute_rows(&v, shape[0], shape[1], h, false).unwrap();
+        }
+        let want = ggml::quantize(t.ty, &v).unwrap();
+        assert!(g.bytes(r) == want.as_slice(), "{}: bytes differ", t.name);
+    }
+}
+
+#[test]
+fn q4_0_file_layout_metadata_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = run(&pipeline(&out, "q4_0", ""), dir.path());
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(g.version, 3);
+
+    // names and types: llama.cpp's Q4_0 mix (output Q6_K, norms F32, the rest Q4_0)
+    let n_layers = src.config.num_layers;
+    assert_eq!(g.tensors.len(), 2 + 9 * n_layers + 1); // embd, output_norm, output
+    for (name, ty) in types(&g) {
+        let want = if name == "output.weight" {
+            GgmlType::Q6K
+        } else if name.ends_with("norm.weight") {
+            GgmlType::F32
+        } else {
+            GgmlType::Q4_0
+        };
+        assert_eq!(ty, want, "{name}");
+    }
+    for n in [
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        "blk.5.ffn_down.weight",
+    ] {
+        assert!(g.tensor(n).is_some(), "missing {n}");
+    }
+    check_bytes(&g, &src);
+    // 32-byte alignment of every tensor
+    assert!(g.tensors.iter().all(|(_, r)| r.start % 32 == 0));
+
+    // metadata llama.cpp needs
+    let cfg = &src.config;
+    assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
+    for (k, v) in [
+        ("llama.block_count", cfg.num_layers),
+        ("llama.embedding_length", cfg.hidden_size),
+        ("llama.feed_forward_length", cfg.intermediate_size),
+        ("llama.attention.head_count", cfg.num_heads),
+        ("llama.attention.head_count_kv", cfg.num_kv_heads),
+        ("llama.context_length", 2048),
+        ("llama.vocab_size", cfg.vocab_size),
+        ("llama.rope.dimension_count", cfg.head_dim),
+        ("general.file_type", 2),
+        ("general.quantization_version", 2),
+        ("tokenizer.ggml.bos_token_id", 0),
+        ("tokenizer.ggml.eos_token_id", 1),
+    ] {
+        assert_eq!(g.get_u64(k).unwrap(), v as u64, "{k}");
+    }
+    assert_eq!(g.get_f64("llama.rope.freq_base").unwrap(), 10000.0);
+    assert_eq!(
+        g.get_f64("llama.attention.layer_norm_rms_epsilon").unwrap() as f32,
+        1e-5
+    );
+    assert_eq!(g.get_str("tokenizer.ggml.model").unwrap(), "gpt2");
+    assert_eq!(g.get_str("tokenizer.ggml.pre").unwrap(), "gpt-2");
+    assert_eq!(g.kv["tokenizer.ggml.add_bos_token"], Value::Bool(true));
+    let Value::Array(_, toks) = &g.kv["tokenizer.ggml.tokens"] else {
+        panic!("tokens")
+    };
+    assert_eq!(toks.len(), cfg.vocab_size);
+    assert_eq!(toks[0], Value::Str("<|begin_of_text|>".into()));
+    let Value::Array(_, tt) = &g.kv["tokenizer.ggml.token_type"] else {
+        panic!("token types")
+    };
+    assert_eq!(
+        (&tt[0], &tt[1], &tt[300]),
+        (&Value::I32(3), &Value::I32(3), &Value::I32(1))
+    );
+    let Value::Array(_, merges) = &g.kv["tokenizer.ggml.merges"] else {
+        panic!("merges")
+    };
+    assert_eq!(merges.len(), 7934);
+
+    // read back: the evaluated weights are the GGUF file's, un-permuted to the HF layout
+    let back = Checkpoint::open(&out).unwrap();
+    let q = back.f32("model.layers.2.self_attn.q_proj.weight").unwrap();
+    let orig = src.f32("model.layers.2.self_attn.q_proj.weight").unwrap();
+    let (_, enc) = g.f32("blk.2.attn_q.weight").unwrap();
+    let unperm = gguf::permute_rows(&enc, 256, 256, cfg.num_heads, true).unwrap();
+    assert_eq!(q, unperm);
+    let err = q
+        .iter()
+        .zip(&orig)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        err > 0.0 && err < amax / 8.0,
+        "Q4_0 error {err} (max |w| {amax})"
+    );
+    assert!(!back.has("lm_head.weight") || g.tensor("output.weight").is_some());
+
+    // the report scored that file: after within a few percent of before on this model
+    let e = &report["eval"]["wiki-head.txt"];
+    let before = e["before"]["perplexity"].as_f64().unwrap();
+    let after = e["after"]["perplexity"].as_f64().unwrap();
+    assert!(after > before && after < before * 1.5, "{before} → {after}");
+    assert_eq!(report["output"]["format"], "gguf");
+    let bpw = report["output"]["bits_per_weight"].as_f64().unwrap();
+    assert!(
+        (bpw - 4.5).abs() < 1e-9,
+        "Q4_0 stores 4.5 bits per weight, report says {bpw}"
+    );
+
+    python_reader_check(&out.join("model.gguf"), &g);
+}
+
+#[test]
+fn q4_k_m_mix_and_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    run(
+        &pipeline(
+            &out,
+            "q4_k_m",
+            ", tensor_types: [{pattern: 'blk\\.0\\.attn_q', type: q8_0}]",
+        ),
+        dir.path(),
+    );
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    // 6 layers: use_more_bits(i, 6) holds for i = 2 and 5 → attn_v, ffn_down in Q6_K there
+    for (name, ty) in types(&g) {
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let want = match (name.as_str(), layer) {
+            ("output.weight", _) => GgmlType::Q6K,
+            (n, _) if n.ends_with("norm.weight") => GgmlType::F32,
+            ("blk.0.attn_q.weight", _) => GgmlType::Q8_0,
+            (n, Some(l))
+                if (n.ends_with("attn_v.weight") || n.ends_with("ffn_down.weight"))
+                    && (l == 2 || l == 5) =>
+            {
+                GgmlType::Q6K
+            }
+            _ => GgmlType::Q4K,
+        };
+        assert_eq!(ty, want, "{name}");
+    }
+    assert_eq!(g.get_u64("general.file_type").unwrap(), 15);
+    check_bytes(&g, &src);
+}
+
+#[test]
+fn gguf_pipeline_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let p = dir.path().join("p.yaml");
+    for (yaml, msg) in [
+        (
+            format!("model: {}\noutput: {}\nexport: {{format: gguf}}\n", common::ref_model().display(), out.display()),
+            "export.gguf_type` is required",
+        ),
+        (
+            format!("model: {}\noutput: {}\nexport: {{format: gguf, gguf_type: q3_x}}\n", common::ref_model().display(), out.display()),
+            "q3_x",
+        ),
+        (
+            format!("model: {}\noutput: {}\nexport: {{format: dense, gguf_type: q4_0}}\n", common::ref_model().display(), out.display()),
+            "needs `format: gguf`",
+        ),
+        (
+            format!("model: {}\noutput: {}\nexport: {{format: gguf, gguf_type: q4_0, tensor_types: [{{pattern: '(', type: q8_0}}]}}\n", common::ref_model().display(), out.display()),
+            "not a valid regex",
+        ),
+        (
+            format!("model: {}\noutput: {}\ncalibration: {{path: x.txt}}\npasses: [{{imatrix: {{}}}}]\nexport: {{format: compressed-tensors}}\n", common::ref_model().display(), out.display()),
+            "only informs a GGUF export",
+        ),
+    ] {
+        std::fs::write(&p, yaml).unwrap();
+        let o = Command::new(common::bin()).arg(&p).arg("--quiet").output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "expected `{msg}` in: {err}");
+        assert!(!out.exists());
+    }
+}
+
+fn gguf_python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("COMPRESS_GGUF_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from("/work/ggufvenv/bin/python");
+    p.exists().then_some(p)
+}
+
+/// gguf-py's GGUFReader (llama.cpp's own Python reader) sees the same names, types, shapes and
+/// metadata keys as ours.
+fn python_reader_check(path: &Path, g: &GgufFile) {
+    let Some(py) = gguf_python() else {
+        eprintln!("skipped: gguf-py reader check: no Python with the `gguf` package (set COMPRESS_GGUF_PYTHON)");
+        return;
+    };
+    let script = r#"
+import json, sys
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+print(json.dumps({
+    "keys": [k for k in r.fields if not k.startswith("GGUF.")],
+    "tensors": [[t.name, t.tensor_type.name, [int(x) for x in t.shape]] for t in r.tensors],
+    "arch": bytes(r.fields["general.architecture"].parts[-1]).decode(),
+    "n_tokens": len(r.fields["tokenizer.ggml.tokens"].data),
+}))
+"#;
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "gguf-py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let keys: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let ours: Vec<&str> = g.kv.keys().map(|k| k.as_str()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(sorted, ours);
+    assert_eq!(v["arch"], "llama");
+    assert_eq!(v["n_tokens"].as_u64().unwrap() as usize, 8192);
+    let ts = v["tensors"].as_array().unwrap();
+    assert_eq!(ts.len(), g.tensors.len());
+    for (t, (e, _)) in ts.iter().zip(&g.tensors) {
+        assert_eq!(t[0], e.name.as_str());
+        assert_eq!(
+            t[1].as_str().unwrap().to_ascii_lowercase(),
+            e.ty.name().to_ascii_lowercase()
+        );
+        let dims: Vec<u64> = t[2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        assert_eq!(dims, e.dims, "{}", e.name);
+    }
+    eprintln!(
+        "gguf-py GGUFReader agrees: {} tensors, {} metadata keys",
+        ts.len(),
+        keys.len()
+    );
+}
+
+/// Mean x² per input column of layer 0's q/k/v input (RMSNorm of the embeddings times the
+/// norm weight) over the first tokens of the calibration text: an independent estimate of the
+/// importance the `imatrix` pass gives q_proj of layer 0.
+fn layer0_importance(src: &Checkpoint) -> Vec<f32> {
+    let tok = compress::calib::load_tokenizer(&src.tokenizer_path()).unwrap();
+    let text =
+        compress::calib::read_text(&common::shared().join("data/calib/c4_calib.jsonl"), "text")
+            .unwrap();
+    let ids = compress::calib::tokenize(&tok, &text[..40_000]).unwrap();
+    let d = src.config.hidden_size;
+    let emb = src.f32("model.embed_tokens.weight").unwrap();
+    let g = src.f32("model.layers.0.input_layernorm.weight").unwrap();
+    let eps = src.config.rms_norm_eps as f32;
+    let mut acc = vec![0f64; d];
+    for &t in &ids {
+        let e = &emb[t as usize * d..(t as usize + 1) * d];
+        let ms = e.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for j in 0..d {
+            let x = e[j] * r * g[j];
+            acc[j] += (x * x) as f64;
+        }
+    }
+    acc.iter().map(|a| (a / ids.len() as f64) as f32).collect()
+}
+
+#[test]
+fn imatrix_weighs_the_rounding_as_llama_quantize_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    run(&pipeline(&plain, "q4_k_m", ""), dir.path());
+    let out = dir.path().join("imat");
+    let yaml = pipeline(&out, "q4_k_m", "").replace(
+        "passes: []\n",
+        &format!(
+            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - imatrix: {{}}\n",
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    );
+    let report = run(&yaml, dir.path());
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let p = GgufFile::open(&plain.join("model.gguf")).unwrap();
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(types(&p), types(&g), "the imatrix does not change the mix");
+    let mut differ = 0;
+    for ((t, r), (_, rp)) in g.tensors.iter().zip(&p.tensors) {
+        let same = g.bytes(r) == p.bytes(rp);
+        if t.name.starts_with("blk.") && !t.name.ends_with("norm.weight") {
+            differ += (!same) as usize;
+        } else {
+            // no importance for the embedding, the output and the norms
+            assert!(same, "{}", t.name);
+        }
+    }
+    assert_eq!(
+        differ,
+        7 * src.config.num_layers,
+        "every decoder linear re-encoded"
+    );
+    // the importance-weighted error of layer 0's q_proj is lower than plain rounding's
+    let qw = layer0_importance(&src);
+    let w = src.f32("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let werr = |f: &GgufFile| {
+        let (_, enc) = f.f32("blk.0.attn_q.weight").unwrap();
+        let back = gguf::permute_rows(&enc, 256, 256, src.config.num_heads, true).unwrap();
+        w.iter()
+            .zip(&back)
+            .enumerate()
+            .map(|(i, (a, b))| qw[i % 256] as f64 * ((a - b) as f64).powi(2))
+            .sum::<f64>()
+    };
+    let (ep, ei) = (werr(&p), werr(&g));
+    assert!(ei < ep, "weighted error with imatrix {ei} ≥ without {ep}");
+    assert_eq!(report["layers"][0]["pass"], "imatrix");
+}
+
+/// A GGUF export killed (SIGKILL) after some layers resumes and writes the same model.gguf as
+/// an uninterrupted run.
+#[test]
+fn killed_gguf_run_resumes_byte_identical() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let d = tempfile::tempdir().unwrap();
+    let yaml = |out: &Path| {
+        format!(
+            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 64, seq_len: 256, seed: 1}}\n\
+             passes:\n  - imatrix: {{}}\nexport: {{format: gguf, gguf_type: q4_k_m}}\n",
+            common::ref_model().display(),
+            out.display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        )
+    };
+    let full = d.path().join("full");
+    std::fs::write(d.path().join("full.yaml"), yaml(&full)).unwrap();
+    common::run_ok(&d.path().join("full.yaml"));
+
+    let out = d.path().join("resumed");
+    let p = d.path().join("resumed.yaml");
+    std::fs::write(&p, yaml(&out)).unwrap();
+    let state = d.path().join(".resumed.partial/.resume/state.json");
+    let mut child = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let next = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
+            .and_then(|v| v["next_layer"].as_u64())
+            .unwrap_or(0);
+        if next >= 2 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists());
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read(full.join("model.gguf")).unwrap()
+            == std::fs::read(out.join("model.gguf")).unwrap(),
+        "model.gguf differs after resume"
+    );
+    assert!(!out.join(".shard0.spill").exists());
+}
