@@ -628,7 +628,9 @@ fn run_in(
 
     // Read the artifact back: everything below is measured on what was written.
     let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
-    let identical = if no_passes {
+    // GGUF re-encodes every tensor on a ggml grid at export: identity is not a question there.
+    let gguf = p.export.format == crate::formats::Format::Gguf;
+    let identical = if no_passes && !gguf {
         Some(tensors_identical(ckpt, &out)?)
     } else {
         None
@@ -727,7 +729,9 @@ fn run_in(
             compression_ratio: in_bytes as f64 / out_bytes.max(1) as f64,
             bits_per_weight: linear_bits(&out),
             sparsity: er.sparsity,
-            linear_bytes: (er.numel > 0).then_some(er.linear_bytes),
+            // the engine counts the linears as the passes left them; a GGUF export re-encodes
+            // them afterwards, so that count is not the file's (bits_per_weight is)
+            linear_bytes: (er.numel > 0 && !gguf).then_some(er.linear_bytes),
             files,
             identical_to_input: identical,
         },

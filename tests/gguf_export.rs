@@ -74,6 +74,18 @@ fn q4_0_file_layout_metadata_and_read_back() {
     let src = Checkpoint::open(&common::ref_model()).unwrap();
     let g = GgufFile::open(&out.join("model.gguf")).unwrap();
     assert_eq!(g.version, 3);
+    // no passes, but GGUF re-encodes every tensor: no identity verdict, and no linear byte
+    // count from the engine (it would count the dense weights, not the file's)
+    assert!(
+        report["output"]["identical_to_input"].is_null(),
+        "{}",
+        report["output"]
+    );
+    assert!(
+        report["output"]["linear_bytes"].is_null(),
+        "{}",
+        report["output"]
+    );
 
     // names and types: llama.cpp's Q4_0 mix (output Q6_K, norms F32, the rest Q4_0)
     let n_layers = src.config.num_layers;
