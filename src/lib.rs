@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod calib;
+pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod export;

@@ -23,7 +23,7 @@
 //! go in, with which values; nothing here runs a calibration algorithm. Encoding a tensor on
 //! its grid is `crate::quant::ggml` (llama.cpp's reference encoders).
 
-use crate::model::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig};
 use crate::quant::ggml::GgmlType;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};

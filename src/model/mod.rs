@@ -3,7 +3,7 @@
 pub mod arch;
 pub mod attention;
 pub mod checkpoint;
-pub mod config;
+pub use crate::config;
 pub mod dequant;
 pub mod layer;
 pub mod linear;
