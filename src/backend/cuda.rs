@@ -754,36 +754,17 @@ impl Gpu {
         h: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let s = &self.stream;
-        self.ctx.bind_to_thread()?;
         let (xp, _gx) = x.device_ptr(s);
         let (hp, _gh) = h.device_ptr_mut(s);
-        let alpha = 1.0f32;
-        let beta = 1.0f32;
         // column-major: X is [d, n] (ld d); H = X · Xᵀ  (d×d)
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                d as i32,
-                d as i32,
-                n as i32,
-                &alpha as *const f32 as *const _,
-                xp as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16BF,
-                d as i32,
-                xp as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16BF,
-                d as i32,
-                &beta as *const f32 as *const _,
-                hp as *mut _,
-                cublas_sys::cudaDataType_t::CUDA_R_32F,
-                d as i32,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }?;
-        Ok(())
+        self.gemm_bf16(
+            (false, true),
+            (d, d, n),
+            (xp, d),
+            (xp, d),
+            (hp, d, cublas_sys::cudaDataType_t::CUDA_R_32F),
+            1.0,
+        )
     }
 
     /// C [m, n] = A [m, k] · B [n, k]ᵀ, all bf16 (raw bits) row-major, f32 accumulation: the
@@ -798,32 +779,61 @@ impl Gpu {
         k: usize,
     ) -> Result<()> {
         let s = &self.stream;
-        self.ctx.bind_to_thread()?;
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
         let (yp, _gy) = y.device_ptr_mut(s);
-        let alpha = 1.0f32;
-        let beta = 0.0f32;
         // column-major: Yᵀ [n, m] = W [n, k] (stored as Wᵀ col-major → op T) · Xᵀ [k, m]
+        self.gemm_bf16(
+            (true, false),
+            (n, m, k),
+            (wp, k),
+            (xp, k),
+            (yp, n, cublas_sys::cudaDataType_t::CUDA_R_16BF),
+            0.0,
+        )
+    }
+
+    /// Column-major C = op(A) · op(B) + beta·C through cublasGemmEx: A and B bf16 (raw bits),
+    /// C of `c.2`'s type, f32 accumulation. `trans` = (op(A) is Aᵀ, op(B) is Bᵀ), `mnk` the
+    /// product's shape, each operand (pointer, leading dimension).
+    #[allow(clippy::type_complexity)]
+    fn gemm_bf16(
+        &self,
+        trans: (bool, bool),
+        mnk: (usize, usize, usize),
+        a: (cudarc::driver::sys::CUdeviceptr, usize),
+        b: (cudarc::driver::sys::CUdeviceptr, usize),
+        c: (
+            cudarc::driver::sys::CUdeviceptr,
+            usize,
+            cublas_sys::cudaDataType_t,
+        ),
+        beta: f32,
+    ) -> Result<()> {
+        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let bf16 = cublas_sys::cudaDataType_t::CUDA_R_16BF;
+        let alpha = 1.0f32;
+        self.ctx.bind_to_thread()?;
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
+                op(trans.0),
+                op(trans.1),
+                mnk.0 as i32,
+                mnk.1 as i32,
+                mnk.2 as i32,
                 &alpha as *const f32 as *const _,
-                wp as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16BF,
-                k as i32,
-                xp as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16BF,
-                k as i32,
+                a.0 as *const _,
+                bf16,
+                a.1 as i32,
+                b.0 as *const _,
+                bf16,
+                b.1 as i32,
                 &beta as *const f32 as *const _,
-                yp as *mut _,
-                cublas_sys::cudaDataType_t::CUDA_R_16BF,
-                n as i32,
+                c.0 as *mut _,
+                c.2,
+                c.1 as i32,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

@@ -217,8 +217,9 @@ impl GpuLayer {
         t: usize,
         rope: &GpuRope,
     ) -> Result<Vec<f32>> {
-        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-        self.forward_hooked(gpu, x, b, t, rope, &mut no_hook, None)?
+        // nothing but the output comes back: no site input is downloaded
+        let mut no_hook = |_: Site, _: &CudaSlice<f32>, _: usize, _: usize| Ok(());
+        self.forward_dev(gpu, x, b, t, rope, &mut no_hook, None)?
             .context("forward stopped early")
     }
 

@@ -409,6 +409,17 @@ impl<'a> LayerRun<'a> {
     }
 
     fn forward(&self, x: &Act, rope: &Rope) -> Result<Act> {
+        // on the GPU without a hook: no site input comes back to the host
+        #[cfg(feature = "cuda")]
+        if let Some((gl, gr)) = &self.gpu {
+            if let Some(r) = crate::backend::with_gpu(|g| gl.forward(g, &x.data, x.b, x.t, gr)) {
+                return Ok(Act {
+                    data: r?,
+                    b: x.b,
+                    t: x.t,
+                });
+            }
+        }
         let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
         self.forward_until(x, rope, &mut no_hook, None)?
             .context("forward stopped early")
