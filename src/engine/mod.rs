@@ -11,6 +11,7 @@ use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Act, DecoderLayer, Outer, Part, Rope};
 use crate::model::{Checkpoint, ModelConfig};
 use anyhow::{bail, Context, Result};
+use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use stats::{SiteStats, StatsRequest};
 use std::collections::BTreeMap;
@@ -123,6 +124,8 @@ pub struct LayerCtx<'a> {
     /// pass asked for `teacher`).
     teacher_in: &'a [Act],
     teacher_out: &'a [Act],
+    /// The layer as the checkpoint holds it (the teacher's weights; with the teacher stream).
+    teacher_layer: Option<&'a LayerWeights>,
     rope: Option<&'a Rope>,
     request: StatsRequest,
     stats: BTreeMap<Site, SiteStats>,
@@ -201,6 +204,63 @@ impl<'a> LayerCtx<'a> {
             bail!("the teacher stream was not requested (StatsRequest::teacher)");
         }
         Ok((self.teacher_in, self.teacher_out))
+    }
+
+    /// The layer as the checkpoint holds it: the teacher's weights. Requires
+    /// `StatsRequest::teacher`.
+    pub fn teacher_layer(&self) -> Result<&LayerWeights> {
+        self.teacher_layer
+            .context("the teacher stream was not requested (StatsRequest::teacher)")
+    }
+
+    /// The asymmetry statistic at each of `sites` (GPTAQ's ΔX·Xᵀ, scaled like the Hessian):
+    /// D = 2/n · Σ_t (x̃_t − x_t) x_tᵀ  [d, d], where x̃_t is the site's input in the dense
+    /// layer on the teacher stream and x_t its input in the current layer on the student
+    /// stream, token by token over the calibration set (one forward of each per batch). Zero
+    /// at the first layer (both streams are the embeddings) until a pass changes weights
+    /// upstream of the site. Requires `StatsRequest::teacher`.
+    pub fn asymmetry(&self, sites: &[Site]) -> Result<BTreeMap<Site, Array2<f64>>> {
+        let rope = self.rope.context(
+            "a pass asked for the asymmetry statistic but no calibration data was given",
+        )?;
+        let dense = self.teacher_layer()?;
+        let student = LayerRun::new(&self.layer, self.config, self.inputs)?;
+        let teacher = LayerRun::new(dense, self.config, self.teacher_in)?;
+        // stop after the last requested site (in forward order)
+        let stop = Site::ALL.iter().rev().find(|s| sites.contains(s)).copied();
+        let mut sums: BTreeMap<Site, Array2<f64>> = BTreeMap::new();
+        let mut n = 0usize;
+        for (x, xt) in self.inputs.iter().zip(self.teacher_in) {
+            let grab = |run: &LayerRun, a: &Act| -> Result<BTreeMap<Site, (Vec<f32>, usize)>> {
+                let mut got = BTreeMap::new();
+                let mut hook = |s: Site, v: &[f32], _rows: usize, d: usize| -> Result<()> {
+                    if sites.contains(&s) {
+                        got.insert(s, (v.to_vec(), d));
+                    }
+                    Ok(())
+                };
+                run.forward_until(a, rope, &mut hook, stop)?;
+                Ok(got)
+            };
+            let (gs, gt) = (grab(&student, x)?, grab(&teacher, xt)?);
+            n += x.b * x.t;
+            for &site in sites {
+                let ((xs, d), (xt, _)) = match (gs.get(&site), gt.get(&site)) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => bail!("no input seen at {}", site.name()),
+                };
+                if xs.len() != xt.len() {
+                    bail!("internal: teacher and student batches differ in shape");
+                }
+                let rows = xs.len() / d;
+                let diff: Vec<f32> = xt.iter().zip(xs).map(|(a, b)| a - b).collect();
+                let prod = crate::model::ops::cross(&diff, xs, rows, *d);
+                let acc = sums.entry(site).or_insert_with(|| Array2::zeros((*d, *d)));
+                acc.iter_mut().zip(&prod).for_each(|(a, v)| *a += *v as f64);
+            }
+        }
+        let scale = 2.0 / n.max(1) as f64;
+        Ok(sums.into_iter().map(|(s, m)| (s, m * scale)).collect())
     }
 
     /// The raw inputs at `site` on the current weights: per calibration batch, the rows
@@ -701,12 +761,16 @@ pub fn run(
         let tl = Instant::now();
         // the dense layer on the teacher stream: the teacher's output of this layer
         let mut teacher_out: Vec<Act> = Vec::new();
-        if request.teacher {
-            let dense = LayerWeights::load(ckpt, l)?;
+        let dense = if request.teacher {
+            Some(LayerWeights::load(ckpt, l)?)
+        } else {
+            None
+        };
+        if let Some(dense) = &dense {
             let rope = rope
                 .as_ref()
                 .context("teacher stream without calibration data")?;
-            let cl = LayerRun::new(&dense, cfg, &teacher)?;
+            let cl = LayerRun::new(dense, cfg, &teacher)?;
             for x in &teacher {
                 teacher_out.push(cl.forward(x, rope)?);
             }
@@ -724,6 +788,7 @@ pub fn run(
                 inputs: &hidden,
                 teacher_in: &teacher,
                 teacher_out: &teacher_out,
+                teacher_layer: dense.as_ref(),
                 rope: rope.as_ref(),
                 request,
                 stats: BTreeMap::new(),

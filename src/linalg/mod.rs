@@ -105,6 +105,23 @@ pub fn solve_right_lower(b: &Array2<f64>, l: &Array2<f64>) -> Result<Array2<f64>
     Ok(from_faer(xt.transpose()))
 }
 
+/// X = B · A⁻¹ for a symmetric positive-definite A [n, n] and B [r, n] (Cholesky solve, no
+/// inverse formed): X solves A · Xᵀ = Bᵀ.
+pub fn solve_right_spd(b: &Array2<f64>, a: &Array2<f64>) -> Result<Array2<f64>> {
+    use faer::linalg::solvers::Solve;
+    let n = a.nrows();
+    if a.ncols() != n || b.ncols() != n {
+        bail!("B·A⁻¹ with B {:?} and A {:?}", b.dim(), a.dim());
+    }
+    let llt = match to_faer(a).llt(Side::Lower) {
+        Ok(l) => l,
+        Err(e) => bail!("Cholesky factorization failed: matrix not positive definite ({e:?})"),
+    };
+    let bt = Mat::from_fn(n, b.nrows(), |i, j| b[[j, i]]);
+    let xt = llt.solve(&bt);
+    Ok(from_faer(xt.transpose()))
+}
+
 /// tr(A H Aᵀ) for A [rows, d] and symmetric H [d, d] = Σ_r a_r H a_rᵀ, with a GEMM.
 pub fn quad_trace(a: &Array2<f32>, h: &Array2<f64>) -> f64 {
     let am = Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]] as f64);
@@ -184,5 +201,15 @@ mod tests {
         let b = mat(4, 6, 5);
         let x = solve_right_lower(&b, &l).unwrap();
         assert!(max_abs(&(x.dot(&l) - &b)) < 1e-12);
+    }
+
+    #[test]
+    fn spd_right_solve_inverts_the_matrix() {
+        let a = mat(7, 7, 11);
+        let spd = a.dot(&a.t()) + Array2::from_diag(&ndarray::Array1::from_elem(7, 0.3));
+        let b = mat(5, 7, 13);
+        let x = solve_right_spd(&b, &spd).unwrap();
+        assert!(max_abs(&(x.dot(&spd) - &b)) < 1e-11);
+        assert!(solve_right_spd(&b, &(-&spd)).is_err());
     }
 }

@@ -56,6 +56,22 @@ pub fn gram(x: &[f32], n: usize, k: usize) -> Vec<f32> {
     g
 }
 
+/// aᵀb [k, k] for a, b [n, k] (a cross statistic between two streams), f32 GEMM.
+pub fn cross(a: &[f32], b: &[f32], n: usize, k: usize) -> Vec<f32> {
+    debug_assert_eq!(a.len(), n * k);
+    debug_assert_eq!(b.len(), n * k);
+    let mut g = vec![0f32; k * k];
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut g, k, k),
+        Accum::Replace,
+        MatRef::from_row_major_slice(a, n, k).transpose(),
+        MatRef::from_row_major_slice(b, n, k),
+        1.0,
+        Par::rayon(0),
+    );
+    g
+}
+
 /// RMSNorm over rows of width d: x / sqrt(mean(x²) + eps) · w (mean accumulated in f64).
 pub fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
@@ -184,6 +200,21 @@ mod tests {
                     .map(|r| x[r * k + i] as f64 * x[r * k + j] as f64)
                     .sum();
                 assert!((g[i * k + j] as f64 - want).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn cross_matches_definition() {
+        let (n, k) = (41, 23);
+        let (a, b) = (rnd(n * k, 7), rnd(n * k, 8));
+        let g = cross(&a, &b, n, k);
+        for i in 0..k {
+            for j in 0..k {
+                let want: f64 = (0..n)
+                    .map(|r| a[r * k + i] as f64 * b[r * k + j] as f64)
+                    .sum();
+                assert!((g[i * k + j] as f64 - want).abs() < 1e-3, "({i},{j})");
             }
         }
     }

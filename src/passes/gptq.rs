@@ -16,6 +16,7 @@
 //! Every row's updates are independent of the other rows (U is shared), so rows run in
 //! parallel with rayon; results do not depend on the thread count.
 
+use super::gptaq::{asymmetric_target, Target};
 use super::{sweep, Scheme};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
@@ -26,7 +27,7 @@ use crate::quant::{
     dequantize_value, group_params, quantize_value, round_to, Observer, QuantArgs, QuantizedLinear,
     Strategy,
 };
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -78,6 +79,19 @@ pub struct GptqSpec {
     /// Quantize the linears' inputs per token too (`8`: W8A8), as `rtn`'s field.
     #[serde(default)]
     pub act_bits: Option<u32>,
+    /// `student` (GPTQ): reproduce each linear's own output on the compressed model's inputs;
+    /// `teacher` (GPTAQ, `passes/gptaq.rs`): reproduce the dense linear on the dense model's
+    /// inputs, so each layer also corrects the error of the layers compressed before it.
+    #[serde(default)]
+    pub target: Target,
+    /// With `target: teacher`: the fraction α of the asymmetric correction applied (1: the exact
+    /// least-squares target; 0: plain GPTQ).
+    #[serde(default = "d_alpha")]
+    pub teacher_alpha: f64,
+}
+
+fn d_alpha() -> f64 {
+    1.0
 }
 
 fn d_bits() -> u32 {
@@ -140,6 +154,15 @@ impl GptqSpec {
         }
         if self.block_size == 0 {
             bail!("field `block_size` must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.teacher_alpha) {
+            bail!(
+                "field `teacher_alpha` must be in [0, 1], found {}",
+                self.teacher_alpha
+            );
+        }
+        if self.target == Target::Student && self.teacher_alpha != 1.0 {
+            bail!("field `teacher_alpha` only applies with `target: teacher`");
         }
         if self.static_groups == Some(true) && !self.act_order() {
             bail!("field `static_groups` only applies with `act_order: true`");
@@ -543,6 +566,7 @@ impl Pass for Gptq {
     fn stats(&self) -> StatsRequest {
         StatsRequest {
             hessian: true,
+            teacher: self.spec.target == Target::Teacher,
             ..Default::default()
         }
     }
@@ -553,14 +577,25 @@ impl Pass for Gptq {
         } else {
             vec![LINEARS.to_vec()]
         };
+        let teacher = self.spec.target == Target::Teacher;
+        // GPTAQ's asymmetry statistic per input site, collected on the same weights as the
+        // Hessians it pairs with
+        let mut asym: std::collections::BTreeMap<Site, Array2<f64>> = Default::default();
         if !self.spec.true_sequential {
             // every linear's statistics from the layer's original inputs, one forward
             ctx.refresh()?;
+            if teacher {
+                asym = ctx.asymmetry(&Site::ALL)?;
+            }
         }
         for group in groups {
             if self.spec.true_sequential {
                 // statistics on the current (partially quantized) layer
                 ctx.invalidate();
+                if teacher {
+                    let site = group.first().map(|n| Site::of(n)).context("empty group")?;
+                    asym = ctx.asymmetry(&[site])?;
+                }
             }
             for name in group {
                 let module = ctx.module_name(name);
@@ -572,15 +607,37 @@ impl Pass for Gptq {
                     .stats(Site::of(name))?
                     .hessian()
                     .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
+                // teacher target (GPTAQ): the weights the sweep aims at
+                let mut target: Option<(Array2<f32>, f64)> = None;
+                if teacher {
+                    let site = Site::of(name);
+                    let wt = ctx.teacher_layer()?.linears[name].weight().clone();
+                    let lin = &ctx.layer.linears[name];
+                    target = Some(
+                        asymmetric_target(
+                            lin.weight(),
+                            &wt,
+                            &h,
+                            asym.get(&site).context("no asymmetry statistic")?,
+                            self.spec.damp,
+                            self.spec.teacher_alpha,
+                        )
+                        .map_err(|e| anyhow::anyhow!("{module}: {e}"))?,
+                    );
+                }
                 let lin = &ctx.layer.linears[name];
                 // a pruned linear keeps its mask (SparseGPT/Wanda then GPTQ)
                 let keep = lin.mask().map(|m| m.keep.as_slice());
+                let (aim, damp) = match &target {
+                    Some((t, d)) => (t, *d),
+                    None => (lin.weight(), self.spec.damp),
+                };
                 let mut r = gptq_quantize_masked(
-                    lin.weight(),
+                    aim,
                     &h,
                     &self.args,
                     scale_dtype_for(lin.dtype),
-                    self.spec.damp,
+                    damp,
                     self.spec.block_size,
                     Ordering {
                         act_order: self.spec.act_order(),
@@ -590,6 +647,17 @@ impl Pass for Gptq {
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
+                // how far the teacher target moved the weights: ‖W* − W‖ / ‖W‖
+                let shift = target.as_ref().map(|(aim, _)| {
+                    let w = lin.weight();
+                    let num: f64 = aim
+                        .iter()
+                        .zip(w)
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
+                    (num / den.max(1e-30)).sqrt()
+                });
                 if r.damp != self.spec.damp {
                     ctx.warn(format!(
                         "{module}: Cholesky failed with damp {}, succeeded with damp {}",
@@ -603,6 +671,10 @@ impl Pass for Gptq {
                 lin.set_act_quant(self.act);
                 let mut notes = std::collections::BTreeMap::new();
                 notes.insert("damp".into(), json!(r.damp));
+                if let Some(shift) = shift {
+                    notes.insert("target".into(), json!("teacher"));
+                    notes.insert("target_shift".into(), json!(shift));
+                }
                 ctx.records.push(LinearRecord {
                     layer: ctx.index(),
                     linear: name.to_string(),
