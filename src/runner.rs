@@ -492,12 +492,6 @@ fn compress_into(
 ) -> Result<(crate::resume::Exported, Vec<PathBuf>)> {
     let needs_calib =
         p.passes.iter().any(|s| s.needs_calibration()) || extra.iter().any(|x| x.stats().any());
-    let mut passes = p
-        .passes
-        .iter()
-        .map(|s| s.build())
-        .collect::<Result<Vec<_>>>()?;
-    passes.extend(extra);
     // Calibration windows, only when some pass needs statistics.
     let t = Instant::now();
     let (windows, opts) = match (&p.calibration, needs_calib) {
@@ -530,6 +524,14 @@ fn compress_into(
     };
     let calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    // OWL needs every layer's outlier ratio before the first layer is pruned: scan first
+    let mut specs = p.passes.clone();
+    owl_scan(&mut specs, ckpt, &windows, &opts)?;
+    let mut passes = specs
+        .iter()
+        .map(|s| s.build())
+        .collect::<Result<Vec<_>>>()?;
+    passes.extend(extra);
     let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
     let layer_digests = state
         .as_ref()
@@ -581,6 +583,55 @@ fn compress_into(
         },
         spills,
     ))
+}
+
+/// For each pruning pass with `allocation: owl` (passes/owl.rs): stream the dense model through
+/// the OWL scan (nothing written) and set the pass's per-layer sparsities. Deterministic, so a
+/// resumed run scans again and gets the same allocation.
+fn owl_scan(
+    specs: &mut [crate::passes::PassSpec],
+    ckpt: &Checkpoint,
+    windows: &[Vec<u32>],
+    opts: &crate::engine::StreamOptions,
+) -> Result<()> {
+    struct Discard;
+    impl crate::engine::LayerSink for Discard {
+        fn layer(&mut self, _: &Checkpoint, _: &crate::model::layer::LayerWeights) -> Result<()> {
+            Ok(())
+        }
+    }
+    for (i, spec) in specs.iter_mut().enumerate() {
+        let name = spec.name();
+        let Some(ps) = spec.prune_spec_mut() else {
+            continue;
+        };
+        if ps.allocation != crate::passes::prune::Allocation::Owl {
+            continue;
+        }
+        if windows.is_empty() {
+            bail!("passes[{i}] {name}: `allocation: owl` needs a `calibration:` block");
+        }
+        info!("passes[{i}] {name}: OWL scan of the dense model (outlier ratio per layer)");
+        let scan = crate::passes::owl::OwlScan {
+            m: ps.owl_m,
+            select: crate::passes::select::Selector::new(&ps.targets, &ps.ignore)?,
+        };
+        let passes: Vec<Box<dyn crate::engine::Pass>> = vec![Box::new(scan)];
+        let r = crate::engine::run(ckpt, &passes, windows, opts, &mut Discard, None)?;
+        let ratios = crate::passes::owl::ratios_from_records(&r.records, ckpt.config.num_layers)?;
+        let alloc = crate::passes::owl::allocate(&ratios, ps.target(), ps.owl_lambda)
+            .with_context(|| format!("passes[{i}] {name}"))?;
+        info!(
+            "passes[{i}] {name}: OWL sparsity per layer {}",
+            alloc
+                .iter()
+                .map(|s| format!("{s:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        ps.owl = Some(ratios.into_iter().zip(alloc).collect());
+    }
+    Ok(())
 }
 
 fn run_in(

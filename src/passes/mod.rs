@@ -6,6 +6,7 @@ pub mod gptaq;
 pub mod gptq;
 pub mod imatrix;
 pub mod magnitude;
+pub mod owl;
 pub mod prune;
 pub mod rtn;
 pub mod select;
@@ -82,10 +83,21 @@ impl PassSpec {
     }
 
     pub fn needs_calibration(&self) -> bool {
-        !matches!(
-            self,
-            PassSpec::Rtn(_) | PassSpec::Magnitude(_) | PassSpec::Svd(_)
-        )
+        match self {
+            // magnitude needs the calibration set only for OWL's scan
+            PassSpec::Magnitude(s) => s.allocation == prune::Allocation::Owl,
+            PassSpec::Rtn(_) | PassSpec::Svd(_) => false,
+            _ => true,
+        }
+    }
+
+    /// The pruning fields of a pruning pass (magnitude, Wanda, SparseGPT).
+    pub fn prune_spec_mut(&mut self) -> Option<&mut prune::PruneSpec> {
+        match self {
+            PassSpec::Magnitude(s) | PassSpec::Wanda(s) => Some(s),
+            PassSpec::SparseGpt(s) => Some(&mut s.prune),
+            _ => None,
+        }
     }
 
     pub fn build(&self) -> Result<Box<dyn Pass>> {

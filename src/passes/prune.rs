@@ -82,10 +82,38 @@ pub struct PruneSpec {
     pub targets: Vec<String>,
     #[serde(default = "super::default_ignore")]
     pub ignore: Vec<String>,
+    /// `uniform`: every layer at `sparsity`; `owl` (`passes/owl.rs`): layers with more outlier
+    /// features pruned less, the same global sparsity (unstructured only).
+    #[serde(default)]
+    pub allocation: Allocation,
+    /// OWL's outlier threshold M: a score counts as an outlier above M × the layer's mean.
+    #[serde(default = "d_owl_m")]
+    pub owl_m: f64,
+    /// OWL's band: layer sparsities stay within the target ± λ.
+    #[serde(default = "d_owl_lambda")]
+    pub owl_lambda: f64,
+    /// (outlier ratio, sparsity) of every layer, set by the runner's OWL scan.
+    #[serde(skip)]
+    pub owl: Option<Vec<(f64, f64)>>,
+}
+
+/// How a pruning pass's sparsity is spread over the layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    #[default]
+    Uniform,
+    Owl,
 }
 
 fn d_sparsity() -> f64 {
     0.5
+}
+fn d_owl_m() -> f64 {
+    5.0
+}
+fn d_owl_lambda() -> f64 {
+    0.08
 }
 fn d_pattern() -> Pattern {
     Pattern::Unstructured
@@ -100,12 +128,59 @@ impl PruneSpec {
             );
         }
         super::select::Selector::new(&self.targets, &self.ignore)?;
+        if self.allocation == Allocation::Owl {
+            if self.pattern != Pattern::Unstructured {
+                bail!("field `allocation: owl` needs `pattern: unstructured` (N:M fixes every layer's sparsity)");
+            }
+            if !(self.owl_m > 0.0 && self.owl_m.is_finite()) {
+                bail!("field `owl_m` must be positive, found {}", self.owl_m);
+            }
+            if !(self.owl_lambda > 0.0 && self.owl_lambda < 0.5) {
+                bail!(
+                    "field `owl_lambda` must be in (0, 0.5), found {}",
+                    self.owl_lambda
+                );
+            }
+            // the band must fit in (0, 1) whatever the ratios
+            if self.sparsity - self.owl_lambda <= 0.0 || self.sparsity + self.owl_lambda >= 1.0 {
+                bail!(
+                    "fields `sparsity` {} and `owl_lambda` {}: the layers' band leaves (0, 1)",
+                    self.sparsity,
+                    self.owl_lambda
+                );
+            }
+        } else if self.owl_m != d_owl_m() || self.owl_lambda != d_owl_lambda() {
+            bail!("fields `owl_m` and `owl_lambda` only apply with `allocation: owl`");
+        }
         Ok(())
     }
 
     /// The target sparsity (N:M fixes it).
     pub fn target(&self) -> f64 {
         self.pattern.sparsity().unwrap_or(self.sparsity)
+    }
+
+    /// The sparsity of decoder layer `layer`: the OWL allocation when the scan set one.
+    pub fn target_at(&self, layer: usize) -> Result<f64> {
+        match (self.allocation, &self.owl) {
+            (Allocation::Uniform, _) => Ok(self.target()),
+            (Allocation::Owl, Some(v)) => v
+                .get(layer)
+                .map(|p| p.1)
+                .with_context(|| format!("OWL allocation has no layer {layer}")),
+            (Allocation::Owl, None) => bail!("internal: `allocation: owl` without the OWL scan"),
+        }
+    }
+
+    /// Report notes for layer `layer`: its outlier ratio under OWL.
+    pub fn notes_at(&self, layer: usize) -> Vec<(String, serde_json::Value)> {
+        match self.owl.as_ref().and_then(|v| v.get(layer)) {
+            Some((d, s)) => vec![
+                ("outlier_ratio".into(), serde_json::json!(d)),
+                ("allocated_sparsity".into(), serde_json::json!(s)),
+            ],
+            None => Vec::new(),
+        }
     }
 }
 
@@ -166,24 +241,34 @@ pub fn prune_by_scores(
     started: std::time::Instant,
 ) -> Result<()> {
     let module = ctx.module_name(name);
+    let (rows, cols) = ctx
+        .layer
+        .linears
+        .get(name)
+        .with_context(|| format!("{module}: no such linear"))?
+        .shape();
+    let layer = ctx.layer.index;
+    let target = spec.target_at(layer)?;
     let lin = ctx
         .layer
         .linears
         .get_mut(name)
         .with_context(|| format!("{module}: no such linear"))?;
-    let (rows, cols) = lin.shape();
-    let mask = mask_from_scores(scores, rows, cols, spec.pattern, spec.target(), per_row)
+    let mask = mask_from_scores(scores, rows, cols, spec.pattern, target, per_row)
         .with_context(|| module.clone())?;
     let sparsity = mask.sparsity();
     lin.set_mask(mask).with_context(|| module.clone())?;
+    let mut notes: std::collections::BTreeMap<String, serde_json::Value> =
+        [("sparsity".to_string(), serde_json::json!(sparsity))].into();
+    notes.extend(spec.notes_at(layer));
     ctx.records.push(crate::engine::LinearRecord {
-        layer: ctx.index(),
+        layer,
         linear: name.to_string(),
         pass: pass.into(),
         rel_output_error: None,
         loss: None,
         seconds: started.elapsed().as_secs_f64(),
-        notes: [("sparsity".to_string(), serde_json::json!(sparsity))].into(),
+        notes,
     });
     Ok(())
 }

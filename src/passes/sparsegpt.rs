@@ -312,6 +312,7 @@ impl Pass for SparseGpt {
                 .stats(Site::of(name))?
                 .hessian()
                 .context("no Hessian collected")?;
+            let target = self.spec.prune.target_at(ctx.index())?;
             let lin = &ctx.layer.linears[name];
             let dtype = lin.dtype;
             let joint = self.joint.as_ref().map(|a| (a, scale_dtype_for(dtype)));
@@ -319,7 +320,7 @@ impl Pass for SparseGpt {
                 lin.weight(),
                 &h,
                 self.spec.prune.pattern,
-                self.spec.prune.target(),
+                target,
                 self.spec.damp,
                 self.spec.block_size,
                 joint,
@@ -344,6 +345,7 @@ impl Pass for SparseGpt {
             let mut notes = std::collections::BTreeMap::new();
             notes.insert("sparsity".into(), json!(sparsity));
             notes.insert("damp".into(), json!(r.damp));
+            notes.extend(self.spec.prune.notes_at(ctx.index()));
             ctx.records.push(LinearRecord {
                 layer: ctx.index(),
                 linear: name.to_string(),

@@ -1,0 +1,112 @@
+//! OWL allocation (`allocation: owl`, passes/owl.rs) through whole runs on the reference model:
+//! the scan sets a sparsity per layer, layers differ, the model's global sparsity is the target,
+//! the layer with the most outliers is pruned least, the report records each layer's ratio and
+//! sparsity, the written weights carry those zeros, and bad fields are refused.
+
+mod common;
+use common::{bin, ref_model, shared};
+use std::path::Path;
+use std::process::Command;
+
+fn pipeline(dir: &Path, name: &str, pass: &str) -> std::path::PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n\
+             calibration: {{path: {}, field: text, samples: 8, seq_len: 128, seed: 0}}\n\
+             passes:\n  - {pass}\n\
+             export: {{format: dense}}\n",
+            ref_model().display(),
+            dir.join(name).display(),
+            shared().join("data/calib/c4_calib.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn run(p: &Path) -> serde_json::Value {
+    let o = Command::new(bin())
+        .arg(p)
+        .args(["--quiet", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn owl_allocates_per_layer_sparsity_around_the_target() {
+    let d = tempfile::tempdir().unwrap();
+    for method in ["wanda", "sparsegpt", "magnitude"] {
+        let r = run(&pipeline(
+            d.path(),
+            method,
+            &format!("{method}: {{sparsity: 0.5, allocation: owl, targets: [\"re:.*_proj$\"]}}"),
+        ));
+        // per layer: (outlier ratio, allocated sparsity, Σ zeros, Σ weights) from the records
+        let mut layers: std::collections::BTreeMap<u64, (f64, f64, f64, f64)> = Default::default();
+        for rec in r["layers"].as_array().unwrap() {
+            assert_eq!(rec["pass"], method);
+            let n = &rec["notes"];
+            let (ratio, alloc, s) = (
+                n["outlier_ratio"].as_f64().unwrap(),
+                n["allocated_sparsity"].as_f64().unwrap(),
+                n["sparsity"].as_f64().unwrap(),
+            );
+            // each linear pruned to its layer's allocation (unstructured, per row for Wanda)
+            assert!((s - alloc).abs() < 0.01, "{method}: {rec}");
+            let e = layers.entry(rec["layer"].as_u64().unwrap()).or_default();
+            *e = (ratio, alloc, e.2, e.3);
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ref_model().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            layers.len() as u64,
+            cfg["num_hidden_layers"].as_u64().unwrap(),
+            "{method}"
+        );
+        let allocs: Vec<f64> = layers.values().map(|v| v.1).collect();
+        let mean = allocs.iter().sum::<f64>() / allocs.len() as f64;
+        assert!((mean - 0.5).abs() < 1e-9, "{method}: mean {mean}");
+        let (lo, hi) = allocs
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        assert!(
+            hi - lo > 0.05 && hi - lo <= 0.16 + 1e-9,
+            "{method}: {allocs:?}"
+        );
+        // the layer with the most outliers gets the least sparsity
+        let most = layers.values().max_by(|a, b| a.0.total_cmp(&b.0)).unwrap();
+        assert_eq!(most.1, lo, "{method}: {layers:?}");
+        // the report's global sparsity of the decoder linears is the target
+        let z = r["output"]["sparsity"].as_f64().unwrap();
+        assert!((z - 0.5).abs() < 0.01, "{method}: zero fraction {z}");
+    }
+}
+
+#[test]
+fn owl_fields_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    for (pass, want) in [
+        (
+            "wanda: {sparsity: 0.5, pattern: \"2:4\", allocation: owl}",
+            "pattern: unstructured",
+        ),
+        ("wanda: {sparsity: 0.5, owl_lambda: 0.1}", "only apply"),
+        (
+            "wanda: {sparsity: 0.95, allocation: owl, owl_lambda: 0.1}",
+            "band",
+        ),
+        ("wanda: {sparsity: 0.5, allocation: lopsided}", "allocation"),
+    ] {
+        let p = pipeline(d.path(), "bad", pass);
+        let o = Command::new(bin()).arg(&p).arg("--quiet").output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{pass}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{pass}: {err}");
+        assert!(!d.path().join("bad").exists());
+    }
+}
