@@ -104,7 +104,7 @@ pub struct Params {
 impl Params {
     /// The current values of the groups in `groups` that `layer` has (a dense linear has no
     /// scales, a symmetric or sparse one no tunable zero points, only factored linears have
-    /// factors; quantized factors stay fixed).
+    /// factors; quantized factors and per-tensor grids stay fixed).
     pub fn of(layer: &LayerWeights, groups: &[Group]) -> Params {
         let has = |g| groups.contains(&g);
         let mut list = Vec::new();
@@ -130,7 +130,11 @@ impl Params {
                     push(Field::Bias, b.clone());
                 }
             }
-            if let Some(q) = lin.quant() {
+            // a per-tensor grid has one scale for the whole matrix: left as it is
+            let per_row = |q: &crate::quant::QuantizedLinear| {
+                q.args.strategy != crate::quant::Strategy::Tensor
+            };
+            if let Some(q) = lin.quant().filter(|q| per_row(q)) {
                 if has(Group::Scales) {
                     push(Field::Scales, q.scales.clone());
                 }
