@@ -68,7 +68,7 @@ pub struct KdSpec {
 }
 
 fn d_lr() -> f32 {
-    1e-3
+    5e-3
 }
 fn d_steps() -> usize {
     50
