@@ -191,6 +191,12 @@ impl<'a> LayerCtx<'a> {
         Ok(())
     }
 
+    /// The RoPE tables of the calibration forwards (for passes that run their own forward).
+    pub fn rope(&self) -> Result<&'a Rope> {
+        self.rope
+            .context("a pass asked for the calibration forward but no calibration data was given")
+    }
+
     /// The calibration hidden states at this layer's input, as the compressed model so far
     /// produces them (the student stream).
     pub fn inputs(&self) -> &[Act] {

@@ -463,8 +463,15 @@ impl Exporter {
             }
         }
         let bname = format!("{prefix}.bias");
-        if ckpt.has(&bname) {
-            self.copy_raw(ckpt, &bname)?;
+        match (&lin.bias, lin.is_modified()) {
+            // a pass may have changed the bias (a folded scale, distillation): write its values
+            (Some(b), true) if ckpt.has(&bname) => {
+                let dt = ckpt.info(&bname)?.0.dtype;
+                let bytes = from_f32(dt, b);
+                self.w()?.add(&bname, dt, &[b.len()], &bytes)?;
+            }
+            _ if ckpt.has(&bname) => self.copy_raw(ckpt, &bname)?,
+            _ => {}
         }
         Ok(())
     }

@@ -320,6 +320,19 @@ impl Linear {
         Ok(())
     }
 
+    /// New bias values (a pass that tunes them), one per output.
+    pub fn set_bias(&mut self, b: Vec<f32>) -> Result<()> {
+        ensure!(
+            self.bias.as_ref().map(|v| v.len()) == Some(b.len()),
+            "{} bias values for a linear with {} (a bias can be changed, not added)",
+            b.len(),
+            self.bias.as_ref().map_or(0, |v| v.len())
+        );
+        self.bias = Some(b);
+        self.modified = true;
+        Ok(())
+    }
+
     /// As read from a checkpoint whose config quantizes this linear's input (not a change).
     pub fn with_act_quant(mut self, a: Option<ActQuant>) -> Self {
         self.act_quant = a;

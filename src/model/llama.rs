@@ -52,6 +52,11 @@ impl Rope {
         }
         Ok(Rope { cos, sin, max_t })
     }
+
+    /// (cos, sin, max_t): the tables, [max_t, head_dim/2] each (for the block's backward).
+    pub fn tables(&self) -> (&[f32], &[f32], usize) {
+        (&self.cos, &self.sin, self.max_t)
+    }
 }
 
 /// A decoder layer ready to run (borrowing the host weights).

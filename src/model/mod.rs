@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod attention;
+pub mod backward;
 pub mod checkpoint;
 pub use crate::config;
 pub mod dequant;

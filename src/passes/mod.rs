@@ -5,6 +5,7 @@ pub mod awq;
 pub mod gptaq;
 pub mod gptq;
 pub mod imatrix;
+pub mod kd;
 pub mod magnitude;
 pub mod owl;
 pub mod prune;
@@ -47,6 +48,9 @@ pub enum PassSpec {
     /// SVD-LLM, truncation-aware whitened SVD (Wang et al. 2025).
     #[serde(rename = "svd_llm")]
     SvdLlm(svd_llm::SvdLlmSpec),
+    /// Block-wise distillation of the compressed layer onto the dense one (after the
+    /// compressing passes): tunes norms, scales, zero points, factors, biases with Adam.
+    Kd(kd::KdSpec),
 }
 
 impl PassSpec {
@@ -62,6 +66,7 @@ impl PassSpec {
             PassSpec::SparseGpt(_) => "sparsegpt",
             PassSpec::Svd(_) => "svd",
             PassSpec::SvdLlm(_) => "svd_llm",
+            PassSpec::Kd(_) => "kd",
         }
     }
 
@@ -79,6 +84,7 @@ impl PassSpec {
             PassSpec::SmoothQuant(s) => s.validate(),
             PassSpec::Svd(s) => s.validate(),
             PassSpec::SvdLlm(s) => s.validate(),
+            PassSpec::Kd(s) => s.validate(),
         }
     }
 
@@ -112,6 +118,7 @@ impl PassSpec {
             PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
             PassSpec::Svd(s) => Box::new(svd::Svd::new(s)?),
             PassSpec::SvdLlm(s) => Box::new(svd_llm::SvdLlm::new(s)?),
+            PassSpec::Kd(s) => Box::new(kd::Kd::new(s)?),
         })
     }
 }

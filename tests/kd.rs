@@ -1,0 +1,200 @@
+//! The `kd` pass (block-wise distillation) end to end on the reference model: deterministic
+//! whatever the thread count, never worse than the layer it started from, composing with the
+//! quantizing, low-rank and pruning passes, and resumable after a SIGKILL inside a
+//! distillation layer with the bytes of an uninterrupted run.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pipeline(dir: &Path, name: &str, passes: &str) -> (PathBuf, PathBuf) {
+    let out = dir.join(name);
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 8, seq_len: 64, seed: 2}}\n\
+             passes:\n{passes}export: {{format: compressed-tensors}}\n",
+            common::ref_model().display(),
+            out.display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    )
+    .unwrap();
+    (p, out)
+}
+
+const KD: &str = "  - kd: {lr: 0.002, steps: 6, batch: 3, seed: 5}\n";
+
+fn run_threads(p: &Path, threads: &str) {
+    let o = Command::new(common::bin())
+        .arg(p)
+        .arg("--quiet")
+        .env("RAYON_NUM_THREADS", threads)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// The kd records: (rel. error before, after as recorded, kept).
+fn kd_records(r: &serde_json::Value) -> Vec<(f64, f64, String)> {
+    r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["pass"] == "kd")
+        .map(|l| {
+            (
+                l["notes"]["rel_error_before"].as_f64().unwrap(),
+                l["rel_output_error"].as_f64().unwrap(),
+                l["notes"]["kept"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn sha(out: &Path) -> String {
+    compress::util::sha256_file(&out.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn gptq_then_kd_is_deterministic_with_one_or_two_threads_and_never_worse() {
+    let d = tempfile::tempdir().unwrap();
+    let gptq = "  - gptq: {bits: 3, group_size: 128}\n";
+    let (p0, o0) = pipeline(d.path(), "gptq", gptq);
+    common::run_ok(&p0);
+    let mut digests = Vec::new();
+    for threads in ["1", "2"] {
+        let (p, o) = pipeline(d.path(), &format!("kd{threads}"), &format!("{gptq}{KD}"));
+        run_threads(&p, threads);
+        digests.push(sha(&o));
+        let recs = kd_records(&report(&o));
+        assert_eq!(recs.len(), 6, "one kd record per layer");
+        for (before, after, _) in &recs {
+            assert!(after <= before, "kd made a layer worse: {before} → {after}");
+        }
+        assert!(
+            recs.iter().any(|r| r.2 == "distilled" && r.1 < r.0),
+            "no layer was improved: {recs:?}"
+        );
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "outputs differ between 1 and 2 threads"
+    );
+    assert_ne!(digests[0], sha(&o0), "kd changed nothing in the export");
+}
+
+#[test]
+fn kd_composes_with_svd_llm_and_sparsegpt() {
+    let d = tempfile::tempdir().unwrap();
+    let (p, o) = pipeline(
+        d.path(),
+        "svd",
+        &format!("  - svd_llm: {{ratio: 0.4, targets: [\"re:.*_proj$\"]}}\n{KD}"),
+    );
+    common::run_ok(&p);
+    let r = report(&o);
+    let groups: Vec<String> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["pass"] == "kd")
+        .flat_map(|l| l["notes"]["groups"].as_array().unwrap().clone())
+        .map(|g| g.as_str().unwrap().to_string())
+        .collect();
+    assert!(groups.iter().any(|g| g == "factors"), "{groups:?}");
+    assert_eq!(kd_records(&r).len(), 6);
+
+    let (p, o) = pipeline(
+        d.path(),
+        "sparse",
+        &format!("  - sparsegpt: {{pattern: \"2:4\", targets: [\"re:.*_proj$\"]}}\n{KD}"),
+    );
+    common::run_ok(&p);
+    let r = report(&o);
+    assert_eq!(kd_records(&r).len(), 6);
+    // 2:4 on every decoder linear: the masks survive distillation (exactly half zero)
+    let zeros = compress::model::Checkpoint::open(&o).unwrap();
+    for l in 0..6 {
+        let w = zeros
+            .f32(&format!("model.layers.{l}.mlp.up_proj.weight"))
+            .unwrap();
+        let z = w.iter().filter(|v| **v == 0.0).count();
+        assert!(z * 2 >= w.len(), "layer {l}: {z} zeros of {}", w.len());
+    }
+}
+
+/// SIGKILL while a distillation layer runs (after layer 2's checkpoint, inside layer 3 or
+/// later), resume: the same bytes as an uninterrupted run.
+#[test]
+fn killed_during_kd_resumes_byte_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let passes = format!("  - gptq: {{bits: 3, group_size: 128}}\n{KD}");
+    let (p_full, full) = pipeline(d.path(), "full", &passes);
+    common::run_ok(&p_full);
+    let (p, out) = pipeline(d.path(), "killed", &passes);
+    let work = d.path().join(".killed.partial");
+    let state = work.join(".resume/state.json");
+    let mut child = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let next = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["next_layer"].as_u64())
+            .unwrap_or(0);
+        if next >= 3 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before the kill"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // into layer 3: GPTQ takes a few ms on this model, distillation most of the layer
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run ended before the kill"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "an interrupted run must not publish its output"
+    );
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    assert_eq!(
+        kd_records(&report(&out)).len(),
+        6,
+        "kd records of every layer"
+    );
+}
