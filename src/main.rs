@@ -46,6 +46,13 @@ struct RunArgs {
     /// Override the pipeline's `device`: cpu, cuda:N or auto.
     #[arg(long)]
     device: Option<String>,
+    /// Eval cache folder for the input model's scores (default: the pipeline's `eval.cache`,
+    /// else $XDG_CACHE_HOME/compress/eval or ~/.cache/compress/eval).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache: Option<PathBuf>,
+    /// Evaluate the input model again instead of reading its scores from the eval cache.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +132,8 @@ fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
         overwrite: a.overwrite,
         resume: a.resume,
         device: a.device,
+        cache: a.cache,
+        no_cache: a.no_cache,
     };
     let report = runner::run_pipeline(&pipeline, &opts)?;
     if a.json {

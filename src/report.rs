@@ -129,6 +129,29 @@ pub struct Report {
     pub dropped_calibration_samples: Vec<usize>,
     pub timing: Timing,
     pub peak_rss_bytes: Option<u64>,
+    /// Where the input model's scores came from (absent when the input was not evaluated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+}
+
+/// Origin of the input model's scores (the baseline): computed in this run or read from the
+/// eval cache (`crate::eval::cache`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Baseline {
+    /// `computed`, `cache` (every item read from the cache) or `mixed`.
+    pub source: String,
+    /// The eval cache folder; `None` when the cache was off (`--no-cache`).
+    pub cache_dir: Option<String>,
+    /// Each data set and task: where its scores came from.
+    pub items: BTreeMap<String, BaselineItem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineItem {
+    /// `computed` or `cache`.
+    pub source: String,
+    /// The cache entry read or written, if any.
+    pub entry: Option<String>,
 }
 
 impl Report {

@@ -93,13 +93,7 @@ pub fn eval_tasks_each(
     use crate::eval::tasks::{evaluate, Task};
     let mut t = Instant::now();
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
-    let max_len = ckpt
-        .config
-        .raw
-        .get("max_position_embeddings")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(2048)
-        .min(4096) as usize;
+    let max_len = task_context_len(ckpt);
     let model = Model::open(ckpt, max_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
     for name in tasks {
@@ -114,35 +108,124 @@ pub fn eval_tasks_each(
     Ok(out)
 }
 
+/// Context length of zero-shot task scoring: the model's `max_position_embeddings` (2048 when
+/// absent), at most 4096.
+fn task_context_len(ckpt: &Checkpoint) -> usize {
+    ckpt.config
+        .raw
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(2048)
+        .min(4096) as usize
+}
+
+/// Where the input model's scores come from: the eval cache ([`crate::eval::cache`]) and what
+/// each lookup found, for the report.
+struct BaselineCtx<'a> {
+    cache: Option<&'a crate::eval::cache::EvalCache>,
+    origin: &'a mut crate::report::Baseline,
+}
+
+impl BaselineCtx<'_> {
+    fn lookup<T: serde::de::DeserializeOwned>(
+        &mut self,
+        item: &str,
+        what: &serde_json::Value,
+    ) -> Option<T> {
+        let c = self.cache?;
+        match c.get::<T>(what) {
+            crate::eval::cache::Lookup::Hit(r, _) => {
+                self.origin.items.insert(
+                    item.to_string(),
+                    crate::report::BaselineItem {
+                        source: "cache".into(),
+                        entry: Some(c.path(what).display().to_string()),
+                    },
+                );
+                Some(r)
+            }
+            crate::eval::cache::Lookup::Miss => None,
+        }
+    }
+
+    fn computed<T: serde::Serialize>(
+        &mut self,
+        item: &str,
+        what: Option<&serde_json::Value>,
+        r: &T,
+        seconds: f64,
+    ) {
+        let entry = match (self.cache, what) {
+            (Some(c), Some(w)) => match c.put(w, r, seconds) {
+                Ok(p) => Some(p.display().to_string()),
+                Err(e) => {
+                    info!("warning: the eval cache entry of {item} was not written: {e:#}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.origin.items.insert(
+            item.to_string(),
+            crate::report::BaselineItem {
+                source: "computed".into(),
+                entry,
+            },
+        );
+    }
+}
+
 /// Perplexity of `ckpt` on the pipeline's data sets, taking finished ones from `cache` and
-/// recording each new one as it finishes. Returns the results and the seconds they took.
+/// recording each new one as it finishes; with `baseline`, also from and into the eval cache.
+/// Returns the results and the seconds they took.
 fn ppl_cached(
     ckpt: &Checkpoint,
     e: &crate::pipeline::EvalSpec,
     label: &str,
     cache: &mut crate::resume::EvalCache,
+    mut baseline: Option<&mut BaselineCtx>,
 ) -> Result<(BTreeMap<String, PplResult>, f64)> {
     let key = |f: &Path| format!("ppl/{label}/{}", dataset_key(f));
     let mut out = BTreeMap::new();
     let mut seconds = 0.0;
     let mut todo = Vec::new();
+    let mut whats = BTreeMap::new();
     for f in &e.datasets {
-        match cache.get::<PplResult>(&key(f)) {
-            Some((r, s)) => {
+        if let Some((r, s)) = cache.get::<PplResult>(&key(f)) {
+            info!(
+                "{label} {}: perplexity {:.4} (finished before the interruption)",
+                dataset_key(f),
+                r.perplexity
+            );
+            if let Some(b) = baseline.as_deref_mut() {
+                b.computed(&dataset_key(f), None, &r, s);
+            }
+            out.insert(dataset_key(f), r);
+            seconds += s;
+            continue;
+        }
+        if let Some(b) = baseline.as_deref_mut().filter(|b| b.cache.is_some()) {
+            let what = crate::eval::cache::EvalCache::ppl_what(f, e.seq_len, e.batch)?;
+            if let Some(r) = b.lookup::<PplResult>(&dataset_key(f), &what) {
                 info!(
-                    "{label} {}: perplexity {:.4} (finished before the interruption)",
+                    "{label} {}: perplexity {:.4} (from the eval cache)",
                     dataset_key(f),
                     r.perplexity
                 );
+                cache.put(&key(f), &r, 0.0)?;
                 out.insert(dataset_key(f), r);
-                seconds += s;
+                continue;
             }
-            None => todo.push(f.clone()),
+            whats.insert(dataset_key(f), what);
         }
+        todo.push(f.clone());
     }
     if !todo.is_empty() {
         let new = eval_perplexity_each(ckpt, &todo, e.seq_len, e.batch, label, &mut |f, r, s| {
             seconds += s;
+            if let Some(b) = baseline.as_deref_mut() {
+                b.computed(&dataset_key(f), whats.get(&dataset_key(f)), r, s);
+            }
             cache.put(&key(f), r, s)
         })?;
         out.extend(new);
@@ -156,29 +239,52 @@ fn tasks_cached(
     e: &crate::pipeline::EvalSpec,
     label: &str,
     cache: &mut crate::resume::EvalCache,
+    mut baseline: Option<&mut BaselineCtx>,
 ) -> Result<(BTreeMap<String, crate::eval::tasks::TaskResult>, f64)> {
     use crate::eval::tasks::{Task, TaskResult};
     let key = |name: &str| format!("tasks/{label}/{name}");
     let mut out = BTreeMap::new();
     let mut seconds = 0.0;
     let mut todo = Vec::new();
+    let mut whats = BTreeMap::new();
     for name in &e.tasks {
-        let canon = Task::from_name(name)?.name();
-        match cache.get::<TaskResult>(&key(canon)) {
-            Some((r, s)) => {
-                info!(
-                    "{label} {canon}: {:?} (finished before the interruption)",
-                    r.metrics
-                );
-                out.insert(canon.to_string(), r);
-                seconds += s;
+        let task = Task::from_name(name)?;
+        let canon = task.name();
+        if let Some((r, s)) = cache.get::<TaskResult>(&key(canon)) {
+            info!(
+                "{label} {canon}: {:?} (finished before the interruption)",
+                r.metrics
+            );
+            if let Some(b) = baseline.as_deref_mut() {
+                b.computed(canon, None, &r, s);
             }
-            None => todo.push(name.clone()),
+            out.insert(canon.to_string(), r);
+            seconds += s;
+            continue;
         }
+        if let Some(b) = baseline.as_deref_mut().filter(|b| b.cache.is_some()) {
+            let what = crate::eval::cache::EvalCache::task_what(
+                task,
+                &e.tasks_dir,
+                e.limit,
+                task_context_len(ckpt),
+            )?;
+            if let Some(r) = b.lookup::<TaskResult>(canon, &what) {
+                info!("{label} {canon}: {:?} (from the eval cache)", r.metrics);
+                cache.put(&key(canon), &r, 0.0)?;
+                out.insert(canon.to_string(), r);
+                continue;
+            }
+            whats.insert(canon.to_string(), what);
+        }
+        todo.push(name.clone());
     }
     if !todo.is_empty() {
         let new = eval_tasks_each(ckpt, &todo, &e.tasks_dir, e.limit, label, &mut |n, r, s| {
             seconds += s;
+            if let Some(b) = baseline.as_deref_mut() {
+                b.computed(n, whats.get(n), r, s);
+            }
             cache.put(&key(n), r, s)
         })?;
         out.extend(new);
@@ -262,6 +368,11 @@ pub struct RunOptions {
     pub resume: bool,
     /// Override the pipeline's `device` (`cpu`, `cuda:N`, `auto`).
     pub device: Option<String>,
+    /// Eval cache folder for the input model's scores (overrides the pipeline's `eval.cache`;
+    /// default [`crate::eval::cache::default_dir`]).
+    pub cache: Option<PathBuf>,
+    /// Evaluate the input model without the eval cache.
+    pub no_cache: bool,
 }
 
 /// Select the run's device. On `cuda:N` the GPU is opened (kernels compiled or read from the
@@ -450,7 +561,24 @@ pub fn run_pipeline_with(
     }
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     crate::util::set_active_work(Some(work.clone()));
-    let result = run_in(&p, extra, &ckpt, &work, t_all, fingerprint, state);
+    let cache_dir = match (&p.eval, opts.no_cache) {
+        (Some(e), false) if e.baseline => opts
+            .cache
+            .clone()
+            .or_else(|| e.cache.clone())
+            .or_else(crate::eval::cache::default_dir),
+        _ => None,
+    };
+    let result = run_in(
+        &p,
+        extra,
+        &ckpt,
+        &work,
+        t_all,
+        fingerprint,
+        state,
+        cache_dir,
+    );
     crate::util::set_active_work(None);
     match result {
         Ok(mut report) => {
@@ -634,6 +762,7 @@ fn owl_scan(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_in(
     p: &Pipeline,
     extra: Vec<Box<dyn crate::engine::Pass>>,
@@ -642,6 +771,7 @@ fn run_in(
     t_all: Instant,
     fingerprint: crate::resume::Fingerprint,
     state: Option<crate::resume::State>,
+    cache_dir: Option<PathBuf>,
 ) -> Result<Report> {
     let mut timing = Timing::default();
     let no_passes = p.passes.is_empty() && extra.is_empty();
@@ -686,18 +816,39 @@ fn run_in(
     } else {
         None
     };
+    // The input model's scores: from the eval cache when it has them (hashing the checkpoint
+    // is counted in the time of the baseline evaluation).
+    let t_key = Instant::now();
+    let baseline_cache = match &cache_dir {
+        Some(d) => Some(crate::eval::cache::EvalCache::open(
+            d,
+            ckpt,
+            crate::eval::cache::PRECISION,
+        )?),
+        None => None,
+    };
+    let key_seconds = t_key.elapsed().as_secs_f64();
+    let mut origin = crate::report::Baseline {
+        source: String::new(),
+        cache_dir: cache_dir.as_ref().map(|d| d.display().to_string()),
+        items: BTreeMap::new(),
+    };
+    let mut bctx = BaselineCtx {
+        cache: baseline_cache.as_ref(),
+        origin: &mut origin,
+    };
     let mut eval = BTreeMap::new();
     let mut seq = None;
     if let Some(e) = &p.eval {
         seq = Some(e.seq_len);
         let before = if e.baseline {
-            let (r, s) = ppl_cached(ckpt, e, "before", &mut cache)?;
-            timing.eval_before_seconds = s;
+            let (r, s) = ppl_cached(ckpt, e, "before", &mut cache, Some(&mut bctx))?;
+            timing.eval_before_seconds = s + key_seconds;
             Some(r)
         } else {
             None
         };
-        let (after, s) = ppl_cached(&out, e, "after", &mut cache)?;
+        let (after, s) = ppl_cached(&out, e, "after", &mut cache, None)?;
         timing.eval_after_seconds = s;
         for f in &e.datasets {
             let k = dataset_key(f);
@@ -721,13 +872,13 @@ fn run_in(
     let mut tasks = BTreeMap::new();
     if let Some(e) = p.eval.as_ref().filter(|e| !e.tasks.is_empty()) {
         let before = if e.baseline {
-            let (r, s) = tasks_cached(ckpt, e, "before", &mut cache)?;
+            let (r, s) = tasks_cached(ckpt, e, "before", &mut cache, Some(&mut bctx))?;
             timing.tasks_before_seconds = s;
             Some(r)
         } else {
             None
         };
-        let (after, s) = tasks_cached(&out, e, "after", &mut cache)?;
+        let (after, s) = tasks_cached(&out, e, "after", &mut cache, None)?;
         timing.tasks_after_seconds = s;
         for (k, a) in after {
             let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
@@ -740,6 +891,20 @@ fn run_in(
             );
         }
     }
+    let baseline = (!origin.items.is_empty()).then(|| {
+        let n = origin
+            .items
+            .values()
+            .filter(|i| i.source == "cache")
+            .count();
+        origin.source = match n {
+            0 => "computed",
+            n if n == origin.items.len() => "cache",
+            _ => "mixed",
+        }
+        .into();
+        origin
+    });
     let in_bytes = ckpt.safetensors_bytes();
     let out_bytes = out.safetensors_bytes();
     timing.total_seconds = t_all.elapsed().as_secs_f64();
@@ -795,6 +960,7 @@ fn run_in(
         dropped_calibration_samples: er.dropped_samples,
         timing,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
+        baseline,
     };
     drop(out);
     report.write(work)?;

@@ -343,6 +343,7 @@ fn gpu_path_matches_cpu() {
         overwrite: true,
         resume: false,
         device: Some(device.into()),
+        ..Default::default()
     };
     let rtn = write("rtn", "  - rtn: {bits: 4, group_size: 128}", "");
     let before = backend::device_calls();

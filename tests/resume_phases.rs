@@ -116,7 +116,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn kill_in_phase(p: &Path, out: &Path, target: &str, delay: Duration) -> String {
     let mut child = Command::new(common::bin())
         .arg(p)
-        .arg("--quiet")
+        .args(["--quiet", "--no-cache"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -140,7 +140,7 @@ fn kill_in_phase(p: &Path, out: &Path, target: &str, delay: Duration) -> String 
 /// still running when killed.
 fn run_and_kill(p: &Path, resume: bool, after: Duration) -> bool {
     let mut cmd = Command::new(common::bin());
-    cmd.arg(p).arg("--quiet");
+    cmd.arg(p).args(["--quiet", "--no-cache"]);
     if resume {
         cmd.arg("--resume");
     }
@@ -161,10 +161,21 @@ fn run_and_kill(p: &Path, resume: bool, after: Duration) -> bool {
     true
 }
 
+/// A full run. Every run here evaluates the input model (`--no-cache`): the kills are timed
+/// against the wall time of a run that does.
+fn run_ok(p: &Path) {
+    let o = Command::new(common::bin())
+        .arg(p)
+        .args(["--quiet", "--no-cache"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn resume(p: &Path) {
     let o = Command::new(common::bin())
         .arg(p)
-        .args(["--quiet", "--resume"])
+        .args(["--quiet", "--no-cache", "--resume"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -210,7 +221,7 @@ fn kills_across_every_phase_resume_to_identical_output() {
     let s = setup();
     let full = s.dir.join("full");
     let t0 = Instant::now();
-    common::run_ok(&pipeline(&s, &full));
+    run_ok(&pipeline(&s, &full));
     let wall = t0.elapsed().as_secs_f64();
     // 10 moments evenly spaced over the wall time of an uninterrupted run
     let mut hit = std::collections::BTreeSet::new();
@@ -271,7 +282,7 @@ fn chained_kills_resume_to_identical_output() {
     let s = setup();
     let full = s.dir.join("full");
     let t0 = Instant::now();
-    common::run_ok(&pipeline(&s, &full));
+    run_ok(&pipeline(&s, &full));
     let wall = t0.elapsed().as_secs_f64();
     let out = s.dir.join("chain");
     let p = pipeline(&s, &out);
@@ -301,7 +312,7 @@ fn unusable_work_folder_says_what_to_do() {
     // kill once the artifact is recorded as written
     let mut child = Command::new(common::bin())
         .arg(&p)
-        .arg("--quiet")
+        .args(["--quiet", "--no-cache"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -326,7 +337,7 @@ fn unusable_work_folder_says_what_to_do() {
     std::fs::write(work.join("model.safetensors"), b).unwrap();
     let o = Command::new(common::bin())
         .arg(&p)
-        .args(["--quiet", "--resume"])
+        .args(["--quiet", "--no-cache", "--resume"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -338,6 +349,6 @@ fn unusable_work_folder_says_what_to_do() {
     assert!(err.contains("run without --resume"), "{err}");
     assert!(!err.contains("re-run with --resume"), "{err}");
     // a fresh run discards the folder and succeeds
-    common::run_ok(&p);
+    run_ok(&p);
     assert!(out.join("report.json").exists());
 }

@@ -756,6 +756,7 @@ fn identity(
                 overwrite,
                 resume: false,
                 device: None,
+                ..Default::default()
             },
         );
         let wall = t0.elapsed().as_secs_f64();

@@ -3,5 +3,6 @@
 //! loss over every predicted token, ppl = exp(mean NLL) — the GPTQ/SparseGPT/Wanda protocol —
 //! and lm-evaluation-harness zero-shot scoring ([`tasks`]).
 
+pub mod cache;
 pub mod ppl;
 pub mod tasks;

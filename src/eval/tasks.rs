@@ -190,6 +190,22 @@ fn get_str<'a>(v: &'a serde_json::Value, key: &str, path: &Path, i: usize) -> Re
     })
 }
 
+impl Task {
+    /// The files [`load`] reads for this task under `data_root` (what a cached score of the
+    /// task depends on).
+    pub fn data_files(self, data_root: &Path) -> Vec<std::path::PathBuf> {
+        let f: &[&str] = match self {
+            Task::Piqa => &["piqa/valid.jsonl", "piqa/valid-labels.lst"],
+            Task::ArcEasy => &["arc/ARC-Easy-Test.jsonl"],
+            Task::ArcChallenge => &["arc/ARC-Challenge-Test.jsonl"],
+            Task::Hellaswag => &["hellaswag/hellaswag_val.jsonl.gz"],
+            Task::Boolq => &["boolq/val.jsonl"],
+            Task::Lambada => &["lambada/lambada_test.jsonl"],
+        };
+        f.iter().map(|f| data_root.join(f)).collect()
+    }
+}
+
 /// Load the first `limit` items (all when `None`) of `task` from `data_root` (the
 /// `shared/data/eval/tasks` directory).
 pub fn load(task: Task, data_root: &Path, limit: Option<usize>) -> Result<Vec<Doc>> {

@@ -287,6 +287,16 @@ impl Outer {
         ops::linear(&n, rows.len(), h, head, self.vocab, None)
     }
 
+    /// Logits [r1 − r0, vocab] of rows r0..r1 of the hidden states [b·t, hidden] (before the
+    /// final norm): the same bits as those rows of [`Outer::logits`], for callers that consume
+    /// the logits a block of rows at a time instead of materializing [b·t, vocab].
+    pub fn logits_range(&self, x: &Act, r0: usize, r1: usize) -> Vec<f32> {
+        let h = self.hidden;
+        let n = ops::rms_norm(&x.data[r0 * h..r1 * h], h, &self.norm, self.eps);
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        ops::linear(&n, r1 - r0, h, head, self.vocab, None)
+    }
+
     /// Hidden [b, t, hidden] (before the final norm) → logits [b·t, vocab].
     pub fn logits(&self, x: &Act) -> Vec<f32> {
         let n = self.final_norm(x);

@@ -130,6 +130,10 @@ pub struct EvalSpec {
     /// Score only the first N items of each task.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Eval cache folder for the input model's scores (default `$XDG_CACHE_HOME/compress/eval`
+    /// or `~/.cache/compress/eval`; `--cache DIR` overrides, `--no-cache` turns it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
 }
 
 fn default_tasks_dir() -> PathBuf {

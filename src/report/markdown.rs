@@ -80,6 +80,21 @@ impl Report {
         if let Some(p) = self.peak_rss_bytes {
             s.push_str(&format!("- peak memory (RSS): {}\n", mib(p)));
         }
+        if let Some(b) = &self.baseline {
+            let n = b.items.values().filter(|i| i.source == "cache").count();
+            let line = match (b.source.as_str(), &b.cache_dir) {
+                ("computed", Some(d)) => {
+                    format!("computed in this run, stored in the eval cache {d}")
+                }
+                ("computed", None) => "computed in this run (eval cache off)".to_string(),
+                (_, d) => format!(
+                    "{n} of {} item(s) read from the eval cache {}, the rest computed",
+                    b.items.len(),
+                    d.as_deref().unwrap_or("?")
+                ),
+            };
+            s.push_str(&format!("- baseline (input model scores): {line}\n"));
+        }
     }
 
     fn md_perplexity(&self, s: &mut String) {
