@@ -161,3 +161,74 @@ fn dense_export_multiplies_the_factors_back() {
     let (pf, pd) = (ppl(&rf, "after"), ppl(&rd, "after"));
     assert!((pf - pd).abs() < 1e-2 * pf, "factored {pf} vs dense {pd}");
 }
+
+#[test]
+fn by_loss_keeps_each_layers_uniform_budget_and_lowers_its_loss() {
+    let d = tempfile::tempdir().unwrap();
+    let (uni, byl) = (d.path().join("u"), d.path().join("b"));
+    let spec = "ratio: 0.4, targets: [\"re:.*_proj$\"]";
+    let ru = run(
+        &pipeline(
+            &uni,
+            &format!("  - svd_llm: {{{spec}}}\n"),
+            "compressed-tensors",
+        ),
+        d.path(),
+    );
+    let rb = run(
+        &pipeline(
+            &byl,
+            &format!("  - svd_llm: {{{spec}, allocation: by_loss}}\n"),
+            "compressed-tensors",
+        ),
+        d.path(),
+    );
+    let ck = Checkpoint::open(&byl).unwrap();
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(byl.join("config.json")).unwrap()).unwrap();
+    let ranks = cfg["low_rank"]["ranks"].as_object().unwrap();
+    let recs = |r: &Value| -> Vec<Value> {
+        r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["pass"] == "svd_llm")
+            .cloned()
+            .collect()
+    };
+    let (recs_u, recs_b) = (recs(&ru), recs(&rb));
+    let mut differs = false;
+    for l in 0..ck.config.num_layers {
+        let lw = LayerWeights::load(&ck, l).unwrap();
+        let (mut budget, mut spent, widest) = (0usize, 0usize, 768 + 256);
+        for name in LINEARS {
+            let (m, n) = lw.linears[name].shape();
+            let r = ranks[&format!("model.layers.{l}.{name}")].as_u64().unwrap() as usize;
+            budget += rank_for_ratio(m, n, 0.4) * (m + n);
+            spent += r * (m + n);
+            differs |= r != rank_for_ratio(m, n, 0.4);
+        }
+        assert!(
+            spent <= budget && budget - spent < widest,
+            "layer {l}: {spent} of {budget}"
+        );
+        // layer 0 sees the same inputs in both runs: its summed whitened loss is lower
+        if l == 0 {
+            let sum = |rs: &[Value]| -> f64 {
+                rs.iter()
+                    .filter(|x| x["layer"] == 0)
+                    .map(|x| x["loss"].as_f64().unwrap())
+                    .sum()
+            };
+            assert!(
+                sum(&recs_b) < sum(&recs_u),
+                "{} vs {}",
+                sum(&recs_b),
+                sum(&recs_u)
+            );
+        }
+    }
+    assert!(differs, "by_loss chose the uniform ranks everywhere");
+    assert!(recs_b.iter().all(|x| x["notes"]["allocation"] == "by_loss"));
+    assert!(ppl(&rb, "after").is_finite());
+}
