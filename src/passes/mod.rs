@@ -2,6 +2,7 @@
 //! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
 
 pub mod awq;
+pub mod eora;
 pub mod gptq;
 pub mod imatrix;
 pub mod magnitude;
@@ -45,6 +46,8 @@ pub enum PassSpec {
     /// SVD-LLM, truncation-aware whitened SVD (Wang et al. 2025).
     #[serde(rename = "svd_llm")]
     SvdLlm(svd_llm::SvdLlmSpec),
+    /// EoRA compensation adapter for the error of the pass before it (Liu et al. 2024).
+    Eora(eora::EoraSpec),
 }
 
 impl PassSpec {
@@ -60,6 +63,7 @@ impl PassSpec {
             PassSpec::SparseGpt(_) => "sparsegpt",
             PassSpec::Svd(_) => "svd",
             PassSpec::SvdLlm(_) => "svd_llm",
+            PassSpec::Eora(_) => "eora",
         }
     }
 
@@ -77,6 +81,7 @@ impl PassSpec {
             PassSpec::SmoothQuant(s) => s.validate(),
             PassSpec::Svd(s) => s.validate(),
             PassSpec::SvdLlm(s) => s.validate(),
+            PassSpec::Eora(s) => s.validate(),
         }
     }
 
@@ -99,6 +104,7 @@ impl PassSpec {
             PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
             PassSpec::Svd(s) => Box::new(svd::Svd::new(s)?),
             PassSpec::SvdLlm(s) => Box::new(svd_llm::SvdLlm::new(s)?),
+            PassSpec::Eora(s) => Box::new(eora::Eora::new(s)?),
         })
     }
 }
@@ -106,6 +112,31 @@ impl PassSpec {
 /// Checks across passes: AWQ only rescales, so a quantizer must follow it on the grid its search
 /// assumed (`bits`, `group_size`, `sym`).
 pub fn check_sequence(passes: &[PassSpec]) -> Result<()> {
+    // EoRA compensates the error of the pass right before it, and nothing may change a linear
+    // after its adapter is fitted
+    for (i, p) in passes.iter().enumerate() {
+        if !matches!(p, PassSpec::Eora(_)) {
+            continue;
+        }
+        match i.checked_sub(1).map(|j| &passes[j]) {
+            None | Some(PassSpec::Eora(_)) => bail!(
+                "passes[{i}] eora: compensates the error of the pass before it; put it right after a quantizing or pruning pass"
+            ),
+            Some(PassSpec::Svd(_) | PassSpec::SvdLlm(_)) => bail!(
+                "passes[{i}] eora: a factored linear takes no adapter (raise the svd rank instead)"
+            ),
+            _ => {}
+        }
+        if let Some(q) = passes[i + 1..]
+            .iter()
+            .find(|q| !matches!(q, PassSpec::Imatrix(_)))
+        {
+            bail!(
+                "passes[{i}] eora: the adapter must come last, but `{}` follows it",
+                q.name()
+            );
+        }
+    }
     for (i, p) in passes.iter().enumerate() {
         let PassSpec::Awq(a) = p else { continue };
         let next = passes[i + 1..].iter().find_map(|q| match q {
