@@ -78,7 +78,9 @@ for y in sorted(glob.glob(f"{out}/*.yaml"), key=os.path.getmtime):
     if not os.path.exists(p):
         continue
     r = json.load(open(p))
-    ppl = [v["after"]["perplexity"] for v in r["eval"].values()]
+    ev = r["eval"]
+    order = sorted(ev, key=lambda k: 0 if "wiki" in k else 1 if "ptb" in k else 2)
+    ppl = [ev[k]["after"]["perplexity"] for k in order]
     per = {}
     for rec in r.get("layers", []):
         per[rec["pass"]] = per.get(rec["pass"], 0.0) + rec["seconds"]
