@@ -132,6 +132,8 @@ pub struct LayerCtx<'a> {
     fresh: bool,
     /// The running pass's state (see [`PassState`]).
     pass_state: Option<serde_json::Value>,
+    /// The layer before the previous pass changed it (kept when a pass asks for `previous`).
+    previous: Option<LayerWeights>,
     pub records: Vec<LinearRecord>,
     pub warnings: Vec<String>,
 }
@@ -374,6 +376,15 @@ impl<'a> LayerCtx<'a> {
         }
         self.pass_state = Some(v);
         Ok(())
+    }
+
+    /// The layer as it was before the pass that ran just before this one (requires
+    /// `StatsRequest::previous`): what a compensating pass (EoRA) measures that pass's error
+    /// against.
+    pub fn previous(&self) -> Result<&LayerWeights> {
+        self.previous.as_ref().context(
+            "no previous pass ran on this layer (put the compensating pass after a pass that changes the weights)",
+        )
     }
 
     /// Call after changing weights so the next `stats` call recollects.
@@ -800,6 +811,7 @@ pub fn run(
                 stats: BTreeMap::new(),
                 fresh: false,
                 pass_state: None,
+                previous: None,
                 records: Vec::new(),
                 warnings: Vec::new(),
             };
@@ -807,8 +819,10 @@ pub fn run(
             for (p, st) in passes.iter().zip(layer_states.iter_mut()) {
                 pb.set_message(format!("layer {l} {}", p.name()));
                 ctx.pass_state = st.value.take();
+                let before = request.previous.then(|| ctx.layer.clone());
                 result = p.apply(&mut ctx);
                 st.value = ctx.pass_state.take();
+                ctx.previous = before;
                 if result.is_err() {
                     break;
                 }

@@ -18,6 +18,10 @@ pub struct StatsRequest {
     /// The calibration stream itself, for passes that read raw inputs or call block forwards
     /// with candidate weights without needing accumulated statistics.
     pub inputs: bool,
+    /// The layer's weights as they were before the previous pass ran on it (for a pass that
+    /// compensates the error of the one before it; see `LayerCtx::previous`). Needs no
+    /// calibration forward.
+    pub previous: bool,
 }
 
 impl StatsRequest {
@@ -38,6 +42,7 @@ impl StatsRequest {
             col_norm: self.col_norm || o.col_norm,
             teacher: self.teacher || o.teacher,
             inputs: self.inputs || o.inputs,
+            previous: self.previous || o.previous,
         }
     }
 }
@@ -158,6 +163,7 @@ mod tests {
             col_norm: true,
             teacher: false,
             inputs: false,
+            previous: false,
         };
         // once with the GEMM-provided XᵀX, once computed inside
         let mut a = SiteStats::new(d, req);

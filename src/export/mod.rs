@@ -47,6 +47,10 @@ pub struct ExporterState {
     act_bits: Vec<Option<u32>>,
     #[serde(default)]
     gguf: Option<GgufState>,
+    #[serde(default)]
+    adapter_writer: Option<writer::WriterState>,
+    #[serde(default)]
+    adapters: Vec<(String, usize)>,
 }
 
 /// What a GGUF export needs besides the spill file: the mix, the overrides, and every tensor
@@ -125,12 +129,20 @@ pub struct Exporter {
     act_bits: Vec<Option<u32>>,
     /// GGUF: the mix, its compiled overrides and the tensors written.
     gguf: Option<(GgufState, gguf::Overrides)>,
+    /// The PEFT adapter's tensors (`adapter/adapter_model.safetensors`), once a linear has one.
+    adapter_writer: Option<SafetensorsWriter>,
+    /// (module name, rank) of every adapter written.
+    adapters: Vec<(String, usize)>,
 }
 
 impl ExporterState {
     /// Each spill file and the bytes it must hold.
     pub fn spill_files(&self) -> Vec<(PathBuf, usize)> {
-        self.writer.spill_files()
+        let mut v = self.writer.spill_files();
+        if let Some(a) = &self.adapter_writer {
+            v.extend(a.spill_files());
+        }
+        v
     }
 }
 
@@ -154,6 +166,8 @@ impl Exporter {
             linears: Vec::new(),
             act_bits: Vec::new(),
             gguf: None,
+            adapter_writer: None,
+            adapters: Vec::new(),
         };
         ensure!(
             format != Format::Gguf,
@@ -192,6 +206,8 @@ impl Exporter {
                 },
                 compiled,
             )),
+            adapter_writer: None,
+            adapters: Vec::new(),
         };
         e.gguf_copy(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -209,6 +225,12 @@ impl Exporter {
             linears: self.linears.clone(),
             act_bits: self.act_bits.clone(),
             gguf: self.gguf.as_ref().map(|(g, _)| g.clone()),
+            adapter_writer: self
+                .adapter_writer
+                .as_mut()
+                .map(|w| w.checkpoint())
+                .transpose()?,
+            adapters: self.adapters.clone(),
         })
     }
 
@@ -247,6 +269,14 @@ impl Exporter {
             linears: state.linears,
             act_bits: state.act_bits,
             gguf,
+            adapter_writer: state
+                .adapter_writer
+                .map(|st| {
+                    SafetensorsWriter::resume(&dir.join(crate::formats::peft::DIR), usize::MAX, st)
+                        .map(|w| w.with_stem(crate::formats::peft::STEM))
+                })
+                .transpose()?,
+            adapters: state.adapters,
         })
     }
 
@@ -381,6 +411,12 @@ impl Exporter {
     /// values — copied byte for byte when no pass changed it.
     fn write_linear(&mut self, ckpt: &Checkpoint, prefix: &str, lin: &Linear) -> Result<()> {
         let wname = format!("{prefix}.weight");
+        // an adapter is written beside the checkpoint (PEFT LoRA), except by `dense`, which
+        // writes the merged matrix
+        let separate = lin.adapter().is_some() && self.format != Format::Dense;
+        if lin.adapter().is_some() && self.format == Format::Gguf {
+            bail!("export: `{prefix}` carries a low-rank adapter (eora); GGUF export has no adapter file: use `format: compressed-tensors` (PEFT adapter beside it) or `dense` (merged)");
+        }
         self.sparsity.add(prefix, lin);
         self.linears.push(prefix.to_string());
         if self.format == Format::Gguf {
@@ -452,7 +488,11 @@ impl Exporter {
                     self.unquantized.push(prefix.to_string());
                 }
                 if lin.is_modified() || !ckpt.has(&wname) {
-                    let w = lin.weight();
+                    let w = if separate {
+                        lin.base_weight()
+                    } else {
+                        lin.weight()
+                    };
                     let s = w.as_slice().context("weight not contiguous")?;
                     let shape = [w.nrows(), w.ncols()];
                     let bytes = from_f32(lin.dtype, s);
@@ -473,6 +513,38 @@ impl Exporter {
             _ if ckpt.has(&bname) => self.copy_raw(ckpt, &bname)?,
             _ => {}
         }
+        if let (true, Some(ad)) = (separate, lin.adapter()) {
+            self.write_adapter(prefix, lin.dtype, ad)?;
+        }
+        Ok(())
+    }
+
+    /// A linear's adapter into `adapter/adapter_model.safetensors`, under PEFT's names.
+    fn write_adapter(
+        &mut self,
+        prefix: &str,
+        dtype: DType,
+        ad: &crate::model::layer::Adapter,
+    ) -> Result<()> {
+        use crate::formats::peft;
+        if self.adapter_writer.is_none() {
+            let d = self.dir.join(peft::DIR);
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            self.adapter_writer =
+                Some(SafetensorsWriter::new(&d, usize::MAX).with_stem(peft::STEM));
+        }
+        let w = self
+            .adapter_writer
+            .as_mut()
+            .context("internal: adapter writer")?;
+        let (an, bn) = peft::tensor_names(prefix);
+        for (name, m) in [(an, &ad.a), (bn, &ad.b)] {
+            let v = m.as_standard_layout();
+            let bytes = from_f32(dtype, v.as_slice().context("adapter")?);
+            w.add(&name, dtype, &[m.nrows(), m.ncols()], &bytes)?;
+        }
+        self.adapters.push((prefix.to_string(), ad.rank()));
         Ok(())
     }
 
@@ -543,6 +615,19 @@ impl Exporter {
             .with_context(|| format!("cannot write {}", p.display()))?;
         files.push("config.json".into());
         files.extend(self.copy_side_files(ckpt)?);
+        let mut spills = spills;
+        if let Some(w) = self.adapter_writer.take() {
+            use crate::formats::peft;
+            let (afiles, aspills) = w.finish()?;
+            files.extend(afiles.into_iter().map(|f| format!("{}/{f}", peft::DIR)));
+            spills.extend(aspills);
+            // the base model is the quantized checkpoint in the folder above
+            let cfg = peft::adapter_config(&self.adapters, "..")?;
+            let p = self.dir.join(peft::DIR).join(peft::CONFIG);
+            std::fs::write(&p, serde_json::to_vec_pretty(&cfg)?)
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            files.push(format!("{}/{}", peft::DIR, peft::CONFIG));
+        }
         Ok((files, spills))
     }
 

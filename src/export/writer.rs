@@ -48,6 +48,8 @@ pub struct SafetensorsWriter {
     shards: Vec<Shard>,
     out: Option<BufWriter<File>>,
     names: std::collections::HashSet<String>,
+    /// File name stem: `model` writes model.safetensors (or model-0000i-of-0000n.safetensors).
+    stem: String,
 }
 
 impl SafetensorsWriter {
@@ -58,7 +60,14 @@ impl SafetensorsWriter {
             shards: Vec::new(),
             out: None,
             names: Default::default(),
+            stem: "model".into(),
         }
+    }
+
+    /// Name the files `<stem>.safetensors` instead of `model.safetensors`.
+    pub fn with_stem(mut self, stem: &str) -> Self {
+        self.stem = stem.to_string();
+        self
     }
 
     /// Flush and sync the spill file; the returned state describes exactly the bytes on disk.
@@ -170,9 +179,9 @@ impl SafetensorsWriter {
         let mut total = 0usize;
         for (i, shard) in self.shards.iter().enumerate() {
             let fname = if n == 1 {
-                "model.safetensors".to_string()
+                format!("{}.safetensors", self.stem)
             } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+                format!("{}-{:05}-of-{:05}.safetensors", self.stem, i + 1, n)
             };
             let mut header = Map::new();
             header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -218,10 +227,11 @@ impl SafetensorsWriter {
         }
         if n > 1 {
             let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            let p = self.dir.join("model.safetensors.index.json");
+            let iname = format!("{}.safetensors.index.json", self.stem);
+            let p = self.dir.join(&iname);
             std::fs::write(&p, serde_json::to_vec_pretty(&idx)?)
                 .with_context(|| format!("cannot write {}", p.display()))?;
-            files.push("model.safetensors.index.json".into());
+            files.push(iname);
         }
         let spills = self.shards.iter().map(|s| s.spill.clone()).collect();
         Ok((files, spills))

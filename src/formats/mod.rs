@@ -13,6 +13,7 @@ pub mod bits;
 pub mod compressed_tensors;
 pub mod gguf;
 pub mod gptq;
+pub mod peft;
 
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
 use crate::safetensors_file::{to_i64, DType};

@@ -17,6 +17,24 @@ pub struct Checkpoint {
     /// GGUF checkpoints: HF tensor name → (ggml type, bytes) as stored in the GGUF file (the
     /// in-memory image in `files` holds them dequantized to f32).
     pub gguf_stored: Option<BTreeMap<String, (crate::quant::ggml::GgmlType, usize)>>,
+    /// A PEFT LoRA adapter in `adapter/` beside the weights (EoRA's compensation adapters):
+    /// its tensors and the scaling its config gives each module.
+    pub adapter: Option<(SafetensorsFile, crate::formats::peft::LoraScaling)>,
+}
+
+/// `adapter/adapter_config.json` + `adapter/adapter_model.safetensors`, when present.
+fn open_adapter(
+    dir: &Path,
+) -> Result<Option<(SafetensorsFile, crate::formats::peft::LoraScaling)>> {
+    use crate::formats::peft;
+    let d = dir.join(peft::DIR);
+    let cfg = d.join(peft::CONFIG);
+    if !cfg.is_file() {
+        return Ok(None);
+    }
+    let scaling = peft::read_config(&cfg)?;
+    let f = SafetensorsFile::open(&d.join(format!("{}.safetensors", peft::STEM)))?;
+    Ok(Some((f, scaling)))
 }
 
 /// Parse a sharded checkpoint's `model.safetensors.index.json`: tensor name → shard file name.
@@ -93,6 +111,7 @@ impl Checkpoint {
                 files,
                 index,
                 gguf_stored: Some(stored),
+                adapter: None,
             });
         } else {
             let single = dir.join("model.safetensors");
@@ -114,7 +133,48 @@ impl Checkpoint {
             files,
             index,
             gguf_stored: None,
+            adapter: open_adapter(dir)?,
         })
+    }
+
+    /// The adapter of `module` (B already multiplied by the config's scaling), if the
+    /// checkpoint has a PEFT adapter folder that adapts it.
+    pub fn adapter_of(
+        &self,
+        module: &str,
+        shape: &[usize],
+    ) -> Result<Option<crate::model::layer::Adapter>> {
+        let Some((f, scaling)) = &self.adapter else {
+            return Ok(None);
+        };
+        let (an, bn) = crate::formats::peft::tensor_names(module);
+        let (Some(ai), Some(bi)) = (f.tensors.get(&an), f.tensors.get(&bn)) else {
+            return Ok(None);
+        };
+        let p = f.path.display();
+        let read = |name: &str, info: &TensorInfo| -> Result<Vec<f32>> {
+            let v = to_f32(info.dtype, f.bytes(info)).with_context(|| {
+                format!(
+                    "{p}: tensor `{name}` has dtype {}, expected a floating-point dtype",
+                    info.dtype.name()
+                )
+            })?;
+            if v.iter().any(|x| !x.is_finite()) {
+                bail!("{p}: tensor `{name}` holds a non-finite value");
+            }
+            Ok(v)
+        };
+        let r = ai.shape.first().copied().unwrap_or(0);
+        if ai.shape != [r, shape[1]] || bi.shape != [shape[0], r] || r == 0 {
+            bail!(
+                "{p}: `{an}` is {:?} and `{bn}` {:?}; the {module} weight is {shape:?}, so expected [r, {}] and [{}, r]",
+                ai.shape, bi.shape, shape[1], shape[0]
+            );
+        }
+        let a = ndarray::Array2::from_shape_vec((r, shape[1]), read(&an, ai)?)?;
+        let sc = scaling.of(module) as f32;
+        let b = ndarray::Array2::from_shape_vec((shape[0], r), read(&bn, bi)?)?.mapv(|x| x * sc);
+        Ok(Some(crate::model::layer::Adapter { a, b }))
     }
 
     /// Check that every tensor of a dense checkpoint is present with the right shape and a

@@ -40,7 +40,7 @@ impl Site {
     }
 }
 
-pub use super::linear::{ActQuant, Factor, Linear, Mask, Repr};
+pub use super::linear::{ActQuant, Adapter, Factor, Linear, Mask, Repr};
 
 #[derive(Clone)]
 pub struct LayerWeights {
@@ -90,7 +90,10 @@ impl LayerWeights {
             };
             // W8A8 checkpoints quantize the inputs at run time: evaluation must too
             let act = crate::model::dequant::input_activation_bits(ckpt, &module)?;
-            let lin = lin.with_act_quant(act.map(|bits| ActQuant { bits }));
+            let lin = lin
+                .with_act_quant(act.map(|bits| ActQuant { bits }))
+                .with_adapter(ckpt.adapter_of(&module, shape)?)
+                .with_context(|| format!("{}: adapter of {module}", ckpt.dir.display()))?;
             linears.insert(name.to_string(), lin);
         }
         let mut norms = BTreeMap::new();

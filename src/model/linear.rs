@@ -11,6 +11,11 @@
 //! * its exact storage bytes ([`Linear::bytes`]) as the compressed-tensors exporter writes them;
 //! * whether it changed ([`Linear::is_modified`]): unchanged linears are copied byte for byte.
 //!
+//! An optional low-rank adapter ([`Adapter`], EoRA's compensation of a compression error) adds
+//! B·A to whatever the representation computes: the forward runs base + (x·Aᵀ)·Bᵀ, `weight`
+//! is the merged matrix, and exporters write the base and the adapter separately (a PEFT LoRA
+//! adapter beside the checkpoint) or merged (`dense`).
+//!
 //! An optional activation quantizer on the input ([`ActQuant`], for W8A8) runs inside the
 //! forward, so evaluation measures the model that will be served, not W8A16.
 
@@ -68,6 +73,20 @@ pub enum Repr {
     Factored { u: Factor, v: Factor },
 }
 
+/// A low-rank adapter on a linear: y = base(x) + (x·Aᵀ)·Bᵀ, A [r, in] (PEFT's `lora_A`),
+/// B [out, r] (`lora_B`), scaling 1.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Array2<f32>,
+    pub b: Array2<f32>,
+}
+
+impl Adapter {
+    pub fn rank(&self) -> usize {
+        self.a.nrows()
+    }
+}
+
 /// Dynamic, symmetric, per-token quantization of a linear's input (W8A8's "A8"): each row of
 /// the input is scaled by max|x|/qmax, rounded half to even and clamped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,8 +114,11 @@ impl ActQuant {
 #[derive(Clone, Debug)]
 pub struct Linear {
     repr: Repr,
-    /// The matrix the linear computes, [out, in] f32 (for factors: U·V).
+    /// The matrix the representation computes, [out, in] f32 (for factors: U·V), without
+    /// the adapter.
     weight: Array2<f32>,
+    /// A low-rank adapter and the merged matrix weight + B·A.
+    adapter: Option<(Adapter, Array2<f32>)>,
     pub bias: Option<Vec<f32>>,
     /// Storage dtype of the weight in the source checkpoint.
     pub dtype: DType,
@@ -118,6 +140,7 @@ impl Linear {
             act_quant: None,
             modified: false,
             importance: None,
+            adapter: None,
         }
     }
 
@@ -129,9 +152,72 @@ impl Linear {
         Ok(l)
     }
 
-    /// The matrix this linear computes, [out, in].
+    /// The matrix this linear computes, [out, in] (with its adapter merged, if any).
     pub fn weight(&self) -> &Array2<f32> {
+        match &self.adapter {
+            Some((_, merged)) => merged,
+            None => &self.weight,
+        }
+    }
+
+    /// The matrix the representation computes without the adapter.
+    pub fn base_weight(&self) -> &Array2<f32> {
         &self.weight
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref().map(|(a, _)| a)
+    }
+
+    /// Add a low-rank adapter B·A on top of the representation (the last change to a linear:
+    /// the representation setters refuse a linear that carries one).
+    pub fn set_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        let (out, inn) = self.weight.dim();
+        let r = adapter.a.nrows();
+        ensure!(
+            adapter.a.ncols() == inn && adapter.b.dim() == (out, r) && r > 0,
+            "adapter A {:?}, B {:?} for a {out}×{inn} linear",
+            adapter.a.dim(),
+            adapter.b.dim()
+        );
+        ensure!(
+            !matches!(self.repr, Repr::Factored { .. }),
+            "a factored linear takes no adapter (raise its rank instead)"
+        );
+        ensure!(self.adapter.is_none(), "the linear already has an adapter");
+        // merged = W + B·A, through the forward's GEMM (rows of B against the rows of Aᵀ)
+        let bs = adapter.b.as_standard_layout().to_owned();
+        let at = adapter.a.t().as_standard_layout().to_owned();
+        let ba = ops::linear(
+            bs.as_slice().context("adapter")?,
+            out,
+            r,
+            at.as_slice().context("adapter")?,
+            inn,
+            None,
+        );
+        let merged = &self.weight + &Array2::from_shape_vec((out, inn), ba)?;
+        self.adapter = Some((adapter, merged));
+        self.modified = true;
+        Ok(())
+    }
+
+    /// As read from a checkpoint with a PEFT adapter beside it (not a change).
+    pub fn with_adapter(mut self, adapter: Option<Adapter>) -> Result<Self> {
+        if let Some(a) = adapter {
+            let m = self.modified;
+            self.set_adapter(a)?;
+            self.modified = m;
+        }
+        Ok(self)
+    }
+
+    fn no_adapter(&self) -> Result<()> {
+        ensure!(
+            self.adapter.is_none(),
+            "the linear carries a low-rank adapter: an adapter pass must come after every pass that changes the weights"
+        );
+        Ok(())
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -195,6 +281,7 @@ impl Linear {
     /// New dense values (a pass that rescales or updates weights). A sparse linear keeps its
     /// mask: masked positions must be zero in `w`.
     pub fn set_weight(&mut self, w: Array2<f32>) -> Result<()> {
+        self.no_adapter()?;
         ensure!(
             w.dim() == self.weight.dim() || self.weight.is_empty(),
             "new weight {:?} for a {:?} linear",
@@ -219,6 +306,7 @@ impl Linear {
     /// Integer codes on a grid. A sparse linear keeps its mask: the codes must dequantize to
     /// exactly zero at masked positions (a quantizer that respects the mask does).
     pub fn set_quantized(&mut self, q: QuantizedLinear) -> Result<()> {
+        self.no_adapter()?;
         ensure!(
             q.shape == self.weight.dim(),
             "codes {:?} for a {:?} linear",
@@ -243,6 +331,7 @@ impl Linear {
 
     /// Prune: zero the weights the mask drops and keep the mask (later passes preserve it).
     pub fn set_mask(&mut self, mask: Mask) -> Result<()> {
+        self.no_adapter()?;
         ensure!(
             mask.shape == self.weight.dim(),
             "mask {:?} for a {:?} linear",
@@ -282,6 +371,7 @@ impl Linear {
 
     /// Replace the linear by two factors, U [out, r] · V [r, in].
     pub fn set_factored(&mut self, u: Factor, v: Factor) -> Result<()> {
+        self.no_adapter()?;
         let (out, r) = u.values.dim();
         let (r2, inn) = v.values.dim();
         ensure!(
@@ -364,7 +454,7 @@ impl Linear {
             }
             None => x,
         };
-        Ok(match &self.repr {
+        let mut y = match &self.repr {
             Repr::Factored { u, v } => {
                 let r = v.values.nrows();
                 let vs = v.values.as_slice().context("factor not contiguous")?;
@@ -376,12 +466,23 @@ impl Linear {
                 let ws = self.weight.as_slice().context("weight not contiguous")?;
                 ops::linear(x, n, k, ws, out, self.bias.as_deref())
             }
-        })
+        };
+        if let Some((ad, _)) = &self.adapter {
+            // + (x·Aᵀ)·Bᵀ
+            let r = ad.rank();
+            let a = ad.a.as_slice().context("adapter not contiguous")?;
+            let b = ad.b.as_slice().context("adapter not contiguous")?;
+            let h = ops::linear(x, n, k, a, r, None);
+            let d = ops::linear(&h, n, r, b, out, None);
+            y.iter_mut().zip(&d).for_each(|(y, d)| *y += d);
+        }
+        Ok(y)
     }
 
     /// Exact bytes of the weight as the compressed-tensors exporter stores it (bias excluded):
     /// dense values in the checkpoint dtype (a pruned linear is stored dense, zeros included),
-    /// packed codes with their scales, zero points and g_idx, or both factors.
+    /// packed codes with their scales, zero points and g_idx, or both factors; plus the
+    /// adapter's A and B in the checkpoint dtype (stored in the adapter file beside it).
     pub fn bytes(&self) -> usize {
         fn of(repr: &Repr, w: &Array2<f32>, dtype: DType) -> usize {
             match repr {
@@ -397,7 +498,10 @@ impl Linear {
                     .sum(),
             }
         }
-        of(&self.repr, &self.weight, self.dtype)
+        let adapter = self
+            .adapter()
+            .map_or(0, |a| (a.a.len() + a.b.len()) * self.dtype.size());
+        of(&self.repr, &self.weight, self.dtype) + adapter
     }
 }
 
@@ -464,6 +568,65 @@ mod tests {
         }
         assert!(l.is_modified());
         assert_eq!(l.bytes(), (12 * 5 + 5 * 9) * 4);
+    }
+
+    #[test]
+    fn adapter_forward_is_base_plus_low_rank() {
+        let args = crate::quant::QuantArgs {
+            bits: 3,
+            symmetric: true,
+            strategy: crate::quant::Strategy::Group,
+            group_size: 8,
+            observer: crate::quant::Observer::MinMax,
+        };
+        let w = rand((10, 16), 11);
+        let mut l = Linear::dense(
+            w.clone(),
+            Some(rand((1, 10), 15).into_raw_vec_and_offset().0),
+            DType::F32,
+        );
+        let q = crate::quant::quantize_rtn(w.view(), &args, DType::F32).unwrap();
+        l.set_quantized(q).unwrap();
+        let base = l.weight().clone();
+        let (a, b) = (rand((3, 16), 12), rand((10, 3), 13));
+        // a wrong shape is refused
+        assert!(l
+            .clone()
+            .set_adapter(Adapter {
+                a: b.clone(),
+                b: a.clone()
+            })
+            .is_err());
+        l.set_adapter(Adapter {
+            a: a.clone(),
+            b: b.clone(),
+        })
+        .unwrap();
+        let merged = &base + &b.dot(&a);
+        for (p, q) in l.weight().iter().zip(merged.iter()) {
+            assert!((p - q).abs() < 1e-5);
+        }
+        assert_eq!(l.base_weight(), &base);
+        let x = rand((5, 16), 14).into_raw_vec_and_offset().0;
+        let y = l.forward(&x, 5).unwrap();
+        let bias = l.bias.clone().unwrap();
+        for (i, (p, q)) in y.iter().zip(naive(&x, 5, &merged)).enumerate() {
+            let q = q + bias[i % 10];
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+        // codes + A + B
+        assert_eq!(
+            l.bytes(),
+            crate::formats::compressed_tensors::stored_bytes(l.quant().unwrap()) + (48 + 30) * 4
+        );
+        // the adapter comes last
+        assert!(l.set_weight(base.clone()).is_err());
+        assert!(l
+            .set_adapter(Adapter {
+                a: a.clone(),
+                b: b.clone()
+            })
+            .is_err());
     }
 
     #[test]

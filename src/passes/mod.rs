@@ -3,6 +3,7 @@
 
 pub mod awq;
 pub mod gptaq;
+pub mod eora;
 pub mod gptq;
 pub mod imatrix;
 pub mod kd;
@@ -51,6 +52,8 @@ pub enum PassSpec {
     /// Block-wise distillation of the compressed layer onto the dense one (after the
     /// compressing passes): tunes norms, scales, zero points, factors, biases with Adam.
     Kd(kd::KdSpec),
+    /// EoRA compensation adapter for the error of the pass before it (Liu et al. 2024).
+    Eora(eora::EoraSpec),
 }
 
 impl PassSpec {
@@ -67,6 +70,7 @@ impl PassSpec {
             PassSpec::Svd(_) => "svd",
             PassSpec::SvdLlm(_) => "svd_llm",
             PassSpec::Kd(_) => "kd",
+            PassSpec::Eora(_) => "eora",
         }
     }
 
@@ -85,6 +89,7 @@ impl PassSpec {
             PassSpec::Svd(s) => s.validate(),
             PassSpec::SvdLlm(s) => s.validate(),
             PassSpec::Kd(s) => s.validate(),
+            PassSpec::Eora(s) => s.validate(),
         }
     }
 
@@ -119,6 +124,7 @@ impl PassSpec {
             PassSpec::Svd(s) => Box::new(svd::Svd::new(s)?),
             PassSpec::SvdLlm(s) => Box::new(svd_llm::SvdLlm::new(s)?),
             PassSpec::Kd(s) => Box::new(kd::Kd::new(s)?),
+            PassSpec::Eora(s) => Box::new(eora::Eora::new(s)?),
         })
     }
 }
@@ -126,6 +132,31 @@ impl PassSpec {
 /// Checks across passes: AWQ only rescales, so a quantizer must follow it on the grid its search
 /// assumed (`bits`, `group_size`, `sym`).
 pub fn check_sequence(passes: &[PassSpec]) -> Result<()> {
+    // EoRA compensates the error of the pass right before it, and nothing may change a linear
+    // after its adapter is fitted
+    for (i, p) in passes.iter().enumerate() {
+        if !matches!(p, PassSpec::Eora(_)) {
+            continue;
+        }
+        match i.checked_sub(1).map(|j| &passes[j]) {
+            None | Some(PassSpec::Eora(_)) => bail!(
+                "passes[{i}] eora: compensates the error of the pass before it; put it right after a quantizing or pruning pass"
+            ),
+            Some(PassSpec::Svd(_) | PassSpec::SvdLlm(_)) => bail!(
+                "passes[{i}] eora: a factored linear takes no adapter (raise the svd rank instead)"
+            ),
+            _ => {}
+        }
+        if let Some(q) = passes[i + 1..]
+            .iter()
+            .find(|q| !matches!(q, PassSpec::Imatrix(_)))
+        {
+            bail!(
+                "passes[{i}] eora: the adapter must come last, but `{}` follows it",
+                q.name()
+            );
+        }
+    }
     for (i, p) in passes.iter().enumerate() {
         let PassSpec::Awq(a) = p else { continue };
         let next = passes[i + 1..].iter().find_map(|q| match q {

@@ -24,6 +24,22 @@
 //! channels), H is dampened with GPTQ's policy — H + λI, λ = damp · mean(diag H), damp ×10 until
 //! Cholesky succeeds — and the value used is recorded as a warning. The paper's second stage
 //! (§3.2, LoRA fine-tuning of W_u and W_v after truncation) is training and is not done here.
+//!
+//! **Heterogeneous ranks** (`allocation: by_loss`, after SVD-LLM V2, Wang et al. 2025, which
+//! gives each weight matrix a compression ratio from its theoretical truncation loss instead of
+//! one ratio for all). Since the loss of dropping σ_i is σ_i² (Theorem 3.2), the spectra of the
+//! whitened weights price every possible rank before anything is cut, and one parameter budget
+//! is spent where it removes the most loss per parameter ([`allocate_by_loss`]). Which budget:
+//! the engine streams the model layer by layer, so when layer 0 is cut layer 5 has not been seen
+//! (its inputs depend on how layer 0 was cut). A model-wide allocation would need a statistics
+//! pass over all layers first (a second full calibration forward, on the dense model's
+//! activations, which the cut model does not produce). We choose the per-layer budget: each
+//! layer keeps exactly the parameters `uniform` would keep for it (Σ r_uniform·(m + n) over its
+//! targeted linears), redistributed across its linears (q/k/v/o/gate/up/down) by marginal
+//! whitened loss per parameter. The global budget is then met by construction (same bytes as
+//! `uniform`, layer by layer), the decision uses only statistics the stream has, and the
+//! losses compared are in comparable units (each is the squared output error of a linear on
+//! this layer's calibration inputs). What it cannot do is move parameters between layers.
 
 use super::prune::targeted;
 use super::svd::{params_removed, rank_notes, split_sqrt, LowRank, SvdSpec};
@@ -46,6 +62,9 @@ pub struct SvdLlmSpec {
     /// until Cholesky succeeds.
     #[serde(default = "d_damp")]
     pub damp: f64,
+    /// `uniform` (default) or `by_loss` (see [`allocate_by_loss`]).
+    #[serde(default)]
+    pub allocation: Allocation,
 }
 
 fn d_damp() -> f64 {
@@ -100,32 +119,113 @@ pub struct SvdLlmResult {
     pub damp: f64,
 }
 
-/// SVD-LLM on one weight `w` [out, in] with input statistic `h` [in, in], at rank `r`.
-pub fn svd_llm(w: &Array2<f32>, h: &Array2<f64>, r: usize, damp: f64) -> Result<SvdLlmResult> {
-    let (_, cols) = w.dim();
-    if h.dim() != (cols, cols) {
-        bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
+/// The whitened decomposition of one weight before truncation: S and W·S = U Σ Vᵀ. Its
+/// spectrum prices every rank (Theorem 3.2), which is what `allocation: by_loss` reads.
+pub struct Whitened {
+    pub s: Array2<f64>,
+    pub svd: crate::linalg::Svd,
+    pub damp: f64,
+}
+
+impl Whitened {
+    /// Whiten `w` [out, in] with the input statistic `h` [in, in] and decompose W·S.
+    pub fn new(w: &Array2<f32>, h: &Array2<f64>, damp: f64) -> Result<Self> {
+        let (_, cols) = w.dim();
+        if h.dim() != (cols, cols) {
+            bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
+        }
+        // S Sᵀ = H (dampened only if needed)
+        let (s, damp) = whitening(h, damp)?;
+        // W S = U Σ Vᵀ
+        let ws = crate::linalg::matmul(&w.mapv(|x| x as f64), &s);
+        let svd = crate::linalg::svd_thin(&ws)?;
+        Ok(Whitened { s, svd, damp })
     }
-    // S Sᵀ = H (dampened only if needed)
-    let (s, damp) = whitening(h, damp)?;
-    // W S = U Σ Vᵀ
-    let ws = crate::linalg::matmul(&w.mapv(|x| x as f64), &s);
-    let d = crate::linalg::svd_thin(&ws)?;
-    // U_r Σ_r^{1/2} and Σ_r^{1/2} V_rᵀ, then W_v = (Σ_r^{1/2} V_rᵀ) S⁻¹
-    let (u, b) = split_sqrt(&d, r)?;
-    let v = crate::linalg::solve_right_lower(&b, &s)?;
-    // Theorem 3.2: the whitened truncation loss is the dropped spectrum
-    let loss = d.s[r..].iter().map(|x| x * x).sum();
-    Ok(SvdLlmResult {
-        factors: LowRank {
+
+    /// Truncate at rank r: W_u = U_r Σ_r^{1/2}, W_v = (Σ_r^{1/2} V_rᵀ) S⁻¹.
+    pub fn truncate(&self, r: usize) -> Result<LowRank> {
+        let (u, b) = split_sqrt(&self.svd, r)?;
+        let v = crate::linalg::solve_right_lower(&b, &self.s)?;
+        // Theorem 3.2: the whitened truncation loss is the dropped spectrum
+        let loss = self.svd.s[r..].iter().map(|x| x * x).sum();
+        Ok(LowRank {
             u,
             v,
-            sigma: d.s,
+            sigma: self.svd.s.clone(),
             loss,
-        },
-        s,
-        damp,
+        })
+    }
+}
+
+/// SVD-LLM on one weight `w` [out, in] with input statistic `h` [in, in], at rank `r`.
+pub fn svd_llm(w: &Array2<f32>, h: &Array2<f64>, r: usize, damp: f64) -> Result<SvdLlmResult> {
+    let wh = Whitened::new(w, h, damp)?;
+    let factors = wh.truncate(r)?;
+    Ok(SvdLlmResult {
+        factors,
+        s: wh.s,
+        damp: wh.damp,
     })
+}
+
+/// One linear as the rank allocation sees it: its shape and its whitened spectrum.
+pub struct AllocItem<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub sigma: &'a [f64],
+}
+
+/// The largest useful rank of an [m, n] linear: min(m, n), and no more than the dense matrix's
+/// parameters (r·(m + n) ≤ m·n), at least 1.
+fn max_rank(m: usize, n: usize) -> usize {
+    (m * n / (m + n)).min(m.min(n)).max(1)
+}
+
+/// `allocation: by_loss` — distribute a budget of kept parameters over linears by their
+/// truncation losses. Raising linear i from rank r to r + 1 costs m_i + n_i parameters and
+/// removes σ_{i,r+1}² of whitened loss (Theorem 3.2), so the summed loss Σ_i Σ_{j>r_i} σ_{i,j}²
+/// is minimised under Σ_i r_i (m_i + n_i) ≤ budget by handing out ranks greedily in order of
+/// loss removed per parameter, σ²/(m + n). Each linear's gains σ_{i,1}² ≥ σ_{i,2}² ≥ … are
+/// non-increasing, so the greedy order is optimal up to the last, partly affordable step (the
+/// knapsack boundary; a rank that does not fit is skipped and cheaper linears go on). Every
+/// linear keeps rank ≥ 1. Ties go to the earlier linear, so the result is deterministic.
+pub fn allocate_by_loss(items: &[AllocItem], budget: usize) -> Result<Vec<usize>> {
+    let floor: usize = items.iter().map(|it| it.m + it.n).sum();
+    if budget < floor {
+        bail!("a budget of {budget} parameters cannot keep rank 1 in every linear ({floor})");
+    }
+    let mut ranks = vec![1usize; items.len()];
+    let mut left = budget - floor;
+    loop {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, it) in items.iter().enumerate() {
+            let r = ranks[i];
+            let cost = it.m + it.n;
+            if r >= max_rank(it.m, it.n) || r >= it.sigma.len() || cost > left {
+                continue;
+            }
+            let gain = it.sigma[r] * it.sigma[r] / cost as f64;
+            if best.is_none_or(|(_, g)| gain > g) {
+                best = Some((i, gain));
+            }
+        }
+        let Some((i, _)) = best else { break };
+        ranks[i] += 1;
+        left -= items[i].m + items[i].n;
+    }
+    Ok(ranks)
+}
+
+/// How the ranks of a layer's linears are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allocation {
+    /// Every linear at the rank `ratio` (or `rank`) gives it.
+    #[default]
+    Uniform,
+    /// The same number of kept parameters per layer as `uniform`, redistributed across the
+    /// layer's linears by [`allocate_by_loss`].
+    ByLoss,
 }
 
 pub struct SvdLlm {
@@ -159,42 +259,72 @@ impl Pass for SvdLlm {
         // every linear whitened with the layer's inputs before any is factored (one
         // statistics forward), as the paper profiles the uncompressed layer
         ctx.refresh()?;
-        for name in targeted(ctx, &self.select) {
-            let t = Instant::now();
+        let t = Instant::now();
+        let names = targeted(ctx, &self.select);
+        let mut dec = Vec::new();
+        for name in &names {
             let module = ctx.module_name(name);
             let h = ctx
                 .stats(Site::of(name))?
                 .hessian()
                 .context("no Hessian collected")?;
-            let lin = &ctx.layer.linears[name];
+            let lin = &ctx.layer.linears[*name];
             let (m, n) = lin.shape();
             let r = self
                 .spec
                 .rank
                 .rank_for(m, n)
                 .with_context(|| module.clone())?;
-            let res =
-                svd_llm(lin.weight(), &h, r, self.spec.damp).with_context(|| module.clone())?;
-            if res.damp > 0.0 {
+            let wh =
+                Whitened::new(lin.weight(), &h, self.spec.damp).with_context(|| module.clone())?;
+            dec.push((m, n, r, h, wh));
+        }
+        // the ranks: uniform, or the layer's uniform parameter budget allocated by loss
+        let ranks: Vec<usize> = match self.spec.allocation {
+            Allocation::Uniform => dec.iter().map(|d| d.2).collect(),
+            Allocation::ByLoss => {
+                let budget = dec.iter().map(|d| d.2 * (d.0 + d.1)).sum();
+                let items: Vec<AllocItem> = dec
+                    .iter()
+                    .map(|d| AllocItem {
+                        m: d.0,
+                        n: d.1,
+                        sigma: &d.4.svd.s,
+                    })
+                    .collect();
+                allocate_by_loss(&items, budget)
+                    .with_context(|| format!("layer {}", ctx.index()))?
+            }
+        };
+        // the shared work (statistics, whitening, SVD) is split evenly over the linears
+        let shared = t.elapsed().as_secs_f64() / names.len().max(1) as f64;
+        for (name, ((m, n, _, h, wh), r)) in names.iter().zip(dec.into_iter().zip(ranks)) {
+            let t = Instant::now();
+            let module = ctx.module_name(name);
+            if wh.damp > 0.0 {
                 ctx.warn(format!(
                     "{module}: input statistic not positive definite, whitened with damp {}",
-                    res.damp
+                    wh.damp
                 ));
             }
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            let lr = wh.truncate(r).with_context(|| module.clone())?;
+            let lin = ctx.layer.linears.get_mut(*name).context("linear present")?;
             let before = lin.weight().clone();
-            let (u, v) = res.factors.factors(lin.dtype);
+            let (u, v) = lr.factors(lin.dtype);
             lin.set_factored(u, v).with_context(|| module.clone())?;
             let rel = crate::linalg::rel_output_error(&before, lin.weight(), &h);
             let mut notes = rank_notes(m, n, r);
-            notes.insert("damp".into(), json!(res.damp));
+            notes.insert("damp".into(), json!(wh.damp));
+            if self.spec.allocation == Allocation::ByLoss {
+                notes.insert("allocation".into(), json!("by_loss"));
+            }
             ctx.records.push(LinearRecord {
                 layer: ctx.index(),
                 linear: name.to_string(),
                 pass: "svd_llm".into(),
                 rel_output_error: Some(rel),
-                loss: Some(res.factors.loss),
-                seconds: t.elapsed().as_secs_f64(),
+                loss: Some(lr.loss),
+                seconds: shared + t.elapsed().as_secs_f64(),
                 notes,
             });
             if params_removed(m, n, r) <= 0 {
@@ -319,6 +449,85 @@ mod tests {
         assert!(svd_llm(&w, &Array2::zeros((32, 32)), 4, 0.01).is_err());
     }
 
+    #[test]
+    fn by_loss_meets_the_budget_and_beats_uniform() {
+        // four linears of a "layer": different shapes, weight scales and input correlations
+        let shapes = [(48, 64, 1.0), (16, 64, 0.3), (64, 32, 2.0), (32, 96, 0.7)];
+        let mut dec = Vec::new();
+        for (i, (m, n, scale)) in shapes.iter().enumerate() {
+            let (w, h) = problem(*m, *n, 384, 10 + i as u64);
+            let w = w.mapv(|x| x * *scale as f32);
+            dec.push((*m, *n, Whitened::new(&w, &h, 0.01).unwrap()));
+        }
+        for ratio in [0.2, 0.4, 0.6] {
+            let uniform: Vec<usize> = dec
+                .iter()
+                .map(|(m, n, _)| super::super::svd::rank_for_ratio(*m, *n, ratio))
+                .collect();
+            let budget: usize = dec
+                .iter()
+                .zip(&uniform)
+                .map(|((m, n, _), r)| r * (m + n))
+                .sum();
+            let items: Vec<AllocItem> = dec
+                .iter()
+                .map(|(m, n, wh)| AllocItem {
+                    m: *m,
+                    n: *n,
+                    sigma: &wh.svd.s,
+                })
+                .collect();
+            let ranks = allocate_by_loss(&items, budget).unwrap();
+            let spent: usize = dec
+                .iter()
+                .zip(&ranks)
+                .map(|((m, n, _), r)| r * (m + n))
+                .sum();
+            let widest = dec.iter().map(|(m, n, _)| m + n).max().unwrap();
+            assert!(
+                spent <= budget && budget - spent < widest,
+                "ratio {ratio}: spent {spent} of {budget}"
+            );
+            // the summed whitened loss, measured on the factors (not read off the spectrum)
+            let loss = |rs: &[usize]| -> f64 {
+                dec.iter()
+                    .zip(rs)
+                    .map(|((_, _, wh), r)| {
+                        let lr = wh.truncate(*r).unwrap();
+                        let w = wh
+                            .svd
+                            .u
+                            .dot(&Array2::from_diag(&ndarray::Array1::from(wh.svd.s.clone())));
+                        let ws = w.dot(&wh.svd.v.t());
+                        let approx = lr.u.dot(&lr.v).dot(&wh.s);
+                        (&ws - &approx).iter().map(|x| x * x).sum::<f64>()
+                    })
+                    .sum()
+            };
+            let (l_alloc, l_uni) = (loss(&ranks), loss(&uniform));
+            assert!(
+                l_alloc < l_uni,
+                "ratio {ratio}: by_loss {l_alloc} (ranks {ranks:?}) not below uniform {l_uni} ({uniform:?})"
+            );
+            assert_ne!(ranks, uniform);
+        }
+        // too small a budget for rank 1 everywhere is refused
+        let items = [AllocItem {
+            m: 4,
+            n: 4,
+            sigma: &[1.0, 0.5],
+        }];
+        assert!(allocate_by_loss(&items, 7).is_err());
+        assert_eq!(allocate_by_loss(&items, 8).unwrap(), vec![1]);
+        // never beyond the dense matrix's parameters: 4×4 caps at rank 2 (16 = 2·8)
+        let items = [AllocItem {
+            m: 4,
+            n: 4,
+            sigma: &[1.0, 0.5, 0.2, 0.1],
+        }];
+        assert_eq!(allocate_by_loss(&items, 1000).unwrap(), vec![2]);
+    }
+
     /// One `passes:` entry as the pipeline reads it.
     fn entry(yaml: &str) -> Result<super::super::PassSpec> {
         let text = format!("- {yaml}");
@@ -335,6 +544,14 @@ mod tests {
         let spec = entry("svd_llm: {ratio: 0.2, targets: [\"re:.*_proj$\"]}").unwrap();
         assert_eq!(spec.name(), "svd_llm");
         assert!(spec.needs_calibration());
+        let by = entry("svd_llm: {ratio: 0.4, allocation: by_loss}").unwrap();
+        assert!(matches!(
+            by,
+            super::super::PassSpec::SvdLlm(SvdLlmSpec {
+                allocation: Allocation::ByLoss,
+                ..
+            })
+        ));
         let svd = entry("svd: {rank: 8}").unwrap();
         assert!(!svd.needs_calibration());
         for bad in [
@@ -344,6 +561,7 @@ mod tests {
             "svd: {ratio: 1.5}",
             "svd: {ratio: 0.2, damp: 0.1}",
             "svdllm: {ratio: 0.2}",
+            "svd_llm: {ratio: 0.2, allocation: greedy}",
         ] {
             assert!(entry(bad).is_err(), "accepted `{bad}`");
         }
