@@ -49,6 +49,8 @@ recipes=(
   "rtn-w3g64|rtn: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "gptq-w3g64|gptq: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "gptq-w3g64-noact|gptq: {bits: 3, group_size: 64, act_order: false, targets: [\"re:.*_proj$\"]}"
+  "gptq-w3g64-teacher|gptq: {bits: 3, group_size: 64, target: teacher, targets: [\"re:.*_proj$\"]}"
+  "gptq-w3g64-teacher-a025|gptq: {bits: 3, group_size: 64, target: teacher, teacher_alpha: 0.25, targets: [\"re:.*_proj$\"]}"
   "awq-w4g64|awq: {bits: 4, group_size: 64, sym: true, targets: [\"re:.*_proj$\"]}\n  - rtn: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "awq-w3g64|awq: {bits: 3, group_size: 64, sym: true, targets: [\"re:.*_proj$\"]}\n  - rtn: {bits: 3, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "magnitude-50|magnitude: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
@@ -75,7 +77,7 @@ import json, sys, os
 out = sys.argv[1]
 print("| recipe | wikitext2 head | c4_eval head | compress s |")
 print("|---|---:|---:|---:|")
-for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50"]:
+for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-teacher", "gptq-w3g64-teacher-a025", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue

@@ -2,8 +2,8 @@
 //! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
 
 pub mod awq;
-pub mod gptaq;
 pub mod eora;
+pub mod gptaq;
 pub mod gptq;
 pub mod imatrix;
 pub mod kd;
