@@ -12,12 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Key of a dataset in reports: its file name.
-pub fn dataset_key(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| p.display().to_string())
-}
+pub use crate::eval::dataset_key;
 
 /// Perplexity of a checkpoint on each file (text, or `.jsonl` `text` fields joined by "\n\n").
 pub fn eval_perplexity(

@@ -137,7 +137,7 @@ impl EvalCache {
     pub fn ppl_what(data: &Path, seq_len: usize, batch: usize) -> Result<serde_json::Value> {
         Ok(serde_json::json!({
             "kind": "perplexity",
-            "data": crate::runner::dataset_key(data),
+            "data": super::dataset_key(data),
             "data_sha256": crate::util::sha256_file(data)?,
             "seq_len": seq_len,
             "batch": batch,

@@ -6,3 +6,10 @@
 pub mod cache;
 pub mod ppl;
 pub mod tasks;
+
+/// Key of a dataset in reports and the evaluation cache: its file name.
+pub fn dataset_key(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| p.display().to_string())
+}
