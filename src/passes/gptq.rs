@@ -85,14 +85,15 @@ pub struct GptqSpec {
     #[serde(default)]
     pub target: Target,
     /// With `target: teacher`: the fraction α of the asymmetric correction applied (1: the exact
-    /// least-squares target; 0: plain GPTQ).
-    #[serde(default = "d_alpha")]
-    pub teacher_alpha: f64,
+    /// least-squares target; 0: plain GPTQ). Default 0.25, the paper's: on a real checkpoint
+    /// (SmolLM2-135M, W3 g64) the exact target (α = 1) overfits the calibration's asymmetry
+    /// layer after layer and wrecks the model (BENCHMARKS.md, "Teacher-targeted GPTQ").
+    #[serde(default)]
+    pub teacher_alpha: Option<f64>,
 }
 
-fn d_alpha() -> f64 {
-    1.0
-}
+/// The paper's α (its reference code's default).
+pub const DEFAULT_TEACHER_ALPHA: f64 = 0.25;
 
 fn d_bits() -> u32 {
     4
@@ -142,6 +143,11 @@ impl GptqSpec {
     }
 
     /// Activation order: as given, else on for 4 bits and more (see the field).
+    /// α of the teacher-targeted correction (`teacher_alpha`, default the paper's 0.25).
+    pub fn teacher_alpha(&self) -> f64 {
+        self.teacher_alpha.unwrap_or(DEFAULT_TEACHER_ALPHA)
+    }
+
     pub fn act_order(&self) -> bool {
         self.act_order.unwrap_or(self.bits >= 4)
     }
@@ -155,13 +161,13 @@ impl GptqSpec {
         if self.block_size == 0 {
             bail!("field `block_size` must be at least 1");
         }
-        if !(0.0..=1.0).contains(&self.teacher_alpha) {
+        if !(0.0..=1.0).contains(&self.teacher_alpha()) {
             bail!(
                 "field `teacher_alpha` must be in [0, 1], found {}",
-                self.teacher_alpha
+                self.teacher_alpha()
             );
         }
-        if self.target == Target::Student && self.teacher_alpha != 1.0 {
+        if self.target == Target::Student && self.teacher_alpha.is_some() {
             bail!("field `teacher_alpha` only applies with `target: teacher`");
         }
         if self.static_groups == Some(true) && !self.act_order() {
@@ -620,7 +626,7 @@ impl Pass for Gptq {
                             &h,
                             asym.get(&site).context("no asymmetry statistic")?,
                             self.spec.damp,
-                            self.spec.teacher_alpha,
+                            self.spec.teacher_alpha(),
                         )
                         .map_err(|e| anyhow::anyhow!("{module}: {e}"))?,
                     );

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Distillation (issue #20): W3 GPTQ vs W3 GPTQ + kd vs teacher-targeted GPTQ (α = 1 and the
+# paper's 0.25); SVD-LLM 40% with and without kd; 2:4 SparseGPT with and without kd.
+#   ref:  ../shared/models/ref-llama-9m, calibration 128 × 512 random c4 windows (seed 0, as
+#         pipelines/w3-gptq-kd.yaml), full wikitext2 / ptb / c4_eval, W3 g128, kd 100 steps × 4.
+#   real: models-real/smollm2-135m-instruct (scripts/get-real-model.sh), calibration the first
+#         128 c4 documents (as pipelines/bench/real-table.sh), the first 300,000 bytes of
+#         wikitext2 and c4_eval (the heads real-table.sh cuts), W3 g64, kd 20 steps × 2 (the
+#         per-layer budget cut to fit the 2-core machine).
+# kd: lr 0.005, every parameter group, seed 0. Runs already finished (report.json present) are
+# skipped, so re-running completes a table; the table is printed at the end.
+# Usage (repository root, ../shared beside it): pipelines/bench/kd-table.sh ref|real [OUT] [RECIPE…]
+set -euo pipefail
+which=${1:?ref or real}
+out=${2:-out/kd-$which}
+shift; shift || true
+mkdir -p "$out"
+bin=${BIN:-target/release/compress}
+S=../shared
+[ -n "${BIN:-}" ] || cargo build --release --quiet
+T='targets: ["re:.*_proj$"]'
+if [ "$which" = ref ]; then
+  model=$S/models/ref-llama-9m
+  calib="calibration: {path: $S/data/calib/c4_calib.jsonl, field: text, samples: 128, seq_len: 512, seed: 0}"
+  sets="[$S/data/eval/wikitext2/wiki.test.raw, $S/data/eval/ptb/ptb.test.txt, $S/data/eval/c4/c4_eval.jsonl]"
+  g=128; kd="kd: {lr: 0.005, steps: 100, batch: 4, seed: 0}"
+else
+  model=models-real/smollm2-135m-instruct
+  [ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
+  calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
+  python3 - "$out" "$S" <<'PY'
+import json, sys
+out, S = sys.argv[1], sys.argv[2]
+raw = open(f"{S}/data/eval/wikitext2/wiki.test.raw", "rb").read()[:300000]
+open(f"{out}/wiki-head300k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
+docs = [json.loads(l)["text"] for l in open(f"{S}/data/eval/c4/c4_eval.jsonl") if l.strip()]
+t = "\n\n".join(docs).encode()[:300000]
+open(f"{out}/c4-head300k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
+PY
+  sets="[$out/wiki-head300k.txt, $out/c4-head300k.txt]"
+  g=64; kd="kd: {lr: 0.005, steps: 20, batch: 2, seed: 0}"
+fi
+q="gptq: {bits: 3, group_size: $g, $T}"
+recipes=(
+  "dense|"
+  "gptq-w3|$q"
+  "gptq-w3-kd|$q\n  - $kd"
+  "gptq-w3-teacher|gptq: {bits: 3, group_size: $g, target: teacher, teacher_alpha: 1.0, $T}"
+  "gptq-w3-teacher-a025|gptq: {bits: 3, group_size: $g, target: teacher, teacher_alpha: 0.25, $T}"
+  "svd-llm-40|svd_llm: {ratio: 0.40, $T}"
+  "svd-llm-40-kd|svd_llm: {ratio: 0.40, $T}\n  - $kd"
+  "sparsegpt-2of4|sparsegpt: {pattern: '2:4', $T}"
+  "sparsegpt-2of4-kd|sparsegpt: {pattern: '2:4', $T}\n  - $kd"
+)
+for rec in "${recipes[@]}"; do
+  name=${rec%%|*}; pass=${rec#*|}
+  if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then continue; fi
+  [ -f "$out/$name/report.json" ] && { echo "$name: done"; continue; }
+  if [ "$name" = dense ]; then
+    printf 'model: %s\noutput: %s\npasses: []\neval: {datasets: %s, seq_len: 512, baseline: false}\n' \
+      "$model" "$out/dense" "$sets" > "$out/dense.yaml"
+  else
+    printf 'model: %s\noutput: %s\n%s\npasses:\n  - %b\nexport: {format: compressed-tensors}\neval: {datasets: %s, seq_len: 512, baseline: false}\n' \
+      "$model" "$out/$name" "$calib" "$pass" "$sets" > "$out/$name.yaml"
+  fi
+  /usr/bin/time -f "%e s wall, %U s user, %S s sys, %M KB max RSS" -o "$out/$name.time" \
+    $bin "$out/$name.yaml" --overwrite --quiet || { echo "$name: FAILED"; continue; }
+  echo "$name: $(cat "$out/$name.time")"
+done
+python3 - "$out" "${recipes[@]%%|*}" <<'PY'
+import json, sys, os
+out, names = sys.argv[1], sys.argv[2:]
+rows = []
+for n in names:
+    p = os.path.join(out, n, "report.json")
+    if not os.path.exists(p):
+        continue
+    r = json.load(open(p))
+    ev = r["eval"]
+    order = sorted(ev, key=lambda k: 0 if "wiki" in k else 1 if "ptb" in k else 2)
+    per = {}
+    for rec in r.get("layers", []):
+        per[rec["pass"]] = per.get(rec["pass"], 0.0) + rec["seconds"]
+    rows.append((n, order, [ev[k]["after"]["perplexity"] for k in order], per,
+                 r["timing"]["compress_seconds"]))
+if rows:
+    print("| recipe | " + " | ".join(rows[0][1]) + " | pass s (own records) | compress s |")
+    print("|---|" + "---:|" * (len(rows[0][1]) + 2))
+for n, _, ppl, per, c in rows:
+    print(f"| {n} | " + " | ".join(f"{v:.2f}" for v in ppl) + " | "
+          + ", ".join(f"{k} {v:.1f}" for k, v in per.items()) + f" | {c:.1f} |")
+PY
