@@ -27,5 +27,7 @@ pub mod report;
 pub mod resume;
 pub mod runner;
 pub mod safetensors_file;
+#[cfg(test)]
+pub mod testing;
 pub mod util;
 pub mod verify;

@@ -219,24 +219,7 @@ mod tests {
     use ndarray::Array2;
 
     fn problem(rows: usize, cols: usize, n: usize, seed: u64) -> (Array2<f32>, Array2<f64>) {
-        let mut s = seed;
-        let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u1 = ((s >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u2 = (s >> 11) as f64 / (1u64 << 53) as f64;
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        };
-        let a = Array2::from_shape_fn((cols, cols), |(i, _)| next() / (1.0 + i as f64));
-        let z = Array2::from_shape_fn((n, cols), |_| next());
-        let x = z.dot(&a);
-        let h = x.t().dot(&x) * (2.0 / n as f64);
-        let w = Array2::from_shape_fn((rows, cols), |_| next() as f32);
-        (w, h)
+        crate::testing::correlated_problem(rows, cols, n, seed, true)
     }
 
     /// RTN W3 of `w`, group 16, as the quantized weight to compensate.

@@ -342,30 +342,8 @@ impl Pass for SvdLlm {
 mod tests {
     use super::super::svd::svd_truncate;
     use super::*;
-
-    /// Correlated inputs X = Z·A (Z standard normal, A random mixing), W random:
-    /// H = 2/n·XᵀX, as in the SparseGPT tests.
     fn problem(rows: usize, cols: usize, n: usize, seed: u64) -> (Array2<f32>, Array2<f64>) {
-        let mut s = seed;
-        let mut next = move || {
-            // Box-Muller on a 64-bit LCG
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u1 = ((s >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u2 = (s >> 11) as f64 / (1u64 << 53) as f64;
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        };
-        // a decaying channel scale on top of the mixing makes the correlation strong
-        let a = Array2::from_shape_fn((cols, cols), |(i, _)| next() / (1.0 + i as f64));
-        let z = Array2::from_shape_fn((n, cols), |_| next());
-        let x = z.dot(&a);
-        let h = x.t().dot(&x) * (2.0 / n as f64);
-        let w = Array2::from_shape_fn((rows, cols), |_| next() as f32);
-        (w, h)
+        crate::testing::correlated_problem(rows, cols, n, seed, true)
     }
 
     fn product32(lr: &LowRank) -> Array2<f32> {
