@@ -673,7 +673,8 @@ fn compress_into(
                 (crate::export::Format::Gguf, Some(ft)) => {
                     Exporter::begin_gguf(work, ckpt, ft, p.export.tensor_types.clone())?
                 }
-                _ => Exporter::begin(p.export.format, work, ckpt, max_shard)?,
+                _ => Exporter::begin(p.export.format, work, ckpt, max_shard)?
+                    .with_sparse_format(p.export.sparse_format)?,
             };
             (e, None)
         }

@@ -17,6 +17,7 @@ use writer::SafetensorsWriter;
 use crate::formats::gguf::{self, FileType, TensorEntry, TypeOverride};
 use crate::model::DType;
 
+pub use crate::formats::compressed_tensors::SparseFormat;
 pub use crate::formats::{Format, Order};
 
 /// Files copied unchanged from the model folder besides the weights.
@@ -51,6 +52,8 @@ pub struct ExporterState {
     adapter_writer: Option<writer::WriterState>,
     #[serde(default)]
     adapters: Vec<(String, usize)>,
+    #[serde(default)]
+    sparse_format: SparseFormat,
 }
 
 /// What a GGUF export needs besides the spill file: the mix, the overrides, and every tensor
@@ -93,7 +96,7 @@ impl SparsityTally {
     }
 
     /// The `sparsity_config` block, when any linear was written with a mask.
-    fn block(&self, all_linears: &[String]) -> Option<Value> {
+    fn block(&self, all_linears: &[String], format: SparseFormat) -> Option<Value> {
         if self.sparse.is_empty() {
             return None;
         }
@@ -105,7 +108,7 @@ impl SparsityTally {
         let structure = if self.all_2_4 { "2:4" } else { "unstructured" };
         let global = self.zeros as f64 / self.numel.max(1) as f64;
         Some(crate::formats::compressed_tensors::sparsity_config(
-            global, structure, &dense,
+            global, structure, &dense, format,
         ))
     }
 }
@@ -133,6 +136,8 @@ pub struct Exporter {
     adapter_writer: Option<SafetensorsWriter>,
     /// (module name, rank) of every adapter written.
     adapters: Vec<(String, usize)>,
+    /// How sparse linears are stored (compressed-tensors only).
+    sparse_format: SparseFormat,
 }
 
 impl ExporterState {
@@ -168,6 +173,7 @@ impl Exporter {
             gguf: None,
             adapter_writer: None,
             adapters: Vec::new(),
+            sparse_format: SparseFormat::Dense,
         };
         ensure!(
             format != Format::Gguf,
@@ -208,6 +214,7 @@ impl Exporter {
             )),
             adapter_writer: None,
             adapters: Vec::new(),
+            sparse_format: SparseFormat::Dense,
         };
         e.gguf_copy(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -231,6 +238,7 @@ impl Exporter {
                 .map(|w| w.checkpoint())
                 .transpose()?,
             adapters: self.adapters.clone(),
+            sparse_format: self.sparse_format,
         })
     }
 
@@ -277,7 +285,20 @@ impl Exporter {
                 })
                 .transpose()?,
             adapters: state.adapters,
+            sparse_format: state.sparse_format,
         })
+    }
+
+    /// Store sparse linears as `format` (compressed-tensors `sparse-bitmask` or dense with
+    /// zeros); only compressed-tensors has a bitmask layout.
+    pub fn with_sparse_format(mut self, format: SparseFormat) -> Result<Self> {
+        ensure!(
+            format == SparseFormat::Dense || self.format == Format::CompressedTensors,
+            "export: `sparse_format: bitmask` is a compressed-tensors layout; the {} format stores sparse weights dense",
+            self.format.name()
+        );
+        self.sparse_format = format;
+        Ok(self)
     }
 
     /// GGUF: encode one tensor (HF name, HF row-major values and shape) the way llama.cpp's
@@ -442,6 +463,10 @@ impl Exporter {
             let imp = lin.importance().map(|i| i.to_vec());
             return self.gguf_add(ckpt, &wname, v, &[w.nrows(), w.ncols()], imp.as_deref());
         }
+        let bitmask = self.sparse_format == SparseFormat::Bitmask && lin.mask().is_some();
+        if bitmask && lin.quant().is_some() {
+            bail!("export: `{prefix}` is sparse and quantized; `sparse_format: bitmask` stores unquantized sparse weights (compressed-tensors has no bitmask layout for packed integer weights): use `sparse_format: dense`");
+        }
         match (lin.repr(), lin.quant(), self.format) {
             (Repr::Factored { u, v }, _, Format::CompressedTensors | Format::Gptq) => {
                 if u.quant.is_some() || v.quant.is_some() {
@@ -455,6 +480,21 @@ impl Exporter {
                         .add(&format!("{prefix}.{suffix}"), lin.dtype, &shape, &bytes)?;
                 }
                 self.low_rank.push((prefix.to_string(), u.values.ncols()));
+                self.unquantized.push(prefix.to_string());
+            }
+            (_, None, Format::CompressedTensors) if bitmask => {
+                let w = if separate {
+                    lin.base_weight()
+                } else {
+                    lin.weight()
+                };
+                let s = w.as_slice().context("weight not contiguous")?;
+                let dims = (w.nrows(), w.ncols());
+                for (n, dt, shape, bytes) in
+                    crate::formats::compressed_tensors::bitmask_tensors(prefix, s, dims, lin.dtype)?
+                {
+                    self.w()?.add(&n, dt, &shape, &bytes)?;
+                }
                 self.unquantized.push(prefix.to_string());
             }
             (_, Some(q), Format::CompressedTensors) => {
@@ -574,13 +614,22 @@ impl Exporter {
         match self.format {
             Format::Dense | Format::Gguf => {}
             Format::CompressedTensors => {
-                let sparsity = self.sparsity.block(&self.linears);
+                let sparsity = self.sparsity.block(&self.linears, self.sparse_format);
                 match (self.compressed_tensors_config()?, sparsity) {
                     (Some(mut q), s) => {
                         if let Some(s) = s {
                             q["sparsity_config"] = s;
                         }
                         config["quantization_config"] = q;
+                    }
+                    // bitmask-compressed weights need the library's decompressor, which reads
+                    // the block inside `quantization_config` (ModelCompressor's
+                    // `parse_sparsity_config`)
+                    (None, Some(s)) if self.sparse_format == SparseFormat::Bitmask => {
+                        config["quantization_config"] = serde_json::json!({
+                            "quant_method": "compressed-tensors",
+                            "sparsity_config": s,
+                        });
                     }
                     // dense weights with exact zeros load everywhere; a quantization_config
                     // without config groups would make transformers refuse the checkpoint,

@@ -27,12 +27,28 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         let v = read_checked(ckpt, &w, shape)?;
         return Ok((v, ckpt.info(&w)?.0.dtype));
     }
-    let Some((bits, gs, sym, method)) = scheme(ckpt)? else {
-        bail!("{}: missing tensor `{w}`", ckpt.dir.display());
-    };
     let get = |name: &str| -> Result<(DType, Vec<usize>, Vec<u8>)> {
         let (info, bytes) = ckpt.raw(name)?;
         Ok((info.dtype, info.shape.clone(), bytes.to_vec()))
+    };
+    if !ckpt.has(&w) && ckpt.has(&format!("{prefix}.bitmask")) {
+        // compressed-tensors `sparse-bitmask`
+        let path = ckpt
+            .info(&format!("{prefix}.bitmask"))
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_default();
+        let (v, dt, dims) = formats::compressed_tensors::read_bitmask(&get, prefix)
+            .with_context(|| format!("{path}: reading sparse-bitmask `{prefix}`"))?;
+        if [dims.0, dims.1] != shape {
+            bail!("{path}: sparse-bitmask `{prefix}` is {dims:?}, config.json implies {shape:?}");
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!("{path}: sparse-bitmask `{prefix}` holds a non-finite value at flat index {i}");
+        }
+        return Ok((v, dt));
+    }
+    let Some((bits, gs, sym, method)) = scheme(ckpt)? else {
+        bail!("{}: missing tensor `{w}`", ckpt.dir.display());
     };
     let (v, scale_name) = match method.as_str() {
         "int-quantized" => (

@@ -105,6 +105,15 @@ pub struct Export {
     /// `{pattern, type}` whose regex matches the GGUF tensor name wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tensor_types: Vec<crate::formats::gguf::TypeOverride>,
+    /// `format: compressed-tensors`: how sparse (masked, unquantized) linears are stored:
+    /// `dense` (exact zeros; default, loads everywhere) or `bitmask` (compressed-tensors
+    /// `sparse-bitmask`: non-zeros + one bit per weight).
+    #[serde(default, skip_serializing_if = "is_dense")]
+    pub sparse_format: crate::formats::compressed_tensors::SparseFormat,
+}
+
+fn is_dense(f: &crate::formats::compressed_tensors::SparseFormat) -> bool {
+    *f == crate::formats::compressed_tensors::SparseFormat::Dense
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,6 +237,11 @@ impl Pipeline {
                 .any(|p| matches!(p, crate::passes::PassSpec::Imatrix(_)))
         {
             bail!("{f}: the `imatrix` pass only informs a GGUF export's rounding: use `export: {{format: gguf}}`");
+        }
+        if self.export.sparse_format != crate::formats::compressed_tensors::SparseFormat::Dense
+            && self.export.format != Format::CompressedTensors
+        {
+            bail!("{f}: field `export.sparse_format: bitmask` is a compressed-tensors layout (`format: compressed-tensors`); the {} format stores sparse weights dense", self.export.format.name());
         }
         match (self.export.format, &self.export.gguf_type) {
             (Format::Gguf, None) => {
