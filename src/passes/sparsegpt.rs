@@ -30,6 +30,7 @@ use crate::model::DType;
 use crate::quant::{scale_dtype_for, QuantArgs, QuantizedLinear};
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Instant;
@@ -229,20 +230,29 @@ impl ColumnRule for Rule<'_> {
             return None;
         }
         // §3.2: saliency w²/U_jj² of the block's weights as updated so far; prune the lowest
+        // (the k lowest by a total order — saliency, then position — so ties are broken the
+        // same way on every run; a selection, not a sort: O(n) instead of O(n log n))
         let width = i2 - i1;
-        let mut sal: Vec<(f32, usize)> = Vec::with_capacity(self.rows * width);
-        for r in 0..self.rows {
-            for j in i1..i2 {
+        let mut sal: Vec<(f32, usize)> = vec![(0.0, 0); self.rows * width];
+        sal.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+            for (c, s) in row.iter_mut().enumerate() {
+                let j = i1 + c;
                 let d = f.diag(j);
                 let x = w[r * self.cols + j];
-                sal.push((x * x / (d * d), r * width + (j - i1)));
+                *s = (x * x / (d * d), r * width + c);
             }
-        }
+        });
         let k = (sal.len() as f64 * self.sparsity).floor() as usize;
-        sal.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let mut pruned = vec![false; self.rows * width];
-        for (_, i) in sal.iter().take(k) {
-            pruned[*i] = true;
+        if k == sal.len() {
+            pruned.fill(true);
+        } else if k > 0 {
+            let (lower, kth, _) =
+                sal.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            pruned[kth.1] = true;
+            for (_, i) in lower.iter() {
+                pruned[*i] = true;
+            }
         }
         Some((i1, pruned))
     }
