@@ -198,3 +198,79 @@ fn killed_during_kd_resumes_byte_identical() {
         "kd records of every layer"
     );
 }
+
+/// The tuned values leave in every format: the same [gptq, kd] run written as compressed-tensors,
+/// GPTQ v1 and dense, and [sparsegpt 2:4, kd] written as compressed-tensors and GGUF Q8_0, read
+/// back with the tuned RMSNorm weights (equal across formats, not the input model's) and
+/// quantization scales (the dequantized weights agree across formats up to the scales' storage
+/// rounding and differ from plain GPTQ's).
+#[test]
+fn kd_values_export_in_every_format() {
+    use compress::model::layer::LayerWeights;
+    use compress::model::Checkpoint;
+    let d = tempfile::tempdir().unwrap();
+    let run = |name: &str, passes: &str, export: &str| -> LayerWeights {
+        let (p, o) = pipeline(d.path(), name, passes);
+        let y = std::fs::read_to_string(&p).unwrap().replace(
+            "export: {format: compressed-tensors}",
+            &format!("export: {{{export}}}"),
+        );
+        std::fs::write(&p, y).unwrap();
+        common::run_ok(&p);
+        LayerWeights::load(&Checkpoint::open(&o).unwrap(), 3).unwrap()
+    };
+    let gptq = "  - gptq: {bits: 4, group_size: 128}\n";
+    let kd = format!("{gptq}{KD}");
+    let sparse = format!("  - sparsegpt: {{pattern: \"2:4\", targets: [\"re:.*_proj$\"]}}\n{KD}");
+    let plain = run("plain", gptq, "format: compressed-tensors");
+    let quantized: Vec<(&str, LayerWeights)> = ["compressed-tensors", "gptq", "dense"]
+        .into_iter()
+        .map(|f| (f, run(&format!("kd-{f}"), &kd, &format!("format: {f}"))))
+        .collect();
+    let pruned = [
+        (
+            "compressed-tensors",
+            run("sp-ct", &sparse, "format: compressed-tensors"),
+        ),
+        (
+            "gguf",
+            run("sp-gguf", &sparse, "format: gguf, gguf_type: q8_0"),
+        ),
+    ];
+    let input = LayerWeights::load(&Checkpoint::open(&common::ref_model()).unwrap(), 3).unwrap();
+    let max_rel = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    };
+    for group in [&quantized[..], &pruned[..]] {
+        for (name, (w_in, _)) in &input.norms {
+            for (fmt, lw) in group {
+                let w = &lw.norms[name].0;
+                assert!(
+                    max_rel(w, w_in) > 1e-3,
+                    "{fmt}: {name} is the input model's"
+                );
+                // bf16 in the safetensors formats; GGUF stores norms in f32 from the same values
+                let r = max_rel(w, &group[0].1.norms[name].0);
+                assert!(
+                    r < 1e-2,
+                    "{fmt}: {name} differs from the compressed-tensors export by {r}"
+                );
+            }
+        }
+    }
+    for lin in ["self_attn.q_proj", "mlp.down_proj"] {
+        let ct = quantized[0].1.linears[lin].weight();
+        let ct = ct.as_slice().unwrap();
+        let pl = plain.linears[lin].weight();
+        assert!(
+            max_rel(ct, pl.as_slice().unwrap()) > 1e-3,
+            "{lin}: kd left the scales as GPTQ found them"
+        );
+        for (fmt, lw) in &quantized[1..] {
+            let w = lw.linears[lin].weight();
+            let r = max_rel(w.as_slice().unwrap(), ct);
+            assert!(r < 2e-2, "{fmt}: {lin} differs by {r}");
+        }
+    }
+}
