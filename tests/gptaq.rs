@@ -5,36 +5,17 @@
 //! bad option values are refused.
 
 mod common;
-use common::{bin, ref_model, shared};
+use common::bin;
 use std::path::Path;
 use std::process::Command;
 
 fn pipeline(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\n\
-             calibration: {{path: {}, field: text, samples: 8, seq_len: 128, seed: 0}}\n\
-             passes:\n  - gptq: {{bits: 3, group_size: 64, {extra}}}\n\
-             export: {{format: compressed-tensors}}\n",
-            ref_model().display(),
-            dir.join(name).display(),
-            shared().join("data/calib/c4_calib.jsonl").display(),
-        ),
-    )
-    .unwrap();
-    p
+    let gptq = format!("gptq: {{bits: 3, group_size: 64, {extra}}}");
+    common::ref_pipeline(dir, name, &[&gptq], "format: compressed-tensors")
 }
 
 fn run(p: &Path) -> serde_json::Value {
-    let o = Command::new(bin())
-        .arg(p)
-        .args(["--quiet", "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    common::run_json(p)
 }
 
 fn tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {

@@ -4,36 +4,16 @@
 //! sparsity, the written weights carry those zeros, and bad fields are refused.
 
 mod common;
-use common::{bin, ref_model, shared};
+use common::{bin, ref_model};
 use std::path::Path;
 use std::process::Command;
 
 fn pipeline(dir: &Path, name: &str, pass: &str) -> std::path::PathBuf {
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "model: {}\noutput: {}\n\
-             calibration: {{path: {}, field: text, samples: 8, seq_len: 128, seed: 0}}\n\
-             passes:\n  - {pass}\n\
-             export: {{format: dense}}\n",
-            ref_model().display(),
-            dir.join(name).display(),
-            shared().join("data/calib/c4_calib.jsonl").display(),
-        ),
-    )
-    .unwrap();
-    p
+    common::ref_pipeline(dir, name, &[pass], "format: dense")
 }
 
 fn run(p: &Path) -> serde_json::Value {
-    let o = Command::new(bin())
-        .arg(p)
-        .args(["--quiet", "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    common::run_json(p)
 }
 
 #[test]

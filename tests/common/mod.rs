@@ -61,3 +61,34 @@ pub fn run_rtn(
     .unwrap();
     run_ok(&p);
 }
+
+/// Run a pipeline with `--quiet --json`, asserting success; the report.
+pub fn run_json(pipeline: &std::path::Path) -> serde_json::Value {
+    let o = std::process::Command::new(bin())
+        .arg(pipeline)
+        .args(["--quiet", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Write `dir/NAME.yaml`: the reference model through `dir/NAME`, 8 × 128 c4 calibration
+/// windows (seed 0), the passes (one YAML list item each) and the export block's fields.
+pub fn ref_pipeline(dir: &std::path::Path, name: &str, passes: &[&str], export: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    let passes: String = passes.iter().map(|s| format!("  - {s}\n")).collect();
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n\
+             calibration: {{path: {}, field: text, samples: 8, seq_len: 128, seed: 0}}\n\
+             passes:\n{passes}export: {{{export}}}\n",
+            ref_model().display(),
+            dir.join(name).display(),
+            shared().join("data/calib/c4_calib.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
