@@ -118,7 +118,14 @@ pub struct State {
     /// continues with the first evaluation step not finished.
     #[serde(default)]
     pub exported: Option<Exported>,
+    /// The OWL allocation of each `allocation: owl` pass (its index in `passes`, and each
+    /// layer's (outlier ratio, sparsity)), so a resumed run does not scan the dense model again.
+    #[serde(default)]
+    pub owl: OwlAllocations,
 }
+
+/// Per `allocation: owl` pass: its index in `passes` and each layer's (outlier ratio, sparsity).
+pub type OwlAllocations = Vec<(usize, Vec<(f64, f64)>)>;
 
 /// The finished artifact, as recorded when the last shard was complete.
 #[derive(Clone, Serialize, Deserialize)]
@@ -417,6 +424,8 @@ pub struct ResumableSink<'a> {
     pub fingerprint: Fingerprint,
     /// Digests of the layers finished so far (see `State::layer_digests`).
     pub layer_digests: Vec<String>,
+    /// See `State::owl`.
+    pub owl: OwlAllocations,
 }
 
 impl LayerSink for ResumableSink<'_> {
@@ -448,6 +457,7 @@ impl LayerSink for ResumableSink<'_> {
             pass_states: carry.pass_states.to_vec(),
             layer_digests: self.layer_digests.clone(),
             exported: None,
+            owl: self.owl.clone(),
         };
         write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
         for old in [d.join(hidden_file(l)), d.join(teacher_file(l))] {

@@ -649,7 +649,8 @@ fn compress_into(
     let t = Instant::now();
     // OWL needs every layer's outlier ratio before the first layer is pruned: scan first
     let mut specs = p.passes.clone();
-    owl_scan(&mut specs, ckpt, &windows, &opts)?;
+    let cached_owl = state.as_ref().map(|s| s.owl.clone()).unwrap_or_default();
+    let owl = owl_scan(&mut specs, ckpt, &windows, &opts, &cached_owl)?;
     let mut passes = specs
         .iter()
         .map(|s| s.build())
@@ -692,6 +693,7 @@ fn compress_into(
             work: work.to_path_buf(),
             fingerprint,
             layer_digests,
+            owl,
         };
         crate::engine::run(ckpt, &passes, &windows, &opts, &mut sink, resume_point)?
     };
@@ -710,14 +712,17 @@ fn compress_into(
 }
 
 /// For each pruning pass with `allocation: owl` (passes/owl.rs): stream the dense model through
-/// the OWL scan (nothing written) and set the pass's per-layer sparsities. Deterministic, so a
-/// resumed run scans again and gets the same allocation.
+/// the OWL scan (nothing written) and set the pass's per-layer sparsities. A resumed run takes
+/// the allocation its state recorded (`cached`) instead of scanning again (the scan is
+/// deterministic, so it would find the same). Returns every allocation, for the resume state.
 fn owl_scan(
     specs: &mut [crate::passes::PassSpec],
     ckpt: &Checkpoint,
     windows: &[Vec<u32>],
     opts: &crate::engine::StreamOptions,
-) -> Result<()> {
+    cached: &[(usize, Vec<(f64, f64)>)],
+) -> Result<crate::resume::OwlAllocations> {
+    let mut out = Vec::new();
     struct Discard;
     impl crate::engine::LayerSink for Discard {
         fn layer(&mut self, _: &Checkpoint, _: &crate::model::layer::LayerWeights) -> Result<()> {
@@ -734,6 +739,15 @@ fn owl_scan(
         }
         if windows.is_empty() {
             bail!("passes[{i}] {name}: `allocation: owl` needs a `calibration:` block");
+        }
+        if let Some((_, a)) = cached
+            .iter()
+            .find(|(j, a)| *j == i && a.len() == ckpt.config.num_layers)
+        {
+            info!("passes[{i}] {name}: OWL allocation from the resume state");
+            ps.owl = Some(a.clone());
+            out.push((i, a.clone()));
+            continue;
         }
         info!("passes[{i}] {name}: OWL scan of the dense model (outlier ratio per layer)");
         let scan = crate::passes::owl::OwlScan {
@@ -753,9 +767,11 @@ fn owl_scan(
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        ps.owl = Some(ratios.into_iter().zip(alloc).collect());
+        let a: Vec<(f64, f64)> = ratios.into_iter().zip(alloc).collect();
+        out.push((i, a.clone()));
+        ps.owl = Some(a);
     }
-    Ok(())
+    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]

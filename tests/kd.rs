@@ -5,8 +5,8 @@
 
 mod common;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn pipeline(dir: &Path, name: &str, passes: &str) -> (PathBuf, PathBuf) {
     let out = dir.join(name);
@@ -139,47 +139,8 @@ fn killed_during_kd_resumes_byte_identical() {
     let (p_full, full) = pipeline(d.path(), "full", &passes);
     common::run_ok(&p_full);
     let (p, out) = pipeline(d.path(), "killed", &passes);
-    let work = d.path().join(".killed.partial");
-    let state = work.join(".resume/state.json");
-    let mut child = Command::new(common::bin())
-        .arg(&p)
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let next = std::fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["next_layer"].as_u64())
-            .unwrap_or(0);
-        if next >= 3 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run ended before the kill"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
     // into layer 3: GPTQ takes a few ms on this model, distillation most of the layer
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "run ended before the kill"
-    );
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        !out.exists(),
-        "an interrupted run must not publish its output"
-    );
+    common::kill_in_layer(&p, &out, 3, Duration::from_millis(150));
     let o = Command::new(common::bin())
         .arg(&p)
         .args(["--quiet", "--resume"])

@@ -90,3 +90,34 @@ fn owl_fields_are_checked() {
         assert!(!d.path().join("bad").exists());
     }
 }
+
+/// SIGKILL after the OWL scan, inside a later layer; the resumed run takes the allocation from
+/// its resume state (no second scan of the dense model) and writes the bytes of an
+/// uninterrupted run.
+#[test]
+fn resume_reuses_the_owl_allocation() {
+    let d = tempfile::tempdir().unwrap();
+    let pass = "sparsegpt: {sparsity: 0.6, allocation: owl}";
+    let full = pipeline(d.path(), "full", pass);
+    common::run_ok(&full);
+    let p = pipeline(d.path(), "killed", pass);
+    let out = d.path().join("killed");
+    common::kill_in_layer(&p, &out, 2, std::time::Duration::from_millis(0));
+    let o = Command::new(bin())
+        .arg(&p)
+        .arg("--resume")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("OWL allocation from the resume state"),
+        "{log}"
+    );
+    assert!(!log.contains("OWL scan of the dense model"), "{log}");
+    assert_eq!(
+        std::fs::read(d.path().join("full/model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+}

@@ -92,3 +92,55 @@ pub fn ref_pipeline(dir: &std::path::Path, name: &str, passes: &[&str], export: 
     .unwrap();
     p
 }
+
+/// Start `pipeline` (`--quiet`), wait until its resume state says layer `layer` is next, sleep
+/// `then` more (into that layer's work), SIGKILL it and check nothing was published at `out`.
+pub fn kill_in_layer(
+    pipeline: &std::path::Path,
+    out: &std::path::Path,
+    layer: u64,
+    then: std::time::Duration,
+) {
+    let name = out.file_name().unwrap().to_string_lossy().to_string();
+    let state = out
+        .with_file_name(format!(".{name}.partial"))
+        .join(".resume/state.json");
+    let mut child = std::process::Command::new(bin())
+        .arg(pipeline)
+        .arg("--quiet")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let next = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["next_layer"].as_u64())
+            .unwrap_or(0);
+        if next >= layer {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before the kill"
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(then);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run ended before the kill"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "an interrupted run must not publish its output"
+    );
+}
