@@ -56,6 +56,9 @@ recipes=(
   "magnitude-50|magnitude: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
   "wanda-50|wanda: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
   "sparsegpt-50|sparsegpt: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
+  "magnitude-2of4|magnitude: {pattern: '2:4', targets: [\"re:.*_proj$\"]}"
+  "wanda-2of4|wanda: {pattern: '2:4', targets: [\"re:.*_proj$\"]}"
+  "sparsegpt-2of4-gptq-w4g64|sparsegpt: {pattern: '2:4', targets: [\"re:.*_proj$\"]}\n  - gptq: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "wanda-70|wanda: {sparsity: 0.7, targets: [\"re:.*_proj$\"]}"
   "wanda-70-owl|wanda: {sparsity: 0.7, allocation: owl, targets: [\"re:.*_proj$\"]}"
 )
@@ -79,7 +82,7 @@ import json, sys, os
 out = sys.argv[1]
 print("| recipe | wikitext2 head | c4_eval head | compress s |")
 print("|---|---:|---:|---:|")
-for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-teacher", "gptq-w3g64-teacher-a025", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50", "wanda-70", "wanda-70-owl"]:
+for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-teacher", "gptq-w3g64-teacher-a025", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4-gptq-w4g64", "wanda-70", "wanda-70-owl"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue
