@@ -17,6 +17,7 @@ shift; shift || true
 mkdir -p "$out"
 bin=${BIN:-target/release/compress}
 S=../shared
+. "$(dirname "$0")/lib.sh"
 [ -n "${BIN:-}" ] || cargo build --release --quiet
 T='targets: ["re:.*_proj$"]'
 if [ "$which" = ref ]; then
@@ -28,15 +29,7 @@ else
   model=models-real/smollm2-135m-instruct
   [ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
   calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
-  python3 - "$out" "$S" <<'PY'
-import json, sys
-out, S = sys.argv[1], sys.argv[2]
-raw = open(f"{S}/data/eval/wikitext2/wiki.test.raw", "rb").read()[:300000]
-open(f"{out}/wiki-head300k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
-docs = [json.loads(l)["text"] for l in open(f"{S}/data/eval/c4/c4_eval.jsonl") if l.strip()]
-t = "\n\n".join(docs).encode()[:300000]
-open(f"{out}/c4-head300k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
-PY
+  cut_heads "$out" "$S"
   sets="[$out/wiki-head300k.txt, $out/c4-head300k.txt]"
   g=64; kd="kd: {lr: 0.005, steps: 20, batch: 2, seed: 0}"
 fi
@@ -52,21 +45,7 @@ recipes=(
   "sparsegpt-2of4|sparsegpt: {pattern: '2:4', $T}"
   "sparsegpt-2of4-kd|sparsegpt: {pattern: '2:4', $T}\n  - $kd"
 )
-for rec in "${recipes[@]}"; do
-  name=${rec%%|*}; pass=${rec#*|}
-  if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then continue; fi
-  [ -f "$out/$name/report.json" ] && { echo "$name: done"; continue; }
-  if [ "$name" = dense ]; then
-    printf 'model: %s\noutput: %s\npasses: []\neval: {datasets: %s, seq_len: 512, baseline: false}\n' \
-      "$model" "$out/dense" "$sets" > "$out/dense.yaml"
-  else
-    printf 'model: %s\noutput: %s\n%s\npasses:\n  - %b\nexport: {format: compressed-tensors}\neval: {datasets: %s, seq_len: 512, baseline: false}\n' \
-      "$model" "$out/$name" "$calib" "$pass" "$sets" > "$out/$name.yaml"
-  fi
-  /usr/bin/time -f "%e s wall, %U s user, %S s sys, %M KB max RSS" -o "$out/$name.time" \
-    $bin "$out/$name.yaml" --overwrite --quiet || { echo "$name: FAILED"; continue; }
-  echo "$name: $(cat "$out/$name.time")"
-done
+run_recipes "$@"
 python3 - "$out" "${recipes[@]%%|*}" <<'PY'
 import json, sys, os
 out, names = sys.argv[1], sys.argv[2:]

@@ -16,15 +16,8 @@ model=models-real/smollm2-135m-instruct
 S=../shared
 [ -n "${BIN:-}" ] || cargo build --release --quiet
 [ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
-python3 - "$out" "$S" <<'PY'
-import json, sys
-out, S = sys.argv[1], sys.argv[2]
-raw = open(f"{S}/data/eval/wikitext2/wiki.test.raw", "rb").read()[:300000]
-open(f"{out}/wiki-head300k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
-docs = [json.loads(l)["text"] for l in open(f"{S}/data/eval/c4/c4_eval.jsonl") if l.strip()]
-t = "\n\n".join(docs).encode()[:300000]
-open(f"{out}/c4-head300k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
-PY
+. "$(dirname "$0")/lib.sh"
+cut_heads "$out" "$S"
 eval_block="eval: {datasets: [$out/wiki-head300k.txt, $out/c4-head300k.txt], seq_len: 512, baseline: false}"
 calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
 run() { # name pass
