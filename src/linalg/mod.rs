@@ -123,6 +123,37 @@ pub fn svd_randomized(
     })
 }
 
+/// Oversampling p, power iterations q and seed of [`svd_top`]'s randomized route.
+const RSVD_OVERSAMPLE: usize = 10;
+const RSVD_POWER_ITERS: usize = 2;
+const RSVD_SEED: u64 = 0x5eed_5bd0;
+
+/// The leading `r` singular triplets of `a` [m, n] and Σ of the squared singular values it
+/// leaves out (‖A‖_F² − Σ_{i≤r} σ_i², exact for the returned factors: U_r Σ_r V_rᵀ = P A for
+/// the orthogonal projector P = U_r U_rᵀ). Randomized ([`svd_randomized`], p = 10, q = 2) when
+/// r + p ≤ min(m, n) / 4, where it costs O(mn(r + p)(2q + 2)) against the thin SVD's
+/// O(mn·min(m, n)); the thin SVD, truncated, otherwise. Deterministic (fixed seed).
+pub fn svd_top(a: &Array2<f64>, r: usize) -> Result<(Svd, f64)> {
+    let k = a.nrows().min(a.ncols());
+    if r == 0 || r > k {
+        bail!("rank {r} outside 1..={k}");
+    }
+    if (r + RSVD_OVERSAMPLE) * 4 <= k {
+        let d = svd_randomized(a, r, RSVD_OVERSAMPLE, RSVD_POWER_ITERS, RSVD_SEED)?;
+        let total: f64 = a.iter().map(|x| x * x).sum();
+        let kept: f64 = d.s.iter().map(|x| x * x).sum();
+        return Ok((d, (total - kept).max(0.0)));
+    }
+    let full = svd_thin(a)?;
+    let rest = full.s[r..].iter().map(|x| x * x).sum();
+    let d = Svd {
+        u: full.u.slice(ndarray::s![.., ..r]).to_owned(),
+        s: full.s[..r].to_vec(),
+        v: full.v.slice(ndarray::s![.., ..r]).to_owned(),
+    };
+    Ok((d, rest))
+}
+
 /// A · B in f64 through faer's GEMM.
 pub fn matmul(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
     let (am, bm) = (to_faer(a), to_faer(b));
@@ -294,6 +325,48 @@ mod tests {
         );
         assert_eq!(p.s, q.s);
         assert!(svd_randomized(&a, 0, 10, 2, 3).is_err());
+    }
+
+    #[test]
+    fn svd_top_takes_the_randomized_route_at_small_rank_and_prices_the_rest() {
+        // decaying spectrum, 160 × 120: rank 8 (8 + 10 ≤ 30) is randomized, rank 40 is not
+        let (m, n) = (160, 120);
+        let x = svd_thin(&mat(m, n, 5)).unwrap().u;
+        let y = svd_thin(&mat(n, n, 6)).unwrap().u;
+        let a = Array2::from_shape_fn((m, n), |(i, j)| {
+            (0..n)
+                .map(|k| x[[i, k]] * 0.85f64.powi(k as i32) * y[[j, k]])
+                .sum::<f64>()
+        });
+        let full = svd_thin(&a).unwrap();
+        for r in [8, 40] {
+            let (d, rest) = svd_top(&a, r).unwrap();
+            assert_eq!((d.u.dim(), d.s.len(), d.v.dim()), ((m, r), r, (n, r)));
+            let dropped: f64 = full.s[r..].iter().map(|s| s * s).sum();
+            // Eckart–Young: no rank-r factors leave less than the dropped spectrum; the
+            // randomized ones leave at most a hair more
+            assert!(
+                rest >= dropped * (1.0 - 1e-9) && rest <= dropped * (1.0 + 1e-6),
+                "rank {r}: left {rest} vs dropped {dropped}"
+            );
+            // `rest` is the error of the returned factors themselves
+            let back = Array2::from_shape_fn((m, n), |(i, j)| {
+                (0..r)
+                    .map(|k| d.u[[i, k]] * d.s[k] * d.v[[j, k]])
+                    .sum::<f64>()
+            });
+            let err: f64 = (&a - &back).iter().map(|v| v * v).sum();
+            assert!((err - rest).abs() <= 1e-8 * rest.max(1e-30), "rank {r}");
+            for i in 0..r {
+                assert!(
+                    (d.s[i] - full.s[i]).abs() <= 1e-6 * full.s[i],
+                    "rank {r}: σ_{i} {} vs {}",
+                    d.s[i],
+                    full.s[i]
+                );
+            }
+        }
+        assert!(svd_top(&a, 0).is_err() && svd_top(&a, 121).is_err());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! After the pass before this one turned W into Ŵ (quantized codes, a mask, …), the error is
 //! ΔW = W − Ŵ (eq. 2). What matters is its output on the inputs X, ‖ΔW Xᵀ‖_F, not ‖ΔW‖_F. EoRA
 //! projects ΔW into the eigenspace of XᵀX = Q Λ Qᵀ (eq. 4), ΔW′ = ΔW Q Λ^{1/2}, takes the best
-//! rank-r approximation of ΔW′ by SVD, and projects back with (Q Λ^{1/2})⁻¹ (eq. 5–6). Any
+//! rank-r approximation of ΔW′ by SVD (only its leading r triplets: randomized range finding
+//! where r is small against the matrix, `linalg::svd_top`), and projects back with
+//! (Q Λ^{1/2})⁻¹ (eq. 5–6). Any
 //! S with S Sᵀ = XᵀX gives the same rank-r product (S = Q Λ^{1/2} R for an orthogonal R, and
 //! the SVD of ΔW S R is that of ΔW S rotated), so we use the Cholesky factor that SVD-LLM
 //! whitens with (`svd_llm::Whitened`, same dampening when XᵀX is not positive definite):
@@ -89,15 +91,14 @@ pub fn compensate(
     }
     // ΔW = W − Ŵ (eq. 2), whitened and decomposed: ΔW S = U Σ Vᵀ
     let delta = w - w_hat;
-    let wh = Whitened::new(&delta, h, damp)?;
-    let r = r.min(wh.svd.s.len());
-    let lr = wh.truncate(r)?;
+    let wh = Whitened::top(&delta, h, damp, r)?;
+    let lr = wh.truncate(wh.svd.s.len())?;
     Ok(Compensation {
         adapter: Adapter {
             a: lr.v.mapv(|x| x as f32),
             b: lr.u.mapv(|x| x as f32),
         },
-        loss_before: wh.svd.s.iter().map(|s| s * s).sum(),
+        loss_before: wh.total(),
         loss_after: lr.loss,
         damp: wh.damp,
     })

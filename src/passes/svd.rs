@@ -94,7 +94,8 @@ pub fn params_removed(m: usize, n: usize, r: usize) -> i64 {
 pub struct LowRank {
     pub u: Array2<f64>,
     pub v: Array2<f64>,
-    /// All singular values of the decomposed matrix (W for SVD, W·S for SVD-LLM).
+    /// The singular values computed of the decomposed matrix (W for SVD, W·S for SVD-LLM):
+    /// all of them for SVD-LLM, the leading r for `svd_truncate`.
     pub sigma: Vec<f64>,
     /// Σ_{i>r} σ_i², the truncation loss of the decomposed matrix.
     pub loss: f64,
@@ -128,11 +129,12 @@ pub fn split_sqrt(d: &crate::linalg::Svd, r: usize) -> Result<(Array2<f64>, Arra
     Ok((u, v))
 }
 
-/// Truncated SVD of `w` [m, n] at rank r: W ≈ (U_r Σ_r^{1/2}) (Σ_r^{1/2} V_rᵀ).
+/// Truncated SVD of `w` [m, n] at rank r: W ≈ (U_r Σ_r^{1/2}) (Σ_r^{1/2} V_rᵀ). Only the
+/// leading r triplets are computed ([`crate::linalg::svd_top`]: randomized when r is small
+/// against min(m, n)).
 pub fn svd_truncate(w: &Array2<f32>, r: usize) -> Result<LowRank> {
-    let d = crate::linalg::svd_thin(&w.mapv(|x| x as f64))?;
+    let (d, loss) = crate::linalg::svd_top(&w.mapv(|x| x as f64), r)?;
     let (u, v) = split_sqrt(&d, r)?;
-    let loss = d.s[r..].iter().map(|s| s * s).sum();
     Ok(LowRank {
         u,
         v,

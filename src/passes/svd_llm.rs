@@ -124,6 +124,8 @@ pub struct SvdLlmResult {
 pub struct Whitened {
     pub s: Array2<f64>,
     pub svd: crate::linalg::Svd,
+    /// Σ σ_i² of the singular values `svd` does not hold (0 when it holds the whole spectrum).
+    pub rest: f64,
     pub damp: f64,
 }
 
@@ -139,7 +141,31 @@ impl Whitened {
         // W S = U Σ Vᵀ
         let ws = crate::linalg::matmul(&w.mapv(|x| x as f64), &s);
         let svd = crate::linalg::svd_thin(&ws)?;
-        Ok(Whitened { s, svd, damp })
+        Ok(Whitened {
+            s,
+            svd,
+            rest: 0.0,
+            damp,
+        })
+    }
+
+    /// As [`Whitened::new`], but only the leading `r` triplets of W·S (randomized where r is
+    /// small against the matrix, [`crate::linalg::svd_top`]): for a known rank (EoRA's
+    /// adapters), not for `by_loss`, which prices every rank.
+    pub fn top(w: &Array2<f32>, h: &Array2<f64>, damp: f64, r: usize) -> Result<Self> {
+        let (rows, cols) = w.dim();
+        if h.dim() != (cols, cols) {
+            bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
+        }
+        let (s, damp) = whitening(h, damp)?;
+        let ws = crate::linalg::matmul(&w.mapv(|x| x as f64), &s);
+        let (svd, rest) = crate::linalg::svd_top(&ws, r.min(rows.min(cols)))?;
+        Ok(Whitened { s, svd, rest, damp })
+    }
+
+    /// ‖W S‖_F², the whitened output energy of W (Σ of every σ_i²).
+    pub fn total(&self) -> f64 {
+        self.svd.s.iter().map(|x| x * x).sum::<f64>() + self.rest
     }
 
     /// Truncate at rank r: W_u = U_r Σ_r^{1/2}, W_v = (Σ_r^{1/2} V_rᵀ) S⁻¹.
@@ -147,7 +173,7 @@ impl Whitened {
         let (u, b) = split_sqrt(&self.svd, r)?;
         let v = crate::linalg::solve_right_lower(&b, &self.s)?;
         // Theorem 3.2: the whitened truncation loss is the dropped spectrum
-        let loss = self.svd.s[r..].iter().map(|x| x * x).sum();
+        let loss = self.svd.s[r..].iter().map(|x| x * x).sum::<f64>() + self.rest;
         Ok(LowRank {
             u,
             v,
