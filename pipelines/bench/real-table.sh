@@ -18,7 +18,9 @@ S=../shared
 [ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
 . "$(dirname "$0")/lib.sh"
 cut_heads "$out" "$S"
-eval_block="eval: {datasets: [$out/wiki-head300k.txt, $out/c4-head300k.txt], seq_len: 512, baseline: false}"
+# EVAL_SETS="c4" evaluates one head only (load checks: scripts/load-check.sh)
+sets=$(for s in ${EVAL_SETS:-wiki c4}; do printf '%s, ' "$out/$s-head300k.txt"; done)
+eval_block="eval: {datasets: [${sets%, }], seq_len: 512, baseline: false}"
 calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
 run() { # name pass
   [ -f "$out/$1/report.json" ] && { echo "$1: done"; return; }
@@ -51,6 +53,7 @@ recipes=(
   "sparsegpt-50|sparsegpt: {sparsity: 0.5, targets: [\"re:.*_proj$\"]}"
   "magnitude-2of4|magnitude: {pattern: '2:4', targets: [\"re:.*_proj$\"]}"
   "wanda-2of4|wanda: {pattern: '2:4', targets: [\"re:.*_proj$\"]}"
+  "sparsegpt-2of4|sparsegpt: {pattern: '2:4', targets: [\"re:.*_proj$\"]}"
   "sparsegpt-2of4-gptq-w4g64|sparsegpt: {pattern: '2:4', targets: [\"re:.*_proj$\"]}\n  - gptq: {bits: 4, group_size: 64, targets: [\"re:.*_proj$\"]}"
   "wanda-70|wanda: {sparsity: 0.7, targets: [\"re:.*_proj$\"]}"
   "wanda-70-owl|wanda: {sparsity: 0.7, allocation: owl, targets: [\"re:.*_proj$\"]}"
@@ -75,11 +78,12 @@ import json, sys, os
 out = sys.argv[1]
 print("| recipe | wikitext2 head | c4_eval head | compress s |")
 print("|---|---:|---:|---:|")
-for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-teacher", "gptq-w3g64-teacher-a025", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4-gptq-w4g64", "wanda-70", "wanda-70-owl"]:
+for n in ["dense", "rtn-w4g64", "gptq-w4g64", "gptq-w4g64-noact", "awq-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-teacher", "gptq-w3g64-teacher-a025", "awq-w3g64", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-2of4-gptq-w4g64", "wanda-70", "wanda-70-owl"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue
     r = json.load(open(p))
-    v = [r["eval"][k]["after"]["perplexity"] for k in ["wiki-head300k.txt", "c4-head300k.txt"]]
-    print(f"| {n} | {v[0]:.2f} | {v[1]:.2f} | {r['timing']['compress_seconds']:.1f} |")
+    v = [f'{r["eval"][k]["after"]["perplexity"]:.2f}' if k in r["eval"] else "—"
+         for k in ["wiki-head300k.txt", "c4-head300k.txt"]]
+    print(f"| {n} | {v[0]} | {v[1]} | {r['timing']['compress_seconds']:.1f} |")
 PY
