@@ -6,6 +6,36 @@ use compress::runner::{self, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `println!` for results on stdout, except that a reader that went away (`compress … --json |
+/// head`) ends the process quietly with status 0, as ripgrep and coreutils do, instead of the
+/// panic `println!` raises on EPIPE. The run's work is done by then (outputs are written before
+/// anything is printed).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        stdout_done(writeln!(out, $($t)*).and_then(|_| out.flush()));
+    }};
+}
+
+/// `print!` (no newline added) with [`say!`]'s handling of a reader that went away.
+macro_rules! put {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        stdout_done(write!(out, $($t)*).and_then(|_| out.flush()));
+    }};
+}
+
+fn stdout_done(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "compress",
@@ -137,9 +167,9 @@ fn run_cmd(pipeline: PathBuf, a: RunArgs) -> Result<()> {
     };
     let report = runner::run_pipeline(&pipeline, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        say!("{}", serde_json::to_string(&report)?);
     } else if !compress::progress::quiet() {
-        println!("{}", report.to_markdown());
+        say!("{}", report.to_markdown());
     }
     Ok(())
 }
@@ -176,24 +206,34 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             if json {
                 let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "results": res, "tasks": tres});
-                println!("{}", serde_json::to_string(&v)?);
+                say!("{}", serde_json::to_string(&v)?);
             } else {
                 if !res.is_empty() {
-                    println!(
+                    say!(
                         "{:<24} {:>12} {:>10} {:>8}",
-                        "dataset", "perplexity", "tokens", "windows"
+                        "dataset",
+                        "perplexity",
+                        "tokens",
+                        "windows"
                     );
                     for (k, r) in &res {
-                        println!(
+                        say!(
                             "{:<24} {:>12.4} {:>10} {:>8}",
-                            k, r.perplexity, r.tokens, r.windows
+                            k,
+                            r.perplexity,
+                            r.tokens,
+                            r.windows
                         );
                     }
                 }
                 if !tres.is_empty() {
-                    println!(
+                    say!(
                         "{:<16} {:<12} {:>10} {:>10} {:>6}",
-                        "task", "metric", "value", "stderr", "n"
+                        "task",
+                        "metric",
+                        "value",
+                        "stderr",
+                        "n"
                     );
                     for (k, r) in &tres {
                         for (m, v) in &r.metrics {
@@ -202,7 +242,7 @@ fn real_main(cli: Cli) -> Result<()> {
                                 .get(m)
                                 .map(|e| format!("{e:.4}"))
                                 .unwrap_or("—".into());
-                            println!("{:<16} {:<12} {:>10.4} {:>10} {:>6}", k, m, v, e, r.n);
+                            say!("{:<16} {:<12} {:>10.4} {:>10} {:>6}", k, m, v, e, r.n);
                         }
                     }
                 }
@@ -231,7 +271,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|| r.display().to_string());
                 v.push((name, rep));
             }
-            print!("{}", compress::report::html::render_compare_markdown(&v));
+            put!("{}", compress::report::html::render_compare_markdown(&v));
             if let Some(h) = html {
                 std::fs::write(&h, compress::report::html::render_compare_html(&v))
                     .with_context(|| format!("cannot write {}", h.display()))?;
@@ -241,9 +281,9 @@ fn real_main(cli: Cli) -> Result<()> {
         Some(Cmd::Verify { dir, json }) => {
             let v = compress::verify::verify(&dir)?;
             if json {
-                println!("{}", serde_json::to_string(&v)?);
+                say!("{}", serde_json::to_string(&v)?);
             } else {
-                println!(
+                say!(
                     "{}: intact ({} files, {:.2} MiB, all checksums match; {} {} layers load{})",
                     dir.display(),
                     v.files,
@@ -259,9 +299,9 @@ fn real_main(cli: Cli) -> Result<()> {
         Some(Cmd::Inspect { dir, json }) => {
             let v = compress::inspect::inspect(&dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                print!("{}", compress::inspect::to_text(&v));
+                put!("{}", compress::inspect::to_text(&v));
             }
             Ok(())
         }
@@ -298,7 +338,7 @@ fn main() -> ExitCode {
         if json {
             let v = serde_json::json!({"status": "interrupted", "error": msg, "exit_code": 130,
                 "resume_from": resume.map(|w| w.display().to_string())});
-            println!("{v}");
+            say!("{v}");
         }
         std::process::exit(130);
     });
@@ -311,7 +351,7 @@ fn main() -> ExitCode {
                     .downcast_ref::<runner::KeptForResume>()
                     .map(|k| k.0.display().to_string());
                 let v = serde_json::json!({"status": "error", "error": format!("{e:#}"), "exit_code": 2, "resume_from": resume});
-                println!("{v}");
+                say!("{v}");
             }
             ExitCode::from(2)
         }

@@ -27,3 +27,29 @@ fn each_subcommand_describes_itself() {
         );
     }
 }
+
+/// `compress … --json | head`: the reader leaves before the result is written. That must not
+/// be a panic (`println!` on EPIPE) but a quiet exit 0, as ripgrep and coreutils do.
+#[test]
+fn a_reader_that_goes_away_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    for args in [vec!["inspect", "--json"], vec!["inspect"]] {
+        let mut cmd = Command::new(common::bin());
+        cmd.args(&args[..1])
+            .arg(common::ref_model())
+            .args(&args[1..]);
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the read end closes before anything is written
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?}: status {:?}, stderr {err}",
+            out.status
+        );
+    }
+}
