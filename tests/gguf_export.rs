@@ -480,3 +480,94 @@ fn killed_gguf_run_resumes_byte_identical() {
     );
     assert!(!out.join(".shard0.spill").exists());
 }
+
+/// `gptq_ggml` sweeps each decoder linear onto the grid the GGUF mix gives it, and the file
+/// holds exactly those blocks: same types as llama.cpp's mix, every decoder linear re-encoded,
+/// the report's records naming each linear's type as the file stores it, and layer 0's q_proj
+/// with a lower output error on calibration-like inputs than llama.cpp's rounding of it.
+#[test]
+fn gptq_ggml_writes_the_blocks_it_compensated() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    run(&pipeline(&plain, "q4_k_m", ""), dir.path());
+    let out = dir.path().join("gptq");
+    let yaml = pipeline(&out, "q4_k_m", "").replace(
+        "passes: []\n",
+        &format!(
+            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - gptq_ggml: {{}}\n",
+            common::shared().join("data/calib/c4_calib.jsonl").display()
+        ),
+    );
+    let report = run(&yaml, dir.path());
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let p = GgufFile::open(&plain.join("model.gguf")).unwrap();
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(types(&p), types(&g), "gptq_ggml keeps llama.cpp's mix");
+    let ty_of: std::collections::HashMap<String, GgmlType> = types(&g).into_iter().collect();
+    let records = report["layers"].as_array().unwrap();
+    let swept: Vec<&Json> = records
+        .iter()
+        .filter(|r| r["pass"] == "gptq_ggml")
+        .collect();
+    assert_eq!(swept.len(), 7 * src.config.num_layers);
+    for r in &swept {
+        let hf = format!(
+            "model.layers.{}.{}.weight",
+            r["layer"].as_u64().unwrap(),
+            r["linear"].as_str().unwrap()
+        );
+        let name = gguf::gguf_name(&hf).unwrap();
+        assert_eq!(r["notes"]["type"], ty_of[&name].name(), "{name}");
+        let (_, rp) = p.tensor(&name).unwrap();
+        let (_, rg) = g.tensor(&name).unwrap();
+        assert_ne!(p.bytes(rp), g.bytes(rg), "{name} re-encoded");
+    }
+    // output error of layer 0's q_proj on normed calibration embeddings: X W̃ᵀ vs X Wᵀ
+    let tok = compress::calib::load_tokenizer(&src.tokenizer_path()).unwrap();
+    let text =
+        compress::calib::read_text(&common::shared().join("data/calib/c4_calib.jsonl"), "text")
+            .unwrap();
+    let ids = compress::calib::tokenize(&tok, &text[..40_000]).unwrap();
+    let d = src.config.hidden_size;
+    let emb = src.f32("model.embed_tokens.weight").unwrap();
+    let gn = src.f32("model.layers.0.input_layernorm.weight").unwrap();
+    let eps = src.config.rms_norm_eps as f32;
+    let w = src.f32("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let out_err = |f: &GgufFile| {
+        let (_, enc) = f.f32("blk.0.attn_q.weight").unwrap();
+        let back = gguf::permute_rows(&enc, d, d, src.config.num_heads, true).unwrap();
+        let dw: Vec<f32> = w.iter().zip(&back).map(|(a, b)| a - b).collect();
+        let mut e = 0f64;
+        for &t in ids.iter().step_by(4) {
+            let x = &emb[t as usize * d..(t as usize + 1) * d];
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            let xn: Vec<f32> = x.iter().zip(&gn).map(|(v, g)| v * r * g).collect();
+            for row in dw.chunks(d) {
+                let y: f32 = row.iter().zip(&xn).map(|(a, b)| a * b).sum();
+                e += (y as f64).powi(2);
+            }
+        }
+        e
+    };
+    let (ep, eg) = (out_err(&p), out_err(&g));
+    assert!(
+        eg < ep,
+        "output error with GPTQ {eg} ≥ llama.cpp rounding's {ep}"
+    );
+    let ppl = |r: &Json| {
+        r["eval"]["wiki-head.txt"]["after"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(ppl(&report).is_finite());
+    // a pass that names another grid than the export writes is refused up front
+    let bad = yaml.replace("gptq_ggml: {}", "gptq_ggml: {gguf_type: q4_0}");
+    std::fs::write(dir.path().join("bad.yaml"), &bad).unwrap();
+    let o = Command::new(common::bin())
+        .arg(dir.path().join("bad.yaml"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("gguf_type"), "{err}");
+}

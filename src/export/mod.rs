@@ -311,6 +311,7 @@ impl Exporter {
         values: Vec<f32>,
         shape: &[usize],
         importance: Option<&[f32]>,
+        codes: Option<&crate::model::layer::GgmlCodes>,
     ) -> Result<()> {
         let cfg = &ckpt.config;
         let name = gguf::gguf_name(hf).with_context(|| {
@@ -318,7 +319,8 @@ impl Exporter {
         })?;
         let (g, overrides) = self.gguf.as_ref().context("internal: not a GGUF export")?;
         let ft = g.file_type;
-        let values = match (gguf::permute_heads(hf, cfg), shape) {
+        let heads = gguf::permute_heads(hf, cfg);
+        let values = match (heads, shape) {
             (Some(h), [rows, cols]) => gguf::permute_rows(&values, *rows, *cols, h, false)
                 .with_context(|| format!("export: `{hf}`"))?,
             _ => values,
@@ -337,12 +339,34 @@ impl Exporter {
                 bail!("export: `{hf}` has shape {shape:?}; GGUF export writes 1-d and 2-d tensors")
             }
         };
-        // with an importance matrix (imatrix pass): llama.cpp's weighted encoders, per row
-        let bytes = match (importance, shape) {
-            (Some(qw), [_, cols]) => crate::quant::ggml::quantize_weighted(ty, &values, *cols, qw),
-            _ => crate::quant::ggml::quantize(ty, &values),
-        }
-        .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?;
+        let bytes = match (codes, shape) {
+            // a pass swept the weight onto this type's grid (gptq_ggml): its blocks as they
+            // are, rows in GGUF order
+            (Some(c), [rows, _]) => {
+                if c.ty != ty {
+                    bail!(
+                        "export: `{hf}` was encoded as {} by a pass, but this GGUF export gives `{name}` the type {}: run the pass with the export's `gguf_type` (and overrides)",
+                        c.ty.name(),
+                        ty.name()
+                    );
+                }
+                match heads {
+                    Some(h) => permute_byte_rows(&c.bytes, *rows, h)
+                        .with_context(|| format!("export: `{hf}`"))?,
+                    None => c.bytes.clone(),
+                }
+            }
+            // with an importance matrix (imatrix pass): llama.cpp's weighted encoders, per row
+            (None, [_, cols]) if importance.is_some() => crate::quant::ggml::quantize_weighted(
+                ty,
+                &values,
+                *cols,
+                importance.unwrap_or_default(),
+            )
+            .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?,
+            _ => crate::quant::ggml::quantize(ty, &values)
+                .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?,
+        };
         let dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
         self.w()?.add(&name, DType::U8, &[bytes.len()], &bytes)?;
         let (g, _) = self.gguf.as_mut().context("internal: not a GGUF export")?;
@@ -355,7 +379,7 @@ impl Exporter {
         let shape = ckpt.info(hf)?.0.shape.clone();
         let v = ckpt.f32(hf)?;
         ckpt.release(hf);
-        self.gguf_add(ckpt, hf, v, &shape, None)
+        self.gguf_add(ckpt, hf, v, &shape, None, None)
     }
 
     /// GGUF: assemble `model.gguf` from the spilled tensors (header with the model's and the
@@ -459,9 +483,19 @@ impl Exporter {
                 .into_owned()
                 .into_raw_vec_and_offset()
                 .0;
-            self.unquantized.push(prefix.to_string());
+            if lin.ggml().is_none() {
+                self.unquantized.push(prefix.to_string());
+            }
             let imp = lin.importance().map(|i| i.to_vec());
-            return self.gguf_add(ckpt, &wname, v, &[w.nrows(), w.ncols()], imp.as_deref());
+            let codes = lin.ggml().cloned();
+            return self.gguf_add(
+                ckpt,
+                &wname,
+                v,
+                &[w.nrows(), w.ncols()],
+                imp.as_deref(),
+                codes.as_ref(),
+            );
         }
         let bitmask = self.sparse_format == SparseFormat::Bitmask && lin.mask().is_some();
         if bitmask && lin.quant().is_some() {
@@ -744,7 +778,7 @@ impl LayerSink for Exporter {
         if self.format == Format::Gguf {
             for (n, (v, _)) in &layer.norms {
                 let name = format!("{p}{n}.weight");
-                self.gguf_add(ckpt, &name, v.clone(), &[v.len()], None)?;
+                self.gguf_add(ckpt, &name, v.clone(), &[v.len()], None, None)?;
             }
             for (n, lin) in &layer.linears {
                 self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
@@ -769,3 +803,22 @@ impl LayerSink for Exporter {
 }
 
 pub use crate::quant::scale_dtype_for;
+
+/// The rows of an encoded [rows, cols] matrix (each row a whole number of blocks) in the order
+/// llama.cpp's converter permutes Q/K rows (`gguf::permute_rows`).
+fn permute_byte_rows(bytes: &[u8], rows: usize, n_head: usize) -> Result<Vec<u8>> {
+    ensure!(
+        rows > 0 && bytes.len().is_multiple_of(rows),
+        "{} bytes do not split into {rows} rows",
+        bytes.len()
+    );
+    let per = bytes.len() / rows;
+    // where each GGUF row comes from: permute the row indices themselves
+    let idx: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+    let order = gguf::permute_rows(&idx, rows, 1, n_head, false)?;
+    Ok(order
+        .iter()
+        .flat_map(|r| &bytes[*r as usize * per..(*r as usize + 1) * per])
+        .copied()
+        .collect())
+}

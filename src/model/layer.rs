@@ -40,7 +40,7 @@ impl Site {
     }
 }
 
-pub use super::linear::{ActQuant, Adapter, Factor, Linear, Mask, Repr};
+pub use super::linear::{ActQuant, Adapter, Factor, GgmlCodes, Linear, Mask, Repr};
 
 #[derive(Clone)]
 pub struct LayerWeights {

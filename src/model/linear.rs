@@ -127,6 +127,17 @@ pub struct Linear {
     /// Per-input-column importance (mean x² of the calibration inputs, llama.cpp's imatrix)
     /// for exporters that weigh rounding errors by it (GGUF). Does not change the weights.
     importance: Option<Vec<f32>>,
+    /// The weight as encoded ggml blocks (GPTQ onto a GGUF type): `weight` is exactly their
+    /// decoding, and a GGUF export of that type writes these bytes. Any change of the weight
+    /// drops them.
+    ggml: Option<GgmlCodes>,
+}
+
+/// A weight encoded as ggml blocks, rows in the checkpoint's (HF) order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgmlCodes {
+    pub ty: crate::quant::ggml::GgmlType,
+    pub bytes: Vec<u8>,
 }
 
 impl Linear {
@@ -140,6 +151,7 @@ impl Linear {
             act_quant: None,
             modified: false,
             importance: None,
+            ggml: None,
             adapter: None,
         }
     }
@@ -199,6 +211,7 @@ impl Linear {
         let merged = &self.weight + &Array2::from_shape_vec((out, inn), ba)?;
         self.adapter = Some((adapter, merged));
         self.modified = true;
+        self.ggml = None;
         Ok(())
     }
 
@@ -252,6 +265,39 @@ impl Linear {
         self.act_quant
     }
 
+    /// The ggml blocks the weight is exactly the decoding of, if a pass encoded it so.
+    pub fn ggml(&self) -> Option<&GgmlCodes> {
+        self.ggml.as_ref()
+    }
+
+    /// Record the weight's ggml encoding (rows in HF order). Refused unless the blocks decode
+    /// to exactly the current weight, so what a GGUF export writes is what was computed with.
+    pub fn set_ggml(&mut self, codes: GgmlCodes) -> Result<()> {
+        let (rows, cols) = self.weight.dim();
+        ensure!(
+            self.adapter.is_none(),
+            "ggml codes for a linear with an adapter"
+        );
+        let dec = crate::quant::ggml::dequantize(codes.ty, &codes.bytes, rows * cols)?;
+        let w = self.weight.as_slice().context("weight not contiguous")?;
+        if let Some(i) = w
+            .iter()
+            .zip(&dec)
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            bail!(
+                "{} blocks decode to {} at ({}, {}), the weight holds {}",
+                codes.ty.name(),
+                dec[i],
+                i / cols,
+                i % cols,
+                w[i]
+            );
+        }
+        self.ggml = Some(codes);
+        Ok(())
+    }
+
     /// Per-input-column importance recorded by the `imatrix` pass.
     pub fn importance(&self) -> Option<&[f32]> {
         self.importance.as_deref()
@@ -300,6 +346,7 @@ impl Linear {
         };
         self.weight = w;
         self.modified = true;
+        self.ggml = None;
         Ok(())
     }
 
@@ -326,6 +373,7 @@ impl Linear {
         };
         self.weight = dq;
         self.modified = true;
+        self.ggml = None;
         Ok(())
     }
 
@@ -366,6 +414,7 @@ impl Linear {
             inner: Box::new(inner),
         };
         self.modified = true;
+        self.ggml = None;
         Ok(())
     }
 
@@ -407,6 +456,7 @@ impl Linear {
         self.weight = Array2::from_shape_vec((out, inn), w)?;
         self.repr = Repr::Factored { u, v };
         self.modified = true;
+        self.ggml = None;
         Ok(())
     }
 
@@ -482,7 +532,8 @@ impl Linear {
     /// Exact bytes of the weight as the compressed-tensors exporter stores it (bias excluded):
     /// dense values in the checkpoint dtype (a pruned linear is stored dense, zeros included),
     /// packed codes with their scales, zero points and g_idx, or both factors; plus the
-    /// adapter's A and B in the checkpoint dtype (stored in the adapter file beside it).
+    /// adapter's A and B in the checkpoint dtype (stored in the adapter file beside it). A
+    /// weight a pass encoded as ggml blocks counts those blocks (what a GGUF export writes).
     pub fn bytes(&self) -> usize {
         fn of(repr: &Repr, w: &Array2<f32>, dtype: DType) -> usize {
             match repr {
@@ -501,6 +552,9 @@ impl Linear {
         let adapter = self
             .adapter()
             .map_or(0, |a| (a.a.len() + a.b.len()) * self.dtype.size());
+        if let Some(g) = &self.ggml {
+            return g.bytes.len() + adapter;
+        }
         of(&self.repr, &self.weight, self.dtype) + adapter
     }
 }

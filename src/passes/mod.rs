@@ -5,6 +5,7 @@ pub mod awq;
 pub mod eora;
 pub mod gptaq;
 pub mod gptq;
+pub mod gptq_ggml;
 pub mod imatrix;
 pub mod kd;
 pub mod magnitude;
@@ -34,6 +35,9 @@ pub enum PassSpec {
     Imatrix(imatrix::ImatrixSpec),
     /// GPTQ (Frantar et al. 2022).
     Gptq(gptq::GptqSpec),
+    /// GPTQ onto the ggml block types of a GGUF export (llama.cpp's grids).
+    #[serde(rename = "gptq_ggml")]
+    GptqGgml(gptq_ggml::GptqGgmlSpec),
     /// AWQ scale (and clip) search (Lin et al. 2024); a quantizer follows it.
     Awq(awq::AwqSpec),
     /// SmoothQuant scale migration (Xiao et al. 2023); a W8A8 quantizer follows it.
@@ -62,6 +66,7 @@ impl PassSpec {
             PassSpec::Rtn(_) => "rtn",
             PassSpec::Imatrix(_) => "imatrix",
             PassSpec::Gptq(_) => "gptq",
+            PassSpec::GptqGgml(_) => "gptq_ggml",
             PassSpec::Awq(_) => "awq",
             PassSpec::SmoothQuant(_) => "smoothquant",
             PassSpec::Magnitude(_) => "magnitude",
@@ -81,6 +86,7 @@ impl PassSpec {
                 s.scheme.args()?.validate()
             }
             PassSpec::Gptq(s) => s.validate(),
+            PassSpec::GptqGgml(s) => s.validate(),
             PassSpec::Imatrix(_) => Ok(()),
             PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
             PassSpec::SparseGpt(s) => s.validate(),
@@ -116,6 +122,7 @@ impl PassSpec {
             PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
             PassSpec::Imatrix(_) => Box::new(imatrix::Imatrix),
             PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
+            PassSpec::GptqGgml(s) => Box::new(gptq_ggml::GptqGgml::new(s)?),
             PassSpec::Awq(s) => Box::new(awq::Awq::new(s)?),
             PassSpec::SmoothQuant(s) => Box::new(smoothquant::SmoothQuant::new(s)?),
             PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),

@@ -193,8 +193,18 @@ impl Pipeline {
     }
 
     pub fn from_str(text: &str, path: &Path) -> Result<Self> {
-        let p: Pipeline =
+        let mut p: Pipeline =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // gptq_ggml sweeps onto the grid the GGUF export writes: take its mix from there
+        let export_type = (p.export.format == Format::Gguf)
+            .then_some(p.export.gguf_type)
+            .flatten();
+        for (i, pass) in p.passes.iter_mut().enumerate() {
+            if let crate::passes::PassSpec::GptqGgml(g) = pass {
+                g.resolve(export_type, &p.export.tensor_types)
+                    .with_context(|| format!("{}: passes[{i}] (gptq_ggml)", path.display()))?;
+            }
+        }
         p.validate(path)?;
         Ok(p)
     }

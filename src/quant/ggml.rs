@@ -798,11 +798,18 @@ fn q6_k_block_w(x: &[f32], qw: Option<&[f32]>, y: &mut [u8]) {
             l[16 * j + ii] = (q + 32) as i8;
         }
     }
+    let mut lu = [0u8; QK_K];
+    lu.iter_mut().zip(&l).for_each(|(u, v)| *u = *v as u8);
+    pack_q6_k(&lu, &mut y[..192]);
+}
+
+/// ql[128] and qh[64] of a Q6_K super-block from levels 0..=63.
+fn pack_q6_k(l: &[u8], y: &mut [u8]) {
     let (ql, rest) = y.split_at_mut(128);
     let qh = &mut rest[..64];
     for (c, j) in (0..QK_K).step_by(128).enumerate() {
         for i in 0..32 {
-            let lv = |o: usize| l[j + i + o] as u8;
+            let lv = |o: usize| l[j + i + o];
             ql[64 * c + i] = (lv(0) & 0x0f) | ((lv(64) & 0x0f) << 4);
             ql[64 * c + i + 32] = (lv(32) & 0x0f) | ((lv(96) & 0x0f) << 4);
             qh[32 * c + i] =
@@ -1092,9 +1099,259 @@ fn dq6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+// ---------------------------------------------------------------- the codes of an encoded block
+
+/// Levels a code of `ty` takes (0..levels): what a GPTQ sweep onto this grid chooses among.
+pub fn levels(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K => 16,
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K => 32,
+        GgmlType::Q6K => 64,
+        GgmlType::Q8_0 => 256,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 0,
+    }
+}
+
+/// The codes of one encoded block of `ty` (one per element, 0..levels; Q8_0's i8 q as q + 128),
+/// leaving its scales and mins aside.
+pub fn unpack_codes(ty: GgmlType, b: &[u8], codes: &mut [u8]) {
+    let nib = |q: &[u8], c: &mut [u8]| {
+        for j in 0..16 {
+            c[j] = q[j] & 0x0f;
+            c[j + 16] = q[j] >> 4;
+        }
+    };
+    let q5 = |qh: &[u8], q: &[u8], c: &mut [u8]| {
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        nib(q, c);
+        for (j, v) in c.iter_mut().enumerate().take(32) {
+            *v |= (((qh >> j) & 1) as u8) << 4;
+        }
+    };
+    match ty {
+        GgmlType::Q4_0 => nib(&b[2..18], codes),
+        GgmlType::Q4_1 => nib(&b[4..20], codes),
+        GgmlType::Q5_0 => q5(&b[2..6], &b[6..22], codes),
+        GgmlType::Q5_1 => q5(&b[4..8], &b[8..24], codes),
+        GgmlType::Q8_0 => {
+            for j in 0..32 {
+                codes[j] = ((b[2 + j] as i8) as i32 + 128) as u8;
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (qh, q) = if ty == GgmlType::Q4K {
+                (None, &b[16..144])
+            } else {
+                (Some(&b[16..48]), &b[48..176])
+            };
+            for c in 0..4 {
+                for l in 0..32 {
+                    codes[64 * c + l] = q[32 * c + l] & 0x0f;
+                    codes[64 * c + 32 + l] = q[32 * c + l] >> 4;
+                    if let Some(qh) = qh {
+                        codes[64 * c + l] |= ((qh[l] >> (2 * c)) & 1) << 4;
+                        codes[64 * c + 32 + l] |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                    }
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for c in 0..2 {
+                let ql = &b[64 * c..64 * c + 64];
+                let qh = &b[128 + 32 * c..128 + 32 * c + 32];
+                let o = &mut codes[128 * c..128 * c + 128];
+                for l in 0..32 {
+                    o[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+                    o[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+                    o[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    o[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
+    }
+}
+
+/// Write `codes` (0..levels) into an encoded block of `ty`, keeping its scales and mins.
+pub fn pack_codes(ty: GgmlType, b: &mut [u8], codes: &[u8]) {
+    let nib = |q: &mut [u8], c: &[u8]| {
+        for j in 0..16 {
+            q[j] = (c[j] & 0x0f) | ((c[j + 16] & 0x0f) << 4);
+        }
+    };
+    match ty {
+        GgmlType::Q4_0 => nib(&mut b[2..18], codes),
+        GgmlType::Q4_1 => nib(&mut b[4..20], codes),
+        GgmlType::Q5_0 => pack_q5(codes, &mut b[2..22]),
+        GgmlType::Q5_1 => pack_q5(codes, &mut b[4..24]),
+        GgmlType::Q8_0 => {
+            for j in 0..32 {
+                b[2 + j] = ((codes[j] as i32 - 128) as i8) as u8;
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+            let mut l = [0u8; QK_K];
+            l.copy_from_slice(&codes[..QK_K]);
+            match ty {
+                GgmlType::Q4K => pack_q4_k(&l, &mut b[16..144]),
+                GgmlType::Q5K => pack_q5_k(&l, &mut b[16..176]),
+                _ => pack_q6_k(&l, &mut b[..192]),
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
+    }
+}
+
+/// The grid of one encoded block: for each element and each code, the exact value the decoder
+/// gives (`dequantize` of the block with that code), so a sweep that picks codes one element at
+/// a time knows bit for bit what the file will decode to.
+pub struct BlockGrid {
+    ty: GgmlType,
+    /// [levels × block] values, code-major.
+    table: Vec<f32>,
+    bytes: Vec<u8>,
+    codes: Vec<u8>,
+}
+
+impl BlockGrid {
+    /// The grid of the encoded block `b` (its scales and mins; its codes are kept as the
+    /// starting codes).
+    pub fn new(ty: GgmlType, b: &[u8]) -> Result<Self> {
+        let (bs, nl) = (ty.block_size(), levels(ty));
+        ensure!(nl > 0, "{} is not a block-quantized type", ty.name());
+        ensure!(
+            b.len() == ty.type_size(),
+            "a {} block is {} bytes",
+            ty.name(),
+            ty.type_size()
+        );
+        let mut codes = vec![0u8; bs];
+        unpack_codes(ty, b, &mut codes);
+        let mut table = Vec::with_capacity(nl * bs);
+        let mut scratch = b.to_vec();
+        for c in 0..nl {
+            pack_codes(ty, &mut scratch, &vec![c as u8; bs]);
+            table.extend(dequantize(ty, &scratch, bs)?);
+        }
+        Ok(BlockGrid {
+            ty,
+            table,
+            bytes: b.to_vec(),
+            codes,
+        })
+    }
+
+    /// The value element `i` decodes to with code `c`.
+    pub fn value(&self, i: usize, c: usize) -> f32 {
+        self.table[c * self.ty.block_size() + i]
+    }
+
+    /// Fix element `i` to the grid value nearest `x`; returns that value.
+    pub fn fix(&mut self, i: usize, x: f32) -> f32 {
+        let nl = levels(self.ty);
+        let (v0, v1) = (self.value(i, 0), self.value(i, 1));
+        let c = if v1 == v0 || !x.is_finite() {
+            self.codes[i] as usize // a zero scale: every code decodes alike
+        } else {
+            // the grid is affine in the code: guess, then settle among the neighbours exactly
+            let guess = ((x - v0) / (v1 - v0)).round().clamp(0.0, (nl - 1) as f32) as usize;
+            let lo = guess.saturating_sub(1);
+            let hi = (guess + 1).min(nl - 1);
+            (lo..=hi)
+                .min_by(|a, b| {
+                    let (ea, eb) = ((self.value(i, *a) - x).abs(), (self.value(i, *b) - x).abs());
+                    ea.total_cmp(&eb).then(a.cmp(b))
+                })
+                .unwrap_or(guess)
+        };
+        self.codes[i] = c as u8;
+        self.value(i, c)
+    }
+
+    /// The block's bytes with the codes fixed so far.
+    pub fn finish(mut self) -> Vec<u8> {
+        pack_codes(self.ty, &mut self.bytes, &self.codes);
+        self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gaussian-ish values with a few outliers (a weight row's shape), deterministic.
+    fn weights(n: usize, seed: u64) -> Vec<f32> {
+        let mut lcg = crate::testing::Lcg(seed);
+        (0..n)
+            .map(|i| {
+                let v = lcg.gaussian() as f32 * 0.02;
+                if i % 97 == 3 {
+                    v * 8.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn block_codes_round_trip_and_the_grid_is_what_the_decoder_reads() {
+        for ty in ALL_TYPES.iter().copied().filter(|t| t.is_quantized()) {
+            let (bs, ts) = (ty.block_size(), ty.type_size());
+            let x = weights(4 * QK_K, 11);
+            let enc = quantize(ty, &x).unwrap();
+            let dec = dequantize(ty, &enc, x.len()).unwrap();
+            for (bi, b) in enc.chunks(ts).enumerate() {
+                // codes out and back in: the same bytes
+                let mut codes = vec![0u8; bs];
+                unpack_codes(ty, b, &mut codes);
+                assert!(codes.iter().all(|c| (*c as usize) < levels(ty)), "{ty:?}");
+                let mut blank = b.to_vec();
+                pack_codes(ty, &mut blank, &vec![0u8; bs]);
+                pack_codes(ty, &mut blank, &codes);
+                assert_eq!(blank, b, "{ty:?} block {bi}");
+                // the grid's value at each element's code is the decoder's, bit for bit, and
+                // fixing every element at its decoded value reproduces the block
+                let mut g = BlockGrid::new(ty, b).unwrap();
+                for i in 0..bs {
+                    let want = dec[bi * bs + i];
+                    assert_eq!(g.value(i, codes[i] as usize).to_bits(), want.to_bits());
+                    assert_eq!(g.fix(i, want).to_bits(), want.to_bits(), "{ty:?} {bi}/{i}");
+                }
+                let again = g.finish();
+                assert_eq!(
+                    dequantize(ty, &again, bs).unwrap(),
+                    &dec[bi * bs..(bi + 1) * bs]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fixing_picks_the_nearest_grid_value() {
+        for ty in ALL_TYPES.iter().copied().filter(|t| t.is_quantized()) {
+            let bs = ty.block_size();
+            let x = weights(bs, 5);
+            let enc = quantize(ty, &x).unwrap();
+            let mut g = BlockGrid::new(ty, &enc).unwrap();
+            let probe = weights(bs, 6);
+            for (i, p) in probe.iter().enumerate() {
+                let best = (0..levels(ty))
+                    .map(|c| (g.value(i, c) - p).abs())
+                    .fold(f32::INFINITY, f32::min);
+                let got = g.fix(i, *p);
+                assert_eq!((got - p).abs(), best, "{ty:?} element {i}");
+            }
+            let bytes = g.finish();
+            let back = dequantize(ty, &bytes, bs).unwrap();
+            for (i, p) in probe.iter().enumerate() {
+                let best = (0..levels(ty))
+                    .map(|c| (BlockGrid::new(ty, &enc).unwrap().value(i, c) - p).abs())
+                    .fold(f32::INFINITY, f32::min);
+                assert_eq!((back[i] - p).abs(), best);
+            }
+        }
+    }
 
     #[test]
     fn nearest_int_rounds_half_to_even() {

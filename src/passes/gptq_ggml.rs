@@ -1,0 +1,453 @@
+//! GPTQ onto llama.cpp's grids — the column sweep of Frantar et al. (2022, Algorithm 1; see
+//! `gptq.rs`) where the quantizer of each column is the ggml block type the GGUF file will hold
+//! (Q4_0 … Q8_0 in blocks of 32, Q4_K / Q5_K / Q6_K in super-blocks of 256), so the integers
+//! written are exactly the ones GPTQ compensated for.
+//!
+//! llama.cpp's own quantizer rounds each block to nearest on its grid; with an importance matrix
+//! (`llama-imatrix`) it weighs each element's error by diag(XᵀX), the diagonal of the Hessian.
+//! GPTQ uses the whole Hessian H = 2XᵀX: after fixing column i it moves the columns not yet
+//! fixed to cancel the output error (eq. 3, δ_F = −(w_q − q)/[H_F⁻¹]_qq · (H_F⁻¹)_{:,q}, done with
+//! the Cholesky factor of H⁻¹ in blocks, as in `sweep.rs`). The block grid follows the weights:
+//!
+//! 1. at the first column of each ggml block (32 or 256 columns), the block's scales and mins
+//!    are chosen from the row's *current* (already compensated) values by llama.cpp's encoder
+//!    for that type — importance-weighted by diag(H) when `weighted` (what `--imatrix` does),
+//!    its reference encoder otherwise — and stored as the format stores them (fp16 d/dmin,
+//!    6-bit k-quant sub-scales), exactly as in the file;
+//! 2. each column of the block is then fixed to the nearest value of that grid
+//!    (`quant::ggml::BlockGrid`: the decoder's own value for every code), its error propagated;
+//! 3. at the block's last column the codes go into the block's bytes.
+//!
+//! The sweep's lazy-update block is a multiple of the ggml block, so every column of a ggml
+//! block is up to date when the block's scales are chosen. Columns run in their stored order
+//! (llama.cpp's blocks are contiguous along a row, so act-order would split them).
+//!
+//! Which type each linear gets is the GGUF export's: llama-quantize's mix for `gguf_type`
+//! (`q4_k_m` gives attn_v and ffn_down of some layers Q6_K, …) and `tensor_types` overrides,
+//! both taken from the pipeline's `export:` block when it is a GGUF export. The linear keeps the
+//! blocks (`Linear::set_ggml`, refused unless they decode to exactly its weight), and the GGUF
+//! exporter writes them as they are.
+
+use crate::engine::stats::StatsRequest;
+use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::formats::gguf::{self, FileType, Overrides, TypeOverride};
+use crate::model::layer::{GgmlCodes, Site, LINEARS};
+use crate::quant::ggml::{self, BlockGrid, GgmlType};
+use anyhow::{bail, Context, Result};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Instant;
+
+use super::sweep::{self, ColumnRule, Factor};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptqGgmlSpec {
+    /// llama.cpp's mix (`q4_k_m`, `q4_0`, …); default: the GGUF export's `gguf_type`.
+    #[serde(default)]
+    pub gguf_type: Option<FileType>,
+    /// Per-tensor types (`--tensor-type`); default: the GGUF export's `tensor_types`.
+    #[serde(default)]
+    pub tensor_types: Option<Vec<TypeOverride>>,
+    /// Dampening of H, as a fraction of its mean diagonal (GPTQ's λ).
+    #[serde(default = "d_damp")]
+    pub damp: f64,
+    /// Choose each block's scales with llama.cpp's importance-weighted encoder, weights diag(H)
+    /// (as `--imatrix`); `false`: its reference (unweighted) encoder.
+    #[serde(default = "d_true")]
+    pub weighted: bool,
+    #[serde(default = "super::default_targets")]
+    pub targets: Vec<String>,
+    #[serde(default = "super::default_ignore")]
+    pub ignore: Vec<String>,
+}
+
+fn d_damp() -> f64 {
+    0.01
+}
+fn d_true() -> bool {
+    true
+}
+
+impl GptqGgmlSpec {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.damp > 0.0 && self.damp < 1.0) {
+            bail!("field `damp` must be in (0, 1), found {}", self.damp);
+        }
+        if let Some(t) = &self.tensor_types {
+            Overrides::new(t).context("field `tensor_types`")?;
+        }
+        super::select::Selector::new(&self.targets, &self.ignore)?;
+        Ok(())
+    }
+
+    /// Take the GGUF export's mix and overrides where the pass names none; refuse a pass whose
+    /// grid differs from what the export will write.
+    pub fn resolve(
+        &mut self,
+        export_type: Option<FileType>,
+        export_overrides: &[TypeOverride],
+    ) -> Result<()> {
+        match (self.gguf_type, export_type) {
+            (None, Some(t)) => self.gguf_type = Some(t),
+            (Some(a), Some(b)) if a != b => bail!(
+                "field `gguf_type` is {} but the export writes {}: the sweep must target the grid the file stores",
+                a.name(),
+                b.name()
+            ),
+            (None, None) => bail!(
+                "missing field `gguf_type` (the GGUF mix to sweep onto; taken from `export` when it is `format: gguf`)"
+            ),
+            _ => {}
+        }
+        match (&self.tensor_types, export_type) {
+            (None, Some(_)) => self.tensor_types = Some(export_overrides.to_vec()),
+            (Some(a), Some(_)) if a.as_slice() != export_overrides => bail!(
+                "field `tensor_types` differs from the export's `tensor_types`: the sweep must target the grid the file stores"
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// What the sweep of one linear produced.
+pub struct GgmlResult {
+    /// The encoded rows (row-major blocks), rows in the input's order.
+    pub bytes: Vec<u8>,
+    /// Their decoding [rows, cols] (bit for bit what a reader of the file computes with).
+    pub dequant: Array2<f32>,
+    /// Σ e² of the sweep (the paper's objective up to ½).
+    pub loss: f64,
+    pub damp: f64,
+}
+
+/// GPTQ of `w` [rows, cols] with Hessian `h` onto ggml type `ty` (cols a multiple of its
+/// block size).
+pub fn gptq_ggml(
+    w: &Array2<f32>,
+    h: &Array2<f64>,
+    ty: GgmlType,
+    damp: f64,
+    weighted: bool,
+) -> Result<GgmlResult> {
+    let (rows, cols) = w.dim();
+    if h.dim() != (cols, cols) {
+        bail!("Hessian is {:?}, expected [{cols}, {cols}]", h.dim());
+    }
+    let bs = ty.block_size();
+    if ggml::levels(ty) == 0 || !cols.is_multiple_of(bs) {
+        bail!(
+            "{} rows of {cols} are not whole {}-element {} blocks",
+            rows,
+            bs,
+            ty.name()
+        );
+    }
+    let mut w = w.clone();
+    let mut h = h.clone();
+    sweep::fix_dead_inputs(&mut w, &mut h);
+    // the importance of each column for the block encoder: diag(H) (llama-imatrix's mean x²
+    // up to a constant factor, which the weighted encoders do not see)
+    let qw: Vec<f32> = (0..cols).map(|j| h[[j, j]] as f32).collect();
+    let f = Factor::new(&h, damp)?;
+    let rule = GgmlRule {
+        ty,
+        qw: weighted.then_some(qw.as_slice()),
+    };
+    let mut states: Vec<GgmlRow> = (0..rows)
+        .map(|_| GgmlRow {
+            grid: None,
+            bytes: Vec::with_capacity(cols / bs * ty.type_size()),
+            err: None,
+        })
+        .collect();
+    let mut wv = w
+        .as_standard_layout()
+        .into_owned()
+        .into_raw_vec_and_offset()
+        .0;
+    // a lazy-update block that holds whole ggml blocks
+    let block = 128usize.div_ceil(bs) * bs;
+    let loss = sweep::sweep(&mut wv, cols, &f, block, &rule, &mut states);
+    let mut bytes = Vec::with_capacity(rows * cols / bs * ty.type_size());
+    for (r, st) in states.into_iter().enumerate() {
+        if let Some(e) = st.err {
+            bail!("row {r}: {e}");
+        }
+        bytes.extend(st.bytes);
+    }
+    let dec = ggml::dequantize(ty, &bytes, rows * cols)?;
+    // the sweep's fixed values are the grid's decoded values, bit for bit
+    if let Some(i) = dec
+        .iter()
+        .zip(&wv)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        bail!(
+            "internal: {} block decodes to {} at ({}, {}), the sweep fixed {}",
+            ty.name(),
+            dec[i],
+            i / cols,
+            i % cols,
+            wv[i]
+        );
+    }
+    Ok(GgmlResult {
+        bytes,
+        dequant: Array2::from_shape_vec((rows, cols), dec)?,
+        loss: loss.iter().sum(),
+        damp: f.damp,
+    })
+}
+
+struct GgmlRule<'a> {
+    ty: GgmlType,
+    qw: Option<&'a [f32]>,
+}
+
+struct GgmlRow {
+    grid: Option<BlockGrid>,
+    bytes: Vec<u8>,
+    err: Option<String>,
+}
+
+impl GgmlRule<'_> {
+    /// Step 1: the grid of the block starting at column `i`, from the row's current values.
+    fn open(&self, i: usize, wr: &[f32]) -> Result<BlockGrid> {
+        let bs = self.ty.block_size();
+        let x = &wr[i..i + bs];
+        let enc = match self.qw {
+            Some(qw) => ggml::quantize_weighted(self.ty, x, bs, &qw[i..i + bs])?,
+            None => ggml::quantize(self.ty, x)?,
+        };
+        BlockGrid::new(self.ty, &enc)
+    }
+}
+
+impl ColumnRule for GgmlRule<'_> {
+    type Row = GgmlRow;
+    type Block = ();
+
+    fn begin_block(&self, _: usize, _: usize, _: &[f32], _: &Factor) {}
+
+    fn column(&self, _: &(), st: &mut GgmlRow, _: usize, i: usize, wr: &[f32], _: &Factor) -> f32 {
+        let bs = self.ty.block_size();
+        if i.is_multiple_of(bs) {
+            match self.open(i, wr) {
+                Ok(g) => st.grid = Some(g),
+                Err(e) => {
+                    st.err.get_or_insert(e.to_string());
+                    st.grid = None;
+                }
+            }
+        }
+        let Some(g) = st.grid.as_mut() else {
+            return wr[i];
+        };
+        // step 2: the nearest value of the block's grid
+        let v = g.fix(i % bs, wr[i]);
+        if i % bs == bs - 1 {
+            // step 3: the block's codes into its bytes
+            if let Some(g) = st.grid.take() {
+                st.bytes.extend(g.finish());
+            }
+        }
+        v
+    }
+}
+
+pub struct GptqGgml {
+    spec: GptqGgmlSpec,
+    ft: FileType,
+    overrides: Overrides,
+    select: super::select::Selector,
+}
+
+impl GptqGgml {
+    pub fn new(spec: &GptqGgmlSpec) -> Result<Self> {
+        spec.validate()?;
+        let ft = spec
+            .gguf_type
+            .context("internal: gptq_ggml's `gguf_type` was not resolved from the export")?;
+        Ok(GptqGgml {
+            spec: spec.clone(),
+            ft,
+            overrides: Overrides::new(spec.tensor_types.as_deref().unwrap_or_default())?,
+            select: super::select::Selector::new(&spec.targets, &spec.ignore)?,
+        })
+    }
+}
+
+impl Pass for GptqGgml {
+    fn name(&self) -> String {
+        "gptq_ggml".into()
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest {
+            hessian: true,
+            ..Default::default()
+        }
+    }
+
+    fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        // every linear's Hessian from the layer's inputs, one forward (as `gptq` by default)
+        ctx.refresh()?;
+        for name in LINEARS {
+            let module = ctx.module_name(name);
+            if !self.select.selects(&module) {
+                continue;
+            }
+            let t = Instant::now();
+            let lin = &ctx.layer.linears[name];
+            if lin.mask().is_some() || lin.quant().is_some() || lin.adapter().is_some() {
+                bail!("{module}: gptq_ggml sweeps dense weights; this linear is already pruned, quantized or adapted");
+            }
+            let cols = lin.weight().ncols();
+            let hf = format!("{module}.weight");
+            let gname = gguf::gguf_name(&hf)
+                .with_context(|| format!("{module}: no GGUF tensor name (llama architecture)"))?;
+            let ty = gguf::tensor_type(
+                self.ft,
+                &gname,
+                cols,
+                ctx.config.num_layers,
+                ctx.config.tie_word_embeddings,
+                &self.overrides,
+            );
+            if ggml::levels(ty) == 0 {
+                continue; // a float type in this mix: nothing to round
+            }
+            let h = ctx
+                .stats(Site::of(name))?
+                .hessian()
+                .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
+            let lin = &ctx.layer.linears[name];
+            let r = gptq_ggml(lin.weight(), &h, ty, self.spec.damp, self.spec.weighted)
+                .with_context(|| format!("{module}: GPTQ onto {}", ty.name()))?;
+            let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
+            if r.damp != self.spec.damp {
+                ctx.warn(format!(
+                    "{module}: Cholesky failed with damp {}, succeeded with damp {}",
+                    self.spec.damp, r.damp
+                ));
+            }
+            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            lin.set_weight(r.dequant)?;
+            lin.set_ggml(GgmlCodes { ty, bytes: r.bytes })
+                .with_context(|| module.clone())?;
+            ctx.records.push(LinearRecord {
+                layer: ctx.index(),
+                linear: name.to_string(),
+                pass: "gptq_ggml".into(),
+                rel_output_error: Some(rel),
+                loss: Some(r.loss),
+                seconds: t.elapsed().as_secs_f64(),
+                notes: [
+                    ("type".to_string(), json!(ty.name())),
+                    ("damp".to_string(), json!(r.damp)),
+                ]
+                .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::correlated_problem;
+
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    #[test]
+    fn with_an_identity_hessian_it_is_llama_cpps_rounding_to_the_nearest_stored_value() {
+        // H = I: no error moves to other columns, so every block gets llama-quantize's scales
+        // and mins (same bytes with the codes blanked). Its codes are rounded against the f32
+        // scale before the fp16 rounding it stores; ours are the nearest *stored* values: the
+        // codes may differ by one level in near-ties (under 2%: Q8_0 has the finest steps),
+        // never with a larger error.
+        let (w, _) = correlated_problem(8, 512, 16, 3, false);
+        let w = w.mapv(|x| x * 0.05);
+        let ws = w.as_slice().unwrap();
+        let h = Array2::from_diag(&ndarray::Array1::from_elem(512, 1.0));
+        for ty in TYPES {
+            let (bs, ts) = (ty.block_size(), ty.type_size());
+            let r = gptq_ggml(&w, &h, ty, 0.01, false).unwrap();
+            let want = ggml::quantize(ty, ws).unwrap();
+            let theirs = ggml::dequantize(ty, &want, ws.len()).unwrap();
+            let ours = r.dequant.as_slice().unwrap();
+            let mut differ = 0;
+            for (bi, (a, b)) in r.bytes.chunks(ts).zip(want.chunks(ts)).enumerate() {
+                let (mut ca, mut cb) = (vec![0u8; bs], vec![0u8; bs]);
+                ggml::unpack_codes(ty, a, &mut ca);
+                ggml::unpack_codes(ty, b, &mut cb);
+                let (mut pa, mut pb) = (a.to_vec(), b.to_vec());
+                ggml::pack_codes(ty, &mut pa, &vec![0u8; bs]);
+                ggml::pack_codes(ty, &mut pb, &vec![0u8; bs]);
+                assert_eq!(pa, pb, "{ty:?} block {bi}: scales and mins");
+                for i in 0..bs {
+                    let k = bi * bs + i;
+                    if ca[i] != cb[i] {
+                        differ += 1;
+                        assert!((ca[i] as i32 - cb[i] as i32).abs() == 1, "{ty:?} {k}");
+                        assert!(
+                            (ours[k] - ws[k]).abs() <= (theirs[k] - ws[k]).abs(),
+                            "{ty:?} {k}"
+                        );
+                    }
+                }
+            }
+            assert!(differ * 50 <= ws.len(), "{ty:?}: {differ} codes differ");
+        }
+    }
+
+    #[test]
+    fn compensation_lowers_the_output_error_below_rounding() {
+        // correlated inputs: GPTQ's output error tr(ΔW H ΔWᵀ) below llama.cpp's RTN and
+        // imatrix-weighted RTN on the same grid, for every type
+        let (w, h) = correlated_problem(16, 512, 2048, 7, true);
+        let w = w.mapv(|x| x * 0.05);
+        let ws = w.as_slice().unwrap();
+        let diag: Vec<f32> = (0..512).map(|j| h[[j, j]] as f32).collect();
+        let err = |d: &[f32]| {
+            let dw = Array2::from_shape_fn((16, 512), |(r, c)| w[[r, c]] - d[r * 512 + c]);
+            crate::linalg::quad_trace(&dw, &h)
+        };
+        for ty in TYPES {
+            let rtn = ggml::dequantize(ty, &ggml::quantize(ty, ws).unwrap(), ws.len()).unwrap();
+            let imx = ggml::dequantize(
+                ty,
+                &ggml::quantize_weighted(ty, ws, 512, &diag).unwrap(),
+                ws.len(),
+            )
+            .unwrap();
+            let g = gptq_ggml(&w, &h, ty, 0.01, true).unwrap();
+            let (e_rtn, e_imx, e_g) = (err(&rtn), err(&imx), err(g.dequant.as_slice().unwrap()));
+            assert!(
+                e_g < e_rtn && e_g < e_imx,
+                "{ty:?}: gptq {e_g:.4e}, rtn {e_rtn:.4e}, imatrix {e_imx:.4e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_that_are_not_whole_blocks_are_refused() {
+        let w = Array2::<f32>::zeros((2, 48));
+        let h = Array2::from_diag(&ndarray::Array1::from_elem(48, 1.0));
+        assert!(gptq_ggml(&w, &h, GgmlType::Q4_0, 0.01, true).is_err());
+        assert!(gptq_ggml(&w, &h, GgmlType::F16, 0.01, true).is_err());
+    }
+}
