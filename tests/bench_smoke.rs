@@ -145,3 +145,44 @@ fn bench_generates_inspectable_checkpoint_and_identity_is_byte_exact() {
     }
     assert!(out.join("report.json").is_file());
 }
+
+/// `bench floor` counts the FLOPs of the reference model's calibration work from its shapes
+/// (checked by hand here) and measures positive rates; `bench peer-speed` runs a peer recipe and
+/// reads the peer's seconds from the peer table.
+#[test]
+fn floor_and_peer_speed_report_their_figures() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ref-llama-9m");
+    let f = run_json(
+        BENCH,
+        &["floor", "--json", "--tokens", "1000", "--model", p(&model)],
+    );
+    // hidden 256, 4 heads × 64, 2 kv heads × 64, intermediate 768, seq 512: per token
+    // 2·256·(256 + 2·128) + 2·256·256 + 4·256·513/2 + 6·256·768 = 1,835,520 FLOP
+    let fwd = f["forward_gflop_per_layer"].as_f64().unwrap() * 1e9;
+    assert!((fwd - 1000.0 * 1_835_520.0).abs() < 1.0, "{fwd}");
+    // Hessians: d(d + 1) per token for inputs 256, 256, 256, 768
+    let hess = f["hessian_gflop_per_layer"].as_f64().unwrap() * 1e9;
+    let want = 1000.0 * (3.0 * 256.0 * 257.0 + 768.0 * 769.0);
+    assert!((hess - want).abs() < 1.0, "{hess}");
+    assert!(f["gemm_gflops"].as_f64().unwrap() > 0.0 && f["gptq_floor_s"].as_f64().unwrap() > 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let s = run_json(
+        BENCH,
+        &[
+            "peer-speed",
+            "--json",
+            "--recipes",
+            "magnitude-50",
+            "--work",
+            p(tmp.path()),
+            "--compress",
+            COMPRESS,
+        ],
+    );
+    let rows = s["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["recipe"], "magnitude-50");
+    assert_eq!(rows[0]["peer_oneshot_s"].as_f64(), Some(0.2));
+    assert!(rows[0]["pass_s"]["magnitude"].as_f64().unwrap() > 0.0);
+    assert!(s["calibration_tokens"].as_u64().unwrap() > 30_000);
+}
