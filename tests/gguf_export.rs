@@ -414,71 +414,44 @@ fn imatrix_weighs_the_rounding_as_llama_quantize_does() {
 }
 
 /// A GGUF export killed (SIGKILL) after some layers resumes and writes the same model.gguf as
-/// an uninterrupted run.
+/// an uninterrupted run: with the exporter's weighted rounding (`imatrix`) and with the blocks
+/// `gptq_ggml` computed before the kill.
 #[test]
 fn killed_gguf_run_resumes_byte_identical() {
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
     let d = tempfile::tempdir().unwrap();
-    let yaml = |out: &Path| {
-        format!(
-            "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 64, seq_len: 256, seed: 1}}\n\
-             passes:\n  - imatrix: {{}}\nexport: {{format: gguf, gguf_type: q4_k_m}}\n",
-            common::ref_model().display(),
-            out.display(),
-            common::shared().join("data/calib/c4_calib.jsonl").display()
-        )
-    };
-    let full = d.path().join("full");
-    std::fs::write(d.path().join("full.yaml"), yaml(&full)).unwrap();
-    common::run_ok(&d.path().join("full.yaml"));
+    for pass in ["imatrix: {}", "gptq_ggml: {}"] {
+        let tag = pass.split(':').next().unwrap();
+        let yaml = |out: &Path| {
+            format!(
+                "model: {}\noutput: {}\ncalibration: {{path: {}, samples: 64, seq_len: 256, seed: 1}}\n\
+                 passes:\n  - {pass}\nexport: {{format: gguf, gguf_type: q4_k_m}}\n",
+                common::ref_model().display(),
+                out.display(),
+                common::shared().join("data/calib/c4_calib.jsonl").display()
+            )
+        };
+        let full = d.path().join(format!("{tag}-full"));
+        std::fs::write(d.path().join("full.yaml"), yaml(&full)).unwrap();
+        common::run_ok(&d.path().join("full.yaml"));
 
-    let out = d.path().join("resumed");
-    let p = d.path().join("resumed.yaml");
-    std::fs::write(&p, yaml(&out)).unwrap();
-    let state = d.path().join(".resumed.partial/.resume/state.json");
-    let mut child = Command::new(common::bin())
-        .arg(&p)
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let next = std::fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
-            .and_then(|v| v["next_layer"].as_u64())
-            .unwrap_or(0);
-        if next >= 2 {
-            break;
-        }
+        let out = d.path().join(format!("{tag}-resumed"));
+        let p = d.path().join("resumed.yaml");
+        std::fs::write(&p, yaml(&out)).unwrap();
+        common::kill_in_layer(&p, &out, 2, std::time::Duration::ZERO);
+        assert!(!out.exists());
+        let o = Command::new(common::bin())
+            .arg(&p)
+            .args(["--quiet", "--resume"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
+            std::fs::read(full.join("model.gguf")).unwrap()
+                == std::fs::read(out.join("model.gguf")).unwrap(),
+            "{tag}: model.gguf differs after resume"
         );
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+        assert!(!out.join(".shard0.spill").exists());
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!out.exists());
-    let o = Command::new(common::bin())
-        .arg(&p)
-        .args(["--quiet", "--resume"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        std::fs::read(full.join("model.gguf")).unwrap()
-            == std::fs::read(out.join("model.gguf")).unwrap(),
-        "model.gguf differs after resume"
-    );
-    assert!(!out.join(".shard0.spill").exists());
 }
 
 /// `gptq_ggml` sweeps each decoder linear onto the grid the GGUF mix gives it, and the file

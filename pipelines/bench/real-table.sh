@@ -18,8 +18,10 @@ S=../shared
 [ -f "$model/model.safetensors" ] || scripts/get-real-model.sh
 . "$(dirname "$0")/lib.sh"
 cut_heads "$out" "$S"
-# EVAL_SETS="c4" evaluates one head only (load checks: scripts/load-check.sh)
+# EVAL_SETS="c4" evaluates one head only; EVAL_FILES="F …" evaluates those files instead
+# (load checks: scripts/load-check.sh)
 sets=$(for s in ${EVAL_SETS:-wiki c4}; do printf '%s, ' "$out/$s-head300k.txt"; done)
+[ -z "${EVAL_FILES:-}" ] || sets=$(for f in $EVAL_FILES; do printf '%s, ' "$f"; done)
 eval_block="eval: {datasets: [${sets%, }], seq_len: 512, baseline: false}"
 calib="calibration: {path: $S/data/calib/c4_calib.jsonl, sampling: documents, samples: 128, seq_len: 512}"
 run() { # name pass
