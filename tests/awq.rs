@@ -194,3 +194,41 @@ fn smoothquant_then_gptq_w8a8_evaluates_quantized_activations() {
     let lw = compress::model::layer::LayerWeights::load(&ck, 0).unwrap();
     assert!(lw.linears.values().all(|l| l.act_quant().is_some()));
 }
+
+/// AWQ-scaled weights written as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx, the
+/// asymmetric W4 g64 codes) read back to the same perplexity as the compressed-tensors export
+/// of the same run: both formats hold the codes AWQ + RTN chose, scales folded into the norms.
+#[test]
+fn awq_scaled_weights_export_as_gptq_v1() {
+    let d = tempfile::tempdir().unwrap();
+    let text = d.path().join("wiki.txt");
+    let raw = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    std::fs::write(&text, &raw[..24_000]).unwrap();
+    let passes =
+        "  - awq: {bits: 4, group_size: 64}\n  - rtn: {bits: 4, group_size: 64, sym: false}\n";
+    let mut ppl = Vec::new();
+    for fmt in ["compressed-tensors", "gptq"] {
+        let tail = format!(
+            "export: {{format: {fmt}}}\neval: {{datasets: [{}], seq_len: 128, baseline: false}}\n",
+            text.display()
+        );
+        let (ok, err) = run(d.path(), fmt, &format!("{passes}{tail}"));
+        assert!(ok, "{fmt}: {err}");
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join(fmt).join("report.json")).unwrap())
+                .unwrap();
+        ppl.push(
+            r["eval"]["wiki.txt"]["after"]["perplexity"]
+                .as_f64()
+                .unwrap(),
+        );
+    }
+    let g = Checkpoint::open(&d.path().join("gptq")).unwrap();
+    assert!(g.info("model.layers.0.mlp.down_proj.qzeros").is_ok());
+    assert!(
+        (ppl[0] - ppl[1]).abs() <= 1e-9 * ppl[0],
+        "compressed-tensors {} vs gptq {}",
+        ppl[0],
+        ppl[1]
+    );
+}
