@@ -544,3 +544,95 @@ fn gptq_ggml_writes_the_blocks_it_compensated() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("gguf_type"), "{err}");
 }
+
+/// The reference tokenizer cut to the first `n` ids (no merges), with Qwen2's pre-tokenizer (a
+/// regex Split, then byte level without its own regex): enough for a fixture model of `n` tokens.
+fn qwen_tokenizer(n: usize) -> Json {
+    let mut t: Json =
+        serde_json::from_slice(&std::fs::read(common::ref_model().join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = t["model"]["vocab"].as_object().unwrap().clone();
+    t["model"]["vocab"] = Json::Object(
+        vocab
+            .into_iter()
+            .filter(|(_, id)| id.as_u64().unwrap() < n as u64)
+            .collect(),
+    );
+    t["model"]["merges"] = Json::Array(vec![]);
+    if let Some(a) = t["added_tokens"].as_array() {
+        let keep: Vec<Json> = a
+            .iter()
+            .filter(|x| x["id"].as_u64().unwrap() < n as u64)
+            .cloned()
+            .collect();
+        t["added_tokens"] = Json::Array(keep);
+    }
+    t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]});
+    t
+}
+
+/// qwen2 (attention biases) and qwen3 (q/k norms, head_dim 32 ≠ hidden/heads) export under
+/// their own GGUF architectures as llama.cpp's converter writes them — names, biases and norms
+/// present, Q and K rows not permuted (only the llama converter permutes), Qwen2's
+/// pre-tokenizer named — and read back to the source's logits exactly (f32 is lossless).
+#[test]
+fn qwen_architectures_export_under_their_own_names() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformers");
+    for (arch, own) in [
+        ("qwen2", "blk.0.attn_q.bias"),
+        ("qwen3", "blk.0.attn_q_norm.weight"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixtures.join(arch).join(f), src.join(f)).unwrap();
+        }
+        std::fs::write(
+            src.join("tokenizer.json"),
+            serde_json::to_vec(&qwen_tokenizer(128)).unwrap(),
+        )
+        .unwrap();
+        let out = d.path().join("out");
+        let yaml = format!(
+            "model: {}\noutput: {}\npasses: []\nexport: {{format: gguf, gguf_type: f32}}\n",
+            src.display(),
+            out.display()
+        );
+        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+        common::run_ok(&d.path().join("p.yaml"));
+        let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+        assert_eq!(g.get_str("general.architecture").unwrap(), arch);
+        assert_eq!(g.get_str("tokenizer.ggml.pre").unwrap(), "qwen2");
+        assert!(g.tensor(own).is_some(), "{arch}: no {own}");
+        let c = Checkpoint::open(&src).unwrap();
+        assert_eq!(
+            g.get_u64(&format!("{arch}.block_count")).unwrap(),
+            c.config.num_layers as u64
+        );
+        let (_, q) = g.f32("blk.0.attn_q.weight").unwrap();
+        assert_eq!(
+            q,
+            c.f32("model.layers.0.self_attn.q_proj.weight").unwrap(),
+            "{arch}: Q rows as in the HF checkpoint"
+        );
+        let ids = "3,17,42,99,5,64,127,8";
+        let logits = |m: &Path, f: &str| {
+            let o = Command::new(common::bin())
+                .args(["logits", "--quiet", "--ids", ids, "--model"])
+                .arg(m)
+                .arg("--out")
+                .arg(d.path().join(f))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let st = compress::safetensors_file::SafetensorsFile::open(&d.path().join(f)).unwrap();
+            let t = &st.tensors["logits"];
+            compress::safetensors_file::to_f32(t.dtype, st.bytes(t)).unwrap()
+        };
+        assert_eq!(logits(&src, "a.st"), logits(&out, "b.st"), "{arch}: logits");
+    }
+}

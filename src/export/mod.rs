@@ -474,9 +474,6 @@ impl Exporter {
             if lin.act_quant().is_some() {
                 bail!("export: `{prefix}` quantizes its input activations (W8A8); GGUF has no such scheme");
             }
-            if lin.bias.is_some() {
-                bail!("export: `{prefix}` has a bias; the llama GGUF layout has none");
-            }
             let w = lin.weight();
             let v = w
                 .as_standard_layout()
@@ -488,14 +485,27 @@ impl Exporter {
             }
             let imp = lin.importance().map(|i| i.to_vec());
             let codes = lin.ggml().cloned();
-            return self.gguf_add(
+            self.gguf_add(
                 ckpt,
                 &wname,
                 v,
                 &[w.nrows(), w.ncols()],
                 imp.as_deref(),
                 codes.as_ref(),
-            );
+            )?;
+            // attention biases (qwen2; llama's optional ones) as F32 vectors, Q/K permuted
+            // as their rows are
+            if let Some(b) = &lin.bias {
+                self.gguf_add(
+                    ckpt,
+                    &format!("{prefix}.bias"),
+                    b.clone(),
+                    &[b.len()],
+                    None,
+                    None,
+                )?;
+            }
+            return Ok(());
         }
         let bitmask = self.sparse_format == SparseFormat::Bitmask && lin.mask().is_some();
         if bitmask && lin.quant().is_some() {

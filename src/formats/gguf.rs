@@ -568,12 +568,11 @@ pub fn parse(
 /// llama.cpp's architecture name for a config we can export.
 pub fn arch_name(cfg: &ModelConfig) -> Result<&'static str> {
     match cfg.arch {
-        // convert_hf_to_gguf maps LlamaForCausalLM and MistralForCausalLM to `llama`
+        // convert_hf_to_gguf maps LlamaForCausalLM and MistralForCausalLM to `llama`;
+        // Qwen2ForCausalLM and Qwen3ForCausalLM keep their own architectures
         Arch::Llama | Arch::Mistral => Ok("llama"),
-        a => bail!(
-            "GGUF export supports the llama family (llama, mistral) so far, not `{}`",
-            a.name()
-        ),
+        Arch::Qwen2 => Ok("qwen2"),
+        Arch::Qwen3 => Ok("qwen3"),
     }
 }
 
@@ -597,6 +596,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -624,6 +625,8 @@ pub fn hf_name(g: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -633,8 +636,12 @@ pub fn hf_name(g: &str) -> Option<String> {
 }
 
 /// The head count the llama converter permutes a tensor's rows with, if it does:
-/// q_proj with the attention heads, k_proj with the key/value heads.
+/// q_proj with the attention heads, k_proj with the key/value heads (`LlamaModel.modify_tensors`;
+/// the qwen2/qwen3 converters write Q and K as they are, their RoPE rotates halves).
 pub fn permute_heads(hf: &str, cfg: &ModelConfig) -> Option<usize> {
+    if !matches!(cfg.arch, Arch::Llama | Arch::Mistral) {
+        return None;
+    }
     if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
         Some(cfg.num_heads)
     } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
@@ -974,6 +981,26 @@ fn pre_tokenizer(tok: &Json, file: &Path) -> Result<&'static str> {
     }
     if pre.get("type").and_then(Json::as_str) == Some("Sequence") {
         if let Some(ps) = pre.get("pretokenizers").and_then(Json::as_array) {
+            // a regex Split then byte-level without its own regex: Qwen2's and Llama-3's
+            // patterns (llama.cpp's `qwen2` and `llama-bpe` pre-tokenizers)
+            let split = ps.first().filter(|p| {
+                p.get("type").and_then(Json::as_str) == Some("Split")
+                    && ps.len() == 2
+                    && ps[1].get("type").and_then(Json::as_str) == Some("ByteLevel")
+                    && ps[1].get("use_regex").and_then(Json::as_bool) == Some(false)
+            });
+            if let Some(re) = split
+                .and_then(|p| p.get("pattern"))
+                .and_then(|p| p.get("Regex"))
+                .and_then(Json::as_str)
+            {
+                if re == QWEN2_SPLIT {
+                    return Ok("qwen2");
+                }
+                if re == LLAMA3_SPLIT {
+                    return Ok("llama-bpe");
+                }
+            }
             if ps.len() == 2
                 && ps[0].get("type").and_then(Json::as_str) == Some("Digits")
                 && ps[0].get("individual_digits").and_then(Json::as_bool) == Some(true)
@@ -983,8 +1010,13 @@ fn pre_tokenizer(tok: &Json, file: &Path) -> Result<&'static str> {
             }
         }
     }
-    bail!("{f}: pre-tokenizer {pre} is not one whose llama.cpp name we know (GPT-2 byte level, SmolLM)")
+    bail!("{f}: pre-tokenizer {pre} is not one whose llama.cpp name we know (GPT-2 byte level, SmolLM, Qwen2, Llama-3)")
 }
+
+/// The Split regex of Qwen2/Qwen3's tokenizer.json (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama-3's (digits in runs of up to three; llama.cpp `llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// `tokenizer.*` keys from tokenizer.json (+ tokenizer_config.json when present): a byte-level
 /// BPE with merges → `tokenizer.ggml.model = gpt2`, the tokens with their types as
