@@ -114,6 +114,10 @@ enum Cmd {
         /// Windows per forward batch.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Ignore the activation quantizers a W8A8 checkpoint declares (float inputs, the
+        /// stored weights): what a loader that decompresses only the weights computes.
+        #[arg(long)]
+        no_act_quant: bool,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -187,13 +191,15 @@ fn real_main(cli: Cli) -> Result<()> {
             tasks,
             tasks_dir,
             limit,
+            no_act_quant,
         }) => {
             anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
             anyhow::ensure!(batch >= 1, "--batch must be at least 1");
             for t in &tasks {
                 compress::eval::tasks::Task::from_name(t)?;
             }
-            let ckpt = compress::model::Checkpoint::open(&model)?;
+            let mut ckpt = compress::model::Checkpoint::open(&model)?;
+            ckpt.act_quant = !no_act_quant;
             let res = if data.is_empty() {
                 Default::default()
             } else {

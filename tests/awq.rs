@@ -193,6 +193,29 @@ fn smoothquant_then_gptq_w8a8_evaluates_quantized_activations() {
     );
     let lw = compress::model::layer::LayerWeights::load(&ck, 0).unwrap();
     assert!(lw.linears.values().all(|l| l.act_quant().is_some()));
+    // `compress eval` of the folder is the report's W8A8 figure; `--no-act-quant` reads the
+    // same weights with float inputs (W8A16, what a weights-only loader computes): another one
+    let eval_ppl = |extra: &[&str]| {
+        let o = Command::new(common::bin())
+            .args(["eval", "--json", "--quiet", "--seq-len", "128", "--model"])
+            .arg(d.path().join("sq"))
+            .arg("--data")
+            .arg(&eval)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"]["wiki-head.txt"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(eval_ppl(&[]), after);
+    let w8a16 = eval_ppl(&["--no-act-quant"]);
+    assert!(
+        w8a16 != after && (w8a16 / after - 1.0).abs() < 0.02,
+        "{w8a16} vs {after}"
+    );
 }
 
 /// AWQ-scaled weights written as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx, the

@@ -20,6 +20,10 @@ pub struct Checkpoint {
     /// A PEFT LoRA adapter in `adapter/` beside the weights (EoRA's compensation adapters):
     /// its tensors and the scaling its config gives each module.
     pub adapter: Option<(SafetensorsFile, crate::formats::peft::LoraScaling)>,
+    /// Run the activation quantizers the config declares (W8A8's dynamic int8 inputs); `false`
+    /// reads the same weights with float inputs (`compress eval --no-act-quant`: W8A16, as a
+    /// loader that decompresses only the weights computes).
+    pub act_quant: bool,
 }
 
 /// `adapter/adapter_config.json` + `adapter/adapter_model.safetensors`, when present.
@@ -112,6 +116,7 @@ impl Checkpoint {
                 index,
                 gguf_stored: Some(stored),
                 adapter: None,
+                act_quant: true,
             });
         } else {
             let single = dir.join("model.safetensors");
@@ -134,6 +139,7 @@ impl Checkpoint {
             index,
             gguf_stored: None,
             adapter: open_adapter(dir)?,
+            act_quant: true,
         })
     }
 

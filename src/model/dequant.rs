@@ -99,6 +99,7 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
 pub fn input_activation_bits(ckpt: &Checkpoint, module: &str) -> Result<Option<u32>> {
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
+        Some(_) if !ckpt.act_quant => Ok(None),
         Some(q) => formats::compressed_tensors::read_input_activation_bits(
             q,
             module,
