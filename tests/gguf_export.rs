@@ -363,23 +363,31 @@ fn layer0_importance(src: &Checkpoint) -> Vec<f32> {
     acc.iter().map(|a| (a / ids.len() as f64) as f32).collect()
 }
 
-#[test]
-fn imatrix_weighs_the_rounding_as_llama_quantize_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let plain = dir.path().join("plain");
-    run(&pipeline(&plain, "q4_k_m", ""), dir.path());
-    let out = dir.path().join("imat");
+/// Q4_K_M of the reference model twice: without passes (llama.cpp's rounding) and with
+/// `pass` on 32 × 128 calibration windows. Returns the second run's report and pipeline, and
+/// both files.
+fn plain_and_calibrated(dir: &Path, pass: &str) -> (Json, String, GgufFile, GgufFile) {
+    let plain = dir.join("plain");
+    run(&pipeline(&plain, "q4_k_m", ""), dir);
+    let out = dir.join("calibrated");
     let yaml = pipeline(&out, "q4_k_m", "").replace(
         "passes: []\n",
         &format!(
-            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - imatrix: {{}}\n",
+            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - {pass}\n",
             common::shared().join("data/calib/c4_calib.jsonl").display()
         ),
     );
-    let report = run(&yaml, dir.path());
-    let src = Checkpoint::open(&common::ref_model()).unwrap();
+    let report = run(&yaml, dir);
     let p = GgufFile::open(&plain.join("model.gguf")).unwrap();
     let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    (report, yaml, p, g)
+}
+
+#[test]
+fn imatrix_weighs_the_rounding_as_llama_quantize_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _, p, g) = plain_and_calibrated(dir.path(), "imatrix: {}");
+    let src = Checkpoint::open(&common::ref_model()).unwrap();
     assert_eq!(types(&p), types(&g), "the imatrix does not change the mix");
     let mut differ = 0;
     for ((t, r), (_, rp)) in g.tensors.iter().zip(&p.tensors) {
@@ -461,20 +469,8 @@ fn killed_gguf_run_resumes_byte_identical() {
 #[test]
 fn gptq_ggml_writes_the_blocks_it_compensated() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = dir.path().join("plain");
-    run(&pipeline(&plain, "q4_k_m", ""), dir.path());
-    let out = dir.path().join("gptq");
-    let yaml = pipeline(&out, "q4_k_m", "").replace(
-        "passes: []\n",
-        &format!(
-            "calibration: {{path: {}, samples: 32, seq_len: 128}}\npasses:\n  - gptq_ggml: {{}}\n",
-            common::shared().join("data/calib/c4_calib.jsonl").display()
-        ),
-    );
-    let report = run(&yaml, dir.path());
+    let (report, yaml, p, g) = plain_and_calibrated(dir.path(), "gptq_ggml: {}");
     let src = Checkpoint::open(&common::ref_model()).unwrap();
-    let p = GgufFile::open(&plain.join("model.gguf")).unwrap();
-    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
     assert_eq!(types(&p), types(&g), "gptq_ggml keeps llama.cpp's mix");
     let ty_of: std::collections::HashMap<String, GgmlType> = types(&g).into_iter().collect();
     let records = report["layers"].as_array().unwrap();

@@ -37,3 +37,32 @@ run_recipes() {
     echo "$name: $(cat "$out/$name.time")"
   done
 }
+
+# print_table OUT NAME…: one Markdown row per finished run (report.json present): perplexity
+# per evaluated set (wikitext2, ptb, c4 order) and their mean, each pass's own seconds summed
+# over its records, compress seconds.
+print_table() {
+  python3 - "$@" <<'PY'
+import json, sys, os
+out, names = sys.argv[1], sys.argv[2:]
+rows = []
+for n in names:
+    p = os.path.join(out, n, "report.json")
+    if not os.path.exists(p):
+        continue
+    r = json.load(open(p))
+    ev = r["eval"]
+    order = sorted(ev, key=lambda k: 0 if "wiki" in k else 1 if "ptb" in k else 2)
+    per = {}
+    for rec in r.get("layers", []):
+        per[rec["pass"]] = per.get(rec["pass"], 0.0) + rec["seconds"]
+    ppl = [ev[k]["after"]["perplexity"] for k in order]
+    rows.append((n, order, ppl, per, r["timing"]["compress_seconds"]))
+if rows:
+    print("| recipe | " + " | ".join(rows[0][1]) + " | mean | pass s (own records) | compress s |")
+    print("|---|" + "---:|" * (len(rows[0][1]) + 3))
+for n, _, ppl, per, c in rows:
+    print(f"| {n} | " + " | ".join(f"{v:.2f}" for v in ppl) + f" | {sum(ppl)/len(ppl):.2f} | "
+          + ", ".join(f"{k} {v:.1f}" for k, v in per.items()) + f" | {c:.1f} |")
+PY
+}

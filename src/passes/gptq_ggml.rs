@@ -361,16 +361,10 @@ mod tests {
     use super::*;
     use crate::testing::correlated_problem;
 
-    const TYPES: [GgmlType; 8] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
+    /// Every block-quantized ggml type.
+    fn types() -> impl Iterator<Item = GgmlType> {
+        ggml::ALL_TYPES.into_iter().filter(|t| t.is_quantized())
+    }
 
     #[test]
     fn with_an_identity_hessian_it_is_llama_cpps_rounding_to_the_nearest_stored_value() {
@@ -383,7 +377,7 @@ mod tests {
         let w = w.mapv(|x| x * 0.05);
         let ws = w.as_slice().unwrap();
         let h = Array2::from_diag(&ndarray::Array1::from_elem(512, 1.0));
-        for ty in TYPES {
+        for ty in types() {
             let (bs, ts) = (ty.block_size(), ty.type_size());
             let r = gptq_ggml(&w, &h, ty, 0.01, false).unwrap();
             let want = ggml::quantize(ty, ws).unwrap();
@@ -426,7 +420,7 @@ mod tests {
             let dw = Array2::from_shape_fn((16, 512), |(r, c)| w[[r, c]] - d[r * 512 + c]);
             crate::linalg::quad_trace(&dw, &h)
         };
-        for ty in TYPES {
+        for ty in types() {
             let rtn = ggml::dequantize(ty, &ggml::quantize(ty, ws).unwrap(), ws.len()).unwrap();
             let imx = ggml::dequantize(
                 ty,
