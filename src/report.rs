@@ -148,7 +148,8 @@ pub struct Baseline {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaselineItem {
-    /// `computed` or `cache`.
+    /// `computed` (in this run), `cache` (the eval cache) or `resumed` (scored by the
+    /// interrupted run this one resumed).
     pub source: String,
     /// The cache entry read or written, if any.
     pub entry: Option<String>,

@@ -143,6 +143,18 @@ impl BaselineCtx<'_> {
         }
     }
 
+    /// An item scored by the interrupted run this one resumes (from its cache or computed
+    /// there): reported as such, not as computed in this run.
+    fn resumed(&mut self, item: &str) {
+        self.origin.items.insert(
+            item.to_string(),
+            crate::report::BaselineItem {
+                source: "resumed".into(),
+                entry: None,
+            },
+        );
+    }
+
     fn computed<T: serde::Serialize>(
         &mut self,
         item: &str,
@@ -193,7 +205,7 @@ fn ppl_cached(
                 r.perplexity
             );
             if let Some(b) = baseline.as_deref_mut() {
-                b.computed(&dataset_key(f), None, &r, s);
+                b.resumed(&dataset_key(f));
             }
             out.insert(dataset_key(f), r);
             seconds += s;
@@ -251,7 +263,7 @@ fn tasks_cached(
                 r.metrics
             );
             if let Some(b) = baseline.as_deref_mut() {
-                b.computed(canon, None, &r, s);
+                b.resumed(canon);
             }
             out.insert(canon.to_string(), r);
             seconds += s;
@@ -904,17 +916,12 @@ fn run_in(
         }
     }
     let baseline = (!origin.items.is_empty()).then(|| {
-        let n = origin
-            .items
-            .values()
-            .filter(|i| i.source == "cache")
-            .count();
-        origin.source = match n {
-            0 => "computed",
-            n if n == origin.items.len() => "cache",
-            _ => "mixed",
-        }
-        .into();
+        let sources: std::collections::BTreeSet<&str> =
+            origin.items.values().map(|i| i.source.as_str()).collect();
+        origin.source = match sources.into_iter().collect::<Vec<_>>()[..] {
+            [one] => one.to_string(),
+            _ => "mixed".to_string(),
+        };
         origin
     });
     let in_bytes = ckpt.safetensors_bytes();

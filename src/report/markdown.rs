@@ -81,16 +81,21 @@ impl Report {
             s.push_str(&format!("- peak memory (RSS): {}\n", mib(p)));
         }
         if let Some(b) = &self.baseline {
-            let n = b.items.values().filter(|i| i.source == "cache").count();
+            let count = |s: &str| b.items.values().filter(|i| i.source == s).count();
             let line = match (b.source.as_str(), &b.cache_dir) {
                 ("computed", Some(d)) => {
                     format!("computed in this run, stored in the eval cache {d}")
                 }
                 ("computed", None) => "computed in this run (eval cache off)".to_string(),
+                ("resumed", _) => {
+                    "scored by the interrupted run this one resumed".to_string()
+                }
                 (_, d) => format!(
-                    "{n} of {} item(s) read from the eval cache {}, the rest computed",
+                    "{} of {} item(s) read from the eval cache {}, {} scored by the interrupted run this one resumed, the rest computed in this run",
+                    count("cache"),
                     b.items.len(),
-                    d.as_deref().unwrap_or("?")
+                    d.as_deref().unwrap_or("?"),
+                    count("resumed")
                 ),
             };
             s.push_str(&format!("- baseline (input model scores): {line}\n"));
