@@ -46,6 +46,27 @@ pub struct OutputInfo {
     pub files: Vec<String>,
     /// For a pipeline without passes: whether every tensor is byte-identical to the input.
     pub identical_to_input: Option<bool>,
+    /// The further exports of a list (`export: [...]`), each read back and evaluated on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<AlsoExport>,
+}
+
+/// One further export of a list: written to `output/<dir>` from the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlsoExport {
+    pub dir: String,
+    pub format: String,
+    /// Bytes of its weight files.
+    pub size_bytes: u64,
+    /// Original weight bytes / its weight bytes.
+    pub compression_ratio: f64,
+    pub bits_per_weight: Option<f64>,
+    /// Its files, relative to `output`.
+    pub files: Vec<String>,
+    /// Perplexity of this artifact, read back from disk (`before` as in the report's `eval`).
+    pub eval: BTreeMap<String, DatasetEval>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, TaskEval>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

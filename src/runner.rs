@@ -452,13 +452,9 @@ pub fn tensors_identical(a: &Checkpoint, b: &Checkpoint) -> Result<bool> {
 /// `checksums.sha256` (the `sha256sum -c` format) over every file of a finished output, so a
 /// consumer can verify the artifact is complete and unaltered.
 pub fn write_checksums(dir: &Path) -> Result<()> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_file())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n != "checksums.sha256")
-        .collect();
-    names.sort();
+    // every file, subfolders (a compensation adapter, further exports) included; the resume
+    // state is removed right after this
+    let names = crate::util::files_under(dir, &[".resume"])?;
     let mut out = String::new();
     for n in names {
         out.push_str(&format!(
@@ -668,7 +664,7 @@ fn compress_into(
         .map(|s| s.build())
         .collect::<Result<Vec<_>>>()?;
     passes.extend(extra);
-    let max_shard = p.export.max_shard_bytes.unwrap_or(4 << 30);
+    let primary = p.export.primary();
     let layer_digests = state
         .as_ref()
         .map(|s| s.layer_digests.clone())
@@ -676,19 +672,22 @@ fn compress_into(
     let (mut exporter, resume_point) = match state {
         Some(s) => {
             let rp = crate::resume::resume_point(work, &s, ckpt.config.hidden_size)?;
+            let shard = primary.max_shard_bytes.unwrap_or(DEFAULT_SHARD);
             (
-                Exporter::resume(p.export.format, work, max_shard, s.exporter)?,
+                Exporter::resume(primary.format, work, shard, s.exporter)?,
                 Some(rp),
             )
         }
         None => {
-            let e = match (p.export.format, p.export.gguf_type) {
-                (crate::export::Format::Gguf, Some(ft)) => {
-                    Exporter::begin_gguf(work, ckpt, ft, p.export.tensor_types.clone())?
-                }
-                _ => Exporter::begin(p.export.format, work, ckpt, max_shard)?
-                    .with_sparse_format(p.export.sparse_format)?,
-            };
+            let mut e = begin_export(primary, work, ckpt)?;
+            for (sub, x) in p.export.also() {
+                let d = work.join(&sub);
+                std::fs::create_dir_all(&d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+                let other =
+                    begin_export(x, &d, ckpt).with_context(|| format!("export into `{sub}`"))?;
+                e = e.with_also(&sub, other);
+            }
             (e, None)
         }
     };
@@ -697,7 +696,12 @@ fn compress_into(
         p.model.display(),
         ckpt.config.num_layers,
         passes.len(),
-        p.export.format.name()
+        p.export
+            .all()
+            .iter()
+            .map(|e| e.format.name())
+            .collect::<Vec<_>>()
+            .join(" + ")
     );
     let engine = {
         let mut sink = crate::resume::ResumableSink {
@@ -721,6 +725,73 @@ fn compress_into(
         },
         spills,
     ))
+}
+
+/// One artifact's perplexity per data set of `e`, beside the input model's (`before`).
+fn dataset_evals(
+    e: &crate::pipeline::EvalSpec,
+    before: Option<&BTreeMap<String, PplResult>>,
+    after: &BTreeMap<String, PplResult>,
+) -> BTreeMap<String, DatasetEval> {
+    let mut eval = BTreeMap::new();
+    for f in &e.datasets {
+        let k = dataset_key(f);
+        let b = before.and_then(|m| m.get(&k)).cloned();
+        let a = after.get(&k).cloned();
+        let delta = match (&b, &a) {
+            (Some(b), Some(a)) => Some(100.0 * (a.perplexity - b.perplexity) / b.perplexity),
+            _ => None,
+        };
+        eval.insert(
+            k,
+            DatasetEval {
+                file: f.display().to_string(),
+                before: b,
+                after: a,
+                delta_pct: delta,
+            },
+        );
+    }
+    eval
+}
+
+/// One artifact's task scores beside the input model's.
+fn task_evals(
+    before: Option<&BTreeMap<String, crate::eval::tasks::TaskResult>>,
+    after: BTreeMap<String, crate::eval::tasks::TaskResult>,
+) -> BTreeMap<String, crate::report::TaskEval> {
+    after
+        .into_iter()
+        .map(|(k, a)| {
+            let b = before.and_then(|m| m.get(&k)).cloned();
+            (
+                k,
+                crate::report::TaskEval {
+                    before: b,
+                    after: Some(a),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Largest safetensors shard when the export does not say (4 GiB).
+const DEFAULT_SHARD: usize = 4 << 30;
+
+/// Start writing one export of the pipeline into `dir`.
+fn begin_export(e: &crate::pipeline::Export, dir: &Path, ckpt: &Checkpoint) -> Result<Exporter> {
+    match (e.format, e.gguf_type) {
+        (crate::export::Format::Gguf, Some(ft)) => {
+            Exporter::begin_gguf(dir, ckpt, ft, e.tensor_types.clone())
+        }
+        _ => Exporter::begin(
+            e.format,
+            dir,
+            ckpt,
+            e.max_shard_bytes.unwrap_or(DEFAULT_SHARD),
+        )?
+        .with_sparse_format(e.sparse_format),
+    }
 }
 
 /// For each pruning pass with `allocation: owl` (passes/owl.rs): stream the dense model through
@@ -834,7 +905,7 @@ fn run_in(
     // Read the artifact back: everything below is measured on what was written.
     let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
     // GGUF re-encodes every tensor on a ggml grid at export: identity is not a question there.
-    let gguf = p.export.format == crate::formats::Format::Gguf;
+    let gguf = p.export.primary().format == crate::formats::Format::Gguf;
     let identical = if no_passes && !gguf {
         Some(tensors_identical(ckpt, &out)?)
     } else {
@@ -862,6 +933,8 @@ fn run_in(
         origin: &mut origin,
     };
     let mut eval = BTreeMap::new();
+    let mut before_ppl = None;
+    let mut before_tasks = None;
     let mut seq = None;
     if let Some(e) = &p.eval {
         seq = Some(e.seq_len);
@@ -874,24 +947,8 @@ fn run_in(
         };
         let (after, s) = ppl_cached(&out, e, "after", &mut cache, None)?;
         timing.eval_after_seconds = s;
-        for f in &e.datasets {
-            let k = dataset_key(f);
-            let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
-            let a = after.get(&k).cloned();
-            let delta = match (&b, &a) {
-                (Some(b), Some(a)) => Some(100.0 * (a.perplexity - b.perplexity) / b.perplexity),
-                _ => None,
-            };
-            eval.insert(
-                k,
-                DatasetEval {
-                    file: f.display().to_string(),
-                    before: b,
-                    after: a,
-                    delta_pct: delta,
-                },
-            );
-        }
+        eval = dataset_evals(e, before.as_ref(), &after);
+        before_ppl = before;
     }
     let mut tasks = BTreeMap::new();
     if let Some(e) = p.eval.as_ref().filter(|e| !e.tasks.is_empty()) {
@@ -904,16 +961,45 @@ fn run_in(
         };
         let (after, s) = tasks_cached(&out, e, "after", &mut cache, None)?;
         timing.tasks_after_seconds = s;
-        for (k, a) in after {
-            let b = before.as_ref().and_then(|m| m.get(&k)).cloned();
-            tasks.insert(
-                k,
-                crate::report::TaskEval {
-                    before: b,
-                    after: Some(a),
-                },
-            );
+        tasks = task_evals(before.as_ref(), after);
+        before_tasks = before;
+    }
+    // The further exports of a list: each read back from its folder and evaluated on its own
+    // (the input model's scores are the same for all).
+    let mut also = Vec::new();
+    for (sub, x) in p.export.also() {
+        let dir = work.join(&sub);
+        let art = Checkpoint::open(&dir)
+            .with_context(|| format!("reading back the written export `{sub}`"))?;
+        let label = format!("after {sub}");
+        let mut a_eval = BTreeMap::new();
+        let mut a_tasks = BTreeMap::new();
+        if let Some(e) = &p.eval {
+            let (after, s) = ppl_cached(&art, e, &label, &mut cache, None)?;
+            timing.eval_after_seconds += s;
+            a_eval = dataset_evals(e, before_ppl.as_ref(), &after);
+            if !e.tasks.is_empty() {
+                let (after, s) = tasks_cached(&art, e, &label, &mut cache, None)?;
+                timing.tasks_after_seconds += s;
+                a_tasks = task_evals(before_tasks.as_ref(), after);
+            }
         }
+        let prefix = format!("{sub}/");
+        let size = art.safetensors_bytes();
+        also.push(crate::report::AlsoExport {
+            dir: sub.clone(),
+            format: x.format.name().into(),
+            size_bytes: size,
+            compression_ratio: ckpt.safetensors_bytes() as f64 / size.max(1) as f64,
+            bits_per_weight: linear_bits(&art),
+            files: files
+                .iter()
+                .filter(|f| f.starts_with(&prefix))
+                .cloned()
+                .collect(),
+            eval: a_eval,
+            tasks: a_tasks,
+        });
     }
     let baseline = (!origin.items.is_empty()).then(|| {
         let sources: std::collections::BTreeSet<&str> =
@@ -959,7 +1045,7 @@ fn run_in(
         pipeline: serde_json::to_value(p)?,
         output: OutputInfo {
             path: p.output.display().to_string(),
-            format: p.export.format.name().into(),
+            format: p.export.primary().format.name().into(),
             size_bytes: out_bytes,
             compression_ratio: in_bytes as f64 / out_bytes.max(1) as f64,
             bits_per_weight: linear_bits(&out),
@@ -969,6 +1055,7 @@ fn run_in(
             linear_bytes: (er.numel > 0 && !gguf).then_some(er.linear_bytes),
             files,
             identical_to_input: identical,
+            also,
         },
         eval_seq_len: seq,
         eval,

@@ -110,3 +110,40 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     }
     Ok(format!("{:x}", h.finalize()))
 }
+
+/// Every file under `dir`, as `/`-separated paths relative to it, sorted; folders named in
+/// `skip` (at any depth) and `checksums.sha256` at the top are left out. Symbolic links and
+/// other non-files are returned as they are named, so a caller can refuse them.
+pub fn files_under(dir: &Path, skip: &[&str]) -> Result<Vec<String>> {
+    fn walk(root: &Path, rel: &str, skip: &[&str], out: &mut Vec<String>) -> Result<()> {
+        let here = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        for e in
+            std::fs::read_dir(&here).with_context(|| format!("cannot read {}", here.display()))?
+        {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                if !skip.contains(&name.as_str()) {
+                    walk(root, &path, skip, out)?;
+                }
+            } else if path != "checksums.sha256" {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", skip, &mut out)?;
+    out.sort();
+    Ok(out)
+}

@@ -25,6 +25,20 @@ pub struct Verified {
     pub format: Option<String>,
 }
 
+/// Open the checkpoint in `dir` and load every tensor the architecture needs.
+fn load_all(dir: &Path) -> Result<Checkpoint> {
+    let ckpt = Checkpoint::open(dir)?;
+    drop(Outer::load(&ckpt)?);
+    for l in 0..ckpt.config.num_layers {
+        drop(
+            LayerWeights::load(&ckpt, l)
+                .with_context(|| format!("{}: layer {l}", dir.display()))?,
+        );
+        ckpt.release_prefix(&LayerWeights::prefix(l));
+    }
+    Ok(ckpt)
+}
+
 pub fn verify(dir: &Path) -> Result<Verified> {
     let list = dir.join("checksums.sha256");
     let text = std::fs::read_to_string(&list).with_context(|| {
@@ -41,20 +55,22 @@ pub fn verify(dir: &Path) -> Result<Verified> {
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("{}:{}: `{hash}` is not a SHA-256", list.display(), i + 1);
         }
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            bail!("{}:{}: `{name}` is not a file name", list.display(), i + 1);
+        // a relative path inside the folder: no empty, `.` or `..` component
+        if name.is_empty()
+            || name.starts_with('/')
+            || name
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            bail!(
+                "{}:{}: `{name}` is not a file inside the folder",
+                list.display(),
+                i + 1
+            );
         }
         listed.insert(name.to_string(), hash.to_ascii_lowercase());
     }
-    let mut present = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e?;
-        let n = e.file_name().to_string_lossy().to_string();
-        if n != "checksums.sha256" {
-            present.push(n);
-        }
-    }
-    present.sort();
+    let present = crate::util::files_under(dir, &[])?;
     for n in &present {
         if !listed.contains_key(n) {
             bail!(
@@ -78,14 +94,17 @@ pub fn verify(dir: &Path) -> Result<Verified> {
         }
         bytes += std::fs::metadata(&p)?.len();
     }
-    let ckpt = Checkpoint::open(dir)?;
-    drop(Outer::load(&ckpt)?);
-    for l in 0..ckpt.config.num_layers {
-        drop(
-            LayerWeights::load(&ckpt, l)
-                .with_context(|| format!("{}: layer {l}", dir.display()))?,
-        );
-        ckpt.release_prefix(&LayerWeights::prefix(l));
+    let ckpt = load_all(dir)?;
+    // the further exports of a list (`export: [...]`), each in its own subfolder with its
+    // own config.json
+    let mut subs: Vec<&str> = listed
+        .keys()
+        .filter_map(|n| n.strip_suffix("/config.json"))
+        .filter(|d| !d.contains('/'))
+        .collect();
+    subs.dedup();
+    for d in subs {
+        load_all(&dir.join(d))?;
     }
     Ok(Verified {
         files: listed.len(),

@@ -264,6 +264,18 @@ fn eora_adapter_is_written_as_peft_lora_and_evaluates_as_the_merged_weights() {
     );
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
     assert!(!merged.join("adapter").exists());
+    // the adapter's files are in checksums.sha256 and `compress verify` accepts the folder
+    let sums = std::fs::read_to_string(ad.join("checksums.sha256")).unwrap();
+    assert!(
+        sums.contains("  adapter/adapter_model.safetensors\n"),
+        "{sums}"
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+        .arg("verify")
+        .arg(&ad)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ck = Checkpoint::open(&ad).unwrap();
     let (f, _) = ck.adapter.as_ref().expect("adapter read back");
     assert_eq!(f.tensors.len(), 2 * 7 * ck.config.num_layers);

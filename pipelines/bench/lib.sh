@@ -1,18 +1,20 @@
 # Shared by the bench scripts (source it): the evaluation heads of the real-checkpoint tables
 # and the loop that writes and runs one pipeline per recipe.
 
-# cut_heads OUT SHARED: the first 300,000 bytes of wikitext2's and ptb's test files and of the
-# c4_eval text (documents joined by blank lines), as OUT/{wiki,ptb,c4}-head300k.txt.
+# cut_heads OUT SHARED [KB]: the first KB thousand bytes (default 300) of wikitext2's and ptb's
+# test files and of the c4_eval text (documents joined by blank lines), as
+# OUT/{wiki,ptb,c4}-head${KB}k.txt.
 cut_heads() {
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "${3:-300}" <<'PY'
 import json, sys
-out, S = sys.argv[1], sys.argv[2]
+out, S, kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+n = kb * 1000
 for name, path in [("wiki", "wikitext2/wiki.test.raw"), ("ptb", "ptb/ptb.test.txt")]:
-    raw = open(f"{S}/data/eval/{path}", "rb").read()[:300000]
-    open(f"{out}/{name}-head300k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
+    raw = open(f"{S}/data/eval/{path}", "rb").read()[:n]
+    open(f"{out}/{name}-head{kb}k.txt", "wb").write(raw.decode("utf-8", "ignore").encode())
 docs = [json.loads(l)["text"] for l in open(f"{S}/data/eval/c4/c4_eval.jsonl") if l.strip()]
-t = "\n\n".join(docs).encode()[:300000]
-open(f"{out}/c4-head300k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
+t = "\n\n".join(docs).encode()[:n]
+open(f"{out}/c4-head{kb}k.txt", "wb").write(t.decode("utf-8", "ignore").encode())
 PY
 }
 

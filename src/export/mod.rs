@@ -54,6 +54,9 @@ pub struct ExporterState {
     adapters: Vec<(String, usize)>,
     #[serde(default)]
     sparse_format: SparseFormat,
+    /// The further exports of a list (subfolder, format, largest shard, state).
+    #[serde(default)]
+    also: Vec<(String, Format, usize, ExporterState)>,
 }
 
 /// What a GGUF export needs besides the spill file: the mix, the overrides, and every tensor
@@ -138,6 +141,8 @@ pub struct Exporter {
     adapters: Vec<(String, usize)>,
     /// How sparse linears are stored (compressed-tensors only).
     sparse_format: SparseFormat,
+    /// The further exports of a list, each writing the same layers into its own subfolder.
+    also: Vec<(String, Exporter)>,
 }
 
 impl ExporterState {
@@ -146,6 +151,9 @@ impl ExporterState {
         let mut v = self.writer.spill_files();
         if let Some(a) = &self.adapter_writer {
             v.extend(a.spill_files());
+        }
+        for (_, _, _, st) in &self.also {
+            v.extend(st.spill_files());
         }
         v
     }
@@ -174,6 +182,7 @@ impl Exporter {
             adapter_writer: None,
             adapters: Vec::new(),
             sparse_format: SparseFormat::Dense,
+            also: Vec::new(),
         };
         ensure!(
             format != Format::Gguf,
@@ -215,6 +224,7 @@ impl Exporter {
             adapter_writer: None,
             adapters: Vec::new(),
             sparse_format: SparseFormat::Dense,
+            also: Vec::new(),
         };
         e.gguf_copy(ckpt, "model.embed_tokens.weight")?;
         Ok(e)
@@ -239,7 +249,22 @@ impl Exporter {
                 .transpose()?,
             adapters: self.adapters.clone(),
             sparse_format: self.sparse_format,
+            also: self
+                .also
+                .iter_mut()
+                .map(|(d, e)| {
+                    let shard = e.w()?.max_shard_bytes();
+                    Ok((d.clone(), e.format, shard, e.checkpoint()?))
+                })
+                .collect::<Result<_>>()?,
         })
+    }
+
+    /// Also write every layer as `other` does, into its own folder `dir/<sub>` (the further
+    /// exports of a list). `other` was begun in that folder.
+    pub fn with_also(mut self, sub: &str, other: Exporter) -> Self {
+        self.also.push((sub.to_string(), other));
+        self
     }
 
     /// Continue an interrupted export in `dir` from a checkpoint.
@@ -286,6 +311,14 @@ impl Exporter {
                 .transpose()?,
             adapters: state.adapters,
             sparse_format: state.sparse_format,
+            also: state
+                .also
+                .into_iter()
+                .map(|(sub, format, shard, st)| {
+                    let e = Exporter::resume(format, &dir.join(&sub), shard, st)?;
+                    Ok((sub, e))
+                })
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -637,6 +670,17 @@ impl Exporter {
     /// to remove once the caller has recorded the artifact as complete
     /// ([`writer::remove_spills`]).
     pub fn finish(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
+        let also = std::mem::take(&mut self.also);
+        let (mut files, mut spills) = self.finish_one(ckpt)?;
+        for (sub, e) in also {
+            let (f, s) = e.finish_one(ckpt)?;
+            files.extend(f.into_iter().map(|f| format!("{sub}/{f}")));
+            spills.extend(s);
+        }
+        Ok((files, spills))
+    }
+
+    fn finish_one(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
         if self.format == Format::Gguf {
             let (mut files, spills) = self.gguf_finish(ckpt)?;
             // config.json and the tokenizer beside the GGUF file: `compress eval` / `inspect`
@@ -784,6 +828,17 @@ impl Exporter {
 
 impl LayerSink for Exporter {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
+        self.layer_one(ckpt, layer)?;
+        for (sub, e) in &mut self.also {
+            e.layer_one(ckpt, layer)
+                .with_context(|| format!("export into `{sub}`"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Exporter {
+    fn layer_one(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
         let p = LayerWeights::prefix(layer.index);
         if self.format == Format::Gguf {
             for (n, (v, _)) in &layer.norms {

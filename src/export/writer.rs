@@ -64,6 +64,11 @@ impl SafetensorsWriter {
         }
     }
 
+    /// The largest shard this writer writes, in bytes.
+    pub fn max_shard_bytes(&self) -> usize {
+        self.max_shard_bytes
+    }
+
     /// Name the files `<stem>.safetensors` instead of `model.safetensors`.
     pub fn with_stem(mut self, stem: &str) -> Self {
         self.stem = stem.to_string();

@@ -8,7 +8,8 @@
 //! calibration: {path: ../shared/data/calib/c4_calib.jsonl, field: text, samples: 128, seq_len: 512, seed: 0}
 //! passes:
 //!   - gptq: {bits: 4, group_size: 128}
-//! export: {format: compressed-tensors}
+//! export: {format: compressed-tensors}   # or a list: the first at `output`, the others in
+//!                                       # subfolders (`dir`, default from the format)
 //! eval: {datasets: [../shared/data/eval/wikitext2/wiki.test.raw], seq_len: 512}
 //! ```
 
@@ -30,8 +31,9 @@ pub struct Pipeline {
     /// Each entry is a one-key map: `- gptq: {bits: 4}`.
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub passes: Vec<PassSpec>,
+    /// One export, or a list of them written from the same run (see [`Exports`]).
     #[serde(default)]
-    pub export: Export,
+    pub export: Exports,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
 }
@@ -89,11 +91,87 @@ fn default_batch() -> usize {
     8
 }
 
+/// What a run writes: one export (`export: {format: …}`) or several from the same calibration
+/// and passes (`export: [{format: compressed-tensors}, {format: gguf, gguf_type: q4_k_m}]`).
+/// The first is written at `output`, as a single export is; each other one in its own
+/// subfolder `output/<dir>` (`dir` defaults to the format's name, `gguf-<type>` for GGUF), and
+/// each is read back and evaluated on its own.
+#[derive(Debug, Clone)]
+pub struct Exports(Vec<Export>);
+
+impl Default for Exports {
+    fn default() -> Self {
+        Exports(vec![Export::default()])
+    }
+}
+
+impl Exports {
+    /// The export written at `output`.
+    pub fn primary(&self) -> &Export {
+        &self.0[0]
+    }
+
+    /// The exports written in subfolders, with their folder names.
+    pub fn also(&self) -> impl Iterator<Item = (String, &Export)> {
+        self.0[1..].iter().map(|e| (e.dir_name(), e))
+    }
+
+    pub fn all(&self) -> &[Export] {
+        &self.0
+    }
+
+    /// The GGUF exports (a `gptq_ggml` pass sweeps onto their mix).
+    pub fn gguf(&self) -> impl Iterator<Item = &Export> {
+        self.0.iter().filter(|e| e.format == Format::Gguf)
+    }
+}
+
+impl Serialize for Exports {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match &self.0[..] {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Exports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        // a map or a sequence of maps; each element keeps its own unknown-key errors
+        let v = serde_yaml::Value::deserialize(d)?;
+        match v {
+            serde_yaml::Value::Sequence(items) => {
+                if items.is_empty() {
+                    return Err(D::Error::custom(
+                        "`export: []` writes nothing: give at least one export",
+                    ));
+                }
+                let mut out = Vec::with_capacity(items.len());
+                for (i, it) in items.into_iter().enumerate() {
+                    out.push(
+                        serde_yaml::from_value::<Export>(it)
+                            .map_err(|e| D::Error::custom(format!("export[{i}]: {e}")))?,
+                    );
+                }
+                Ok(Exports(out))
+            }
+            v => serde_yaml::from_value::<Export>(v)
+                .map(|e| Exports(vec![e]))
+                .map_err(|e| D::Error::custom(format!("export: {e}"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Export {
     #[serde(default)]
     pub format: Format,
+    /// In a list of exports, the subfolder of `output` this one is written to (default: the
+    /// format's name, `gguf-<type>` for GGUF). The first export is written at `output` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
     /// Largest safetensors shard in bytes (default 4 GiB).
     #[serde(default)]
     pub max_shard_bytes: Option<usize>,
@@ -110,6 +188,40 @@ pub struct Export {
     /// `sparse-bitmask`: non-zeros + one bit per weight).
     #[serde(default, skip_serializing_if = "is_dense")]
     pub sparse_format: crate::formats::compressed_tensors::SparseFormat,
+}
+
+impl Export {
+    /// The subfolder this export is written to when it is not the first of a list.
+    pub fn dir_name(&self) -> String {
+        match (&self.dir, self.format, self.gguf_type) {
+            (Some(d), _, _) => d.clone(),
+            (None, Format::Gguf, Some(t)) => format!("gguf-{}", t.name()),
+            (None, f, _) => f.name().to_string(),
+        }
+    }
+
+    fn validate(&self, f: &str, at: &str) -> Result<()> {
+        if self.sparse_format != crate::formats::compressed_tensors::SparseFormat::Dense
+            && self.format != Format::CompressedTensors
+        {
+            bail!("{f}: field `{at}.sparse_format: bitmask` is a compressed-tensors layout (`format: compressed-tensors`); the {} format stores sparse weights dense", self.format.name());
+        }
+        match (self.format, &self.gguf_type) {
+            (Format::Gguf, None) => {
+                bail!("{f}: field `{at}.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16, f32)")
+            }
+            (Format::Gguf, Some(_)) => {
+                crate::formats::gguf::Overrides::new(&self.tensor_types)
+                    .with_context(|| format!("{f}: field `{at}.tensor_types`"))?;
+            }
+            (_, Some(_)) => bail!("{f}: field `{at}.gguf_type` needs `format: gguf`"),
+            (_, None) if !self.tensor_types.is_empty() => {
+                bail!("{f}: field `{at}.tensor_types` needs `format: gguf`")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn is_dense(f: &crate::formats::compressed_tensors::SparseFormat) -> bool {
@@ -196,12 +308,19 @@ impl Pipeline {
         let mut p: Pipeline =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // gptq_ggml sweeps onto the grid the GGUF export writes: take its mix from there
-        let export_type = (p.export.format == Format::Gguf)
-            .then_some(p.export.gguf_type)
-            .flatten();
+        let gguf: Vec<&Export> = p.export.gguf().collect();
+        let export_type = gguf.first().and_then(|e| e.gguf_type);
+        let overrides = gguf
+            .first()
+            .map(|e| e.tensor_types.clone())
+            .unwrap_or_default();
         for (i, pass) in p.passes.iter_mut().enumerate() {
             if let crate::passes::PassSpec::GptqGgml(g) = pass {
-                g.resolve(export_type, &p.export.tensor_types)
+                // the codes it keeps are one mix's: a second GGUF export would need others
+                if gguf.len() > 1 {
+                    bail!("{}: passes[{i}] (gptq_ggml) sweeps onto one GGUF mix, but `export` lists {} GGUF exports: keep one", path.display(), gguf.len());
+                }
+                g.resolve(export_type, &overrides)
                     .with_context(|| format!("{}: passes[{i}] (gptq_ggml)", path.display()))?;
             }
         }
@@ -240,7 +359,7 @@ impl Pipeline {
                 .with_context(|| format!("{f}: passes[{i}] ({})", p.name()))?;
         }
         crate::passes::check_sequence(&self.passes).with_context(|| f.to_string())?;
-        if self.export.format != Format::Gguf
+        if self.export.gguf().next().is_none()
             && self
                 .passes
                 .iter()
@@ -248,24 +367,34 @@ impl Pipeline {
         {
             bail!("{f}: the `imatrix` pass only informs a GGUF export's rounding: use `export: {{format: gguf}}`");
         }
-        if self.export.sparse_format != crate::formats::compressed_tensors::SparseFormat::Dense
-            && self.export.format != Format::CompressedTensors
-        {
-            bail!("{f}: field `export.sparse_format: bitmask` is a compressed-tensors layout (`format: compressed-tensors`); the {} format stores sparse weights dense", self.export.format.name());
+        let many = self.export.all().len() > 1;
+        for (i, e) in self.export.all().iter().enumerate() {
+            let at = if many {
+                format!("export[{i}]")
+            } else {
+                "export".to_string()
+            };
+            e.validate(&f.to_string(), &at)?;
         }
-        match (self.export.format, &self.export.gguf_type) {
-            (Format::Gguf, None) => {
-                bail!("{f}: field `export.gguf_type` is required with `format: gguf` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, f16, bf16, f32)")
+        if self.export.primary().dir.is_some() {
+            bail!("{f}: field `export.dir`: the first export is written at `output` itself; `dir` names the subfolder of each further export in a list");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, (d, _)) in self.export.also().enumerate() {
+            let ok = !d.is_empty()
+                && d != "."
+                && d != ".."
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok {
+                bail!("{f}: field `export[{}].dir`: `{d}` is not a plain folder name (letters, digits, `-`, `_`, `.`)", i + 1);
             }
-            (Format::Gguf, Some(_)) => {
-                crate::formats::gguf::Overrides::new(&self.export.tensor_types)
-                    .with_context(|| format!("{f}: field `export.tensor_types`"))?;
+            if d == crate::formats::peft::DIR {
+                bail!("{f}: field `export[{}].dir`: `{d}` is where a compensation adapter is written; choose another name", i + 1);
             }
-            (_, Some(_)) => bail!("{f}: field `export.gguf_type` needs `format: gguf`"),
-            (_, None) if !self.export.tensor_types.is_empty() => {
-                bail!("{f}: field `export.tensor_types` needs `format: gguf`")
+            if !seen.insert(d.clone()) {
+                bail!("{f}: field `export[{}].dir`: two exports would write to `{d}`; give one a `dir`", i + 1);
             }
-            _ => {}
         }
         if !self.passes.is_empty()
             && self.calibration.is_none()

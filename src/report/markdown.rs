@@ -12,6 +12,7 @@ impl Report {
         self.md_facts(&mut s);
         self.md_perplexity(&mut s);
         self.md_tasks(&mut s);
+        self.md_also(&mut s);
         self.md_layers(&mut s);
         self.md_warnings(&mut s);
         s.push_str(&format!(
@@ -123,6 +124,56 @@ impl Report {
                 f(&d.after),
                 d.delta_pct.map(|x| format!("{x:+.3}")).unwrap_or_else(dash)
             ));
+        }
+    }
+
+    /// The further exports of a list: size and perplexity of each, read back from its folder.
+    fn md_also(&self, s: &mut String) {
+        if self.output.also.is_empty() {
+            return;
+        }
+        let sets: Vec<&String> = self.eval.keys().collect();
+        s.push_str("\n## Further exports (same run, each read back from its folder)\n\n| folder | format | size | bits/weight |");
+        for k in &sets {
+            s.push_str(&format!(" {k} | Δ % |"));
+        }
+        s.push_str("\n|---|---|---:|---:|");
+        for _ in &sets {
+            s.push_str("---:|---:|");
+        }
+        s.push('\n');
+        for a in &self.output.also {
+            s.push_str(&format!(
+                "| `{}/` | {} | {} | {} |",
+                a.dir,
+                a.format,
+                mib(a.size_bytes),
+                a.bits_per_weight
+                    .map(|b| format!("{b:.3}"))
+                    .unwrap_or_else(dash)
+            ));
+            for k in &sets {
+                let d = a.eval.get(*k);
+                let ppl = d
+                    .and_then(|d| d.after.as_ref())
+                    .map(|r| format!("{:.4}", r.perplexity))
+                    .unwrap_or_else(dash);
+                let delta = d
+                    .and_then(|d| d.delta_pct)
+                    .map(|x| format!("{x:+.3}"))
+                    .unwrap_or_else(dash);
+                s.push_str(&format!(" {ppl} | {delta} |"));
+            }
+            s.push('\n');
+        }
+        for a in self.output.also.iter().filter(|a| !a.tasks.is_empty()) {
+            s.push_str(&format!("\n`{}/` tasks:", a.dir));
+            for (k, t) in &a.tasks {
+                if let Some(r) = &t.after {
+                    s.push_str(&format!(" {k} {:?};", r.metrics));
+                }
+            }
+            s.push('\n');
         }
     }
 
