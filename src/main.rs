@@ -118,6 +118,10 @@ enum Cmd {
         /// stored weights): what a loader that decompresses only the weights computes.
         #[arg(long)]
         no_act_quant: bool,
+        /// f32 (default) or bf16: the linears with bf16 weights and inputs, f32 accumulation
+        /// (the AVX512-BF16 kernel where the CPU has it).
+        #[arg(long, default_value = "f32")]
+        precision: String,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -192,6 +196,7 @@ fn real_main(cli: Cli) -> Result<()> {
             tasks_dir,
             limit,
             no_act_quant,
+            precision,
         }) => {
             anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
             anyhow::ensure!(batch >= 1, "--batch must be at least 1");
@@ -200,6 +205,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let mut ckpt = compress::model::Checkpoint::open(&model)?;
             ckpt.act_quant = !no_act_quant;
+            ckpt.precision = compress::model::Precision::parse(&precision)?;
             let res = if data.is_empty() {
                 Default::default()
             } else {

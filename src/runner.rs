@@ -493,7 +493,8 @@ pub fn run_pipeline_with(
         p.device = d.clone();
     }
     check_device(&p).with_context(|| format!("{}: field `device`", pipeline_path.display()))?;
-    let ckpt = Checkpoint::open(&p.model)?;
+    let mut ckpt = Checkpoint::open(&p.model)?;
+    ckpt.precision = p.eval.as_ref().map(|e| e.precision).unwrap_or_default();
     if ckpt.config.raw.get("quantization_config").is_some() {
         bail!(
             "{}: config.json has a `quantization_config`: the input is already quantized; compress a dense checkpoint",
@@ -903,7 +904,8 @@ fn run_in(
     let mut cache = crate::resume::EvalCache::open(work, false)?;
 
     // Read the artifact back: everything below is measured on what was written.
-    let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
+    let mut out = Checkpoint::open(work).context("reading back the written checkpoint")?;
+    out.precision = ckpt.precision;
     // GGUF re-encodes every tensor on a ggml grid at export: identity is not a question there.
     let gguf = p.export.primary().format == crate::formats::Format::Gguf;
     let identical = if no_passes && !gguf {
@@ -918,7 +920,7 @@ fn run_in(
         Some(d) => Some(crate::eval::cache::EvalCache::open(
             d,
             ckpt,
-            crate::eval::cache::PRECISION,
+            ckpt.precision.name(),
         )?),
         None => None,
     };
@@ -969,8 +971,9 @@ fn run_in(
     let mut also = Vec::new();
     for (sub, x) in p.export.also() {
         let dir = work.join(&sub);
-        let art = Checkpoint::open(&dir)
+        let mut art = Checkpoint::open(&dir)
             .with_context(|| format!("reading back the written export `{sub}`"))?;
+        art.precision = ckpt.precision;
         let label = format!("after {sub}");
         let mut a_eval = BTreeMap::new();
         let mut a_tasks = BTreeMap::new();

@@ -216,6 +216,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// GFLOP/s of y = x·Wᵀ in f32 (faer) and in bf16 (`eval.precision: bf16`), best of three,
+    /// on each `n×k×out` shape given (default: SmolLM2-135M's and a 1B model's eval shapes).
+    Gemm {
+        /// Shapes as `n,k,out`.
+        #[arg(long = "shape")]
+        shapes: Vec<String>,
+    },
     /// Tokens per second of perplexity evaluation on the first N windows of a text file.
     EvalSpeed {
         #[arg(long)]
@@ -233,6 +240,9 @@ enum Cmd {
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// f32 or bf16 (linears in bf16 with f32 accumulation).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
 }
 
@@ -1103,6 +1113,60 @@ fn peer_speed(
 }
 
 /// Best of three timings of `f` after one warm-up run, in seconds.
+fn gemm_rates(shapes: &[String]) -> Result<()> {
+    let defaults = [
+        "2048,576,1536",
+        "2048,1536,576",
+        "2048,576,49152",
+        "2048,2048,8192",
+    ];
+    let list: Vec<String> = if shapes.is_empty() {
+        defaults.iter().map(|s| s.to_string()).collect()
+    } else {
+        shapes.to_vec()
+    };
+    println!(
+        "threads {}, bf16 path: {}",
+        rayon::current_num_threads(),
+        if compress::model::bf16::native() {
+            "AVX512-BF16 kernel"
+        } else {
+            "fallback (no AVX512-BF16: bf16-rounded values through the f32 GEMM)"
+        }
+    );
+    println!("| n × k × out | f32 GFLOP/s | bf16 GFLOP/s | bf16 / f32 |\n|---|---:|---:|---:|");
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for s in &list {
+        let d: Vec<usize> = s
+            .split(',')
+            .map(|v| v.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("--shape {s}: expected n,k,out"))?;
+        anyhow::ensure!(
+            d.len() == 3 && d.iter().all(|v| *v > 0),
+            "--shape {s}: expected n,k,out"
+        );
+        let (n, k, out) = (d[0], d[1], d[2]);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..out * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let t32 = best_of_three(|| {
+            std::hint::black_box(compress::model::ops::linear(&x, n, k, &w, out, None));
+        });
+        let p = compress::model::bf16::PackedBf16::pack(&w, out, k);
+        let t16 = best_of_three(|| {
+            std::hint::black_box(p.matmul(&x, n, None));
+        });
+        let fl = 2.0 * (n * k * out) as f64;
+        println!(
+            "| {n} × {k} × {out} | {:.1} | {:.1} | {:.2}× |",
+            fl / t32 / 1e9,
+            fl / t16 / 1e9,
+            t32 / t16
+        );
+    }
+    Ok(())
+}
+
 fn best_of_three(mut f: impl FnMut()) -> f64 {
     f();
     (0..3)
@@ -1217,13 +1281,15 @@ fn eval_speed(
     windows: usize,
     batch: usize,
     as_json: bool,
+    precision: &str,
 ) -> Result<()> {
+    let precision = compress::model::Precision::parse(precision)?;
     anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
     anyhow::ensure!(windows >= 1, "--windows must be at least 1");
     anyhow::ensure!(batch >= 1, "--batch must be at least 1");
     let t = Instant::now();
     let ckpt = Checkpoint::open(model)?;
-    let m = compress::model::llama::Model::load(&ckpt, seq_len)?;
+    let m = compress::model::llama::Model::load(&ckpt, seq_len)?.with_precision(precision);
     let load_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let tok = compress::calib::load_tokenizer(&ckpt.tokenizer_path())?;
@@ -1259,6 +1325,7 @@ fn eval_speed(
     let v = json!({
         "model": model.display().to_string(), "data": data.display().to_string(),
         "seq_len": seq_len, "windows": n, "batch": batch, "tokens": toks,
+        "precision": precision.name(), "bf16_kernel": compress::model::bf16::native(),
         "parameters": params, "threads": threads,
         "load_seconds": load_s, "tokenize_seconds": tok_s, "eval_seconds": eval_s,
         "tokens_per_second": tps, "ms_per_window": 1e3 * eval_s / n as f64,
@@ -1274,6 +1341,15 @@ fn eval_speed(
     println!("| parameters | {params} |");
     println!("| windows × seq_len (batch) | {n} × {seq_len} ({batch}) |");
     println!("| threads (rayon) | {threads} |");
+    println!(
+        "| precision | {}{} |",
+        precision.name(),
+        match (precision, compress::model::bf16::native()) {
+            (compress::model::Precision::F32, _) => "",
+            (_, true) => " (AVX512-BF16 kernel)",
+            (_, false) => " (no AVX512-BF16: bf16-rounded values, f32 GEMM)",
+        }
+    );
     println!("| model load | {load_s:.2} s |");
     println!(
         "| tokenize whole file | {tok_s:.2} s ({} tokens) |",
@@ -1360,6 +1436,7 @@ fn real_main(cli: Cli) -> Result<()> {
             compress,
             json,
         } => peer_speed(model, peer, recipes, work, compress, json),
+        Cmd::Gemm { shapes } => gemm_rates(&shapes),
         Cmd::EvalSpeed {
             model,
             data,
@@ -1367,7 +1444,8 @@ fn real_main(cli: Cli) -> Result<()> {
             windows,
             batch,
             json,
-        } => eval_speed(&model, &data, seq_len, windows, batch, json),
+            precision,
+        } => eval_speed(&model, &data, seq_len, windows, batch, json, &precision),
         Cmd::GpuGptq {
             layers,
             hidden,

@@ -25,9 +25,6 @@ use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "compress-eval-cache/1";
 
-/// The precision evaluation computes in (part of every key).
-pub const PRECISION: &str = "f32";
-
 /// Checkpoint files besides the weights that change what evaluation computes.
 const MODEL_FILES: [&str; 4] = [
     "config.json",

@@ -24,6 +24,8 @@ pub struct Checkpoint {
     /// reads the same weights with float inputs (`compress eval --no-act-quant`: W8A16, as a
     /// loader that decompresses only the weights computes).
     pub act_quant: bool,
+    /// What evaluation of this checkpoint computes in (`eval.precision`, `--precision`).
+    pub precision: crate::model::Precision,
 }
 
 /// `adapter/adapter_config.json` + `adapter/adapter_model.safetensors`, when present.
@@ -117,6 +119,7 @@ impl Checkpoint {
                 gguf_stored: Some(stored),
                 adapter: None,
                 act_quant: true,
+                precision: crate::model::Precision::F32,
             });
         } else {
             let single = dir.join("model.safetensors");
@@ -140,6 +143,7 @@ impl Checkpoint {
             gguf_stored: None,
             adapter: open_adapter(dir)?,
             act_quant: true,
+            precision: crate::model::Precision::F32,
         })
     }
 

@@ -53,6 +53,13 @@ pub struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// Compute every linear of this layer in bf16 ([`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) {
+        for l in self.linears.values_mut() {
+            l.pack_bf16();
+        }
+    }
+
     pub fn prefix(index: usize) -> String {
         format!("model.layers.{index}.")
     }

@@ -131,6 +131,9 @@ pub struct Linear {
     /// decoding, and a GGUF export of that type writes these bytes. Any change of the weight
     /// drops them.
     ggml: Option<GgmlCodes>,
+    /// The weight rounded to bf16 and packed for evaluation in bf16 ([`Linear::pack_bf16`]);
+    /// any change of the weight drops it.
+    bf16: Option<std::sync::Arc<crate::model::bf16::PackedBf16>>,
 }
 
 /// A weight encoded as ggml blocks, rows in the checkpoint's (HF) order.
@@ -153,6 +156,7 @@ impl Linear {
             importance: None,
             ggml: None,
             adapter: None,
+            bf16: None,
         }
     }
 
@@ -212,6 +216,7 @@ impl Linear {
         self.adapter = Some((adapter, merged));
         self.modified = true;
         self.ggml = None;
+        self.bf16 = None;
         Ok(())
     }
 
@@ -347,6 +352,7 @@ impl Linear {
         self.weight = w;
         self.modified = true;
         self.ggml = None;
+        self.bf16 = None;
         Ok(())
     }
 
@@ -374,6 +380,7 @@ impl Linear {
         self.weight = dq;
         self.modified = true;
         self.ggml = None;
+        self.bf16 = None;
         Ok(())
     }
 
@@ -415,6 +422,7 @@ impl Linear {
         };
         self.modified = true;
         self.ggml = None;
+        self.bf16 = None;
         Ok(())
     }
 
@@ -457,6 +465,7 @@ impl Linear {
         self.repr = Repr::Factored { u, v };
         self.modified = true;
         self.ggml = None;
+        self.bf16 = None;
         Ok(())
     }
 
@@ -488,6 +497,20 @@ impl Linear {
     }
 
     /// y = x·Wᵀ + b for x [n, in] row-major, through the representation.
+    /// Compute this linear's product in bf16 from now on (evaluation with `precision: bf16`):
+    /// the weight is rounded and packed once. Factored linears keep f32 factors (their two
+    /// thin products are a small part of the work).
+    pub fn pack_bf16(&mut self) {
+        if !matches!(self.repr, Repr::Factored { .. }) {
+            if let Some(ws) = self.weight.as_slice() {
+                let (out, k) = self.weight.dim();
+                self.bf16 = Some(std::sync::Arc::new(crate::model::bf16::PackedBf16::pack(
+                    ws, out, k,
+                )));
+            }
+        }
+    }
+
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let (out, k) = self.weight.dim();
         ensure!(
@@ -512,10 +535,13 @@ impl Linear {
                 let h = ops::linear(x, n, k, vs, r, None);
                 ops::linear(&h, n, r, us, out, self.bias.as_deref())
             }
-            _ => {
-                let ws = self.weight.as_slice().context("weight not contiguous")?;
-                ops::linear(x, n, k, ws, out, self.bias.as_deref())
-            }
+            _ => match &self.bf16 {
+                Some(p) => p.matmul(x, n, self.bias.as_deref()),
+                None => {
+                    let ws = self.weight.as_slice().context("weight not contiguous")?;
+                    ops::linear(x, n, k, ws, out, self.bias.as_deref())
+                }
+            },
         };
         if let Some((ad, _)) = &self.adapter {
             // + (x·Aᵀ)·Bᵀ

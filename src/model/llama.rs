@@ -226,6 +226,8 @@ pub struct Outer {
     norm: Vec<f32>,
     /// `None` when tied to the embedding.
     head: Option<Vec<f32>>,
+    /// The LM head packed for bf16 compute (`precision: bf16`).
+    head_bf16: Option<crate::model::bf16::PackedBf16>,
     hidden: usize,
     vocab: usize,
     eps: f32,
@@ -246,10 +248,32 @@ impl Outer {
             embed,
             norm,
             head,
+            head_bf16: None,
             hidden: h,
             vocab: v,
             eps: cfg.rms_norm_eps as f32,
         })
+    }
+
+    /// Compute the LM head in bf16 from now on.
+    pub fn pack_bf16(&mut self) {
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        self.head_bf16 = Some(crate::model::bf16::PackedBf16::pack(
+            head,
+            self.vocab,
+            self.hidden,
+        ));
+    }
+
+    /// n [rows, hidden] (after the final norm) · headᵀ.
+    fn head_product(&self, n: &[f32], rows: usize) -> Vec<f32> {
+        match &self.head_bf16 {
+            Some(p) => p.matmul(n, rows, None),
+            None => {
+                let head = self.head.as_deref().unwrap_or(&self.embed);
+                ops::linear(n, rows, self.hidden, head, self.vocab, None)
+            }
+        }
     }
 
     /// Token ids [b, t] → hidden states [b, t, hidden].
@@ -283,8 +307,7 @@ impl Outer {
             sel.extend_from_slice(&x.data[r * h..(r + 1) * h]);
         }
         let n = ops::rms_norm(&sel, h, &self.norm, self.eps);
-        let head = self.head.as_deref().unwrap_or(&self.embed);
-        ops::linear(&n, rows.len(), h, head, self.vocab, None)
+        self.head_product(&n, rows.len())
     }
 
     /// Logits [r1 − r0, vocab] of rows r0..r1 of the hidden states [b·t, hidden] (before the
@@ -293,15 +316,13 @@ impl Outer {
     pub fn logits_range(&self, x: &Act, r0: usize, r1: usize) -> Vec<f32> {
         let h = self.hidden;
         let n = ops::rms_norm(&x.data[r0 * h..r1 * h], h, &self.norm, self.eps);
-        let head = self.head.as_deref().unwrap_or(&self.embed);
-        ops::linear(&n, r1 - r0, h, head, self.vocab, None)
+        self.head_product(&n, r1 - r0)
     }
 
     /// Hidden [b, t, hidden] (before the final norm) → logits [b·t, vocab].
     pub fn logits(&self, x: &Act) -> Vec<f32> {
         let n = self.final_norm(x);
-        let head = self.head.as_deref().unwrap_or(&self.embed);
-        ops::linear(&n, x.rows(), self.hidden, head, self.vocab, None)
+        self.head_product(&n, x.rows())
     }
 }
 
@@ -316,6 +337,7 @@ pub struct Model<'a> {
     layers: Layers<'a>,
     pub rope: Rope,
     pub config: ModelConfig,
+    precision: crate::model::Precision,
 }
 
 enum Layers<'a> {
@@ -339,6 +361,7 @@ impl<'a> Model<'a> {
             layers: Layers::Resident(layers),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
+            precision: crate::model::Precision::F32,
         })
     }
 
@@ -355,6 +378,7 @@ impl<'a> Model<'a> {
             layers: Layers::Streamed(ckpt),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
+            precision: crate::model::Precision::F32,
         })
     }
 
@@ -366,16 +390,34 @@ impl<'a> Model<'a> {
             .flat_map(|l| c.layer_tensors(l))
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum();
-        if (layer_params as u64) * 4 <= resident_limit {
-            Model::load(ckpt, max_t)
+        let m = if (layer_params as u64) * 4 <= resident_limit {
+            Model::load(ckpt, max_t)?
         } else {
             crate::info!(
                 "evaluation streams the decoder layers ({:.1} GiB in f32 > {:.1} GiB resident limit)",
                 layer_params as f64 * 4.0 / (1u64 << 30) as f64,
                 resident_limit as f64 / (1u64 << 30) as f64
             );
-            Model::streamed(ckpt, max_t)
+            Model::streamed(ckpt, max_t)?
+        };
+        Ok(m.with_precision(ckpt.precision))
+    }
+
+    /// Compute the linears (decoder layers and LM head) in `p` from now on; attention,
+    /// norms and the rest stay f32.
+    pub fn with_precision(mut self, p: crate::model::Precision) -> Self {
+        self.precision = p;
+        if p == crate::model::Precision::Bf16 {
+            self.outer.pack_bf16();
+            if let Layers::Resident(v) = &mut self.layers {
+                v.iter_mut().for_each(|l| l.pack_bf16());
+            }
         }
+        self
+    }
+
+    pub fn precision(&self) -> crate::model::Precision {
+        self.precision
     }
 
     pub fn is_streamed(&self) -> bool {
@@ -390,7 +432,10 @@ impl<'a> Model<'a> {
                 DecoderLayer::new(&v[l], &self.config).forward(x, &self.rope, &mut no_hook)
             }
             Layers::Streamed(ckpt) => {
-                let w = LayerWeights::load(ckpt, l)?;
+                let mut w = LayerWeights::load(ckpt, l)?;
+                if self.precision == crate::model::Precision::Bf16 {
+                    w.pack_bf16();
+                }
                 let y = DecoderLayer::new(&w, &self.config).forward(x, &self.rope, &mut no_hook);
                 drop(w);
                 ckpt.release_prefix(&LayerWeights::prefix(l));

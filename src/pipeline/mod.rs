@@ -255,6 +255,14 @@ pub struct EvalSpec {
     /// or `~/.cache/compress/eval`; `--cache DIR` overrides, `--no-cache` turns it off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<PathBuf>,
+    /// What evaluation computes in: `f32` (default) or `bf16` (linears with bf16 weights and
+    /// inputs, f32 accumulation: the AVX512-BF16 kernel where the CPU has it).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: crate::model::Precision,
+}
+
+fn is_f32(p: &crate::model::Precision) -> bool {
+    *p == crate::model::Precision::F32
 }
 
 fn default_tasks_dir() -> PathBuf {

@@ -1,0 +1,376 @@
+//! bf16 compute for evaluation (`eval.precision: bf16`): y = x·Wᵀ with W and x rounded to
+//! bfloat16 and every product accumulated in f32 — what a bf16 GEMM with f32 accumulation
+//! (PyTorch on a bf16 CPU/GPU path) computes.
+//!
+//! On CPUs with AVX512-BF16 (`vdpbf16ps`: 32 bf16 products per instruction, twice the f32 FMA
+//! rate) the product runs in the kernel below: W is packed once into panels of [`NR`] output
+//! columns, each 32-bit lane holding one column's pair (w[2p], w[2p+1]); a row of x is
+//! converted to the same pairs and broadcast; an [`MR`]×[`NR`] tile of y stays in 16 registers
+//! while the pairs of k stream through. Without the instruction the same bf16-rounded values
+//! are multiplied by the f32 GEMM ([`super::ops::linear`]), so results differ between the two
+//! paths only by the order of the f32 sums.
+//!
+//! Rounding to bf16 is round-to-nearest-even (NaN stays NaN), as PyTorch's
+//! `to(torch.bfloat16)`.
+
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two 16-lane registers).
+pub const NR: usize = 32;
+/// Rows of x per register tile.
+pub const MR: usize = 8;
+/// Rows of x per parallel task.
+const MC: usize = 64;
+/// Panels per parallel task.
+const NC: usize = 8;
+/// Pairs of k per pass over a task's tiles (a panel's chunk: KC × NR × 4 bytes = 48 KiB, in L2).
+const KC: usize = 384;
+
+/// f32 → bf16 bits, round to nearest even (the `half` crate, as [`crate::quant::round_to`]).
+#[inline]
+fn to_bf16(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// bf16 bits → f32 (exact).
+#[inline]
+fn from_bf16(h: u16) -> f32 {
+    half::bf16::from_bits(h).to_f32()
+}
+
+/// Whether this CPU runs the AVX512-BF16 kernel.
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight [out, k] rounded to bf16 and laid out for [`PackedBf16::matmul`].
+pub struct PackedBf16 {
+    out: usize,
+    k: usize,
+    /// k/2 rounded up: pairs per row.
+    kp: usize,
+    /// Native path: per panel of NR columns, kp × NR lanes (w[j][2p] low, w[j][2p+1] high).
+    panels: Vec<u32>,
+    /// Fallback path: the bf16-rounded weight as f32, [out, k].
+    rounded: Vec<f32>,
+}
+
+impl PackedBf16 {
+    /// Round and pack `w` ([out, k], row-major).
+    pub fn pack(w: &[f32], out: usize, k: usize) -> Self {
+        Self::pack_for(w, out, k, native())
+    }
+
+    /// [`PackedBf16::pack`] for the kernel (`kernel`, only where [`native`]) or the fallback.
+    fn pack_for(w: &[f32], out: usize, k: usize, kernel: bool) -> Self {
+        assert_eq!(w.len(), out * k, "weight is not [out, k]");
+        assert!(
+            !kernel || native(),
+            "the AVX512-BF16 kernel needs the CPU feature"
+        );
+        let kp = k.div_ceil(2);
+        if !kernel {
+            return PackedBf16 {
+                out,
+                k,
+                kp,
+                panels: Vec::new(),
+                rounded: w.iter().map(|v| from_bf16(to_bf16(*v))).collect(),
+            };
+        }
+        let np = out.div_ceil(NR);
+        let mut panels = vec![0u32; np * kp * NR];
+        panels
+            .par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(pi, panel)| {
+                for c in 0..NR {
+                    let j = pi * NR + c;
+                    if j >= out {
+                        break;
+                    }
+                    let row = &w[j * k..(j + 1) * k];
+                    for p in 0..kp {
+                        let lo = to_bf16(row[2 * p]) as u32;
+                        let hi = row.get(2 * p + 1).map_or(0, |v| to_bf16(*v) as u32);
+                        panel[p * NR + c] = lo | (hi << 16);
+                    }
+                }
+            });
+        PackedBf16 {
+            out,
+            k,
+            kp,
+            panels,
+            rounded: Vec::new(),
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.k)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * 4 + self.rounded.len() * 4
+    }
+
+    /// y [n, out] = bf16(x) [n, k] · bf16(W)ᵀ, f32 accumulation, plus bias (f32).
+    pub fn matmul(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.k, "input is not [n, k]");
+        if self.panels.is_empty() {
+            let xr: Vec<f32> = x.iter().map(|v| from_bf16(to_bf16(*v))).collect();
+            return super::ops::linear(&xr, n, self.k, &self.rounded, self.out, bias);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.matmul_native(x, n, bias)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            unreachable!("packed panels exist only where the kernel runs")
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_native(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (k, kp, out) = (self.k, self.kp, self.out);
+        // x as bf16 pairs, [n, kp]
+        let mut xp = vec![0u32; n * kp];
+        xp.par_chunks_mut(kp.max(1))
+            .zip(x.par_chunks(k.max(1)))
+            .for_each(|(d, s)| {
+                for p in 0..kp {
+                    let lo = to_bf16(s[2 * p]) as u32;
+                    let hi = s.get(2 * p + 1).map_or(0, |v| to_bf16(*v) as u32);
+                    d[p] = lo | (hi << 16);
+                }
+            });
+        let mut y = vec![0f32; n * out];
+        let np = out.div_ceil(NR);
+        let tiles: Vec<(usize, usize)> = (0..n.div_ceil(MC))
+            .flat_map(|r| (0..np.div_ceil(NC)).map(move |c| (r, c)))
+            .collect();
+        let yp = SendPtr(y.as_mut_ptr());
+        tiles.par_iter().for_each(|&(rb, cb)| {
+            let yp = &yp;
+            let rows = rb * MC..((rb + 1) * MC).min(n);
+            let panels = cb * NC..((cb + 1) * NC).min(np);
+            // k in chunks of KC pairs, so a panel's chunk stays in L1 across the row tiles
+            let mut p0 = 0;
+            while p0 < kp {
+                let p1 = (p0 + KC).min(kp);
+                for pi in panels.clone() {
+                    let panel = &self.panels[pi * kp * NR..(pi + 1) * kp * NR];
+                    let j0 = pi * NR;
+                    let cols = NR.min(out - j0);
+                    let mut i0 = rows.start;
+                    while i0 < rows.end {
+                        let mr = MR.min(rows.end - i0);
+                        // SAFETY: native() was checked when the panels were packed; x holds
+                        // mr rows of kp pairs from i0, the panel kp × NR lanes, and the
+                        // (rows, columns) of y written belong to this task alone
+                        unsafe {
+                            micro(
+                                mr,
+                                xp.as_ptr().add(i0 * kp + p0),
+                                kp,
+                                panel.as_ptr().add(p0 * NR),
+                                p1 - p0,
+                                yp.0.add(i0 * out + j0),
+                                out,
+                                cols,
+                                p0 == 0,
+                            )
+                        };
+                        i0 += mr;
+                    }
+                }
+                p0 = p1;
+            }
+            if let Some(b) = bias {
+                for i in rows {
+                    for pi in panels.clone() {
+                        let j0 = pi * NR;
+                        let cols = NR.min(out - j0);
+                        // SAFETY: as above, this task's part of y
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * out + j0), cols) };
+                        row.iter_mut()
+                            .zip(&b[j0..j0 + cols])
+                            .for_each(|(v, b)| *v += b);
+                    }
+                }
+            }
+        });
+        y
+    }
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16 [{}, {}]", self.out, self.k)
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: tiles write disjoint parts of y
+unsafe impl Sync for SendPtr {}
+
+/// One register tile of y (rows i0..i0+mr, columns j0..j0+cols at `y`, row stride `ldy`):
+/// y += Σ over `kc` pairs of x pair (row, p) · panel pair (p, column) — or y = that sum when
+/// `init`. `x` points at the tile's first row and pair (row stride `ldx` pairs), `w` at the
+/// panel's first pair.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    mr: usize,
+    x: *const u32,
+    ldx: usize,
+    w: *const u32,
+    kc: usize,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    init: bool,
+) {
+    use std::arch::x86_64::*;
+    let m0: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u16 << cols) - 1
+    };
+    let m1: __mmask16 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u16 << (cols - 16)) - 1
+    } else {
+        0
+    };
+    let z = _mm512_setzero_ps();
+    let mut a = [[z; 2]; MR];
+    if !init {
+        for (r, ar) in a.iter_mut().enumerate().take(mr) {
+            ar[0] = _mm512_maskz_loadu_ps(m0, y.add(r * ldy));
+            ar[1] = _mm512_maskz_loadu_ps(m1, y.add(r * ldy + 16));
+        }
+    }
+    macro_rules! tile {
+        ($m:expr) => {
+            for p in 0..kc {
+                let w0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(w.add(p * NR) as *const _));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(w.add(p * NR + 16) as *const _));
+                for r in 0..$m {
+                    let b: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*x.add(r * ldx + p) as i32));
+                    a[r][0] = _mm512_dpbf16_ps(a[r][0], b, w0);
+                    a[r][1] = _mm512_dpbf16_ps(a[r][1], b, w1);
+                }
+            }
+        };
+    }
+    // a constant trip count lets the compiler keep the tile in registers
+    match mr {
+        8 => tile!(8),
+        7 => tile!(7),
+        6 => tile!(6),
+        5 => tile!(5),
+        4 => tile!(4),
+        3 => tile!(3),
+        2 => tile!(2),
+        _ => tile!(1),
+    }
+    for (r, ar) in a.iter().enumerate().take(mr) {
+        _mm512_mask_storeu_ps(y.add(r * ldy), m0, ar[0]);
+        _mm512_mask_storeu_ps(y.add(r * ldy + 16), m1, ar[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against a direct f64 sum over the bf16-rounded operands, on random inputs of awkward
+    /// shapes (odd k, rows and columns not multiples of the tiles, k over one KC chunk), with
+    /// and without bias — the fallback always, the kernel where the CPU has it.
+    #[test]
+    fn matmul_matches_a_direct_sum_of_rounded_products() {
+        eprintln!(
+            "bf16 GEMM path: {}",
+            if native() {
+                "AVX512-BF16 kernel"
+            } else {
+                "fallback (no AVX512-BF16 on this CPU)"
+            }
+        );
+        let kernels = if native() {
+            vec![false, true]
+        } else {
+            vec![false]
+        };
+        for (kernel, (n, k, out, bias)) in kernels.into_iter().flat_map(|kn| {
+            [
+                (1, 1, 1, false),
+                (3, 7, 5, true),
+                (9, 64, 33, false),
+                (70, 129, 100, true),
+                (130, 256, 65, true),
+                (17, 2 * KC + 37, 40, false),
+            ]
+            .into_iter()
+            .map(move |s| (kn, s))
+        }) {
+            let x = rand(n * k, (n * 31 + k) as u64);
+            let w = rand(out * k, (out * 17 + k) as u64);
+            let b = rand(out, 5);
+            let p = PackedBf16::pack_for(&w, out, k, kernel);
+            let y = p.matmul(&x, n, bias.then_some(&b[..]));
+            for i in 0..n {
+                for j in 0..out {
+                    let mut s = 0f64;
+                    let mut mag = 0f64;
+                    for c in 0..k {
+                        let t = from_bf16(to_bf16(x[i * k + c])) as f64
+                            * from_bf16(to_bf16(w[j * k + c])) as f64;
+                        s += t;
+                        mag += t.abs();
+                    }
+                    if bias {
+                        s += b[j] as f64;
+                    }
+                    let got = y[i * out + j] as f64;
+                    // f32 accumulation of k exact products: error ≤ k·2⁻²⁴·Σ|products|
+                    let tol = (k as f64 + 2.0) * 6e-8 * (mag + 1.0);
+                    assert!(
+                        (got - s).abs() <= tol,
+                        "kernel {kernel}, n {n} k {k} out {out}: y[{i},{j}] = {got}, reference {s}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `eval.precision: bf16` / `compress eval --precision bf16`: the linears compute with bf16
+//! weights and inputs and f32 accumulation (src/model/bf16.rs). Its perplexity stays within
+//! 0.2% of f32 on the reference model, it is a different computation (not the f32 bits), and
+//! the eval cache keeps the two apart: an f32 run never reuses a bf16 baseline or the reverse.
+
+mod common;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The first 24 KB of wikitext2's test file.
+fn wiki_head(dir: &Path) -> PathBuf {
+    let b = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    let mut n = 24_000;
+    while std::str::from_utf8(&b[..n]).is_err() {
+        n -= 1;
+    }
+    let p = dir.join("wiki.txt");
+    std::fs::write(&p, &b[..n]).unwrap();
+    p
+}
+
+fn eval(data: &Path, precision: &str) -> f64 {
+    let o = Command::new(common::bin())
+        .args(["eval", "--model"])
+        .arg(common::ref_model())
+        .arg("--data")
+        .arg(data)
+        .args(["--seq-len", "256", "--json", "--precision", precision])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["results"]["wiki.txt"]["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn bf16_eval_is_within_its_tolerance_of_f32() {
+    let d = tempfile::tempdir().unwrap();
+    let data = wiki_head(d.path());
+    let (f32_ppl, bf16_ppl) = (eval(&data, "f32"), eval(&data, "bf16"));
+    eprintln!(
+        "ref-llama-9m, 24 KB of wikitext2, seq 256: f32 {f32_ppl:.4}, bf16 {bf16_ppl:.4} ({:+.4}%), bf16 kernel: {}",
+        100.0 * (bf16_ppl - f32_ppl) / f32_ppl,
+        compress::model::bf16::native()
+    );
+    assert_ne!(f32_ppl, bf16_ppl, "bf16 computed the same bits as f32");
+    assert!(
+        (bf16_ppl - f32_ppl).abs() <= 2e-3 * f32_ppl,
+        "bf16 {bf16_ppl} vs f32 {f32_ppl}"
+    );
+    // a typo is one clear error
+    let o = Command::new(common::bin())
+        .args(["eval", "--model"])
+        .arg(common::ref_model())
+        .arg("--data")
+        .arg(&data)
+        .args(["--precision", "fp8"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("precision `fp8`"));
+}
+
+fn pipeline(dir: &Path, name: &str, precision: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 4, group_size: 128}}\n\
+             export: {{format: compressed-tensors}}\n\
+             eval: {{datasets: [{}], seq_len: 256, precision: {precision}, cache: {}}}\n",
+            common::ref_model().display(),
+            dir.join(name).display(),
+            dir.join("wiki.txt").display(),
+            dir.join("cache").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn report(dir: &Path, name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join(name).join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_eval_cache_keeps_precisions_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    wiki_head(dir);
+    let before = |r: &Value| {
+        r["eval"]["wiki.txt"]["before"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    common::run_ok(&pipeline(dir, "b1", "bf16"));
+    let b1 = report(dir, "b1");
+    assert_eq!(b1["baseline"]["source"], "computed");
+    assert_eq!(b1["pipeline"]["eval"]["precision"], "bf16");
+    common::run_ok(&pipeline(dir, "f1", "f32"));
+    let f1 = report(dir, "f1");
+    assert_eq!(
+        f1["baseline"]["source"], "computed",
+        "f32 reused a bf16 entry"
+    );
+    assert_ne!(before(&f1), before(&b1));
+    common::run_ok(&pipeline(dir, "b2", "bf16"));
+    let b2 = report(dir, "b2");
+    assert_eq!(b2["baseline"]["source"], "cache");
+    assert_eq!(before(&b2), before(&b1));
+    // the written artifact is evaluated in the same precision as the input model
+    let after = |r: &Value| {
+        r["eval"]["wiki.txt"]["after"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(after(&b2), after(&b1));
+    assert_ne!(after(&b1), after(&f1));
+    assert!((after(&b1) - after(&f1)).abs() <= 2e-3 * after(&f1));
+    // an unknown precision in the pipeline names the field
+    let p = pipeline(dir, "bad", "fp8");
+    let o = Command::new(common::bin())
+        .arg(&p)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("bad.yaml") && err.contains("precision"),
+        "{err}"
+    );
+}
