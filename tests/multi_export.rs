@@ -346,6 +346,9 @@ fn export_lists_are_checked_before_any_work() {
         assert!(!o.status.success(), "{export}: accepted");
         assert!(err.contains(want), "{export}: `{want}` not in: {err}");
         assert!(err.contains("bad.yaml"), "{export}: file not named: {err}");
+        if export.contains("colour") || export == "[]" {
+            assert!(err.contains("at line 6"), "{export}: no line: {err}");
+        }
         assert!(!dir.join("bad").exists(), "{export}: output written");
     }
 }

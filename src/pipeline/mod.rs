@@ -137,29 +137,39 @@ impl Serialize for Exports {
 
 impl<'de> Deserialize<'de> for Exports {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error;
-        // a map or a sequence of maps; each element keeps its own unknown-key errors
-        let v = serde_yaml::Value::deserialize(d)?;
-        match v {
-            serde_yaml::Value::Sequence(items) => {
-                if items.is_empty() {
-                    return Err(D::Error::custom(
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        // a map or a sequence of maps, read in place so that an error inside one keeps the
+        // parser's position (line and column)
+        struct OneOrMany;
+        impl<'de> Visitor<'de> for OneOrMany {
+            type Value = Exports;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an export ({format: …}) or a list of them")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Exports, A::Error> {
+                Export::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|e| Exports(vec![e]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Exports, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = seq.next_element::<Export>()? {
+                    v.push(e);
+                }
+                if v.is_empty() {
+                    return Err(A::Error::custom(
                         "`export: []` writes nothing: give at least one export",
                     ));
                 }
-                let mut out = Vec::with_capacity(items.len());
-                for (i, it) in items.into_iter().enumerate() {
-                    out.push(
-                        serde_yaml::from_value::<Export>(it)
-                            .map_err(|e| D::Error::custom(format!("export[{i}]: {e}")))?,
-                    );
-                }
-                Ok(Exports(out))
+                Ok(Exports(v))
             }
-            v => serde_yaml::from_value::<Export>(v)
-                .map(|e| Exports(vec![e]))
-                .map_err(|e| D::Error::custom(format!("export: {e}"))),
         }
+        d.deserialize_any(OneOrMany)
     }
 }
 
