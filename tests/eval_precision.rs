@@ -8,16 +8,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The first 24 KB of wikitext2's test file.
 fn wiki_head(dir: &Path) -> PathBuf {
-    let b = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
-    let mut n = 24_000;
-    while std::str::from_utf8(&b[..n]).is_err() {
-        n -= 1;
-    }
-    let p = dir.join("wiki.txt");
-    std::fs::write(&p, &b[..n]).unwrap();
-    p
+    common::wiki_head(dir, "wiki.txt", 24_000)
 }
 
 fn eval(data: &Path, precision: &str) -> f64 {

@@ -10,16 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The head of wikitext2's test file, so evaluation takes a second.
 fn wiki_head(dir: &Path) -> PathBuf {
-    let b = std::fs::read(common::shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
-    let mut n = 20_000;
-    while std::str::from_utf8(&b[..n]).is_err() {
-        n -= 1;
-    }
-    let p = dir.join("wiki-head.txt");
-    std::fs::write(&p, &b[..n]).unwrap();
-    p
+    common::wiki_head(dir, "wiki-head.txt", 20_000)
 }
 
 /// `dir/NAME.yaml`: the reference model, 8 × 128 calibration windows, `passes` (YAML list

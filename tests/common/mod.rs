@@ -144,3 +144,16 @@ pub fn kill_in_layer(
         "an interrupted run must not publish its output"
     );
 }
+
+/// The first `bytes` bytes of wikitext2's test file (cut back to a UTF-8 boundary) as
+/// `dir/name`, so an evaluation in a test takes a second.
+pub fn wiki_head(dir: &std::path::Path, name: &str, bytes: usize) -> PathBuf {
+    let b = std::fs::read(shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    let mut n = bytes.min(b.len());
+    while std::str::from_utf8(&b[..n]).is_err() {
+        n -= 1;
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, &b[..n]).unwrap();
+    p
+}
