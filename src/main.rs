@@ -122,6 +122,12 @@ enum Cmd {
         /// (the AVX512-BF16 kernel where the CPU has it).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Which tokens are scored: `windows` (default; every predicted token of each window,
+        /// as our reports) or `llama-perplexity` (llama.cpp's: the first token of each window
+        /// replaced by BOS when the tokenizer adds one, only the second half scored), to compare
+        /// with `llama-perplexity -c SEQ_LEN` on the same windows.
+        #[arg(long, default_value = "windows")]
+        protocol: String,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -197,6 +203,7 @@ fn real_main(cli: Cli) -> Result<()> {
             limit,
             no_act_quant,
             precision,
+            protocol,
         }) => {
             anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
             anyhow::ensure!(batch >= 1, "--batch must be at least 1");
@@ -206,10 +213,20 @@ fn real_main(cli: Cli) -> Result<()> {
             let mut ckpt = compress::model::Checkpoint::open(&model)?;
             ckpt.act_quant = !no_act_quant;
             ckpt.precision = compress::model::Precision::parse(&precision)?;
+            let protocol_name = protocol;
+            let protocol = runner::protocol_named(&ckpt, &protocol_name)?;
             let res = if data.is_empty() {
                 Default::default()
             } else {
-                runner::eval_perplexity(&ckpt, &data, seq_len, batch, "eval")?
+                runner::eval_perplexity_protocol(
+                    &ckpt,
+                    &data,
+                    seq_len,
+                    batch,
+                    "eval",
+                    protocol,
+                    &mut |_, _, _| Ok(()),
+                )?
             };
             let tres = if tasks.is_empty() {
                 Default::default()
@@ -217,7 +234,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 runner::eval_tasks(&ckpt, &tasks, &tasks_dir, limit, "eval")?
             };
             if json {
-                let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "results": res, "tasks": tres});
+                let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "protocol": protocol_name, "results": res, "tasks": tres});
                 say!("{}", serde_json::to_string(&v)?);
             } else {
                 if !res.is_empty() {

@@ -1,6 +1,6 @@
 //! What the CLI commands do, as library functions (the binary is a thin clap layer).
 
-use crate::eval::ppl::{perplexity, PplResult};
+use crate::eval::ppl::{perplexity_with, PplResult, Protocol};
 use crate::export::Exporter;
 use crate::model::llama::Model;
 use crate::model::Checkpoint;
@@ -25,6 +25,21 @@ pub fn eval_perplexity(
     eval_perplexity_each(ckpt, files, seq_len, batch, label, &mut |_, _, _| Ok(()))
 }
 
+/// Which scoring protocol `compress eval --protocol NAME` names: `windows` (ours, the default)
+/// or `llama-perplexity` (llama.cpp's, see [`Protocol::LlamaCpp`]; BOS from the tokenizer).
+pub fn protocol_named(ckpt: &Checkpoint, name: &str) -> Result<Protocol> {
+    match name {
+        "windows" => Ok(Protocol::Windows),
+        "llama-perplexity" => {
+            let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
+            Ok(Protocol::LlamaCpp {
+                bos: calib::added_bos(&tok)?,
+            })
+        }
+        _ => bail!("--protocol: `{name}` is not one of windows, llama-perplexity"),
+    }
+}
+
 /// [`eval_perplexity`], calling `done(file, result, seconds)` after each file.
 pub fn eval_perplexity_each(
     ckpt: &Checkpoint,
@@ -32,6 +47,19 @@ pub fn eval_perplexity_each(
     seq_len: usize,
     batch: usize,
     label: &str,
+    done: &mut dyn FnMut(&Path, &PplResult, f64) -> Result<()>,
+) -> Result<BTreeMap<String, PplResult>> {
+    eval_perplexity_protocol(ckpt, files, seq_len, batch, label, Protocol::Windows, done)
+}
+
+/// [`eval_perplexity_each`] scored as `protocol` says.
+pub fn eval_perplexity_protocol(
+    ckpt: &Checkpoint,
+    files: &[PathBuf],
+    seq_len: usize,
+    batch: usize,
+    label: &str,
+    protocol: Protocol,
     done: &mut dyn FnMut(&Path, &PplResult, f64) -> Result<()>,
 ) -> Result<BTreeMap<String, PplResult>> {
     let mut t = Instant::now();
@@ -43,7 +71,7 @@ pub fn eval_perplexity_each(
         let tokens = calib::tokenize(&tok, &text)?;
         let windows = tokens.len() / seq_len;
         let pb = crate::progress::bar(windows as u64, &format!("{label} {}", dataset_key(f)));
-        let mut r = perplexity(&model, &tokens, seq_len, batch, &mut |w| {
+        let mut r = perplexity_with(&model, &tokens, seq_len, batch, protocol, &mut |w| {
             pb.set_position(w as u64)
         })
         .with_context(|| format!("evaluating {}", f.display()))?;

@@ -98,6 +98,17 @@ pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(enc.get_ids().to_vec())
 }
 
+/// The token the tokenizer's post-processor puts before a text (BOS), if it adds one.
+pub fn added_bos(tok: &Tokenizer) -> Result<Option<u32>> {
+    let enc = |special| {
+        tok.encode("a", special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))
+    };
+    let (with, without) = (enc(true)?, enc(false)?);
+    Ok((with.len() == without.len() + 1 && with[1..] == without[..]).then(|| with[0]))
+}
+
 /// The first `samples` non-empty records, each tokenized on its own (BOS added) and truncated
 /// to `seq_len` tokens. Records: JSONL `field`s, or blank-line separated paragraphs.
 pub fn document_windows(

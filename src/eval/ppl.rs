@@ -68,6 +68,34 @@ pub fn perplexity(
     perplexity_chunked(model, tokens, seq_len, batch, chunk, on_window)
 }
 
+/// Which tokens of the text are scored, and how windows start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Non-overlapping windows of `seq_len` tokens, every predicted token scored (seq_len − 1 per
+    /// window): the GPTQ / SparseGPT / Wanda protocol, the one our reports and goldens use.
+    Windows,
+    /// llama.cpp's `llama-perplexity` (tools/perplexity/perplexity.cpp, `perplexity()`): the
+    /// same chunks of n_ctx = `seq_len` tokens, but the first token of each chunk replaced by
+    /// BOS when the tokenizer adds one, and only the second half scored — the logits at
+    /// positions n_ctx/2 … n_ctx − 2 predict tokens n_ctx/2 + 1 … n_ctx − 1 (n_ctx/2 − 1 tokens
+    /// per chunk, each with at least half a window of context). For comparing with
+    /// llama-perplexity on the same windows.
+    LlamaCpp {
+        /// The BOS id the tokenizer adds (None: the chunks keep their first token).
+        bos: Option<u32>,
+    },
+}
+
+impl Protocol {
+    /// First position of a window whose logits are scored.
+    fn first_scored(self, seq_len: usize) -> usize {
+        match self {
+            Protocol::Windows => 0,
+            Protocol::LlamaCpp { .. } => seq_len / 2,
+        }
+    }
+}
+
 /// [`perplexity`] with the LM head and the loss computed `chunk` rows at a time (the result
 /// does not depend on `chunk`: the same bits for any value).
 pub fn perplexity_chunked(
@@ -78,6 +106,39 @@ pub fn perplexity_chunked(
     chunk: usize,
     on_window: &mut dyn FnMut(usize),
 ) -> Result<PplResult> {
+    perplexity_protocol(
+        model,
+        tokens,
+        seq_len,
+        batch,
+        chunk,
+        Protocol::Windows,
+        on_window,
+    )
+}
+
+/// Perplexity of `tokens` under `model` scored as `protocol` says (see [`Protocol`]).
+pub fn perplexity_with(
+    model: &Model,
+    tokens: &[u32],
+    seq_len: usize,
+    batch: usize,
+    protocol: Protocol,
+    on_window: &mut dyn FnMut(usize),
+) -> Result<PplResult> {
+    let chunk = (HEAD_BLOCK_BYTES / (4 * model.config.vocab_size.max(1))).clamp(128, 1024);
+    perplexity_protocol(model, tokens, seq_len, batch, chunk, protocol, on_window)
+}
+
+fn perplexity_protocol(
+    model: &Model,
+    tokens: &[u32],
+    seq_len: usize,
+    batch: usize,
+    chunk: usize,
+    protocol: Protocol,
+    on_window: &mut dyn FnMut(usize),
+) -> Result<PplResult> {
     // faer's product of a single row (m = 1) sums in another order: blocks keep >= 8 rows
     anyhow::ensure!(chunk >= MIN_BLOCK, "chunk must be at least {MIN_BLOCK}");
     let windows = tokens.len() / seq_len;
@@ -85,6 +146,11 @@ pub fn perplexity_chunked(
         windows > 0,
         "text has {} tokens, fewer than one window of {seq_len}",
         tokens.len()
+    );
+    let from = protocol.first_scored(seq_len);
+    anyhow::ensure!(
+        from + 1 < seq_len,
+        "a window of {seq_len} tokens leaves nothing to score"
     );
     let vocab = model.config.vocab_size;
     // The LM head and the loss a block of rows at a time: [b·t, vocab] logits are never
@@ -97,12 +163,17 @@ pub fn perplexity_chunked(
     let mut w = 0;
     while w < windows {
         let b = batch.min(windows - w);
-        let ids = &tokens[w * seq_len..(w + b) * seq_len];
-        let x = model.hidden(ids, b, seq_len)?;
+        let mut ids = tokens[w * seq_len..(w + b) * seq_len].to_vec();
+        if let Protocol::LlamaCpp { bos: Some(bos) } = protocol {
+            for i in 0..b {
+                ids[i * seq_len] = bos;
+            }
+        }
+        let x = model.hidden(&ids, b, seq_len)?;
         for i in 0..b {
-            let (first, last) = (i * seq_len, (i + 1) * seq_len - 1);
+            let (first, last) = (i * seq_len + from, (i + 1) * seq_len - 1);
             let mut r0 = first;
-            let mut nll = Vec::with_capacity(seq_len - 1);
+            let mut nll = Vec::with_capacity(last - first);
             while r0 < last {
                 // a short tail joins this block (no block of fewer than MIN_BLOCK rows)
                 let r1 = if last - r0 < chunk + MIN_BLOCK {
@@ -116,7 +187,7 @@ pub fn perplexity_chunked(
             }
             // summed in row order, as one window's [`nll_sum`]
             total += nll.iter().sum::<f64>();
-            count += seq_len - 1;
+            count += last - first;
         }
         w += b;
         on_window(w);
