@@ -10,8 +10,12 @@
 //! 1. s_x = mean |x| per input channel over the calibration tokens; with `duo_scaling` (the
 //!    default of AutoAWQ and llm-compressor) also s_w = mean over output rows of |W| normalised
 //!    by its group's max;
-//! 2. for α on a grid of `n_grid` points in [0, 1): s = s_x^α / s_w^(1−α) (or s_x^α),
-//!    normalised by √(max s · min s) (eq. 5, the search space);
+//! 2. for α on a grid in [0, 1]: s = s_x^α / s_w^(1−α) (or s_x^α), normalised by
+//!    √(max s · min s) (eq. 5, the search space). The grid is llm-compressor's (0.11 and later,
+//!    its PR #2640): with `duo_scaling` the identity s = 1 (α = 0 without s_w) and `n_grid` − 1
+//!    points α = i/(`n_grid` − 2) with s_w; without it `n_grid` points α = i/(`n_grid` − 1).
+//!    With the identity among the candidates the search never ends above plain rounding's
+//!    loss (AutoAWQ's older grid, α = i/`n_grid` with s_w only, did not contain it);
 //! 3. the loss of α is the squared error of the output of the module that consumes the mapping
 //!    — the whole attention for q/k/v, o_proj for v → o, the whole MLP for gate/up, down_proj
 //!    for up → down — with every consumer's weights replaced by Q(W·diag(s))·diag(s)⁻¹, against
@@ -54,7 +58,7 @@ pub struct AwqSpec {
     /// Asymmetric by default, as AutoAWQ (`zero_point: true`).
     #[serde(default)]
     pub sym: bool,
-    /// Points of the α grid in [0, 1).
+    /// Candidates of the α search (the identity included; see the module docs).
     #[serde(default = "d_grid")]
     pub n_grid: usize,
     /// s = s_x^α / s_w^(1−α) (true) or s_x^α.
@@ -182,6 +186,20 @@ fn weight_mean(ws: &[&Array2<f32>], gs: usize) -> Vec<f64> {
     sum.iter().map(|s| s / rows.max(1) as f64).collect()
 }
 
+/// The search's candidates (α, with s_w?) — llm-compressor's grid: with duo scaling the
+/// identity (0, false) then `n_grid` − 1 points i/(`n_grid` − 2) with s_w; without it
+/// `n_grid` points i/(`n_grid` − 1). Both ends of [0, 1] are in.
+fn grid(n_grid: usize, duo: bool) -> Vec<(f64, bool)> {
+    let points = |k: usize| (0..k).map(move |i| i as f64 / k.saturating_sub(1).max(1) as f64);
+    if duo {
+        std::iter::once((0.0, false))
+            .chain(points(n_grid - 1).map(|a| (a, true)))
+            .collect()
+    } else {
+        points(n_grid).map(|a| (a, false)).collect()
+    }
+}
+
 /// Eq. 5's candidate scales for one α, normalised by √(max·min).
 fn candidate_scales(x_mean: &[f64], w_mean: Option<&[f64]>, alpha: f64) -> Vec<f32> {
     let mut s: Vec<f64> = x_mean
@@ -237,8 +255,9 @@ impl Inspect {
 }
 
 impl Awq {
-    /// Steps 1–4 for one mapping; returns (best α, loss at best, loss at α = 0).
-    fn scale_mapping(&self, ctx: &mut LayerCtx, m: &Mapping) -> Result<(f64, f64, f64)> {
+    /// Steps 1–4 for one mapping; returns (best α, whether it used s_w, loss at best, loss of
+    /// the first candidate — the identity, plain rounding's loss).
+    fn scale_mapping(&self, ctx: &mut LayerCtx, m: &Mapping) -> Result<(f64, bool, f64, f64)> {
         let x_mean = ctx
             .stats(m.site)?
             .mean_abs()
@@ -275,11 +294,13 @@ impl Awq {
             .spec
             .duo_scaling
             .then(|| weight_mean(&originals.iter().collect::<Vec<_>>(), gs));
-        let mut best = (f64::INFINITY, 0.0, Vec::new());
+        let mut best = (f64::INFINITY, 0.0, false, Vec::new());
         let mut loss_at_zero = f64::NAN;
-        for i in 0..self.spec.n_grid {
-            let alpha = i as f64 / self.spec.n_grid as f64;
-            let s = candidate_scales(&x_mean, w_mean.as_deref(), alpha);
+        for (i, (alpha, duo)) in grid(self.spec.n_grid, self.spec.duo_scaling)
+            .into_iter()
+            .enumerate()
+        {
+            let s = candidate_scales(&x_mean, w_mean.as_deref().filter(|_| duo), alpha);
             let mut cand = ctx.layer.clone();
             for (c, w) in m.consumers.iter().zip(&originals) {
                 // Q(W·diag(s))·diag(s)⁻¹
@@ -301,12 +322,12 @@ impl Awq {
                 loss_at_zero = loss;
             }
             if loss < best.0 {
-                best = (loss, alpha, s);
+                best = (loss, alpha, duo, s);
             }
         }
-        let (loss, alpha, s) = best;
+        let (loss, alpha, duo, s) = best;
         ctx.layer.fold_scale(m, &s)?;
-        Ok((alpha, loss, loss_at_zero))
+        Ok((alpha, duo, loss, loss_at_zero))
     }
 
     /// Step 5 for one linear: per (row, group) the clipping range with the least partial-output
@@ -397,7 +418,7 @@ impl Pass for Awq {
                 continue; // a mapping is scaled whole, and only where folding is exact
             }
             let t = Instant::now();
-            let (alpha, loss, loss0) = self
+            let (alpha, duo, loss, loss0) = self
                 .scale_mapping(ctx, m)
                 .with_context(|| format!("layer {}: AWQ at {}", ctx.index(), m.site.name()))?;
             let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
@@ -411,7 +432,8 @@ impl Pass for Awq {
                     seconds: secs,
                     notes: [
                         ("alpha".to_string(), json!(alpha)),
-                        ("loss_alpha0".to_string(), json!(loss0)),
+                        ("duo_scaling".to_string(), json!(duo)),
+                        ("loss_identity".to_string(), json!(loss0)),
                     ]
                     .into(),
                 });
@@ -479,5 +501,25 @@ mod tests {
             .fold((f32::MIN, f32::MAX), |(a, b), v| (a.max(*v), b.min(*v)));
         assert!(((mx * mn).sqrt() - 1.0).abs() < 1e-5);
         assert!(s[2] > s[1] && s[1] > s[3] && s[3] > s[0]);
+    }
+
+    #[test]
+    fn grid_is_llm_compressors_with_the_identity_first() {
+        let g = grid(20, true);
+        assert_eq!(g.len(), 20);
+        assert_eq!(g[0], (0.0, false));
+        assert_eq!(g[1], (0.0, true));
+        assert_eq!(g[19], (1.0, true));
+        assert!((g[2].0 - 1.0 / 18.0).abs() < 1e-15);
+        let g = grid(20, false);
+        assert_eq!(g.len(), 20);
+        assert_eq!((g[0], g[19]), ((0.0, false), (1.0, false)));
+        assert!((g[1].0 - 1.0 / 19.0).abs() < 1e-15);
+        // one candidate: the identity alone, either way
+        assert_eq!(grid(1, true), vec![(0.0, false)]);
+        assert_eq!(grid(1, false), vec![(0.0, false)]);
+        // the identity candidate's scales are all 1 (normalised s_x^0)
+        let s = candidate_scales(&[0.5, 2.0, 8.0], None, g[0].0);
+        assert!(s.iter().all(|v| *v == 1.0));
     }
 }
