@@ -3,6 +3,7 @@
 //! ppl = exp(mean NLL). The GPTQ / SparseGPT / Wanda protocol; golden values from transformers.
 
 use crate::model::llama::Model;
+use crate::model::ops;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +43,7 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
 }
 
 /// −log softmax(logits)[target] of each row: the max and the target's logit exactly, the sum
-/// of exp(x − max) over the vocabulary with [`exp_f32`] (≤ 2 ulp) in f64 lanes. That sum was an
+/// of exp(x − max) over the vocabulary with [`ops::exp_f32`] (≤ 2 ulp) in f64 lanes. That sum was an
 /// f64 `exp` per logit (≈ 10% of an evaluation's time on a 49k vocabulary); the f32 exponential
 /// changes each term by at most ~2·10⁻⁷ relative, far below the f32 logits' own rounding.
 pub fn nll_rows(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f64> {
@@ -65,37 +66,15 @@ fn sum_exp(row: &[f32], m: f32) -> f64 {
     let mut chunks = row.chunks_exact(L);
     for c in &mut chunks {
         for l in 0..L {
-            acc[l] += exp_f32(c[l] - m) as f64;
+            acc[l] += ops::exp_f32(c[l] - m) as f64;
         }
     }
     let tail: f64 = chunks
         .remainder()
         .iter()
-        .map(|&x| exp_f32(x - m) as f64)
+        .map(|&x| ops::exp_f32(x - m) as f64)
         .sum();
     acc.iter().sum::<f64>() + tail
-}
-
-/// eˣ in f32 without a libm call (so loops over it vectorize): Cody–Waite range reduction
-/// x = n·ln 2 + r, |r| ≤ ln 2 / 2, then Cephes' degree-7 minimax polynomial for eʳ (relative
-/// error ≤ 2 ulp) and 2ⁿ from the exponent bits. Inputs below ln(f32::MIN_POSITIVE) give that
-/// smallest normal (≈ 1.2·10⁻³⁸, nothing next to the sum's largest term, 1); above 88.37, +∞'s
-/// neighbour range is clamped (not used by the loss, where x ≤ 0).
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.336_55, 88.376_26);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let r2 = r * r;
-    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5)
-        * r2
-        + r
-        + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Perplexity of `tokens` under `model`. `on_window` is told how many windows are done.
@@ -248,23 +227,6 @@ fn perplexity_protocol(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn exp_f32_is_within_two_ulp_of_f64_exp_on_random_inputs() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for _ in 0..200_000 {
-            let x: f32 = rng.gen_range(-87.0..88.0);
-            let want = (x as f64).exp();
-            let got = exp_f32(x) as f64;
-            assert!(
-                ((got - want) / want).abs() <= 2.5e-7,
-                "exp({x}) = {got}, want {want}"
-            );
-        }
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(-1e4) > 0.0 && exp_f32(-1e4) < 1.2e-38);
-        assert!(exp_f32(f32::NEG_INFINITY) >= 0.0);
-    }
 
     #[test]
     fn nll_rows_match_a_direct_f64_log_softmax() {

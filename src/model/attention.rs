@@ -52,18 +52,7 @@ pub fn causal_attention(
                     let i = r0 + ri;
                     let row = &mut sb[ri * kn..(ri + 1) * kn];
                     let (live, masked) = row.split_at_mut(i + 1);
-                    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    let mut sum = 0f32;
-                    for x in live.iter_mut() {
-                        // Terms below e^-30 ≈ 1e-13 of the largest (which is 1) cannot change
-                        // an f32 sum: flush them to zero so neither exp, the normalisation nor
-                        // the P·V product ever touches (very slow) denormal floats.
-                        let d = *x - mx;
-                        *x = if d < -30.0 { 0.0 } else { d.exp() };
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|x| *x *= inv);
+                    crate::model::ops::softmax_row(live);
                     masked.iter_mut().for_each(|x| *x = 0.0);
                 }
                 faer::linalg::matmul::matmul(

@@ -533,15 +533,7 @@ pub fn causal_attention_backward(
             for i in 0..t {
                 let row = &mut p[i * t..(i + 1) * t];
                 let (live, masked) = row.split_at_mut(i + 1);
-                let mx = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let mut sum = 0f32;
-                for x in live.iter_mut() {
-                    let d = *x - mx;
-                    *x = if d < -30.0 { 0.0 } else { d.exp() };
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|x| *x *= inv);
+                crate::model::ops::softmax_row(live);
                 masked.iter_mut().for_each(|x| *x = 0.0);
             }
             // ∂V = Pᵀ ∂O
@@ -773,7 +765,7 @@ impl<'a> Block<'a> {
             )
             .for_each(|((dg, du), (da, (g, u)))| {
                 for i in 0..da.len() {
-                    let s = 1.0 / (1.0 + (-g[i]).exp());
+                    let s = 1.0 / (1.0 + crate::model::ops::exp_f32(-g[i]));
                     du[i] = da[i] * g[i] * s;
                     dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 }

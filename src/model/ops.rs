@@ -134,14 +134,65 @@ pub fn heads_transpose(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Ve
     y
 }
 
-/// SwiGLU's gate: silu(g) · u, elementwise (silu(x) = x / (1 + e^{−x})).
+/// eˣ in f32 without a libm call (so loops over it vectorize): Cody–Waite range reduction
+/// x = n·ln 2 + r, |r| ≤ ln 2 / 2, then Cephes' degree-7 minimax polynomial for eʳ (relative
+/// error ≤ 2 ulp) and 2ⁿ from the exponent bits. Inputs below ln(f32::MIN_POSITIVE) give that
+/// smallest normal (≈ 1.2·10⁻³⁸, nothing next to the sum's largest term, 1); above 88.37, +∞'s
+/// neighbour range is clamped (not used by the loss, where x ≤ 0).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let r2 = r * r;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5)
+        * r2
+        + r
+        + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// One causal softmax row in place: `live` (the scores up to the diagonal) becomes
+/// exp(x − max) / Σ, with terms below e⁻³⁰ of the largest flushed to zero (they cannot change
+/// an f32 sum, and neither the normalisation nor the P·V product then touches denormals).
+/// Eight-lane sums and [`exp_f32`], so the loops vectorize.
+pub fn softmax_row(live: &mut [f32]) {
+    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    const L: usize = 8;
+    let mut acc = [0f32; L];
+    let mut chunks = live.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            let d = c[l] - mx;
+            let e = exp_f32(d);
+            c[l] = if d < -30.0 { 0.0 } else { e };
+            acc[l] += c[l];
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        let d = *x - mx;
+        *x = if d < -30.0 { 0.0 } else { exp_f32(d) };
+        sum += *x;
+    }
+    let sum = acc.iter().sum::<f32>() + sum;
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// SwiGLU's gate: silu(g) · u, elementwise (silu(x) = x / (1 + e^{−x}), the exponential by
+/// [`exp_f32`] so the loop vectorizes).
 pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; g.len()];
     y.par_chunks_mut(4096)
         .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
         .for_each(|(o, (g, u))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
+                *o = g / (1.0 + exp_f32(-g)) * u;
             }
         });
     y
@@ -167,6 +218,44 @@ pub fn add_assign(a: &mut [f32], b: &[f32]) {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_f64_exp_on_random_inputs() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..200_000 {
+            let x: f32 = rng.gen_range(-87.0..88.0);
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            assert!(
+                ((got - want) / want).abs() <= 2.5e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1e4) > 0.0 && exp_f32(-1e4) < 1.2e-38);
+        assert!(exp_f32(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    #[test]
+    fn softmax_row_matches_an_f64_softmax_on_random_rows() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for n in [1usize, 5, 8, 17, 64, 333] {
+            let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-40.0f32..12.0)).collect();
+            let mut y = x.clone();
+            softmax_row(&mut y);
+            let m = x.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+            let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
+                let want = (xi as f64 - m).exp() / z;
+                // flushed: below e^-30 of the largest term
+                let tol = 1e-6 * want + 1e-13;
+                assert!(
+                    (yi as f64 - want).abs() <= tol,
+                    "n {n} [{i}]: {yi} vs {want}"
+                );
+            }
+        }
+    }
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
