@@ -26,10 +26,28 @@ const NC: usize = 8;
 /// Pairs of k per pass over a task's tiles (a panel's chunk: KC × NR × 4 bytes = 48 KiB, in L2).
 const KC: usize = 384;
 
-/// f32 → bf16 bits, round to nearest even (the `half` crate, as [`crate::quant::round_to`]).
-#[inline]
+/// f32 → bf16 bits, round to nearest even: the `half` crate's conversion (as
+/// [`crate::quant::round_to`]) bit for bit, written without branches so that loops over it
+/// vectorize — (x + 0x7FFF + lsb) >> 16, and a NaN keeps its high bits with the quiet bit set.
+#[inline(always)]
 fn to_bf16(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
+    let x = v.to_bits();
+    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    (if nan { (x >> 16) | 0x0040 } else { rounded }) as u16
+}
+
+/// Row `s` (k values) as bf16 pairs in `d` (⌈k/2⌉ words: element 2p in the low half, 2p + 1
+/// in the high half, a zero high half past an odd k).
+#[inline]
+fn pack_pairs(d: &mut [u32], s: &[f32]) {
+    let mut pairs = s.chunks_exact(2);
+    for (o, pr) in d.iter_mut().zip(&mut pairs) {
+        *o = to_bf16(pr[0]) as u32 | ((to_bf16(pr[1]) as u32) << 16);
+    }
+    if let [last] = pairs.remainder() {
+        d[s.len() / 2] = to_bf16(*last) as u32;
+    }
 }
 
 /// bf16 bits → f32 (exact).
@@ -96,11 +114,10 @@ impl PackedBf16 {
                     if j >= out {
                         break;
                     }
-                    let row = &w[j * k..(j + 1) * k];
-                    for p in 0..kp {
-                        let lo = to_bf16(row[2 * p]) as u32;
-                        let hi = row.get(2 * p + 1).map_or(0, |v| to_bf16(*v) as u32);
-                        panel[p * NR + c] = lo | (hi << 16);
+                    let mut pairs = vec![0u32; kp];
+                    pack_pairs(&mut pairs, &w[j * k..(j + 1) * k]);
+                    for (p, v) in pairs.iter().enumerate() {
+                        panel[p * NR + c] = *v;
                     }
                 }
             });
@@ -146,13 +163,7 @@ impl PackedBf16 {
         let mut xp = vec![0u32; n * kp];
         xp.par_chunks_mut(kp.max(1))
             .zip(x.par_chunks(k.max(1)))
-            .for_each(|(d, s)| {
-                for p in 0..kp {
-                    let lo = to_bf16(s[2 * p]) as u32;
-                    let hi = s.get(2 * p + 1).map_or(0, |v| to_bf16(*v) as u32);
-                    d[p] = lo | (hi << 16);
-                }
-            });
+            .for_each(|(d, s)| pack_pairs(d, s));
         let mut y = vec![0f32; n * out];
         let np = out.div_ceil(NR);
         let tiles: Vec<(usize, usize)> = (0..n.div_ceil(MC))
@@ -299,6 +310,43 @@ unsafe fn micro(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn to_bf16_is_the_half_crates_rounding_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+        let special = [
+            0u32,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0x7F80_0001,
+            0xFF81_2345,
+            0x7F7F_FFFF,
+            0x0000_8000,
+            0x0001_8000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_8001,
+            0x0000_0001,
+            0x807F_FFFF,
+        ];
+        let random = (0..1_000_000).map(|_| rng.gen::<u32>());
+        for b in special.into_iter().chain(random) {
+            let v = f32::from_bits(b);
+            assert_eq!(to_bf16(v), half::bf16::from_f32(v).to_bits(), "{b:#010x}");
+        }
+        // pairs, odd and even lengths
+        let x: Vec<f32> = (0..7).map(|i| i as f32 * 1.37 - 3.0).collect();
+        let mut d = vec![0u32; 4];
+        pack_pairs(&mut d, &x);
+        for (p, w) in d.iter().enumerate() {
+            assert_eq!(*w as u16, to_bf16(x[2 * p]));
+            let hi = x.get(2 * p + 1).map_or(0, |v| to_bf16(*v));
+            assert_eq!((*w >> 16) as u16, hi);
+        }
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
