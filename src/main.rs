@@ -342,6 +342,7 @@ fn real_main(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    compress::util::tune_allocator();
     let cli = Cli::parse();
     // With --json a failed run also answers on stdout, for batch orchestration.
     let json = match &cli.cmd {

@@ -35,6 +35,23 @@ pub fn total_memory_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Keep freed buffers in the process instead of giving their pages back to the kernel (glibc
+/// only; elsewhere nothing). Every forward allocates its activations and products afresh
+/// (megabytes to tens of megabytes each); with glibc's defaults many of them were fresh
+/// `mmap`s or re-grown heap tops, so each one page-faulted in zeroed pages again:
+/// `clear_page_erms` + page faults were ≈ 8% of a bf16 evaluation of SmolLM2 (perf). Blocks
+/// under 64 MiB now come from the heap, and up to 128 MiB free at a heap's top stays mapped.
+/// Measured there: the faults gone, peak RSS not higher (1.00 GB against 1.05 GB).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets two malloc parameters; it is called before any other thread
+    // exists and takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 /// How many bytes of f32 decoder layers evaluation keeps resident before it streams them:
 /// a quarter of physical memory (4 GiB when unknown), or `COMPRESS_EVAL_RESIDENT_BYTES`.
 pub fn eval_resident_limit() -> u64 {

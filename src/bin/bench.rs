@@ -1498,6 +1498,7 @@ fn real_main(cli: Cli) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    compress::util::tune_allocator();
     compress::progress::set_quiet(false);
     match real_main(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
