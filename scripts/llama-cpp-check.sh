@@ -6,7 +6,10 @@
 #  2. every file (f32, ours, llama-quantize's two) is scored by llama-perplexity and by
 #     `compress eval --protocol llama-perplexity` on the same text and chunks (n_ctx 512, BOS
 #     first when the tokenizer adds one, second half of each chunk scored), and the two
-#     perplexities are printed side by side with their relative difference.
+#     perplexities are printed side by side with their relative difference — ours twice: with
+#     f32 inputs (what our reports compute) and with `--llama-cpp-activations` (each matmul's
+#     input converted to the weight type's vec_dot_type, as llama.cpp's CPU backend does).
+#     llama-perplexity logs of an earlier run in OUT_DIR are reused (REDO=1 re-runs them).
 #
 # usage: scripts/llama-cpp-check.sh LLAMA_BUILD_DIR OUT_DIR MODEL_DIR F32.gguf TEXT CALIB_TEXT TYPE OURS.gguf…
 #   LLAMA_BUILD_DIR: a llama.cpp CMake build with llama-quantize, llama-imatrix, llama-perplexity
@@ -38,12 +41,17 @@ eval_dir() {
   echo "$d"
 }
 llama_ppl() {
-  "$bin/llama-perplexity" -m "$1" -f "$text" -c 512 -b 512 -t "$(nproc)" > "$2" 2>&1 || true
+  # a finished log of an earlier run of this script is reused (REDO=1 re-runs)
+  if [ -n "${REDO:-}" ] || ! grep -q "Final estimate" "$2" 2>/dev/null; then
+    "$bin/llama-perplexity" -m "$1" -f "$text" -c 512 -b 512 -t "$(nproc)" > "$2" 2>&1 || true
+  fi
   grep -oE "Final estimate: PPL = [0-9.]+" "$2" | grep -oE "[0-9.]+$" || echo nan
 }
 our_ppl() {
-  "$BIN" eval --model "$(eval_dir "$1")" --data "$text" --seq-len 512 --protocol llama-perplexity \
-    --json --quiet > "$2"
+  local f=$1 j=$2
+  shift 2
+  "$BIN" eval --model "$(eval_dir "$f")" --data "$text" --seq-len 512 --protocol llama-perplexity \
+    --json --quiet "$@" > "$j"
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"{next(iter(r.values()))['perplexity']:.4f}\")" "$2"
 }
 
@@ -55,13 +63,17 @@ echo "== ours ($1) vs llama-quantize $ty (no imatrix)"
 "$bin/llama-quantize" --imatrix "$out/imatrix.gguf" "$f32" "$out/llama-$ty-imatrix.gguf" "$ty" 2 \
   > "$out/quantize-$ty-imatrix.log" 2>&1
 
-printf '| file | bytes | llama-perplexity | compress eval --protocol llama-perplexity | difference |\n|---|---:|---:|---:|---:|\n'
+# ours twice: f32 inputs (our reports), and with llama.cpp's CPU conversion of each matmul's
+# input to the weight type's vec_dot_type (`--llama-cpp-activations`)
+printf '| file | bytes | llama-perplexity | compress eval --protocol llama-perplexity | difference | same, --llama-cpp-activations | difference |\n|---|---:|---:|---:|---:|---:|---:|\n'
 i=0
 for f in "$f32" "$@" "$out/llama-$ty.gguf" "$out/llama-$ty-imatrix.gguf"; do
   i=$((i + 1))
   a=$(llama_ppl "$f" "$out/llama-ppl-$i.log")
   b=$(our_ppl "$f" "$out/ours-ppl-$i.json")
-  d=$("$PY" -c "import sys; a,b=map(float,sys.argv[1:]); print(f'{100*(b-a)/a:+.3f}%')" "$a" "$b")
-  printf '| %s | %s | %s | %s | %s |\n' "$f" "$(stat -L -c %s "$f")" "$a" "$b" "$d"
+  c=$(our_ppl "$f" "$out/ours-act-ppl-$i.json" --llama-cpp-activations)
+  pct() { "$PY" -c "import sys; a,b=map(float,sys.argv[1:]); print(f'{100*(b-a)/a:+.3f}%')" "$1" "$2"; }
+  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$f" "$(stat -L -c %s "$f")" "$a" "$b" "$(pct "$a" "$b")" \
+    "$c" "$(pct "$a" "$c")"
 done
 grep -hE "tokenizes to|calculating perplexity over" "$out/llama-ppl-1.log" | head -2 || true

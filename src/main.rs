@@ -118,6 +118,11 @@ enum Cmd {
         /// stored weights): what a loader that decompresses only the weights computes.
         #[arg(long)]
         no_act_quant: bool,
+        /// GGUF checkpoints: quantize each matmul's input as llama.cpp's CPU backend does for
+        /// the stored weight type (Q8_0 / Q8_1 / Q8_K blocks, f16), to compare with
+        /// `llama-perplexity` number for number.
+        #[arg(long)]
+        llama_cpp_activations: bool,
         /// f32 (default) or bf16: the linears with bf16 weights and inputs, f32 accumulation
         /// (the AVX512-BF16 kernel where the CPU has it).
         #[arg(long, default_value = "f32")]
@@ -202,6 +207,7 @@ fn real_main(cli: Cli) -> Result<()> {
             tasks_dir,
             limit,
             no_act_quant,
+            llama_cpp_activations,
             precision,
             protocol,
         }) => {
@@ -212,6 +218,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let mut ckpt = compress::model::Checkpoint::open(&model)?;
             ckpt.act_quant = !no_act_quant;
+            ckpt.llama_cpp_activations = llama_cpp_activations;
             ckpt.precision = compress::model::Precision::parse(&precision)?;
             let protocol_name = protocol;
             let protocol = runner::protocol_named(&ckpt, &protocol_name)?;

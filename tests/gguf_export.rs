@@ -188,6 +188,55 @@ fn q4_0_file_layout_metadata_and_read_back() {
     );
 
     python_reader_check(&out.join("model.gguf"), &g);
+
+    // llama.cpp's activation conversion: the decoder linears quantize their inputs to Q8_0
+    // blocks (Q4_0's vec_dot_type), the head's (Q6_K) to Q8_K; perplexity moves a little
+    let mut em = Checkpoint::open(&out).unwrap();
+    em.llama_cpp_activations = true;
+    let lw = compress::model::layer::LayerWeights::load(&em, 1).unwrap();
+    for (name, lin) in &lw.linears {
+        assert_eq!(
+            lin.act_quant(),
+            Some(compress::model::layer::ActQuant::Ggml(ggml::VecDot::Q8_0)),
+            "{name}"
+        );
+    }
+    let eval = |extra: &[&str]| {
+        let o = Command::new(common::bin())
+            .args(["eval", "--model"])
+            .arg(&out)
+            .arg("--data")
+            .arg(dir.path().join("wiki-head.txt"))
+            .args(["--seq-len", "128", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Json = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"]["wiki-head.txt"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let (plain, llama) = (eval(&[]), eval(&["--llama-cpp-activations"]));
+    assert!(
+        (plain - after).abs() < 1e-9 * after,
+        "{plain} vs the report's {after}"
+    );
+    assert!(
+        llama != plain && (llama / plain - 1.0).abs() < 0.01,
+        "with llama.cpp's activations {llama}, without {plain}"
+    );
+    // a safetensors checkpoint has no stored ggml types to emulate
+    let o = Command::new(common::bin())
+        .args(["eval", "--model"])
+        .arg(common::ref_model())
+        .arg("--data")
+        .arg(dir.path().join("wiki-head.txt"))
+        .args(["--seq-len", "128", "--llama-cpp-activations"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("GGUF"), "{err}");
 }
 
 #[test]

@@ -213,7 +213,7 @@ fn rtn_w8a8_pipeline_writes_the_golden_checkpoint() {
     let lw = compress::model::layer::LayerWeights::load(&ck, 0).unwrap();
     for lin in LINEARS {
         assert_eq!(
-            lw.linears[lin].act_quant().map(|a| a.bits),
+            lw.linears[lin].act_quant().and_then(|a| a.per_token_bits()),
             Some(8),
             "{lin}"
         );

@@ -575,7 +575,7 @@ impl Exporter {
                 self.unquantized.push(prefix.to_string());
             }
             (_, Some(q), Format::CompressedTensors) => {
-                let act = lin.act_quant().map(|a| a.bits);
+                let act = lin.act_quant().and_then(|a| a.per_token_bits());
                 let tensors = match act {
                     Some(_) => {
                         crate::formats::compressed_tensors::int_quantized_tensors(prefix, q)?

@@ -24,6 +24,10 @@ pub struct Checkpoint {
     /// reads the same weights with float inputs (`compress eval --no-act-quant`: W8A16, as a
     /// loader that decompresses only the weights computes).
     pub act_quant: bool,
+    /// GGUF checkpoints: quantize each matmul's input as llama.cpp's CPU backend does for the
+    /// stored weight type (`quant::ggml::VecDot`; `compress eval --llama-cpp-activations`), so
+    /// our perplexity is the one `llama-perplexity` computes from the same bytes.
+    pub llama_cpp_activations: bool,
     /// What evaluation of this checkpoint computes in (`eval.precision`, `--precision`).
     pub precision: crate::model::Precision,
 }
@@ -119,6 +123,7 @@ impl Checkpoint {
                 gguf_stored: Some(stored),
                 adapter: None,
                 act_quant: true,
+                llama_cpp_activations: false,
                 precision: crate::model::Precision::F32,
             });
         } else {
@@ -143,6 +148,7 @@ impl Checkpoint {
             gguf_stored: None,
             adapter: open_adapter(dir)?,
             act_quant: true,
+            llama_cpp_activations: false,
             precision: crate::model::Precision::F32,
         })
     }
@@ -361,6 +367,27 @@ fn gguf_image(
     img.extend(hb);
     img.extend(data);
     Ok((SafetensorsFile::from_bytes(path, &img)?, stored))
+}
+
+impl Checkpoint {
+    /// The input quantizer llama.cpp's CPU backend puts on a matmul with stored tensor `hf`
+    /// (an HF tensor name), when `llama_cpp_activations` is on; refused for a checkpoint that
+    /// is not a GGUF file.
+    pub fn llama_cpp_input(&self, hf: &str) -> Result<Option<crate::quant::ggml::VecDot>> {
+        if !self.llama_cpp_activations {
+            return Ok(None);
+        }
+        let stored = self.gguf_stored.as_ref().with_context(|| {
+            format!(
+                "{}: llama.cpp's activation quantization applies to a GGUF checkpoint (model.gguf)",
+                self.dir.display()
+            )
+        })?;
+        let (ty, _) = stored
+            .get(hf)
+            .with_context(|| format!("{}: no tensor `{hf}` in model.gguf", self.dir.display()))?;
+        Ok(crate::quant::ggml::VecDot::of(*ty))
+    }
 }
 
 /// Total size of the regular files in a folder (not recursive).

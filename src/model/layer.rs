@@ -97,8 +97,12 @@ impl LayerWeights {
             };
             // W8A8 checkpoints quantize the inputs at run time: evaluation must too
             let act = crate::model::dequant::input_activation_bits(ckpt, &module)?;
+            let act = match ckpt.llama_cpp_input(&format!("{module}.weight"))? {
+                Some(v) => Some(ActQuant::Ggml(v)),
+                None => act.map(ActQuant::per_token),
+            };
             let lin = lin
-                .with_act_quant(act.map(|bits| ActQuant { bits }))
+                .with_act_quant(act)
                 .with_adapter(ckpt.adapter_of(&module, shape)?)
                 .with_context(|| format!("{}: adapter of {module}", ckpt.dir.display()))?;
             linears.insert(name.to_string(), lin);

@@ -87,27 +87,50 @@ impl Adapter {
     }
 }
 
-/// Dynamic, symmetric, per-token quantization of a linear's input (W8A8's "A8"): each row of
-/// the input is scaled by max|x|/qmax, rounded half to even and clamped.
+/// A quantizer on a linear's input, run inside the forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ActQuant {
-    pub bits: u32,
+pub enum ActQuant {
+    /// Dynamic, symmetric, per-token quantization (W8A8's "A8"): each row of the input is
+    /// scaled by max|x|/qmax, rounded half to even and clamped.
+    PerToken { bits: u32 },
+    /// What llama.cpp's CPU backend does to the input of a matmul with a ggml weight: it
+    /// converts the activations to the weight type's `vec_dot_type` (Q8_0 / Q8_1 / Q8_K blocks,
+    /// or f16) for its integer dot products (`compress eval --llama-cpp-activations`).
+    Ggml(crate::quant::ggml::VecDot),
 }
 
 impl ActQuant {
+    /// W8A8's per-token quantizer with `bits`.
+    pub fn per_token(bits: u32) -> Self {
+        ActQuant::PerToken { bits }
+    }
+
+    /// The bits of a per-token quantizer (what a compressed-tensors config declares).
+    pub fn per_token_bits(&self) -> Option<u32> {
+        match self {
+            ActQuant::PerToken { bits } => Some(*bits),
+            ActQuant::Ggml(_) => None,
+        }
+    }
+
     /// Quantize-dequantize `x` ([n, k] row-major) in place.
     pub fn apply(&self, x: &mut [f32], k: usize) {
-        let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
-        x.par_chunks_mut(k).for_each(|row| {
-            let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if m == 0.0 {
-                return;
+        match *self {
+            ActQuant::PerToken { bits } => {
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+                x.par_chunks_mut(k).for_each(|row| {
+                    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if m == 0.0 {
+                        return;
+                    }
+                    let s = m / qmax;
+                    for v in row.iter_mut() {
+                        *v = crate::quant::round_half_even(*v / s).clamp(-qmax - 1.0, qmax) * s;
+                    }
+                });
             }
-            let s = m / qmax;
-            for v in row.iter_mut() {
-                *v = crate::quant::round_half_even(*v / s).clamp(-qmax - 1.0, qmax) * s;
-            }
-        });
+            ActQuant::Ggml(t) => x.par_chunks_mut(k).for_each(|row| t.round_trip(row)),
+        }
     }
 }
 
@@ -738,7 +761,7 @@ mod tests {
 
     #[test]
     fn act_quant_is_per_token_symmetric() {
-        let a = ActQuant { bits: 8 };
+        let a = ActQuant::per_token(8);
         let mut x = vec![
             1.0, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.001, -3.0, 1.5,
         ];

@@ -9,6 +9,7 @@ use super::config::ModelConfig;
 use super::layer::{read_checked, LayerWeights, Site};
 use super::ops;
 use anyhow::{ensure, Context, Result};
+use rayon::prelude::*;
 
 /// Hidden states [b, t, hidden], row-major.
 #[derive(Clone, Debug)]
@@ -228,6 +229,8 @@ pub struct Outer {
     head: Option<Vec<f32>>,
     /// The LM head packed for bf16 compute (`precision: bf16`).
     head_bf16: Option<crate::model::bf16::PackedBf16>,
+    /// llama.cpp's conversion of the head's input (`Checkpoint::llama_cpp_activations`).
+    head_input: Option<crate::quant::ggml::VecDot>,
     hidden: usize,
     vocab: usize,
     eps: f32,
@@ -238,17 +241,24 @@ impl Outer {
         let cfg = &ckpt.config;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = read_checked(ckpt, "model.embed_tokens.weight", &[v, h])?;
-        let head = if cfg.tie_word_embeddings && !ckpt.has("lm_head.weight") {
+        let tied = cfg.tie_word_embeddings && !ckpt.has("lm_head.weight");
+        let head = if tied {
             None
         } else {
             Some(crate::model::dequant::dense_weight(ckpt, "lm_head", &[v, h])?.0)
         };
+        let head_input = ckpt.llama_cpp_input(if tied {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        })?;
         let norm = read_checked(ckpt, "model.norm.weight", &[h])?;
         Ok(Outer {
             embed,
             norm,
             head,
             head_bf16: None,
+            head_input,
             hidden: h,
             vocab: v,
             eps: cfg.rms_norm_eps as f32,
@@ -267,6 +277,16 @@ impl Outer {
 
     /// n [rows, hidden] (after the final norm) · headᵀ.
     fn head_product(&self, n: &[f32], rows: usize) -> Vec<f32> {
+        let converted;
+        let n = match self.head_input {
+            Some(v) => {
+                let mut c = n.to_vec();
+                c.par_chunks_mut(self.hidden).for_each(|r| v.round_trip(r));
+                converted = c;
+                &converted[..]
+            }
+            None => n,
+        };
         match &self.head_bf16 {
             Some(p) => p.matmul(n, rows, None),
             None => {

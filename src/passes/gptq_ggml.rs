@@ -57,6 +57,11 @@ pub struct GptqGgmlSpec {
     /// (as `--imatrix`); `false`: its reference (unweighted) encoder.
     #[serde(default = "d_true")]
     pub weighted: bool,
+    /// Static activation order (`Order::Static`): block scales from the original weights,
+    /// columns by descending diag(H); `false`: stored column order, scales from the compensated
+    /// weights at each block (`Order::Columns`).
+    #[serde(default = "d_true")]
+    pub act_order: bool,
     #[serde(default = "super::default_targets")]
     pub targets: Vec<String>,
     #[serde(default = "super::default_ignore")]
@@ -123,6 +128,19 @@ pub struct GgmlResult {
     pub damp: f64,
 }
 
+/// How the sweep orders its columns and when it fixes the block grids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Stored column order; each block's scales from the compensated weights at its first
+    /// column.
+    Columns,
+    /// Static activation order (llm-compressor's `actorder: static`, GPTQModel's
+    /// `static_groups`): every block's scales chosen first from the original weights — the
+    /// encoder's own choice for the whole row, importance-weighted when `weighted` —, then the
+    /// columns swept by descending diag(H), each fixed onto the grid of the block it sits in.
+    Static,
+}
+
 /// GPTQ of `w` [rows, cols] with Hessian `h` onto ggml type `ty` (cols a multiple of its
 /// block size).
 pub fn gptq_ggml(
@@ -131,6 +149,7 @@ pub fn gptq_ggml(
     ty: GgmlType,
     damp: f64,
     weighted: bool,
+    order: Order,
 ) -> Result<GgmlResult> {
     let (rows, cols) = w.dim();
     if h.dim() != (cols, cols) {
@@ -151,11 +170,49 @@ pub fn gptq_ggml(
     // the importance of each column for the block encoder: diag(H) (llama-imatrix's mean x²
     // up to a constant factor, which the weighted encoders do not see)
     let qw: Vec<f32> = (0..cols).map(|j| h[[j, j]] as f32).collect();
-    let f = Factor::new(&h, damp)?;
-    let rule = GgmlRule {
-        ty,
-        qw: weighted.then_some(qw.as_slice()),
+    let qw = weighted.then_some(qw.as_slice());
+    let (bytes, fixed, loss, damp) = match order {
+        Order::Columns => sweep_columns(&w, &h, ty, damp, qw)?,
+        Order::Static => sweep_static(&w, &h, ty, damp, qw)?,
     };
+    let dec = ggml::dequantize(ty, &bytes, rows * cols)?;
+    // the sweep's fixed values are the grid's decoded values, bit for bit
+    if let Some(i) = dec
+        .iter()
+        .zip(&fixed)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        bail!(
+            "internal: {} block decodes to {} at ({}, {}), the sweep fixed {}",
+            ty.name(),
+            dec[i],
+            i / cols,
+            i % cols,
+            fixed[i]
+        );
+    }
+    Ok(GgmlResult {
+        bytes,
+        dequant: Array2::from_shape_vec((rows, cols), dec)?,
+        loss,
+        damp,
+    })
+}
+
+/// (bytes, fixed values row-major in stored column order, Σ e², damp used)
+type Swept = (Vec<u8>, Vec<f32>, f64, f64);
+
+fn sweep_columns(
+    w: &Array2<f32>,
+    h: &Array2<f64>,
+    ty: GgmlType,
+    damp: f64,
+    qw: Option<&[f32]>,
+) -> Result<Swept> {
+    let (rows, cols) = w.dim();
+    let bs = ty.block_size();
+    let f = Factor::new(h, damp)?;
+    let rule = GgmlRule { ty, qw };
     let mut states: Vec<GgmlRow> = (0..rows)
         .map(|_| GgmlRow {
             grid: None,
@@ -178,28 +235,78 @@ pub fn gptq_ggml(
         }
         bytes.extend(st.bytes);
     }
-    let dec = ggml::dequantize(ty, &bytes, rows * cols)?;
-    // the sweep's fixed values are the grid's decoded values, bit for bit
-    if let Some(i) = dec
-        .iter()
-        .zip(&wv)
-        .position(|(a, b)| a.to_bits() != b.to_bits())
-    {
-        bail!(
-            "internal: {} block decodes to {} at ({}, {}), the sweep fixed {}",
-            ty.name(),
-            dec[i],
-            i / cols,
-            i % cols,
-            wv[i]
-        );
+    Ok((bytes, wv, loss.iter().sum(), f.damp))
+}
+
+fn sweep_static(
+    w: &Array2<f32>,
+    h: &Array2<f64>,
+    ty: GgmlType,
+    damp: f64,
+    qw: Option<&[f32]>,
+) -> Result<Swept> {
+    let (rows, cols) = w.dim();
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    // 1. every block's scales and mins from the original rows: llama.cpp's encoding of them
+    let ws = w.as_standard_layout();
+    let ws = ws.as_slice().context("standard layout")?;
+    let enc = match qw {
+        Some(qw) => ggml::quantize_weighted(ty, ws, cols, qw)?,
+        None => ggml::quantize(ty, ws)?,
+    };
+    let mut states = enc
+        .chunks(cols / bs * ts)
+        .map(|row| {
+            row.chunks(ts)
+                .map(|b| BlockGrid::new(ty, b))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // 2. columns by descending diag(H), each onto its own block's grid
+    let perm = sweep::act_order(h);
+    let (mut wp, hp) = sweep::permute(w, h, &perm);
+    let f = Factor::new(&hp, damp)?;
+    let rule = StaticRule { perm: &perm, bs };
+    let loss = sweep::sweep(&mut wp, cols, &f, 128, &rule, &mut states);
+    // 3. the codes into the blocks' bytes; the fixed values back in stored order
+    let bytes: Vec<u8> = states
+        .into_iter()
+        .flatten()
+        .flat_map(BlockGrid::finish)
+        .collect();
+    let mut fixed = vec![0f32; rows * cols];
+    for (out, wr) in fixed.chunks_mut(cols).zip(wp.chunks(cols)) {
+        for (k, &j) in perm.iter().enumerate() {
+            out[j] = wr[k];
+        }
     }
-    Ok(GgmlResult {
-        bytes,
-        dequant: Array2::from_shape_vec((rows, cols), dec)?,
-        loss: loss.iter().sum(),
-        damp: f.damp,
-    })
+    Ok((bytes, fixed, loss.iter().sum(), f.damp))
+}
+
+struct StaticRule<'a> {
+    /// sweep position → stored column
+    perm: &'a [usize],
+    bs: usize,
+}
+
+impl ColumnRule for StaticRule<'_> {
+    type Row = Vec<BlockGrid>;
+    type Block = ();
+
+    fn begin_block(&self, _: usize, _: usize, _: &[f32], _: &Factor) {}
+
+    fn column(
+        &self,
+        _: &(),
+        grids: &mut Vec<BlockGrid>,
+        _: usize,
+        i: usize,
+        wr: &[f32],
+        _: &Factor,
+    ) -> f32 {
+        let j = self.perm[i];
+        grids[j / self.bs].fix(j % self.bs, wr[i])
+    }
 }
 
 struct GgmlRule<'a> {
@@ -280,6 +387,16 @@ impl GptqGgml {
     }
 }
 
+impl GptqGgml {
+    fn order(&self) -> Order {
+        if self.spec.act_order {
+            Order::Static
+        } else {
+            Order::Columns
+        }
+    }
+}
+
 impl Pass for GptqGgml {
     fn name(&self) -> String {
         "gptq_ggml".into()
@@ -325,8 +442,15 @@ impl Pass for GptqGgml {
                 .hessian()
                 .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
             let lin = &ctx.layer.linears[name];
-            let r = gptq_ggml(lin.weight(), &h, ty, self.spec.damp, self.spec.weighted)
-                .with_context(|| format!("{module}: GPTQ onto {}", ty.name()))?;
+            let r = gptq_ggml(
+                lin.weight(),
+                &h,
+                ty,
+                self.spec.damp,
+                self.spec.weighted,
+                self.order(),
+            )
+            .with_context(|| format!("{module}: GPTQ onto {}", ty.name()))?;
             let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
             if r.damp != self.spec.damp {
                 ctx.warn(format!(
@@ -348,6 +472,7 @@ impl Pass for GptqGgml {
                 notes: [
                     ("type".to_string(), json!(ty.name())),
                     ("damp".to_string(), json!(r.damp)),
+                    ("order".to_string(), json!(format!("{:?}", self.order()))),
                 ]
                 .into(),
             });
@@ -377,9 +502,9 @@ mod tests {
         let w = w.mapv(|x| x * 0.05);
         let ws = w.as_slice().unwrap();
         let h = Array2::from_diag(&ndarray::Array1::from_elem(512, 1.0));
-        for ty in types() {
+        for (ty, order) in types().flat_map(|t| [(t, Order::Columns), (t, Order::Static)]) {
             let (bs, ts) = (ty.block_size(), ty.type_size());
-            let r = gptq_ggml(&w, &h, ty, 0.01, false).unwrap();
+            let r = gptq_ggml(&w, &h, ty, 0.01, false, order).unwrap();
             let want = ggml::quantize(ty, ws).unwrap();
             let theirs = ggml::dequantize(ty, &want, ws.len()).unwrap();
             let ours = r.dequant.as_slice().unwrap();
@@ -428,12 +553,39 @@ mod tests {
                 ws.len(),
             )
             .unwrap();
-            let g = gptq_ggml(&w, &h, ty, 0.01, true).unwrap();
-            let (e_rtn, e_imx, e_g) = (err(&rtn), err(&imx), err(g.dequant.as_slice().unwrap()));
-            assert!(
-                e_g < e_rtn && e_g < e_imx,
-                "{ty:?}: gptq {e_g:.4e}, rtn {e_rtn:.4e}, imatrix {e_imx:.4e}"
-            );
+            for order in [Order::Columns, Order::Static] {
+                let g = gptq_ggml(&w, &h, ty, 0.01, true, order).unwrap();
+                let (e_rtn, e_imx, e_g) =
+                    (err(&rtn), err(&imx), err(g.dequant.as_slice().unwrap()));
+                assert!(
+                    e_g < e_rtn && e_g < e_imx,
+                    "{ty:?} {order:?}: gptq {e_g:.4e}, rtn {e_rtn:.4e}, imatrix {e_imx:.4e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn static_order_keeps_the_importance_weighted_encoders_scales() {
+        // the block parameters of a static sweep are llama-quantize --imatrix's for the
+        // original rows (weights diag H) byte for byte; only the codes move
+        let (w, h) = correlated_problem(8, 512, 2048, 9, true);
+        let w = w.mapv(|x| x * 0.05);
+        let ws = w.as_slice().unwrap();
+        let diag: Vec<f32> = (0..512).map(|j| h[[j, j]] as f32).collect();
+        for ty in types() {
+            let (bs, ts) = (ty.block_size(), ty.type_size());
+            let want = ggml::quantize_weighted(ty, ws, 512, &diag).unwrap();
+            let g = gptq_ggml(&w, &h, ty, 0.01, true, Order::Static).unwrap();
+            let mut moved = 0;
+            for (a, b) in g.bytes.chunks(ts).zip(want.chunks(ts)) {
+                let (mut pa, mut pb) = (a.to_vec(), b.to_vec());
+                ggml::pack_codes(ty, &mut pa, &vec![0u8; bs]);
+                ggml::pack_codes(ty, &mut pb, &vec![0u8; bs]);
+                assert_eq!(pa, pb, "{ty:?}: scales and mins");
+                moved += usize::from(a != b);
+            }
+            assert!(moved > 0, "{ty:?}: the sweep changed no code");
         }
     }
 
@@ -441,7 +593,9 @@ mod tests {
     fn rows_that_are_not_whole_blocks_are_refused() {
         let w = Array2::<f32>::zeros((2, 48));
         let h = Array2::from_diag(&ndarray::Array1::from_elem(48, 1.0));
-        assert!(gptq_ggml(&w, &h, GgmlType::Q4_0, 0.01, true).is_err());
-        assert!(gptq_ggml(&w, &h, GgmlType::F16, 0.01, true).is_err());
+        for order in [Order::Columns, Order::Static] {
+            assert!(gptq_ggml(&w, &h, GgmlType::Q4_0, 0.01, true, order).is_err());
+            assert!(gptq_ggml(&w, &h, GgmlType::F16, 0.01, true, order).is_err());
+        }
     }
 }

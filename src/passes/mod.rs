@@ -271,7 +271,7 @@ impl Scheme {
     pub fn act_quant(&self) -> Result<Option<crate::model::layer::ActQuant>> {
         match self.act_bits {
             None => Ok(None),
-            Some(8) => Ok(Some(crate::model::layer::ActQuant { bits: 8 })),
+            Some(8) => Ok(Some(crate::model::layer::ActQuant::per_token(8))),
             Some(b) => bail!("field `act_bits` must be 8 (dynamic per-token int8), found {b}"),
         }
     }

@@ -818,6 +818,83 @@ fn pack_q6_k(l: &[u8], y: &mut [u8]) {
     }
 }
 
+// ---------------------------------------------------------------- llama.cpp's activations
+
+/// The format llama.cpp's CPU backend converts a matmul's activations to before its dot
+/// products with a weight of a given type (`type_traits_cpu[type].vec_dot_type`): the weight
+/// stays as stored and the input row is quantized, so llama.cpp computes Σ w·x̂ with x̂ the
+/// row's round trip through this format, not Σ w·x.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VecDot {
+    /// Q4_0, Q5_0, Q8_0 weights: blocks of 32, d = amax/127 stored as fp16,
+    /// q = round(x·127/amax) (x86's `quantize_row_q8_0`, round half to even).
+    Q8_0,
+    /// Q4_1, Q5_1: the same values as Q8_0 (plus a block sum the dot product uses for the min).
+    Q8_1,
+    /// k-quants: blocks of 256, q = min(127, nearest(−127/max · x)) with max the signed
+    /// largest-magnitude element, d = 1/iscale in f32 (`quantize_row_q8_K_ref`).
+    Q8K,
+    /// F16 weights: the row rounded to fp16.
+    F16,
+    /// BF16 weights: the row rounded to bf16.
+    BF16,
+}
+
+impl VecDot {
+    /// llama.cpp's `vec_dot_type` of weight type `ty`; `None` for f32 (f32 activations).
+    pub fn of(ty: GgmlType) -> Option<Self> {
+        match ty {
+            GgmlType::F32 => None,
+            GgmlType::F16 => Some(VecDot::F16),
+            GgmlType::BF16 => Some(VecDot::BF16),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(VecDot::Q8_0),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => Some(VecDot::Q8_1),
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => Some(VecDot::Q8K),
+        }
+    }
+
+    /// Replace one activation row (its length a multiple of the block) by its round trip
+    /// through this format.
+    pub fn round_trip(self, row: &mut [f32]) {
+        match self {
+            VecDot::Q8_0 | VecDot::Q8_1 => {
+                for b in row.chunks_mut(32) {
+                    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = f16::from_f32(amax / 127.0).to_f32();
+                    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                    for v in b.iter_mut() {
+                        *v = crate::quant::round_half_even(*v * id) * d;
+                    }
+                }
+            }
+            VecDot::Q8K => {
+                for b in row.chunks_mut(QK_K) {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &v in b.iter() {
+                        if v.abs() > amax {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    if amax == 0.0 {
+                        b.fill(0.0);
+                        continue;
+                    }
+                    let iscale = -127.0 / max;
+                    let d = 1.0 / iscale;
+                    for v in b.iter_mut() {
+                        *v = d * nearest_int(iscale * *v).min(127) as f32;
+                    }
+                }
+            }
+            VecDot::F16 => row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            VecDot::BF16 => row
+                .iter_mut()
+                .for_each(|v| *v = f32::from_bits((bf16_bits(*v) as u32) << 16)),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- importance-weighted encoders
 
 /// Encode a `[rows, n_per_row]` row-major matrix as `ty` with per-column importance weights
@@ -1202,13 +1279,21 @@ pub fn pack_codes(ty: GgmlType, b: &mut [u8], codes: &[u8]) {
     }
 }
 
-/// The grid of one encoded block: for each element and each code, the exact value the decoder
-/// gives (`dequantize` of the block with that code), so a sweep that picks codes one element at
-/// a time knows bit for bit what the file will decode to.
+/// The grid of one encoded block: for each element the decoder's arithmetic with the block's
+/// scales and mins, so `value(i, c)` is bit for bit what `dequantize` gives element `i` with
+/// code `c`, and a sweep that picks codes one element at a time knows exactly what the file
+/// will decode to. Every type decodes an element either as `(c − off)·a` (Q4_0, Q5_0, Q8_0,
+/// Q6_K: `a` the block's or sub-block's scale) or as `c·a + b` (Q4_1, Q5_1, Q4_K, Q5_K: `b` the
+/// min, subtracted); the parameters are per element (sub-block scales differ within a block).
+/// Tested against `dequantize` for every element and every code.
 pub struct BlockGrid {
     ty: GgmlType,
-    /// [levels × block] values, code-major.
-    table: Vec<f32>,
+    /// the multiplier of each element
+    a: Vec<f32>,
+    /// the added term of each element (affine types only)
+    b: Vec<f32>,
+    /// the code offset of a centred type (0 for an affine one)
+    off: i32,
     bytes: Vec<u8>,
     codes: Vec<u8>,
 }
@@ -1227,15 +1312,47 @@ impl BlockGrid {
         );
         let mut codes = vec![0u8; bs];
         unpack_codes(ty, b, &mut codes);
-        let mut table = Vec::with_capacity(nl * bs);
-        let mut scratch = b.to_vec();
-        for c in 0..nl {
-            pack_codes(ty, &mut scratch, &vec![c as u8; bs]);
-            table.extend(dequantize(ty, &scratch, bs)?);
-        }
+        let (mut a, mut add) = (vec![0f32; bs], Vec::new());
+        let off = match ty {
+            // dq4_0 / dq5_0 / dq8_0: (q − off) as f32 · d
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                a.fill(fp16_at(b, 0));
+                (nl / 2) as i32
+            }
+            // dq4_1 / dq5_1: q as f32 · d + m
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                a.fill(fp16_at(b, 0));
+                add = vec![fp16_at(b, 2); bs];
+                0
+            }
+            // dq4_k / dq5_k: (d·s) · q − (min·m), per sub-block of 32
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, min) = (fp16_at(b, 0), fp16_at(b, 2));
+                add = vec![0f32; bs];
+                for j in 0..8 {
+                    let (s, m) = get_scale_min_k4(j, &b[4..16]);
+                    a[32 * j..32 * (j + 1)].fill(d * s as f32);
+                    add[32 * j..32 * (j + 1)].fill(-(min * m as f32));
+                }
+                0
+            }
+            // dq6_k: (d · sc) · (q − 32), sc an i8 per 16 elements
+            GgmlType::Q6K => {
+                let d = fp16_at(b, 208);
+                for (i, v) in a.iter_mut().enumerate() {
+                    let (half, l) = (i / 128, i % 128);
+                    let sc = b[192 + 8 * half + (l % 32) / 16 + 2 * (l / 32)] as i8;
+                    *v = d * sc as f32;
+                }
+                32
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("levels is 0"),
+        };
         Ok(BlockGrid {
             ty,
-            table,
+            a,
+            b: add,
+            off,
             bytes: b.to_vec(),
             codes,
         })
@@ -1243,7 +1360,11 @@ impl BlockGrid {
 
     /// The value element `i` decodes to with code `c`.
     pub fn value(&self, i: usize, c: usize) -> f32 {
-        self.table[c * self.ty.block_size() + i]
+        if self.b.is_empty() {
+            (c as i32 - self.off) as f32 * self.a[i]
+        } else {
+            c as f32 * self.a[i] + self.b[i]
+        }
     }
 
     /// Fix element `i` to the grid value nearest `x`; returns that value.
@@ -1328,6 +1449,37 @@ mod tests {
     }
 
     #[test]
+    fn the_grid_gives_the_decoders_value_for_every_code() {
+        // value(i, c) against `dequantize` of the block with every element set to code c, for
+        // every element and every code (random blocks with outliers, so scales, mins and
+        // sub-block scales of both signs occur)
+        for ty in ALL_TYPES.iter().copied().filter(|t| t.is_quantized()) {
+            let (bs, ts) = (ty.block_size(), ty.type_size());
+            let mut x = weights(4 * QK_K, 17);
+            x.iter_mut()
+                .skip(7)
+                .step_by(61)
+                .for_each(|v| *v = -v.abs() * 3.0 - 0.01);
+            for w in [quantize(ty, &x).unwrap(), {
+                let qw: Vec<f32> = (0..QK_K).map(|j| 0.1 + (j % 7) as f32).collect();
+                quantize_weighted(ty, &x, QK_K, &qw).unwrap()
+            }] {
+                for b in w.chunks(ts) {
+                    let g = BlockGrid::new(ty, b).unwrap();
+                    let mut scratch = b.to_vec();
+                    for c in 0..levels(ty) {
+                        pack_codes(ty, &mut scratch, &vec![c as u8; bs]);
+                        let want = dequantize(ty, &scratch, bs).unwrap();
+                        for (i, v) in want.iter().enumerate() {
+                            assert_eq!(g.value(i, c).to_bits(), v.to_bits(), "{ty:?} {i} code {c}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fixing_picks_the_nearest_grid_value() {
         for ty in ALL_TYPES.iter().copied().filter(|t| t.is_quantized()) {
             let bs = ty.block_size();
@@ -1351,6 +1503,77 @@ mod tests {
                 assert_eq!((back[i] - p).abs(), best);
             }
         }
+    }
+
+    #[test]
+    fn llama_cpp_activation_round_trips_match_a_simple_reference() {
+        // Q8_0 / Q8_1: every value is q·fp16(amax/127) with q = round(x·127/amax) in
+        // [−127, 127]; Q8_K: d·q with d = −max/127 (signed largest element), q ≤ 127; against
+        // a scalar reference written from the formats' definitions, on random rows
+        let mut x = weights(2 * QK_K, 23);
+        x[40] = 0.0;
+        x[300..332].fill(0.0); // an all-zero block of 32
+        for t in [
+            VecDot::Q8_0,
+            VecDot::Q8_1,
+            VecDot::Q8K,
+            VecDot::F16,
+            VecDot::BF16,
+        ] {
+            let mut y = x.clone();
+            t.round_trip(&mut y);
+            let bs = match t {
+                VecDot::Q8K => QK_K,
+                VecDot::Q8_0 | VecDot::Q8_1 => 32,
+                _ => 1,
+            };
+            for (xb, yb) in x.chunks(bs).zip(y.chunks(bs)) {
+                let amax = xb.iter().fold(0f64, |a, v| a.max(v.abs() as f64));
+                for (a, b) in xb.iter().zip(yb) {
+                    let want = match t {
+                        VecDot::Q8_0 | VecDot::Q8_1 => {
+                            let d = f16::from_f64(amax / 127.0).to_f64();
+                            let q = if amax == 0.0 {
+                                0.0
+                            } else {
+                                (*a as f64 * 127.0 / amax).round_ties_even()
+                            };
+                            assert!(q.abs() <= 127.0);
+                            q * d
+                        }
+                        VecDot::Q8K => {
+                            let max =
+                                xb.iter()
+                                    .copied()
+                                    .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m })
+                                    as f64;
+                            let d = -max / 127.0;
+                            let q = if max == 0.0 {
+                                0.0
+                            } else {
+                                (*a as f64 / d).round_ties_even().min(127.0)
+                            };
+                            q * d
+                        }
+                        VecDot::F16 => f16::from_f32(*a).to_f64(),
+                        VecDot::BF16 => half::bf16::from_f32(*a).to_f64(),
+                    };
+                    // the same code, up to the last bit of f32 arithmetic
+                    assert!(
+                        (*b as f64 - want).abs() <= 1e-6 * amax.max(1e-30),
+                        "{t:?}: {a} → {b}, want {want}"
+                    );
+                }
+            }
+            if bs > 1 {
+                assert!(y[300..332].iter().all(|v| *v == 0.0), "{t:?}");
+            }
+            assert_ne!(x, y, "{t:?} changed nothing");
+        }
+        assert_eq!(VecDot::of(GgmlType::Q4K), Some(VecDot::Q8K));
+        assert_eq!(VecDot::of(GgmlType::Q4_1), Some(VecDot::Q8_1));
+        assert_eq!(VecDot::of(GgmlType::Q5_0), Some(VecDot::Q8_0));
+        assert_eq!(VecDot::of(GgmlType::F32), None);
     }
 
     #[test]
