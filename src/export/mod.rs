@@ -366,6 +366,7 @@ impl Exporter {
                 *cols,
                 cfg.num_layers,
                 cfg.tie_word_embeddings,
+                importance.is_some() || codes.is_some(),
                 overrides,
             ),
             _ => {

@@ -817,14 +817,18 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 
 /// The ggml type llama-quantize gives tensor `name` (GGUF name, 2-d, `ncols` = ne[0]) of a
 /// llama model with `n_layers` layers and `n_gqa` = heads / kv heads, for mix `ft`
-/// (`llama_tensor_get_type` without imatrix: manual overrides, then the mix's rules, then the
-/// shape fallback). 1-d tensors (norms) stay F32 and are not passed here.
+/// (`llama_tensor_get_type`: manual overrides, then the mix's rules, then the shape fallback).
+/// `calibrated`: the tensor's rounding is calibrated (an importance matrix, or GPTQ onto the
+/// grid) — llama-quantize's `has_imatrix`, which gives the first n_layer/8 `ffn_down` tensors of
+/// a Q4_0 / Q5_0 mix Q4_1 / Q5_1 ("guard against craziness"). 1-d tensors (norms) stay F32 and
+/// are not passed here.
 pub fn tensor_type(
     ft: FileType,
     name: &str,
     ncols: usize,
     n_layers: usize,
     tied: bool,
+    calibrated: bool,
     overrides: &Overrides,
 ) -> GgmlType {
     let base = ft.base();
@@ -868,6 +872,13 @@ pub fn tensor_type(
                     t = GgmlType::Q6K;
                 } else if ft == FileType::Q4KS && i < nl / 8 {
                     t = GgmlType::Q5K;
+                } else if matches!(ft, FileType::Q4_0 | FileType::Q5_0) && calibrated && i < nl / 8
+                {
+                    t = if ft == FileType::Q4_0 {
+                        GgmlType::Q4_1
+                    } else {
+                        GgmlType::Q5_1
+                    };
                 }
             }
             _ => {}
@@ -1215,7 +1226,7 @@ mod tests {
     #[test]
     fn q4_k_m_mix_follows_llama_cpp() {
         let o = Overrides::new(&[]).unwrap();
-        let t = |name: &str, ncols| tensor_type(FileType::Q4KM, name, ncols, 8, false, &o);
+        let t = |name: &str, ncols| tensor_type(FileType::Q4KM, name, ncols, 8, false, false, &o);
         // use_more_bits(i, 8): i < 1 || i >= 7 || (i - 1) % 3 == 2 → layers 0, 3, 6, 7
         let v: Vec<_> = (0..8)
             .map(|i| t(&format!("blk.{i}.attn_v.weight"), 256))
@@ -1233,25 +1244,55 @@ mod tests {
         assert_eq!(t("output.weight", 576), Q8_0);
         // tied embeddings take the output's type
         assert_eq!(
-            tensor_type(FileType::Q4KM, "token_embd.weight", 256, 8, true, &o),
+            tensor_type(FileType::Q4KM, "token_embd.weight", 256, 8, true, false, &o),
             Q6K
         );
         // Q4_0: output Q6_K, everything else Q4_0
         assert_eq!(
-            tensor_type(FileType::Q4_0, "output.weight", 256, 8, false, &o),
+            tensor_type(FileType::Q4_0, "output.weight", 256, 8, false, false, &o),
             Q6K
         );
         assert_eq!(
-            tensor_type(FileType::Q4_0, "blk.0.ffn_down.weight", 768, 8, false, &o),
+            tensor_type(
+                FileType::Q4_0,
+                "blk.0.ffn_down.weight",
+                768,
+                8,
+                false,
+                false,
+                &o
+            ),
             Q4_0
         );
+        // calibrated (llama-quantize --imatrix): the first n_layer/8 ffn_down of Q4_0 / Q5_0
+        // mixes take Q4_1 / Q5_1; nothing else moves
+        let c = |ft, name: &str| tensor_type(ft, name, 768, 30, false, true, &o);
+        for i in 0..30 {
+            let want = if i < 3 { Q4_1 } else { Q4_0 };
+            assert_eq!(
+                c(FileType::Q4_0, &format!("blk.{i}.ffn_down.weight")),
+                want,
+                "{i}"
+            );
+            assert_eq!(c(FileType::Q4_0, &format!("blk.{i}.ffn_up.weight")), Q4_0);
+        }
+        assert_eq!(c(FileType::Q5_0, "blk.2.ffn_down.weight"), Q5_1);
+        assert_eq!(c(FileType::Q4KM, "blk.4.ffn_down.weight"), Q4K);
         let o = Overrides::new(&[TypeOverride {
             pattern: "attn_v".into(),
             ty: "q8_0".into(),
         }])
         .unwrap();
         assert_eq!(
-            tensor_type(FileType::Q4KM, "blk.1.attn_v.weight", 256, 8, false, &o),
+            tensor_type(
+                FileType::Q4KM,
+                "blk.1.attn_v.weight",
+                256,
+                8,
+                false,
+                false,
+                &o
+            ),
             Q8_0
         );
         assert!(Overrides::new(&[TypeOverride {

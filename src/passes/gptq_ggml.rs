@@ -432,6 +432,7 @@ impl Pass for GptqGgml {
                 cols,
                 ctx.config.num_layers,
                 ctx.config.tie_word_embeddings,
+                true, // calibrated: llama-quantize's mix with an importance matrix
                 &self.overrides,
             );
             if ggml::levels(ty) == 0 {
