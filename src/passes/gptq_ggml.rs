@@ -126,6 +126,9 @@ pub struct GgmlResult {
     /// Σ e² of the sweep (the paper's objective up to ½).
     pub loss: f64,
     pub damp: f64,
+    /// `false` when llama.cpp's own rounding of the rows (importance-weighted when `weighted`)
+    /// had the lower output error tr(ΔW H ΔWᵀ) than the sweep, and was kept instead.
+    pub swept: bool,
 }
 
 /// How the sweep orders its columns and when it fixes the block grids.
@@ -164,6 +167,7 @@ pub fn gptq_ggml(
             ty.name()
         );
     }
+    let (w_in, h_in) = (w, h);
     let mut w = w.clone();
     let mut h = h.clone();
     sweep::fix_dead_inputs(&mut w, &mut h);
@@ -171,6 +175,13 @@ pub fn gptq_ggml(
     // up to a constant factor, which the weighted encoders do not see)
     let qw: Vec<f32> = (0..cols).map(|j| h[[j, j]] as f32).collect();
     let qw = weighted.then_some(qw.as_slice());
+    // llama.cpp's rounding of the given rows, the sweep's point of comparison (step 4)
+    let ws_in = w_in.as_standard_layout();
+    let ws_in = ws_in.as_slice().context("standard layout")?;
+    let rounded = match qw {
+        Some(qw) => ggml::quantize_weighted(ty, ws_in, cols, qw)?,
+        None => ggml::quantize(ty, ws_in)?,
+    };
     let (bytes, fixed, loss, damp) = match order {
         Order::Columns => sweep_columns(&w, &h, ty, damp, qw)?,
         Order::Static => sweep_static(&w, &h, ty, damp, qw)?,
@@ -191,11 +202,28 @@ pub fn gptq_ggml(
             fixed[i]
         );
     }
+    // 4. the sweep is greedy: on the layer's own objective tr(ΔW H ΔWᵀ) it is kept only when
+    // it beats llama.cpp's rounding of the same rows (where it does not, that rounding is
+    // written — the file is then llama-quantize's, with or without --imatrix)
+    let dec = Array2::from_shape_vec((rows, cols), dec)?;
+    let base = Array2::from_shape_vec((rows, cols), ggml::dequantize(ty, &rounded, rows * cols)?)?;
+    let e_sweep = crate::linalg::quad_trace(&(w_in - &dec), h_in);
+    let e_base = crate::linalg::quad_trace(&(w_in - &base), h_in);
+    if e_base < e_sweep {
+        return Ok(GgmlResult {
+            bytes: rounded,
+            dequant: base,
+            loss,
+            damp,
+            swept: false,
+        });
+    }
     Ok(GgmlResult {
         bytes,
-        dequant: Array2::from_shape_vec((rows, cols), dec)?,
+        dequant: dec,
         loss,
         damp,
+        swept: true,
     })
 }
 
@@ -474,6 +502,10 @@ impl Pass for GptqGgml {
                     ("type".to_string(), json!(ty.name())),
                     ("damp".to_string(), json!(r.damp)),
                     ("order".to_string(), json!(format!("{:?}", self.order()))),
+                    (
+                        "kept".to_string(),
+                        json!(if r.swept { "sweep" } else { "rounding" }),
+                    ),
                 ]
                 .into(),
             });
@@ -587,6 +619,42 @@ mod tests {
                 moved += usize::from(a != b);
             }
             assert!(moved > 0, "{ty:?}: the sweep changed no code");
+        }
+    }
+
+    #[test]
+    fn the_result_is_never_worse_than_llama_cpps_rounding_on_the_layer_objective() {
+        // weakly correlated, few-sample Hessians (where a greedy sweep can lose): the kept
+        // result's tr(ΔW H ΔWᵀ) is at most the rounding's, and when the rounding is kept its
+        // bytes are exactly llama.cpp's
+        for seed in 0..4 {
+            let (w, h) = correlated_problem(8, 256, 48, 20 + seed, seed % 2 == 0);
+            let w = w.mapv(|x| x * 0.05);
+            let ws = w.as_slice().unwrap();
+            let diag: Vec<f32> = (0..256).map(|j| h[[j, j]] as f32).collect();
+            let err = |d: &Array2<f32>| crate::linalg::quad_trace(&(&w - d), &h);
+            for ty in types() {
+                for (weighted, order) in [(true, Order::Static), (false, Order::Columns)] {
+                    let rounded = if weighted {
+                        ggml::quantize_weighted(ty, ws, 256, &diag).unwrap()
+                    } else {
+                        ggml::quantize(ty, ws).unwrap()
+                    };
+                    let base = Array2::from_shape_vec(
+                        (8, 256),
+                        ggml::dequantize(ty, &rounded, ws.len()).unwrap(),
+                    )
+                    .unwrap();
+                    let g = gptq_ggml(&w, &h, ty, 0.01, weighted, order).unwrap();
+                    assert!(
+                        err(&g.dequant) <= err(&base),
+                        "{ty:?} {order:?} seed {seed}"
+                    );
+                    if !g.swept {
+                        assert_eq!(g.bytes, rounded, "{ty:?} {order:?} seed {seed}");
+                    }
+                }
+            }
         }
     }
 
