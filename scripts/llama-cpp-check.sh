@@ -9,7 +9,7 @@
 #     perplexities are printed side by side with their relative difference — ours twice: with
 #     f32 inputs (what our reports compute) and with `--llama-cpp-activations` (each matmul's
 #     input converted to the weight type's vec_dot_type, as llama.cpp's CPU backend does).
-#     llama-perplexity logs of an earlier run in OUT_DIR are reused (REDO=1 re-runs them).
+#     Results of an earlier run in OUT_DIR are reused, file by position (REDO=1 re-runs them).
 #
 # usage: scripts/llama-cpp-check.sh LLAMA_BUILD_DIR OUT_DIR MODEL_DIR F32.gguf TEXT CALIB_TEXT TYPE OURS.gguf…
 #   LLAMA_BUILD_DIR: a llama.cpp CMake build with llama-quantize, llama-imatrix, llama-perplexity
@@ -50,8 +50,10 @@ llama_ppl() {
 our_ppl() {
   local f=$1 j=$2
   shift 2
-  "$BIN" eval --model "$(eval_dir "$f")" --data "$text" --seq-len 512 --protocol llama-perplexity \
-    --json --quiet "$@" > "$j"
+  if [ -n "${REDO:-}" ] || ! grep -q perplexity "$j" 2>/dev/null; then
+    "$BIN" eval --model "$(eval_dir "$f")" --data "$text" --seq-len 512 --protocol llama-perplexity \
+      --json --quiet "$@" > "$j"
+  fi
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"{next(iter(r.values()))['perplexity']:.4f}\")" "$2"
 }
 
