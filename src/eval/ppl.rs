@@ -85,8 +85,12 @@ pub fn perplexity(
     batch: usize,
     on_window: &mut dyn FnMut(usize),
 ) -> Result<PplResult> {
-    let chunk = (HEAD_BLOCK_BYTES / (4 * model.config.vocab_size.max(1))).clamp(128, 1024);
-    perplexity_chunked(model, tokens, seq_len, batch, chunk, on_window)
+    perplexity_with(model, tokens, seq_len, batch, Protocol::Windows, on_window)
+}
+
+/// Rows of the LM head computed at a time: at most `HEAD_BLOCK_BYTES` of logits, 128–1024 rows.
+fn head_chunk(model: &Model) -> usize {
+    (HEAD_BLOCK_BYTES / (4 * model.config.vocab_size.max(1))).clamp(128, 1024)
 }
 
 /// Which tokens of the text are scored, and how windows start.
@@ -147,8 +151,7 @@ pub fn perplexity_with(
     protocol: Protocol,
     on_window: &mut dyn FnMut(usize),
 ) -> Result<PplResult> {
-    let chunk = (HEAD_BLOCK_BYTES / (4 * model.config.vocab_size.max(1))).clamp(128, 1024);
-    perplexity_protocol(model, tokens, seq_len, batch, chunk, protocol, on_window)
+    perplexity_protocol(model, tokens, seq_len, batch, head_chunk(model), protocol, on_window)
 }
 
 fn perplexity_protocol(
@@ -184,8 +187,9 @@ fn perplexity_protocol(
     let mut w = 0;
     while w < windows {
         let b = batch.min(windows - w);
-        let mut ids = tokens[w * seq_len..(w + b) * seq_len].to_vec();
+        let mut ids = std::borrow::Cow::Borrowed(&tokens[w * seq_len..(w + b) * seq_len]);
         if let Protocol::LlamaCpp { bos: Some(bos) } = protocol {
+            let ids = ids.to_mut();
             for i in 0..b {
                 ids[i * seq_len] = bos;
             }
