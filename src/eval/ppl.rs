@@ -151,7 +151,15 @@ pub fn perplexity_with(
     protocol: Protocol,
     on_window: &mut dyn FnMut(usize),
 ) -> Result<PplResult> {
-    perplexity_protocol(model, tokens, seq_len, batch, head_chunk(model), protocol, on_window)
+    perplexity_protocol(
+        model,
+        tokens,
+        seq_len,
+        batch,
+        head_chunk(model),
+        protocol,
+        on_window,
+    )
 }
 
 fn perplexity_protocol(

@@ -7,20 +7,26 @@
 //! (`llama-imatrix`) it weighs each element's error by diag(XᵀX), the diagonal of the Hessian.
 //! GPTQ uses the whole Hessian H = 2XᵀX: after fixing column i it moves the columns not yet
 //! fixed to cancel the output error (eq. 3, δ_F = −(w_q − q)/[H_F⁻¹]_qq · (H_F⁻¹)_{:,q}, done with
-//! the Cholesky factor of H⁻¹ in blocks, as in `sweep.rs`). The block grid follows the weights:
+//! the Cholesky factor of H⁻¹ in blocks, as in `sweep.rs`). Two orders ([`Order`]):
 //!
-//! 1. at the first column of each ggml block (32 or 256 columns), the block's scales and mins
-//!    are chosen from the row's *current* (already compensated) values by llama.cpp's encoder
-//!    for that type — importance-weighted by diag(H) when `weighted` (what `--imatrix` does),
-//!    its reference encoder otherwise — and stored as the format stores them (fp16 d/dmin,
-//!    6-bit k-quant sub-scales), exactly as in the file;
-//! 2. each column of the block is then fixed to the nearest value of that grid
-//!    (`quant::ggml::BlockGrid`: the decoder's own value for every code), its error propagated;
-//! 3. at the block's last column the codes go into the block's bytes.
+//! * **static** (default, `act_order: true`; llm-compressor's `actorder: static`): every block's
+//!   scales and mins are chosen first from the *original* rows by llama.cpp's encoder for the
+//!   type — importance-weighted by diag(H) when `weighted` (exactly `llama-quantize --imatrix`'s
+//!   choice), its reference encoder otherwise — and stored as the format stores them (fp16
+//!   d/dmin, 6-bit k-quant sub-scales); then the columns are swept by descending diag(H), each
+//!   fixed to the nearest value its block's grid decodes to (`quant::ggml::BlockGrid`) and its
+//!   error propagated. llama.cpp's blocks are contiguous along a row, so the order cannot group
+//!   columns by block; fixing the grids first keeps every block intact whatever the order.
+//! * **columns** (`act_order: false`): stored column order; at the first column of each ggml
+//!   block (32 or 256 columns) the block's scales are chosen from the row's *current* (already
+//!   compensated) values, each column fixed to that grid, the codes written at the block's last
+//!   column. The lazy-update block is a multiple of the ggml block, so every column of a block
+//!   is up to date when its scales are chosen.
 //!
-//! The sweep's lazy-update block is a multiple of the ggml block, so every column of a ggml
-//! block is up to date when the block's scales are chosen. Columns run in their stored order
-//! (llama.cpp's blocks are contiguous along a row, so act-order would split them).
+//! The sweep is greedy (the paper's own caveat); on the layer's objective tr(ΔW H ΔWᵀ) the
+//! result is compared with llama.cpp's rounding of the same rows and the better one kept, so a
+//! linear is never worse than `llama-quantize` (with `--imatrix` when `weighted`) on its
+//! calibration data.
 //!
 //! Which type each linear gets is the GGUF export's: llama-quantize's mix for `gguf_type`
 //! (`q4_k_m` gives attn_v and ffn_down of some layers Q6_K, …) and `tensor_types` overrides,
