@@ -54,7 +54,7 @@ our_ppl() {
     "$BIN" eval --model "$(eval_dir "$f")" --data "$text" --seq-len 512 --protocol llama-perplexity \
       --json --quiet "$@" > "$j"
   fi
-  "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"{next(iter(r.values()))['perplexity']:.4f}\")" "$2"
+  "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"{next(iter(r.values()))['perplexity']:.4f}\")" "$j"
 }
 
 "$bin/llama-quantize" "$f32" "$out/llama-$ty.gguf" "$ty" 2 > "$out/quantize-$ty.log" 2>&1
