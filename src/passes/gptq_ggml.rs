@@ -135,6 +135,8 @@ pub struct GgmlResult {
     /// `false` when llama.cpp's own rounding of the rows (importance-weighted when `weighted`)
     /// had the lower output error tr(ΔW H ΔWᵀ) than the sweep, and was kept instead.
     pub swept: bool,
+    /// tr(ΔW H ΔWᵀ) of the result against the given weight and Hessian.
+    pub output_error: f64,
 }
 
 /// How the sweep orders its columns and when it fixes the block grids.
@@ -174,6 +176,7 @@ pub fn gptq_ggml(
         );
     }
     let (w_in, h_in) = (w, h);
+    let dead = (0..cols).any(|j| h_in[[j, j]] == 0.0);
     let mut w = w.clone();
     let mut h = h.clone();
     sweep::fix_dead_inputs(&mut w, &mut h);
@@ -184,13 +187,19 @@ pub fn gptq_ggml(
     // llama.cpp's rounding of the given rows, the sweep's point of comparison (step 4)
     let ws_in = w_in.as_standard_layout();
     let ws_in = ws_in.as_slice().context("standard layout")?;
-    let rounded = match qw {
-        Some(qw) => ggml::quantize_weighted(ty, ws_in, cols, qw)?,
-        None => ggml::quantize(ty, ws_in)?,
-    };
+    let rounded = encode(ty, ws_in, cols, qw)?;
     let (bytes, fixed, loss, damp) = match order {
         Order::Columns => sweep_columns(&w, &h, ty, damp, qw)?,
-        Order::Static => sweep_static(&w, &h, ty, damp, qw)?,
+        Order::Static => {
+            // the static grids are that same rounding unless dead inputs were zeroed
+            let grids = if dead {
+                let ws = w.as_standard_layout();
+                encode(ty, ws.as_slice().context("standard layout")?, cols, qw)?
+            } else {
+                rounded.clone()
+            };
+            sweep_static(&w, &h, ty, damp, &grids)?
+        }
     };
     let dec = ggml::dequantize(ty, &bytes, rows * cols)?;
     // the sweep's fixed values are the grid's decoded values, bit for bit
@@ -215,22 +224,29 @@ pub fn gptq_ggml(
     let base = Array2::from_shape_vec((rows, cols), ggml::dequantize(ty, &rounded, rows * cols)?)?;
     let e_sweep = crate::linalg::quad_trace(&(w_in - &dec), h_in);
     let e_base = crate::linalg::quad_trace(&(w_in - &base), h_in);
-    if e_base < e_sweep {
-        return Ok(GgmlResult {
-            bytes: rounded,
-            dequant: base,
-            loss,
-            damp,
-            swept: false,
-        });
-    }
+    let swept = e_sweep <= e_base;
+    let (bytes, dequant, output_error) = if swept {
+        (bytes, dec, e_sweep)
+    } else {
+        (rounded, base, e_base)
+    };
     Ok(GgmlResult {
         bytes,
-        dequant: dec,
+        dequant,
         loss,
         damp,
-        swept: true,
+        swept,
+        output_error,
     })
+}
+
+/// llama.cpp's encoding of `x` (rows of `n_per_row`) as `ty`: importance-weighted by `qw`
+/// (`--imatrix`) when given, its reference encoder otherwise.
+fn encode(ty: GgmlType, x: &[f32], n_per_row: usize, qw: Option<&[f32]>) -> Result<Vec<u8>> {
+    match qw {
+        Some(qw) => ggml::quantize_weighted(ty, x, n_per_row, qw),
+        None => ggml::quantize(ty, x),
+    }
 }
 
 /// (bytes, fixed values row-major in stored column order, Σ e², damp used)
@@ -277,18 +293,12 @@ fn sweep_static(
     h: &Array2<f64>,
     ty: GgmlType,
     damp: f64,
-    qw: Option<&[f32]>,
+    grids: &[u8],
 ) -> Result<Swept> {
     let (rows, cols) = w.dim();
     let (bs, ts) = (ty.block_size(), ty.type_size());
-    // 1. every block's scales and mins from the original rows: llama.cpp's encoding of them
-    let ws = w.as_standard_layout();
-    let ws = ws.as_slice().context("standard layout")?;
-    let enc = match qw {
-        Some(qw) => ggml::quantize_weighted(ty, ws, cols, qw)?,
-        None => ggml::quantize(ty, ws)?,
-    };
-    let mut states = enc
+    // 1. every block's scales and mins: llama.cpp's encoding of the original rows (`grids`)
+    let mut states = grids
         .chunks(cols / bs * ts)
         .map(|row| {
             row.chunks(ts)
@@ -359,10 +369,7 @@ impl GgmlRule<'_> {
     fn open(&self, i: usize, wr: &[f32]) -> Result<BlockGrid> {
         let bs = self.ty.block_size();
         let x = &wr[i..i + bs];
-        let enc = match self.qw {
-            Some(qw) => ggml::quantize_weighted(self.ty, x, bs, &qw[i..i + bs])?,
-            None => ggml::quantize(self.ty, x)?,
-        };
+        let enc = encode(self.ty, x, bs, self.qw.map(|qw| &qw[i..i + bs]))?;
         BlockGrid::new(self.ty, &enc)
     }
 }
@@ -486,7 +493,13 @@ impl Pass for GptqGgml {
                 self.order(),
             )
             .with_context(|| format!("{module}: GPTQ onto {}", ty.name()))?;
-            let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
+            // relative output error, the sweep's tr(ΔW H ΔWᵀ) over tr(W H Wᵀ)
+            let total = crate::linalg::quad_trace(lin.weight(), &h);
+            let rel = if total > 0.0 {
+                r.output_error / total
+            } else {
+                0.0
+            };
             if r.damp != self.spec.damp {
                 ctx.warn(format!(
                     "{module}: Cholesky failed with damp {}, succeeded with damp {}",
