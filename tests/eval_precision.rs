@@ -124,3 +124,57 @@ fn the_eval_cache_keeps_precisions_apart() {
         "{err}"
     );
 }
+
+/// bf16 evaluation of a quantized checkpoint reads the integer codes
+/// (src/model/packed_int.rs): the same logits, bit for bit, as packing its dequantized
+/// weights — for compressed-tensors W4 (asymmetric, groups) and GPTQ v1 with g_idx in
+/// activation order, resident and streamed — with a fraction of the memory.
+#[test]
+fn bf16_eval_of_quantized_checkpoints_reads_the_codes() {
+    use compress::model::{llama::Model, Checkpoint, Precision};
+    let d = tempfile::tempdir().unwrap();
+    for (name, pass, export) in [
+        (
+            "ct",
+            "rtn: {bits: 4, group_size: 64, sym: false}",
+            "format: compressed-tensors",
+        ),
+        (
+            "gptq",
+            "gptq: {bits: 4, group_size: 128, act_order: true, static_groups: false}",
+            "format: gptq",
+        ),
+    ] {
+        let p = common::ref_pipeline(d.path(), name, &[pass], export);
+        common::run_ok(&p);
+        let dir = d.path().join(name);
+        let ids: Vec<u32> = (0..2 * 48).map(|i| (i * 37 + 11) % 4000).collect();
+        let dense = Model::load(&Checkpoint::open(&dir).unwrap(), 48)
+            .unwrap()
+            .with_precision(Precision::Bf16);
+        let mut ckpt = Checkpoint::open(&dir).unwrap();
+        ckpt.precision = Precision::Bf16;
+        let codes = Model::open(&ckpt, 48, u64::MAX).unwrap();
+        let streamed = Model::open(&ckpt, 48, 0).unwrap();
+        assert!(streamed.is_streamed() && !codes.is_streamed());
+        let a = dense.logits(&ids, 2, 48).unwrap();
+        let b = codes.logits(&ids, 2, 48).unwrap();
+        let c = streamed.logits(&ids, 2, 48).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "{name}: codes vs dequantized panels");
+        assert_eq!(bits(&a), bits(&c), "{name}: streamed");
+        let (da, db) = (
+            dense.resident_linear_bytes().unwrap(),
+            codes.resident_linear_bytes().unwrap(),
+        );
+        eprintln!("{name}: decoder linears hold {da} bytes (f32 + bf16 panels), {db} from codes");
+        if compress::model::bf16::native() {
+            // 4-bit codes with f32 scales and offsets per group (≈ 0.6 bytes a weight) against
+            // f32 + bf16 (6 bytes a weight)
+            assert!(db * 8 < da, "{name}: {db} vs {da}");
+        } else {
+            // the fallback keeps the rounded f32 weight, without the f32 original
+            assert!(db * 2 <= da, "{name}: {db} vs {da}");
+        }
+    }
+}

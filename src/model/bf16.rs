@@ -21,6 +21,9 @@ pub const NR: usize = 32;
 pub const MR: usize = 8;
 /// Rows of x per parallel task.
 const MC: usize = 64;
+/// Rows of x per parallel task when the panels are decoded from integer codes: each decoded
+/// chunk serves four times the rows, so decoding stays a few percent of the products.
+const MC_INT: usize = 256;
 /// Panels per parallel task.
 const NC: usize = 8;
 /// Pairs of k per pass over a task's tiles (a panel's chunk: KC × NR × 4 bytes = 48 KiB, in L2).
@@ -30,7 +33,7 @@ const KC: usize = 384;
 /// [`crate::quant::round_to`]) bit for bit, written without branches so that loops over it
 /// vectorize — (x + 0x7FFF + lsb) >> 16, and a NaN keeps its high bits with the quiet bit set.
 #[inline(always)]
-fn to_bf16(v: f32) -> u16 {
+pub(super) fn to_bf16(v: f32) -> u16 {
     let x = v.to_bits();
     let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
     let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
@@ -74,10 +77,18 @@ pub struct PackedBf16 {
     k: usize,
     /// k/2 rounded up: pairs per row.
     kp: usize,
+    src: Source,
+}
+
+/// Where the kernel's panels come from.
+enum Source {
     /// Native path: per panel of NR columns, kp × NR lanes (w[j][2p] low, w[j][2p+1] high).
-    panels: Vec<u32>,
+    Panels(Vec<u32>),
+    /// Native path: integer codes decoded into such panels chunk by chunk
+    /// ([`super::packed_int`]).
+    Int(super::packed_int::IntPanels),
     /// Fallback path: the bf16-rounded weight as f32, [out, k].
-    rounded: Vec<f32>,
+    Rounded(Vec<f32>),
 }
 
 impl PackedBf16 {
@@ -99,8 +110,7 @@ impl PackedBf16 {
                 out,
                 k,
                 kp,
-                panels: Vec::new(),
-                rounded: w.iter().map(|v| from_bf16(to_bf16(*v))).collect(),
+                src: Source::Rounded(w.iter().map(|v| from_bf16(to_bf16(*v))).collect()),
             };
         }
         let np = out.div_ceil(NR);
@@ -125,9 +135,35 @@ impl PackedBf16 {
             out,
             k,
             kp,
-            panels,
-            rounded: Vec::new(),
+            src: Source::Panels(panels),
         }
+    }
+
+    /// A quantized weight for the kernel: kept as its integer codes and decoded chunk by chunk
+    /// ([`super::packed_int`]) where the kernel runs; the same values as
+    /// [`PackedBf16::pack`] of its dequantization either way.
+    pub fn pack_quantized(q: &crate::quant::QuantizedLinear) -> Self {
+        Self::pack_quantized_for(q, native())
+    }
+
+    fn pack_quantized_for(q: &crate::quant::QuantizedLinear, kernel: bool) -> Self {
+        if !kernel {
+            let w = q.dequantize();
+            let (out, k) = w.dim();
+            return Self::pack_for(w.as_slice().expect("standard layout"), out, k, false);
+        }
+        let p = super::packed_int::IntPanels::new(q);
+        PackedBf16 {
+            out: p.out,
+            k: p.k,
+            kp: p.kp,
+            src: Source::Int(p),
+        }
+    }
+
+    /// Whether the weight is held as integer codes.
+    pub fn is_int(&self) -> bool {
+        matches!(self.src, Source::Int(_))
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -136,15 +172,19 @@ impl PackedBf16 {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.panels.len() * 4 + self.rounded.len() * 4
+        match &self.src {
+            Source::Panels(v) => v.len() * 4,
+            Source::Int(p) => p.bytes(),
+            Source::Rounded(v) => v.len() * 4,
+        }
     }
 
     /// y [n, out] = bf16(x) [n, k] · bf16(W)ᵀ, f32 accumulation, plus bias (f32).
     pub fn matmul(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
         assert_eq!(x.len(), n * self.k, "input is not [n, k]");
-        if self.panels.is_empty() {
+        if let Source::Rounded(rounded) = &self.src {
             let xr: Vec<f32> = x.iter().map(|v| from_bf16(to_bf16(*v))).collect();
-            return super::ops::linear(&xr, n, self.k, &self.rounded, self.out, bias);
+            return super::ops::linear(&xr, n, self.k, rounded, self.out, bias);
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -166,34 +206,47 @@ impl PackedBf16 {
             .for_each(|(d, s)| pack_pairs(d, s));
         let mut y = vec![0f32; n * out];
         let np = out.div_ceil(NR);
-        let tiles: Vec<(usize, usize)> = (0..n.div_ceil(MC))
+        let mc = if self.is_int() { MC_INT } else { MC };
+        let tiles: Vec<(usize, usize)> = (0..n.div_ceil(mc))
             .flat_map(|r| (0..np.div_ceil(NC)).map(move |c| (r, c)))
             .collect();
         let yp = SendPtr(y.as_mut_ptr());
         tiles.par_iter().for_each(|&(rb, cb)| {
             let yp = &yp;
-            let rows = rb * MC..((rb + 1) * MC).min(n);
+            let rows = rb * mc..((rb + 1) * mc).min(n);
+            let mut decoded = match self.src {
+                Source::Int(_) => vec![0u32; KC * NR],
+                _ => Vec::new(),
+            };
             let panels = cb * NC..((cb + 1) * NC).min(np);
             // k in chunks of KC pairs, so a panel's chunk stays in L1 across the row tiles
             let mut p0 = 0;
             while p0 < kp {
                 let p1 = (p0 + KC).min(kp);
                 for pi in panels.clone() {
-                    let panel = &self.panels[pi * kp * NR..(pi + 1) * kp * NR];
+                    // pairs p0..p1 of the panel, (p1 − p0) × NR lanes
+                    let chunk: &[u32] = match &self.src {
+                        Source::Panels(v) => &v[(pi * kp + p0) * NR..(pi * kp + p1) * NR],
+                        Source::Int(ip) => {
+                            ip.decode(pi, p0, p1, &mut decoded);
+                            &decoded[..(p1 - p0) * NR]
+                        }
+                        Source::Rounded(_) => unreachable!("handled above"),
+                    };
                     let j0 = pi * NR;
                     let cols = NR.min(out - j0);
                     let mut i0 = rows.start;
                     while i0 < rows.end {
                         let mr = MR.min(rows.end - i0);
                         // SAFETY: native() was checked when the panels were packed; x holds
-                        // mr rows of kp pairs from i0, the panel kp × NR lanes, and the
+                        // mr rows of kp pairs from i0, the chunk (p1 − p0) × NR lanes, and the
                         // (rows, columns) of y written belong to this task alone
                         unsafe {
                             micro(
                                 mr,
                                 xp.as_ptr().add(i0 * kp + p0),
                                 kp,
-                                panel.as_ptr().add(p0 * NR),
+                                chunk.as_ptr(),
                                 p1 - p0,
                                 yp.0.add(i0 * out + j0),
                                 out,

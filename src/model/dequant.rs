@@ -6,6 +6,7 @@
 use super::checkpoint::Checkpoint;
 use super::layer::read_checked;
 use crate::formats;
+use crate::quant::QuantizedLinear;
 use crate::safetensors_file::DType;
 use anyhow::{bail, Context, Result};
 
@@ -21,11 +22,22 @@ fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
 /// `prefix` is the module name (`model.layers.0.self_attn.q_proj`); returns the weight
 /// [out, in] as f32 and the storage dtype of its floating-point parts.
 pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<(Vec<f32>, DType)> {
+    let (v, dt, _) = stored_weight(ckpt, prefix, shape)?;
+    Ok((v, dt))
+}
+
+/// [`dense_weight`], and the integer codes it was dequantized from when the checkpoint stores
+/// the linear quantized (compressed-tensors `pack-quantized` / `int-quantized`, GPTQ v1).
+pub fn stored_weight(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    shape: &[usize],
+) -> Result<(Vec<f32>, DType, Option<QuantizedLinear>)> {
     let w = format!("{prefix}.weight");
     let integer = ckpt.has(&w) && ckpt.info(&w)?.0.dtype == DType::I8;
     if ckpt.has(&w) && !integer {
         let v = read_checked(ckpt, &w, shape)?;
-        return Ok((v, ckpt.info(&w)?.0.dtype));
+        return Ok((v, ckpt.info(&w)?.0.dtype, None));
     }
     let get = |name: &str| -> Result<(DType, Vec<usize>, Vec<u8>)> {
         let (info, bytes) = ckpt.raw(name)?;
@@ -45,30 +57,24 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             bail!("{path}: sparse-bitmask `{prefix}` holds a non-finite value at flat index {i}");
         }
-        return Ok((v, dt));
+        return Ok((v, dt, None));
     }
     let Some((bits, gs, sym, method)) = scheme(ckpt)? else {
         bail!("{}: missing tensor `{w}`", ckpt.dir.display());
     };
-    let (v, scale_name) = match method.as_str() {
+    let (q, scale_name) = match method.as_str() {
         "int-quantized" => (
-            formats::dequantized(formats::compressed_tensors::read_int_quantized(
-                &get, prefix,
-            )),
+            formats::compressed_tensors::read_int_quantized(&get, prefix),
             format!("{prefix}.weight_scale"),
         ),
         "compressed-tensors" => (
-            formats::dequantized(
-                formats::compressed_tensors::read_compressed_tensors_quantized(
-                    &get, prefix, bits, gs, sym,
-                ),
+            formats::compressed_tensors::read_compressed_tensors_quantized(
+                &get, prefix, bits, gs, sym,
             ),
             format!("{prefix}.weight_scale"),
         ),
         _ => (
-            formats::dequantized(formats::gptq::read_gptq_quantized(
-                &get, prefix, bits, gs, sym,
-            )),
+            formats::gptq::read_gptq_quantized(&get, prefix, bits, gs, sym),
             format!("{prefix}.scales"),
         ),
     };
@@ -76,7 +82,8 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         .info(&scale_name)
         .map(|(_, p)| p.display().to_string())
         .unwrap_or_default();
-    let v = v.with_context(|| format!("{path}: reading quantized `{prefix}`"))?;
+    let q = q.with_context(|| format!("{path}: reading quantized `{prefix}`"))?;
+    let v = q.dequantize().into_raw_vec_and_offset().0;
     if v.len() != shape.iter().product::<usize>() {
         bail!(
             "{path}: quantized `{prefix}` has {} values, config.json implies {shape:?}",
@@ -90,7 +97,7 @@ pub fn dense_weight(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<
         .info(&scale_name)
         .map(|(i, _)| i.dtype)
         .unwrap_or(DType::F32);
-    Ok((v, dt))
+    Ok((v, dt, Some(q)))
 }
 
 /// Bits of the dynamic per-token activation quantizer config.json's `quantization_config`

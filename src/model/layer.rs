@@ -67,6 +67,31 @@ impl LayerWeights {
     /// Read decoder layer `l` from the checkpoint as f32 (dequantizing if the checkpoint is
     /// quantized), checking shapes against config.json.
     pub fn load(ckpt: &Checkpoint, l: usize) -> Result<Self> {
+        Self::read(ckpt, l, false)
+    }
+
+    /// Layer `l` for evaluation in `precision`. In bf16 every linear is packed for the bf16
+    /// kernel — a quantized one from its integer codes ([`crate::model::packed_int`]) — and
+    /// its f32 values are released, so the layer holds its weights in bf16 or in their bits.
+    pub fn load_eval(
+        ckpt: &Checkpoint,
+        l: usize,
+        precision: crate::model::Precision,
+    ) -> Result<Self> {
+        if precision == crate::model::Precision::F32 {
+            return Self::load(ckpt, l);
+        }
+        let mut w = Self::read(ckpt, l, true)?;
+        for lin in w.linears.values_mut() {
+            lin.pack_bf16();
+            lin.release_values();
+        }
+        Ok(w)
+    }
+
+    /// [`LayerWeights::load`]; with `codes`, linears stored quantized keep their codes
+    /// (`Repr::Quantized`, as read) instead of becoming dense.
+    fn read(ckpt: &Checkpoint, l: usize, codes: bool) -> Result<Self> {
         let cfg = &ckpt.config;
         let p = Self::prefix(l);
         let shapes: BTreeMap<String, Vec<usize>> = cfg.layer_tensors(l).into_iter().collect();
@@ -88,12 +113,12 @@ impl LayerWeights {
             let lin = if ckpt.has(&format!("{module}.weight_u")) {
                 load_factored(ckpt, &module, shape, bias)?
             } else {
-                let (w, dtype) = crate::model::dequant::dense_weight(ckpt, &module, shape)?;
-                Linear::dense(
-                    Array2::from_shape_vec((shape[0], shape[1]), w)?,
-                    bias,
-                    dtype,
-                )
+                let (w, dtype, q) = crate::model::dequant::stored_weight(ckpt, &module, shape)?;
+                let w = Array2::from_shape_vec((shape[0], shape[1]), w)?;
+                match q {
+                    Some(q) if codes => Linear::quantized(w, q, bias, dtype)?,
+                    _ => Linear::dense(w, bias, dtype),
+                }
             };
             // W8A8 checkpoints quantize the inputs at run time: evaluation must too
             let act = crate::model::dequant::input_activation_bits(ckpt, &module)?;

@@ -157,6 +157,9 @@ pub struct Linear {
     /// The weight rounded to bf16 and packed for evaluation in bf16 ([`Linear::pack_bf16`]);
     /// any change of the weight drops it.
     bf16: Option<std::sync::Arc<crate::model::bf16::PackedBf16>>,
+    /// The f32 values were dropped after packing for evaluation ([`Linear::release_values`]);
+    /// the shape they had.
+    released: Option<(usize, usize)>,
 }
 
 /// A weight encoded as ggml blocks, rows in the checkpoint's (HF) order.
@@ -180,7 +183,27 @@ impl Linear {
             ggml: None,
             adapter: None,
             bf16: None,
+            released: None,
         }
+    }
+
+    /// A quantized linear as read from a checkpoint (not modified): `weight` is the codes'
+    /// dequantization, as the reader computed it while validating them.
+    pub fn quantized(
+        weight: Array2<f32>,
+        q: QuantizedLinear,
+        bias: Option<Vec<f32>>,
+        dtype: DType,
+    ) -> Result<Self> {
+        ensure!(
+            q.shape == weight.dim(),
+            "codes {:?} for a {:?} linear",
+            q.shape,
+            weight.dim()
+        );
+        let mut l = Linear::dense(weight, bias, dtype);
+        l.repr = Repr::Quantized(q);
+        Ok(l)
     }
 
     /// A factored linear as read from a checkpoint (not modified).
@@ -193,6 +216,7 @@ impl Linear {
 
     /// The matrix this linear computes, [out, in] (with its adapter merged, if any).
     pub fn weight(&self) -> &Array2<f32> {
+        self.not_released();
         match &self.adapter {
             Some((_, merged)) => merged,
             None => &self.weight,
@@ -201,7 +225,15 @@ impl Linear {
 
     /// The matrix the representation computes without the adapter.
     pub fn base_weight(&self) -> &Array2<f32> {
+        self.not_released();
         &self.weight
+    }
+
+    fn not_released(&self) {
+        assert!(
+            self.released.is_none(),
+            "the linear's f32 values were released for evaluation"
+        );
     }
 
     pub fn adapter(&self) -> Option<&Adapter> {
@@ -211,6 +243,7 @@ impl Linear {
     /// Add a low-rank adapter B·A on top of the representation (the last change to a linear:
     /// the representation setters refuse a linear that carries one).
     pub fn set_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        self.not_released();
         let (out, inn) = self.weight.dim();
         let r = adapter.a.nrows();
         ensure!(
@@ -262,7 +295,7 @@ impl Linear {
     }
 
     pub fn shape(&self) -> (usize, usize) {
-        self.weight.dim()
+        self.released.unwrap_or_else(|| self.weight.dim())
     }
 
     pub fn repr(&self) -> &Repr {
@@ -272,6 +305,7 @@ impl Linear {
     /// The integer codes when the linear (or the inner representation of a sparse one) is
     /// quantized.
     pub fn quant(&self) -> Option<&QuantizedLinear> {
+        self.not_released();
         match &self.repr {
             Repr::Quantized(q) => Some(q),
             Repr::Sparse { inner, .. } => match inner.as_ref() {
@@ -301,6 +335,7 @@ impl Linear {
     /// Record the weight's ggml encoding (rows in HF order). Refused unless the blocks decode
     /// to exactly the current weight, so what a GGUF export writes is what was computed with.
     pub fn set_ggml(&mut self, codes: GgmlCodes) -> Result<()> {
+        self.not_released();
         let (rows, cols) = self.weight.dim();
         ensure!(
             self.adapter.is_none(),
@@ -333,6 +368,7 @@ impl Linear {
 
     /// Record per-input-column importance (one finite, non-negative value per input).
     pub fn set_importance(&mut self, v: Vec<f32>) -> Result<()> {
+        self.not_released();
         ensure!(
             v.len() == self.shape().1,
             "{} importance values for a linear with {} inputs",
@@ -355,6 +391,7 @@ impl Linear {
     /// New dense values (a pass that rescales or updates weights). A sparse linear keeps its
     /// mask: masked positions must be zero in `w`.
     pub fn set_weight(&mut self, w: Array2<f32>) -> Result<()> {
+        self.not_released();
         self.no_adapter()?;
         ensure!(
             w.dim() == self.weight.dim() || self.weight.is_empty(),
@@ -382,6 +419,7 @@ impl Linear {
     /// Integer codes on a grid. A sparse linear keeps its mask: the codes must dequantize to
     /// exactly zero at masked positions (a quantizer that respects the mask does).
     pub fn set_quantized(&mut self, q: QuantizedLinear) -> Result<()> {
+        self.not_released();
         self.no_adapter()?;
         ensure!(
             q.shape == self.weight.dim(),
@@ -409,6 +447,7 @@ impl Linear {
 
     /// Prune: zero the weights the mask drops and keep the mask (later passes preserve it).
     pub fn set_mask(&mut self, mask: Mask) -> Result<()> {
+        self.not_released();
         self.no_adapter()?;
         ensure!(
             mask.shape == self.weight.dim(),
@@ -451,6 +490,7 @@ impl Linear {
 
     /// Replace the linear by two factors, U [out, r] · V [r, in].
     pub fn set_factored(&mut self, u: Factor, v: Factor) -> Result<()> {
+        self.not_released();
         self.no_adapter()?;
         let (out, r) = u.values.dim();
         let (r2, inn) = v.values.dim();
@@ -494,6 +534,7 @@ impl Linear {
 
     /// New bias values (a pass that tunes them), one per output.
     pub fn set_bias(&mut self, b: Vec<f32>) -> Result<()> {
+        self.not_released();
         ensure!(
             self.bias.as_ref().map(|v| v.len()) == Some(b.len()),
             "{} bias values for a linear with {} (a bias can be changed, not added)",
@@ -524,7 +565,15 @@ impl Linear {
     /// the weight is rounded and packed once. Factored linears keep f32 factors (their two
     /// thin products are a small part of the work).
     pub fn pack_bf16(&mut self) {
-        if !matches!(self.repr, Repr::Factored { .. }) {
+        if self.bf16.is_some() {
+            return;
+        }
+        if let Repr::Quantized(q) = &self.repr {
+            // the kernel reads the codes (the same values as packing the dequantized weight)
+            self.bf16 = Some(std::sync::Arc::new(
+                crate::model::bf16::PackedBf16::pack_quantized(q),
+            ));
+        } else if !matches!(self.repr, Repr::Factored { .. }) {
             if let Some(ws) = self.weight.as_slice() {
                 let (out, k) = self.weight.dim();
                 self.bf16 = Some(std::sync::Arc::new(crate::model::bf16::PackedBf16::pack(
@@ -534,8 +583,42 @@ impl Linear {
         }
     }
 
+    /// Bytes of weight data this linear holds in memory: its f32 values (with an adapter's
+    /// merged matrix and factors), its integer codes and its packed bf16 form.
+    pub fn resident_bytes(&self) -> usize {
+        let codes = match &self.repr {
+            Repr::Quantized(q) => q.codes.len() + 4 * q.scales.len(),
+            _ => 0,
+        };
+        let adapter = self
+            .adapter
+            .as_ref()
+            .map_or(0, |(a, m)| 4 * (a.a.len() + a.b.len() + m.len()));
+        4 * self.weight.len() + codes + adapter + self.bf16.as_ref().map_or(0, |p| p.bytes())
+    }
+
+    /// Evaluation only: once packed for bf16 ([`Linear::pack_bf16`]), drop the f32 values the
+    /// forward no longer reads (the weight, an adapter's merged matrix); the packed form and
+    /// the adapter's factors remain. Afterwards only [`Linear::forward`], [`Linear::shape`]
+    /// and the metadata may be used ([`Linear::weight`] panics). No effect on an unpacked
+    /// linear.
+    pub fn release_values(&mut self) {
+        if self.bf16.is_none() || self.released.is_some() {
+            return;
+        }
+        self.released = Some(self.weight.dim());
+        self.weight = Array2::zeros((0, 0));
+        if let Some((_, merged)) = &mut self.adapter {
+            *merged = Array2::zeros((0, 0));
+        }
+        if let Repr::Quantized(q) = &mut self.repr {
+            // the packed panels hold the codes
+            q.codes = Vec::new();
+        }
+    }
+
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (out, k) = self.weight.dim();
+        let (out, k) = self.shape();
         ensure!(
             x.len() == n * k,
             "input has {} values, expected {n}×{k}",
@@ -584,6 +667,7 @@ impl Linear {
     /// adapter's A and B in the checkpoint dtype (stored in the adapter file beside it). A
     /// weight a pass encoded as ggml blocks counts those blocks (what a GGUF export writes).
     pub fn bytes(&self) -> usize {
+        self.not_released();
         fn of(repr: &Repr, w: &Array2<f32>, dtype: DType) -> usize {
             match repr {
                 Repr::Dense => w.len() * dtype.size(),

@@ -368,11 +368,25 @@ enum Layers<'a> {
 impl<'a> Model<'a> {
     /// Every layer resident in f32.
     pub fn load(ckpt: &Checkpoint, max_t: usize) -> Result<Model<'static>> {
+        Self::load_in(ckpt, max_t, crate::model::Precision::F32)
+    }
+
+    /// Every layer resident, computing in `precision`: in bf16 each layer is packed as it is
+    /// read and its f32 values released ([`LayerWeights::load_eval`]), so the f32 copy of the
+    /// whole model never exists.
+    pub fn load_in(
+        ckpt: &Checkpoint,
+        max_t: usize,
+        precision: crate::model::Precision,
+    ) -> Result<Model<'static>> {
         let cfg = ckpt.config.clone();
-        let outer = Outer::load(ckpt)?;
+        let mut outer = Outer::load(ckpt)?;
+        if precision == crate::model::Precision::Bf16 {
+            outer.pack_bf16();
+        }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            layers.push(LayerWeights::load(ckpt, l)?);
+            layers.push(LayerWeights::load_eval(ckpt, l, precision)?);
             // the f32 copy is what is used: drop the mapped pages from the resident set
             ckpt.release_prefix(&LayerWeights::prefix(l));
         }
@@ -381,7 +395,7 @@ impl<'a> Model<'a> {
             layers: Layers::Resident(layers),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
-            precision: crate::model::Precision::F32,
+            precision,
         })
     }
 
@@ -402,25 +416,31 @@ impl<'a> Model<'a> {
         })
     }
 
-    /// Resident when the decoder layers in f32 take at most `resident_limit` bytes, else
-    /// streamed.
+    /// Resident when the decoder layers in the checkpoint's evaluation precision (4 bytes a
+    /// weight in f32, at most 2 in bf16) take at most `resident_limit` bytes, else streamed.
     pub fn open(ckpt: &'a Checkpoint, max_t: usize, resident_limit: u64) -> Result<Self> {
         let c = &ckpt.config;
+        let p = ckpt.precision;
         let layer_params: usize = (0..c.num_layers)
             .flat_map(|l| c.layer_tensors(l))
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum();
-        let m = if (layer_params as u64) * 4 <= resident_limit {
-            Model::load(ckpt, max_t)?
+        let per = match p {
+            crate::model::Precision::F32 => 4.0,
+            crate::model::Precision::Bf16 => 2.0,
+        };
+        let bytes = layer_params as f64 * per;
+        if bytes <= resident_limit as f64 {
+            Model::load_in(ckpt, max_t, p)
         } else {
             crate::info!(
-                "evaluation streams the decoder layers ({:.1} GiB in f32 > {:.1} GiB resident limit)",
-                layer_params as f64 * 4.0 / (1u64 << 30) as f64,
+                "evaluation streams the decoder layers ({:.1} GiB in {} > {:.1} GiB resident limit)",
+                bytes / (1u64 << 30) as f64,
+                p.name(),
                 resident_limit as f64 / (1u64 << 30) as f64
             );
-            Model::streamed(ckpt, max_t)?
-        };
-        Ok(m.with_precision(ckpt.precision))
+            Ok(Model::streamed(ckpt, max_t)?.with_precision(p))
+        }
     }
 
     /// Compute the linears (decoder layers and LM head) in `p` from now on; attention,
@@ -440,6 +460,20 @@ impl<'a> Model<'a> {
         self.precision
     }
 
+    /// Bytes of weight data the resident decoder layers' linears hold (None when streamed):
+    /// f32 values, codes and packed forms ([`crate::model::linear::Linear::resident_bytes`]).
+    pub fn resident_linear_bytes(&self) -> Option<usize> {
+        match &self.layers {
+            Layers::Resident(v) => Some(
+                v.iter()
+                    .flat_map(|l| l.linears.values())
+                    .map(|l| l.resident_bytes())
+                    .sum(),
+            ),
+            Layers::Streamed(_) => None,
+        }
+    }
+
     pub fn is_streamed(&self) -> bool {
         matches!(self.layers, Layers::Streamed(_))
     }
@@ -452,10 +486,7 @@ impl<'a> Model<'a> {
                 DecoderLayer::new(&v[l], &self.config).forward(x, &self.rope, &mut no_hook)
             }
             Layers::Streamed(ckpt) => {
-                let mut w = LayerWeights::load(ckpt, l)?;
-                if self.precision == crate::model::Precision::Bf16 {
-                    w.pack_bf16();
-                }
+                let w = LayerWeights::load_eval(ckpt, l, self.precision)?;
                 let y = DecoderLayer::new(&w, &self.config).forward(x, &self.rope, &mut no_hook);
                 drop(w);
                 ckpt.release_prefix(&LayerWeights::prefix(l));
