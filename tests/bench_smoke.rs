@@ -186,3 +186,77 @@ fn floor_and_peer_speed_report_their_figures() {
     assert!(rows[0]["pass_s"]["magnitude"].as_f64().unwrap() > 0.0);
     assert!(s["calibration_tokens"].as_u64().unwrap() > 30_000);
 }
+
+/// `bench speed` prints issue #21's figures in one run: eval rows (tokens, perplexities equal
+/// to `compress eval`'s; transformers' absence reported, not hidden), the pipeline twice with
+/// the second run's baseline from the eval cache, and the GPTQ row against the peer's seconds.
+#[test]
+fn speed_reports_eval_pipeline_and_peer_rows() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/ref-llama-9m");
+    let wiki =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/eval/wikitext2/wiki.test.raw");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("w6k.txt");
+    std::fs::write(&data, &std::fs::read(&wiki).unwrap()[..6000]).unwrap();
+    let yaml = tmp.path().join("p.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{bits: 4, group_size: 128}}\n\
+             export: {{format: compressed-tensors}}\neval: {{datasets: [{}], seq_len: 256}}\n",
+            p(&model),
+            p(&tmp.path().join("never-written")),
+            p(&data)
+        ),
+    )
+    .unwrap();
+    let s = run_json(
+        BENCH,
+        &[
+            "speed",
+            "--json",
+            "--model",
+            p(&model),
+            "--data",
+            p(&data),
+            "--python",
+            "false",
+            "--pipeline",
+            p(&yaml),
+            "--compress",
+            COMPRESS,
+        ],
+    );
+    let e = &s["eval"][0];
+    assert!(e["tokens"].as_u64().unwrap() > 1000, "{e}");
+    let direct = run_json(
+        COMPRESS,
+        &[
+            "eval",
+            "--json",
+            "--quiet",
+            "--model",
+            p(&model),
+            "--data",
+            p(&data),
+        ],
+    );
+    assert_eq!(
+        e["f32_ppl"].as_f64(),
+        direct["results"]["w6k.txt"]["perplexity"].as_f64()
+    );
+    assert!(e["bf16_ppl"].as_f64().unwrap() > 0.0);
+    assert!(e["transformers_s"].is_null() && e["transformers_error"].is_string());
+    let pl = &s["pipeline"];
+    assert_eq!(pl["first"]["baseline"], "computed");
+    assert_eq!(pl["cached"]["baseline"], "cache");
+    assert!(pl["ratio"].as_f64().unwrap() > 0.0);
+    assert!(
+        !tmp.path().join("never-written").exists(),
+        "the output was not redirected"
+    );
+    let g = &s["gptq_vs_llm_compressor"];
+    assert_eq!(g["row"]["recipe"], "gptq-w4g128");
+    assert_eq!(g["row"]["peer_oneshot_s"].as_f64(), Some(14.8));
+    assert!(g["row"]["ratio"].as_f64().unwrap() > 0.0);
+}
