@@ -258,25 +258,6 @@ impl SafetensorsFile {
         &self.mmap[info.start..info.end]
     }
 
-    /// Ask the kernel to start reading this tensor's pages into the page cache now
-    /// (`MADV_WILLNEED`, asynchronous): streaming calls it for the next layer before computing
-    /// the current one, so the disk reads overlap the compute instead of faulting in one page
-    /// at a time when the next layer is read.
-    pub fn prefetch(&self, info: &TensorInfo) {
-        if self.in_memory || info.end <= info.start {
-            return;
-        }
-        let page = 4096;
-        let start = (info.start / page) * page;
-        let end = info.end.min(self.mmap.len());
-        if end > start {
-            // advisory only: a failure changes nothing but the timing
-            let _ = self
-                .mmap
-                .advise_range(memmap2::Advice::WillNeed, start, end - start);
-        }
-    }
-
     /// Drop this tensor's pages from our resident set (the page cache keeps them). Streaming
     /// calls this after each layer so peak RSS stays near one layer, not the whole file.
     pub fn release(&self, info: &TensorInfo) {

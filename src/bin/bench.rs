@@ -1203,7 +1203,7 @@ fn speed_reference(
     let ppl = v["results"]
         .as_object()
         .and_then(|m| m.values().next())
-        .and_then(|r| r["perplexity"].as_f64())
+        .and_then(|r| r["ppl"].as_f64())
         .unwrap_or(f64::NAN);
     Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), ppl))
 }

@@ -776,10 +776,6 @@ pub fn run(
     pb.set_position(start as u64);
     for l in start..cfg.num_layers {
         let tl = Instant::now();
-        // the disk reads of the next layer overlap this layer's work
-        if l + 1 < cfg.num_layers {
-            ckpt.prefetch_prefix(&LayerWeights::prefix(l + 1));
-        }
         // the dense layer on the teacher stream: the teacher's output of this layer
         let mut teacher_out: Vec<Act> = Vec::new();
         let dense = if request.teacher {

@@ -255,18 +255,6 @@ impl Checkpoint {
     }
 
     /// Release every tensor whose name starts with `prefix`.
-    /// Start reading every tensor whose name starts with `prefix` into the page cache
-    /// (asynchronous; see [`crate::safetensors_file::SafetensorsFile::prefetch`]).
-    pub fn prefetch_prefix(&self, prefix: &str) {
-        for (name, &fi) in self.index.range(prefix.to_string()..) {
-            if !name.starts_with(prefix) {
-                break;
-            }
-            let f = &self.files[fi];
-            f.prefetch(&f.tensors[name]);
-        }
-    }
-
     pub fn release_prefix(&self, prefix: &str) {
         for (name, &fi) in self.index.range(prefix.to_string()..) {
             if !name.starts_with(prefix) {

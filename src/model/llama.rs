@@ -386,9 +386,6 @@ impl<'a> Model<'a> {
         }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            if l + 1 < cfg.num_layers {
-                ckpt.prefetch_prefix(&LayerWeights::prefix(l + 1));
-            }
             layers.push(LayerWeights::load_eval(ckpt, l, precision)?);
             // the f32 copy is what is used: drop the mapped pages from the resident set
             ckpt.release_prefix(&LayerWeights::prefix(l));
@@ -489,10 +486,6 @@ impl<'a> Model<'a> {
                 DecoderLayer::new(&v[l], &self.config).forward(x, &self.rope, &mut no_hook)
             }
             Layers::Streamed(ckpt) => {
-                // the disk reads of the next layer overlap this one's forward
-                if l + 1 < self.config.num_layers {
-                    ckpt.prefetch_prefix(&LayerWeights::prefix(l + 1));
-                }
                 let w = LayerWeights::load_eval(ckpt, l, self.precision)?;
                 let y = DecoderLayer::new(&w, &self.config).forward(x, &self.rope, &mut no_hook);
                 drop(w);
