@@ -53,7 +53,7 @@ pub fn nll_rows(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f64> {
         .enumerate()
         .map(|(r, &tgt)| {
             let row = &logits[r * vocab..(r + 1) * vocab];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let m = ops::max_f32(row);
             m as f64 + sum_exp(row, m).ln() - row[tgt as usize] as f64
         })
         .collect()

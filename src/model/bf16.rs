@@ -116,7 +116,7 @@ impl PackedBf16 {
         let np = out.div_ceil(NR);
         let mut panels = vec![0u32; np * kp * NR];
         panels
-            .par_chunks_mut(kp * NR)
+            .par_chunks_mut((kp * NR).max(1))
             .enumerate()
             .for_each(|(pi, panel)| {
                 for c in 0..NR {
@@ -204,13 +204,26 @@ impl PackedBf16 {
         xp.par_chunks_mut(kp.max(1))
             .zip(x.par_chunks(k.max(1)))
             .for_each(|(d, s)| pack_pairs(d, s));
-        let mut y = vec![0f32; n * out];
+        if kp == 0 {
+            // no products: y is the bias (or zero)
+            let mut y = vec![0f32; n * out];
+            if let Some(b) = bias {
+                y.chunks_mut(out.max(1))
+                    .for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v = *b));
+            }
+            return y;
+        }
+        // Not zeroed: the first k-chunk's tiles (`init`) write every (row, column) of y before
+        // anything reads it — zeroing first was ≈ 3% of a bf16 forward.
+        let mut y: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * out);
+        // SAFETY: MaybeUninit<f32> has no validity requirement
+        unsafe { y.set_len(n * out) };
         let np = out.div_ceil(NR);
         let mc = if self.is_int() { MC_INT } else { MC };
         let tiles: Vec<(usize, usize)> = (0..n.div_ceil(mc))
             .flat_map(|r| (0..np.div_ceil(NC)).map(move |c| (r, c)))
             .collect();
-        let yp = SendPtr(y.as_mut_ptr());
+        let yp = SendPtr(y.as_mut_ptr() as *mut f32);
         tiles.par_iter().for_each(|&(rb, cb)| {
             let yp = &yp;
             let rows = rb * mc..((rb + 1) * mc).min(n);
@@ -274,7 +287,9 @@ impl PackedBf16 {
                 }
             }
         });
-        y
+        // SAFETY: every element was written (above); MaybeUninit<f32> has f32's layout
+        let mut y = std::mem::ManuallyDrop::new(y);
+        unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut f32, y.len(), y.capacity()) }
     }
 }
 
@@ -420,6 +435,14 @@ mod tests {
     /// and without bias — the fallback always, the kernel where the CPU has it.
     #[test]
     fn matmul_matches_a_direct_sum_of_rounded_products() {
+        if native() {
+            // k = 0: no products, y is the bias
+            let p = PackedBf16::pack_for(&[], 3, 0, true);
+            assert_eq!(
+                p.matmul(&[], 2, Some(&[1.0, 2.0, 3.0])),
+                [1., 2., 3., 1., 2., 3.]
+            );
+        }
         eprintln!(
             "bf16 GEMM path: {}",
             if native() {

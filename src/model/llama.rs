@@ -118,11 +118,10 @@ impl<'a> DecoderLayer<'a> {
             return Ok(None);
         };
         drop(h);
-        let mut r = x.data.clone();
-        ops::add_assign(&mut r, &o);
+        // --- MLP (SwiGLU) --- (the residual add fused with the norm)
+        let (mut r, h) =
+            ops::add_rms_norm(&x.data, &o, d, self.norm("post_attention_layernorm")?, eps);
         drop(o);
-        // --- MLP (SwiGLU) ---
-        let h = ops::rms_norm(&r, d, self.norm("post_attention_layernorm")?, eps);
         hook(Site::MlpIn, &h, n, d)?;
         if stop == Some(Site::MlpIn) {
             return Ok(None);

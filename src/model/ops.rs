@@ -77,14 +77,36 @@ pub fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
-            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
-            let r = 1.0 / ((ms as f32) + eps).sqrt();
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = g * (v * r);
-            }
-        });
+        .for_each(|(yr, xr)| rms_row(yr, xr, w, eps));
     y
+}
+
+/// One row of [`rms_norm`].
+#[inline]
+fn rms_row(yr: &mut [f32], xr: &[f32], w: &[f32], eps: f32) {
+    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    let r = 1.0 / ((ms as f32) + eps).sqrt();
+    for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+        *o = g * (v * r);
+    }
+}
+
+/// The residual add and the next RMSNorm fused, row by row while the row is in cache:
+/// r = x + o, h = [`rms_norm`](r) — bit for bit the two separate steps. Returns (r, h).
+pub fn add_rms_norm(x: &[f32], o: &[f32], d: usize, w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), o.len());
+    let mut r = vec![0f32; x.len()];
+    let mut h = vec![0f32; x.len()];
+    r.par_chunks_mut(d)
+        .zip(h.par_chunks_mut(d))
+        .zip(x.par_chunks(d).zip(o.par_chunks(d)))
+        .for_each(|((rr, hr), (xr, or))| {
+            for ((v, &a), &b) in rr.iter_mut().zip(xr).zip(or) {
+                *v = a + b;
+            }
+            rms_row(hr, rr, w, eps);
+        });
+    (r, h)
 }
 
 /// Rotary embedding (rotate-half convention of transformers) applied to x [b, t, h, hd],
@@ -153,7 +175,37 @@ pub fn exp_f32(x: f32) -> f32 {
         * r2
         + r
         + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * pow2(n)
+}
+
+/// 2ⁿ for an integral n in [−126, 128] (128 gives +∞, as the exponent field 255 does), built
+/// from the bits of n + 127 + 2²³ — an f32 whose low mantissa bits are n + 127 — instead of an
+/// `as i32` cast, whose saturating semantics compile to scalar compare-and-move code per lane
+/// and kept the loops over [`exp_f32`] from vectorizing. Bit for bit `(n as i32 + 127) << 23`.
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    let biased = (n + (127.0 + 8_388_608.0))
+        .to_bits()
+        .wrapping_sub(0x4B00_0000);
+    f32::from_bits(biased << 23)
+}
+
+/// The largest element (−∞ for an empty slice; NaNs are skipped, as `f32::max` does), in
+/// eight lanes: a one-lane fold of `max` does not vectorize.
+pub fn max_f32(x: &[f32]) -> f32 {
+    const L: usize = 8;
+    let mut m8 = [f32::NEG_INFINITY; L];
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            m8[l] = m8[l].max(c[l]);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&m8)
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
 }
 
 /// One causal softmax row in place: `live` (the scores up to the diagonal) becomes
@@ -161,8 +213,8 @@ pub fn exp_f32(x: f32) -> f32 {
 /// an f32 sum, and neither the normalisation nor the P·V product then touches denormals).
 /// Eight-lane sums and [`exp_f32`], so the loops vectorize.
 pub fn softmax_row(live: &mut [f32]) {
-    let mx = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
     const L: usize = 8;
+    let mx = max_f32(live);
     let mut acc = [0f32; L];
     let mut chunks = live.chunks_exact_mut(L);
     for c in &mut chunks {
@@ -218,6 +270,40 @@ pub fn add_assign(a: &mut [f32], b: &[f32]) {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn add_rms_norm_is_the_add_then_the_norm_bit_for_bit() {
+        let (n, d) = (37, 48);
+        let x = rnd(n * d, 1);
+        let o = rnd(n * d, 2);
+        let w = rnd(d, 3);
+        let (r, h) = add_rms_norm(&x, &o, d, &w, 1e-6);
+        let mut r2 = x.clone();
+        add_assign(&mut r2, &o);
+        let h2 = rms_norm(&r2, d, &w, 1e-6);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&r), bits(&r2));
+        assert_eq!(bits(&h), bits(&h2));
+    }
+
+    #[test]
+    fn max_f32_is_the_fold() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for n in [0, 1, 7, 8, 9, 100, 49_152] {
+            let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-50.0f32..50.0)).collect();
+            let want = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(max_f32(&x).to_bits(), want.to_bits(), "n {n}");
+        }
+        assert_eq!(max_f32(&[1.0, f32::NAN, 3.0, -2.0]), 3.0);
+    }
+
+    #[test]
+    fn pow2_is_the_cast_formula_bit_for_bit() {
+        for n in -126..=128i32 {
+            assert_eq!(pow2(n as f32).to_bits(), ((n + 127) as u32) << 23, "2^{n}");
+        }
+        assert!((exp_f32(f32::NAN)).is_nan());
+    }
 
     #[test]
     fn exp_f32_is_within_two_ulp_of_f64_exp_on_random_inputs() {
