@@ -44,12 +44,21 @@ pub(super) fn to_bf16(v: f32) -> u16 {
 /// in the high half, a zero high half past an odd k).
 #[inline]
 fn pack_pairs(d: &mut [u32], s: &[f32]) {
+    // SAFETY: u32 → MaybeUninit<u32> only widens what may be stored
+    let d = unsafe { &mut *(d as *mut [u32] as *mut [std::mem::MaybeUninit<u32>]) };
+    pack_pairs_into(d, s)
+}
+
+/// [`pack_pairs`] into an uninitialized row: writes all of `d` (⌈k/2⌉ words).
+#[inline]
+fn pack_pairs_into(d: &mut [std::mem::MaybeUninit<u32>], s: &[f32]) {
+    assert_eq!(d.len(), s.len().div_ceil(2), "pack_pairs: shapes");
     let mut pairs = s.chunks_exact(2);
     for (o, pr) in d.iter_mut().zip(&mut pairs) {
-        *o = to_bf16(pr[0]) as u32 | ((to_bf16(pr[1]) as u32) << 16);
+        o.write(to_bf16(pr[0]) as u32 | ((to_bf16(pr[1]) as u32) << 16));
     }
     if let [last] = pairs.remainder() {
-        d[s.len() / 2] = to_bf16(*last) as u32;
+        d[s.len() / 2].write(to_bf16(*last) as u32);
     }
 }
 
@@ -199,11 +208,6 @@ impl PackedBf16 {
     #[cfg(target_arch = "x86_64")]
     fn matmul_native(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
         let (k, kp, out) = (self.k, self.kp, self.out);
-        // x as bf16 pairs, [n, kp]
-        let mut xp = vec![0u32; n * kp];
-        xp.par_chunks_mut(kp.max(1))
-            .zip(x.par_chunks(k.max(1)))
-            .for_each(|(d, s)| pack_pairs(d, s));
         if kp == 0 {
             // no products: y is the bias (or zero)
             let mut y = vec![0f32; n * out];
@@ -213,6 +217,13 @@ impl PackedBf16 {
             }
             return y;
         }
+        // x as bf16 pairs, [n, kp]
+        // SAFETY: pack_pairs_into writes all kp words of its row
+        let xp: Vec<u32> = unsafe {
+            super::ops::par_fill(n * kp, kp, |i, d| {
+                pack_pairs_into(d, &x[i * k..(i + 1) * k])
+            })
+        };
         // Not zeroed: the first k-chunk's tiles (`init`) write every (row, column) of y before
         // anything reads it — zeroing first was ≈ 3% of a bf16 forward.
         let mut y: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * out);

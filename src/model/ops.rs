@@ -72,31 +72,63 @@ pub fn cross(a: &[f32], b: &[f32], n: usize, k: usize) -> Vec<f32> {
     g
 }
 
-/// RMSNorm over rows of width d: x / sqrt(mean(x²) + eps) · w (mean accumulated in f64).
-pub fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| rms_row(yr, xr, w, eps));
-    y
+/// `len` values written piece by piece in parallel (`fill(i, piece)` gets the i-th run of
+/// `piece` elements, the last one shorter), without zeroing the allocation first: zeroing the
+/// buffers of a forward was ≈ 7% of a bf16 evaluation.
+///
+/// # Safety
+/// `fill` must write every element of every piece it is given.
+pub unsafe fn par_fill<T: Send>(
+    len: usize,
+    piece: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let mut v: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit has no validity requirement
+    unsafe { v.set_len(len) };
+    v.par_chunks_mut(piece.max(1))
+        .enumerate()
+        .for_each(|(i, p)| fill(i, p));
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller's `fill` wrote every element; MaybeUninit<T> has T's layout
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
 }
 
-/// One row of [`rms_norm`].
+/// RMSNorm over rows of width d: x / sqrt(mean(x²) + eps) · w (mean accumulated in f64).
+pub fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && w.len() >= d,
+        "rms_norm: shapes"
+    );
+    // SAFETY: rms_row writes every element of its row
+    unsafe {
+        par_fill(x.len(), d, |i, yr| {
+            rms_row(yr, &x[i * d..(i + 1) * d], w, eps)
+        })
+    }
+}
+
+/// One row of [`rms_norm`]: writes every element of `yr` (as long as `xr` and `w`).
 #[inline]
-fn rms_row(yr: &mut [f32], xr: &[f32], w: &[f32], eps: f32) {
+fn rms_row(yr: &mut [std::mem::MaybeUninit<f32>], xr: &[f32], w: &[f32], eps: f32) {
     let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
     let r = 1.0 / ((ms as f32) + eps).sqrt();
     for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-        *o = g * (v * r);
+        o.write(g * (v * r));
     }
 }
 
 /// The residual add and the next RMSNorm fused, row by row while the row is in cache:
 /// r = x + o, h = [`rms_norm`](r) — bit for bit the two separate steps. Returns (r, h).
 pub fn add_rms_norm(x: &[f32], o: &[f32], d: usize, w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
-    assert_eq!(x.len(), o.len());
+    assert!(
+        x.len() == o.len() && d > 0 && x.len().is_multiple_of(d) && w.len() >= d,
+        "add_rms_norm: shapes"
+    );
     let mut r = vec![0f32; x.len()];
-    let mut h = vec![0f32; x.len()];
+    let mut h: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(x.len());
+    // SAFETY: MaybeUninit has no validity requirement
+    unsafe { h.set_len(x.len()) };
     r.par_chunks_mut(d)
         .zip(h.par_chunks_mut(d))
         .zip(x.par_chunks(d).zip(o.par_chunks(d)))
@@ -106,6 +138,9 @@ pub fn add_rms_norm(x: &[f32], o: &[f32], d: usize, w: &[f32], eps: f32) -> (Vec
             }
             rms_row(hr, rr, w, eps);
         });
+    let mut h = std::mem::ManuallyDrop::new(h);
+    // SAFETY: rms_row wrote every element of every row
+    let h = unsafe { Vec::from_raw_parts(h.as_mut_ptr() as *mut f32, h.len(), h.capacity()) };
     (r, h)
 }
 
@@ -239,15 +274,17 @@ pub fn softmax_row(live: &mut [f32]) {
 /// SwiGLU's gate: silu(g) · u, elementwise (silu(x) = x / (1 + e^{−x}), the exponential by
 /// [`exp_f32`] so the loop vectorizes).
 pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
-    y.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(o, (g, u))| {
+    assert_eq!(g.len(), u.len(), "silu_mul: shapes");
+    const P: usize = 4096;
+    // SAFETY: the loop writes every element of its piece (g and u are as long as y)
+    unsafe {
+        par_fill(g.len(), P, |i, o| {
+            let (g, u) = (&g[i * P..][..o.len()], &u[i * P..][..o.len()]);
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp_f32(-g)) * u;
+                o.write(g / (1.0 + exp_f32(-g)) * u);
             }
-        });
-    y
+        })
+    }
 }
 
 /// out[i] = table[ids[i]] for rows of width d.
@@ -284,6 +321,31 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&r), bits(&r2));
         assert_eq!(bits(&h), bits(&h2));
+    }
+
+    /// The unzeroed buffers (`par_fill`) hold what the plain loops compute, over several
+    /// pieces and a short last one.
+    #[test]
+    fn filled_buffers_equal_the_plain_loops() {
+        let (g, u) = (rnd(10_001, 5), rnd(10_001, 6));
+        let y = silu_mul(&g, &u);
+        for i in 0..g.len() {
+            assert_eq!(
+                y[i].to_bits(),
+                (g[i] / (1.0 + exp_f32(-g[i])) * u[i]).to_bits()
+            );
+        }
+        let (n, d) = (301, 24);
+        let (x, w) = (rnd(n * d, 7), rnd(d, 8));
+        let y = rms_norm(&x, d, &w, 1e-5);
+        for r in 0..n {
+            let row = &x[r * d..(r + 1) * d];
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+            let inv = 1.0 / ((ms as f32) + 1e-5).sqrt();
+            for c in 0..d {
+                assert_eq!(y[r * d + c].to_bits(), (w[c] * (row[c] * inv)).to_bits());
+            }
+        }
     }
 
     #[test]
