@@ -77,23 +77,14 @@ impl SiteStats {
     pub fn add(&mut self, x: &[f32], rows: usize, xtx_batch: Option<&[f32]>) {
         let d = self.dim;
         debug_assert_eq!(x.len(), rows * d);
-        self.n += rows;
-        if let Some(h) = self.xtx.as_mut() {
-            match xtx_batch {
-                Some(b) => h
-                    .as_slice_mut()
-                    .expect("contiguous")
-                    .iter_mut()
-                    .zip(b)
-                    .for_each(|(a, v)| *a += *v as f64),
-                None => {
-                    for r in 0..rows {
-                        let row = &x[r * d..(r + 1) * d];
-                        for i in 0..d {
-                            for j in 0..d {
-                                h[[i, j]] += row[i] as f64 * row[j] as f64;
-                            }
-                        }
+        // the XᵀX given, or computed here in f64
+        self.add_rows_with_gram(rows, xtx_batch);
+        if let (Some(h), None) = (self.xtx.as_mut(), xtx_batch) {
+            for r in 0..rows {
+                let row = &x[r * d..(r + 1) * d];
+                for i in 0..d {
+                    for j in 0..d {
+                        h[[i, j]] += row[i] as f64 * row[j] as f64;
                     }
                 }
             }
@@ -118,6 +109,19 @@ impl SiteStats {
                     *a += (*v as f64) * (*v as f64);
                 }
             }
+        }
+    }
+
+    /// Count a batch of `rows` whose XᵀX was computed elsewhere, when no statistic but the
+    /// Hessian is requested (nothing else needs the rows themselves).
+    pub fn add_rows_with_gram(&mut self, rows: usize, xtx_batch: Option<&[f32]>) {
+        self.n += rows;
+        if let (Some(h), Some(b)) = (self.xtx.as_mut(), xtx_batch) {
+            h.as_slice_mut()
+                .expect("contiguous")
+                .iter_mut()
+                .zip(b)
+                .for_each(|(a, v)| *a += *v as f64);
         }
     }
 

@@ -617,6 +617,52 @@ impl Linear {
         }
     }
 
+    /// Whether [`Linear::forward`] of `self` and of `o` compute the same function bit for bit:
+    /// every field the forward reads holds the same bits (the computed matrix or the factors,
+    /// the adapter, the bias, the input quantizer, the bf16 packing). Conservative: released
+    /// values or different packings answer `false`. The engine re-uses activations computed
+    /// before a pass ran only while this holds for every linear they went through.
+    pub fn same_forward(&self, o: &Linear) -> bool {
+        fn same(a: &Array2<f32>, b: &Array2<f32>) -> bool {
+            a.dim() == b.dim()
+                && a.iter()
+                    .zip(b.iter())
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        let factors = match (&self.repr, &o.repr) {
+            (Repr::Factored { u, v }, Repr::Factored { u: u2, v: v2 }) => {
+                same(&u.values, &u2.values) && same(&v.values, &v2.values)
+            }
+            (Repr::Factored { .. }, _) | (_, Repr::Factored { .. }) => false,
+            _ => true,
+        };
+        let adapters = match (&self.adapter, &o.adapter) {
+            (None, None) => true,
+            (Some((a, _)), Some((b, _))) => same(&a.a, &b.a) && same(&a.b, &b.b),
+            _ => false,
+        };
+        let bias = match (&self.bias, &o.bias) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+            _ => false,
+        };
+        let packed = match (&self.bf16, &o.bf16) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        self.released.is_none()
+            && o.released.is_none()
+            && factors
+            && adapters
+            && bias
+            && packed
+            && self.act_quant == o.act_quant
+            && same(&self.weight, &o.weight)
+    }
+
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let (out, k) = self.shape();
         ensure!(

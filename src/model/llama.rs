@@ -97,6 +97,25 @@ impl<'a> DecoderLayer<'a> {
         hook: &mut Hook,
         stop: Option<Site>,
     ) -> Result<Option<Act>> {
+        Ok(match self.forward_from(x, None, rope, hook, stop)? {
+            Step::Done(y) => Some(y),
+            Step::Stopped(_) => None,
+        })
+    }
+
+    /// The forward from the layer input `x`, or from `from` (activations of the same batch
+    /// inside this layer, kept by an earlier call that stopped there: the forward continues
+    /// after that site, whose hook is not called again). Stopping at `stop` returns the
+    /// activations there. Bit for bit the same as running from `x`, as long as the weights
+    /// `from` went through are the same (the caller's responsibility).
+    pub fn forward_from(
+        &self,
+        x: &Act,
+        from: Option<&Inner>,
+        rope: &Rope,
+        hook: &mut Hook,
+        stop: Option<Site>,
+    ) -> Result<Step> {
         let cfg = self.cfg;
         let (b, t) = (x.b, x.t);
         let n = b * t;
@@ -108,44 +127,99 @@ impl<'a> DecoderLayer<'a> {
             rope.max_t
         );
         ensure!(x.data.len() == n * d, "hidden state has the wrong size");
-        // --- attention ---
-        let h = ops::rms_norm(&x.data, d, self.norm("input_layernorm")?, eps);
-        hook(Site::AttnIn, &h, n, d)?;
-        if stop == Some(Site::AttnIn) {
-            return Ok(None);
-        }
-        let Some(o) = self.attention(&h, b, t, rope, hook, stop)? else {
-            return Ok(None);
+        // (site, residual stream after the attention block once there is one, the site's input)
+        let (mut at, mut r, mut v, mut resumed) = match from {
+            Some(i) => {
+                ensure!(
+                    i.v.len() == n * i.site_width(cfg),
+                    "kept activations have the wrong size"
+                );
+                (i.site, i.r.clone(), i.v.clone(), true)
+            }
+            None => {
+                let h = ops::rms_norm(&x.data, d, self.norm("input_layernorm")?, eps);
+                (Site::AttnIn, None, h, false)
+            }
         };
-        drop(h);
-        // --- MLP (SwiGLU) --- (the residual add fused with the norm)
-        let (mut r, h) =
-            ops::add_rms_norm(&x.data, &o, d, self.norm("post_attention_layernorm")?, eps);
-        drop(o);
-        hook(Site::MlpIn, &h, n, d)?;
-        if stop == Some(Site::MlpIn) {
-            return Ok(None);
+        loop {
+            if !resumed {
+                hook(at, &v, n, v.len() / n.max(1))?;
+                if stop == Some(at) {
+                    return Ok(Step::Stopped(Inner { site: at, r, v }));
+                }
+            }
+            resumed = false;
+            match at {
+                // --- attention --- (q/k/v, RoPE, causal attention: o_proj's input)
+                Site::AttnIn => {
+                    v = self.attention_core(&v, b, t, rope)?;
+                    at = Site::OIn;
+                }
+                // --- MLP (SwiGLU) --- (the residual add fused with the norm)
+                Site::OIn => {
+                    let o = self.lin("self_attn.o_proj", &v, n)?;
+                    let (r1, h) = ops::add_rms_norm(
+                        &x.data,
+                        &o,
+                        d,
+                        self.norm("post_attention_layernorm")?,
+                        eps,
+                    );
+                    r = Some(r1);
+                    v = h;
+                    at = Site::MlpIn;
+                }
+                Site::MlpIn => {
+                    v = self.swiglu(&v, n)?;
+                    at = Site::DownIn;
+                }
+                Site::DownIn => {
+                    let dn = self.lin("mlp.down_proj", &v, n)?;
+                    let mut r = r.context("no residual stream at down_proj")?;
+                    ops::add_assign(&mut r, &dn);
+                    return Ok(Step::Done(Act { data: r, b, t }));
+                }
+            }
         }
-        let Some(dn) = self.mlp(&h, n, hook, stop)? else {
-            return Ok(None);
-        };
-        ops::add_assign(&mut r, &dn);
-        Ok(Some(Act { data: r, b, t }))
     }
 }
 
+/// A batch's activations inside a decoder layer at a site's input: where
+/// [`DecoderLayer::forward_from`] continues.
+#[derive(Clone, Debug)]
+pub struct Inner {
+    pub site: Site,
+    /// The residual stream after the attention block (`None` before o_proj: the layer input).
+    pub r: Option<Vec<f32>>,
+    /// The site's input, [rows, width].
+    pub v: Vec<f32>,
+}
+
+impl Inner {
+    fn site_width(&self, cfg: &ModelConfig) -> usize {
+        match self.site {
+            Site::AttnIn | Site::MlpIn => cfg.hidden_size,
+            Site::OIn => cfg.num_heads * cfg.head_dim,
+            Site::DownIn => cfg.intermediate_size,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.v.len() + self.r.as_ref().map_or(0, |r| r.len()))
+    }
+}
+
+/// Where [`DecoderLayer::forward_from`] ended: the layer's output, or the activations at `stop`.
+pub enum Step {
+    Done(Act),
+    Stopped(Inner),
+}
+
 impl DecoderLayer<'_> {
-    /// Self-attention on the normed input `h` [b·t, hidden] up to the output of o_proj (before
-    /// the residual add); the hook sees o_proj's input. `None` when stopped there.
-    fn attention(
-        &self,
-        h: &[f32],
-        b: usize,
-        t: usize,
-        rope: &Rope,
-        hook: &mut Hook,
-        stop: Option<Site>,
-    ) -> Result<Option<Vec<f32>>> {
+    /// q/k/v, RoPE and causal attention on the normed input `h` [b·t, hidden]: o_proj's
+    /// input [b·t, heads·head_dim].
+    fn attention_core(&self, h: &[f32], b: usize, t: usize, rope: &Rope) -> Result<Vec<f32>> {
         let cfg = self.cfg;
         let n = b * t;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -160,39 +234,19 @@ impl DecoderLayer<'_> {
         let q = ops::rope_transpose(&q, b, t, nh, hd, &rope.cos, &rope.sin);
         let k = ops::rope_transpose(&k, b, t, nkv, hd, &rope.cos, &rope.sin);
         let v = ops::heads_transpose(&v, b, t, nkv, hd);
-        let attn = causal_attention(&q, &k, &v, b, nh, nkv, t, hd);
-        drop((q, k, v));
-        hook(Site::OIn, &attn, n, nh * hd)?;
-        if stop == Some(Site::OIn) {
-            return Ok(None);
-        }
-        Ok(Some(self.lin("self_attn.o_proj", &attn, n)?))
+        Ok(causal_attention(&q, &k, &v, b, nh, nkv, t, hd))
     }
 
-    /// The SwiGLU MLP on the normed input `h` [n, hidden] up to down_proj's output (before the
-    /// residual add); the hook sees down_proj's input. `None` when stopped there.
-    fn mlp(
-        &self,
-        h: &[f32],
-        n: usize,
-        hook: &mut Hook,
-        stop: Option<Site>,
-    ) -> Result<Option<Vec<f32>>> {
+    /// gate/up and SwiGLU on the normed input `h` [n, hidden]: down_proj's input.
+    fn swiglu(&self, h: &[f32], n: usize) -> Result<Vec<f32>> {
         let g = self.lin("mlp.gate_proj", h, n)?;
         let u = self.lin("mlp.up_proj", h, n)?;
-        let act = ops::silu_mul(&g, &u);
-        drop((g, u));
-        hook(Site::DownIn, &act, n, self.cfg.intermediate_size)?;
-        if stop == Some(Site::DownIn) {
-            return Ok(None);
-        }
-        Ok(Some(self.lin("mlp.down_proj", &act, n)?))
+        Ok(ops::silu_mul(&g, &u))
     }
 
     /// The output of one sub-block on its own (normed) input `h` ([b, t, hidden] as an `Act`):
     /// what AWQ's search compares between candidate scales.
     pub fn part(&self, part: Part, h: &Act, rope: &Rope) -> Result<Vec<f32>> {
-        let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
         ensure!(
             h.data.len() == h.rows() * self.cfg.hidden_size,
             "sub-block input has the wrong size"
@@ -203,11 +257,17 @@ impl DecoderLayer<'_> {
             h.t,
             rope.max_t
         );
-        let y = match part {
-            Part::Attention => self.attention(&h.data, h.b, h.t, rope, &mut no_hook, None)?,
-            Part::Mlp => self.mlp(&h.data, h.rows(), &mut no_hook, None)?,
-        };
-        y.context("sub-block stopped early")
+        let n = h.rows();
+        match part {
+            Part::Attention => {
+                let a = self.attention_core(&h.data, h.b, h.t, rope)?;
+                self.lin("self_attn.o_proj", &a, n)
+            }
+            Part::Mlp => {
+                let a = self.swiglu(&h.data, n)?;
+                self.lin("mlp.down_proj", &a, n)
+            }
+        }
     }
 }
 

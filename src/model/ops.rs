@@ -3,6 +3,38 @@
 
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    /// Set while this thread runs one of several independent work items side by side
+    /// ([`single_threaded`]): its GEMMs then run on it alone.
+    static SINGLE_THREADED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with the GEMMs it calls on this thread alone, for a caller that already runs
+/// independent work items in parallel (small calibration batches side by side: faer's
+/// fork-join over two cores cost more than it gained on 256-wide products, ≈ 10% of a GPTQ run
+/// in barriers). faer splits a product over its rows and columns, never its inner dimension,
+/// so the results are bit for bit those of the parallel GEMM (`tests::gemm_bits_do_not_depend_on_threads`).
+pub fn single_threaded<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SINGLE_THREADED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(SINGLE_THREADED.with(|c| c.replace(true)));
+    f()
+}
+
+/// The parallelism of this thread's GEMMs (see [`single_threaded`]).
+fn gemm_par() -> Par {
+    if SINGLE_THREADED.with(|c| c.get()) {
+        Par::Seq
+    } else {
+        Par::rayon(0)
+    }
+}
 
 /// y [n, out] = x [n, k] · wᵀ (w is [out, k], the PyTorch Linear layout), plus bias.
 pub fn linear(
@@ -22,7 +54,7 @@ pub fn linear(
         MatRef::from_row_major_slice(x, n, k),
         MatRef::from_row_major_slice(w, out, k).transpose(),
         1.0,
-        Par::rayon(0),
+        gemm_par(),
     );
     if let Some(b) = bias {
         y.par_chunks_mut(out)
@@ -46,7 +78,7 @@ pub fn gram(x: &[f32], n: usize, k: usize) -> Vec<f32> {
         xm,
         BlockStructure::Rectangular,
         1.0,
-        Par::rayon(0),
+        gemm_par(),
     );
     for i in 0..k {
         for j in i + 1..k {
@@ -67,7 +99,7 @@ pub fn cross(a: &[f32], b: &[f32], n: usize, k: usize) -> Vec<f32> {
         MatRef::from_row_major_slice(a, n, k).transpose(),
         MatRef::from_row_major_slice(b, n, k),
         1.0,
-        Par::rayon(0),
+        gemm_par(),
     );
     g
 }
@@ -408,6 +440,41 @@ mod tests {
     fn rnd(n: usize, seed: u64) -> Vec<f32> {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| r.gen_range(-1.5f32..1.5)).collect()
+    }
+
+    /// The engine runs small calibration batches side by side with single-threaded GEMMs and
+    /// relies on their results being the parallel GEMM's, bit for bit (shapes large enough for
+    /// faer to split, and awkward ones).
+    #[test]
+    fn gemm_bits_do_not_depend_on_threads() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (s, &(n, k, out)) in [
+            (700, 300, 900),
+            (513, 256, 257),
+            (37, 1031, 64),
+            (2048, 96, 96),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = rnd(n * k, 40 + s as u64);
+            let w = rnd(out * k, 50 + s as u64);
+            let b = rnd(out, 60 + s as u64);
+            let par = linear(&x, n, k, &w, out, Some(&b));
+            let seq = single_threaded(|| linear(&x, n, k, &w, out, Some(&b)));
+            assert_eq!(bits(&par), bits(&seq), "linear {n}×{k}×{out}");
+            let par = gram(&x, n, k);
+            let seq = single_threaded(|| gram(&x, n, k));
+            assert_eq!(bits(&par), bits(&seq), "gram {n}×{k}");
+            let y = rnd(n * k, 70 + s as u64);
+            let par = cross(&x, &y, n, k);
+            let seq = single_threaded(|| cross(&x, &y, n, k));
+            assert_eq!(bits(&par), bits(&seq), "cross {n}×{k}");
+        }
+        // the switch is scoped: back to parallel afterwards, also after a panic inside
+        assert!(!SINGLE_THREADED.with(|c| c.get()));
+        let _ = std::panic::catch_unwind(|| single_threaded(|| panic!("inside")));
+        assert!(!SINGLE_THREADED.with(|c| c.get()));
     }
 
     #[test]
