@@ -541,25 +541,41 @@ impl<'a> LayerRun<'a> {
             && rows * widest <= SIDE_BY_SIDE_MAX_CELLS
     }
 
-    /// `f` on every batch, results in batch order; side by side when [`Self::side_by_side`]
-    /// chose so (the caller decides by calling this only then), each batch's GEMMs on its own
-    /// thread. The first error in batch order is returned.
-    fn map_batches<T: Send>(
+    /// `f` on every batch (its index, the batch), each result handed to `sink` in batch order.
+    /// Side by side when `side_by_side` ([`Self::side_by_side`]): groups of
+    /// [`SIDE_BY_SIDE_GROUP`] batches per thread, each batch's GEMMs on its own thread, a
+    /// group's results sunk before the next group starts (bounding what is held); the first
+    /// error in batch order is returned. Otherwise one batch after another.
+    fn each_batch<T: Send>(
         &self,
         inputs: &[Act],
+        side_by_side: bool,
         f: impl Fn(usize, &Act) -> Result<T> + Sync,
-    ) -> Result<Vec<T>>
+        mut sink: impl FnMut(T) -> Result<()>,
+    ) -> Result<()>
     where
         Self: Sync,
     {
         use rayon::prelude::*;
-        let out: Vec<Result<T>> = inputs
-            .par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .map(|(j, x)| crate::model::ops::single_threaded(|| f(j, x)))
-            .collect();
-        out.into_iter().collect()
+        if !side_by_side {
+            for (bi, x) in inputs.iter().enumerate() {
+                sink(f(bi, x)?)?;
+            }
+            return Ok(());
+        }
+        let per_group = SIDE_BY_SIDE_GROUP * rayon::current_num_threads();
+        for (g, group) in inputs.chunks(per_group).enumerate() {
+            let out: Vec<Result<T>> = group
+                .par_iter()
+                .enumerate()
+                .with_max_len(1)
+                .map(|(j, x)| crate::model::ops::single_threaded(|| f(g * per_group + j, x)))
+                .collect();
+            for r in out {
+                sink(r?)?;
+            }
+        }
+        Ok(())
     }
 
     /// The layer's output on every batch, in order (side by side for small batches).
@@ -591,15 +607,12 @@ impl<'a> LayerRun<'a> {
                 _ => self.forward(x, rope),
             }
         };
-        if self.side_by_side(inputs, cfg) {
-            let per_group = SIDE_BY_SIDE_GROUP * rayon::current_num_threads();
-            let mut out = Vec::with_capacity(inputs.len());
-            for (g, group) in inputs.chunks(per_group).enumerate() {
-                out.extend(self.map_batches(group, |j, x| one(g * per_group + j, x))?);
-            }
-            return Ok(out);
-        }
-        inputs.iter().enumerate().map(|(j, x)| one(j, x)).collect()
+        let mut out = Vec::with_capacity(inputs.len());
+        self.each_batch(inputs, self.side_by_side(inputs, cfg), one, |y| {
+            out.push(y);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn forward(&self, x: &Act, rope: &Rope) -> Result<Act> {
@@ -664,61 +677,18 @@ fn collect(
     let keep = keep && until.is_some() && cl.resumable();
     let mut kept: Vec<Inner> = Vec::new();
     let mut stats: BTreeMap<Site, SiteStats> = BTreeMap::new();
-    if cl.side_by_side(inputs, cfg) {
-        // Each batch's site rows and XᵀX computed on its own thread, added in batch order: the
-        // same sums in the same order as the loop below, so the same bits.
-        let rows_needed = req.act_absmax || req.act_mean_abs || req.col_norm;
-        let per_group = SIDE_BY_SIDE_GROUP * rayon::current_num_threads();
-        for (g, group) in inputs.chunks(per_group).enumerate() {
-            let start = g * per_group;
-            let parts = cl.map_batches(group, |j, x| {
-                let bi = start + j;
-                let mut part: Vec<SiteRows> = Vec::new();
-                let mut hook = |site: Site,
-                                v: &[f32],
-                                rows: usize,
-                                d: usize,
-                                _gram: Option<&[f32]>|
-                 -> Result<()> {
-                    if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
-                        return Err(nf.into());
-                    }
-                    let xtx = req.hessian.then(|| crate::model::ops::gram(v, rows, d));
-                    let v = if rows_needed { v.to_vec() } else { Vec::new() };
-                    part.push(SiteRows {
-                        site,
-                        rows,
-                        d,
-                        v,
-                        xtx,
-                    });
-                    Ok(())
-                };
-                let inner =
-                    cl.forward_stats(x, rope, &mut hook, false, until, from.map(|f| &f[bi]))?;
-                Ok((part, inner))
-            })?;
-            for (part, inner) in parts {
-                for SiteRows {
-                    site,
-                    rows,
-                    d,
-                    v,
-                    xtx,
-                } in part
-                {
-                    let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
-                    if rows_needed {
-                        st.add(&v, rows, xtx.as_deref());
-                    } else {
-                        st.add_rows_with_gram(rows, xtx.as_deref());
-                    }
-                }
-                kept.extend(inner.filter(|_| keep));
-            }
-        }
-    } else {
-        for (bi, x) in inputs.iter().enumerate() {
+    // One batch after another, each site's rows go straight into the sums (XᵀX from the GPU
+    // when the layer runs there). Side by side, each batch's rows (only when a statistic
+    // other than the Hessian needs them) and XᵀX come back and are added in batch order: the
+    // same sums in the same order, so the same bits.
+    let side_by_side = cl.side_by_side(inputs, cfg);
+    let rows_needed = req.act_absmax || req.act_mean_abs || req.col_norm;
+    let stats_cell = std::sync::Mutex::new(&mut stats);
+    cl.each_batch(
+        inputs,
+        side_by_side,
+        |bi, x| {
+            let mut part: Vec<SiteRows> = Vec::new();
             let mut hook = |site: Site,
                             v: &[f32],
                             rows: usize,
@@ -728,19 +698,45 @@ fn collect(
                 if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
                     return Err(nf.into());
                 }
-                let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
-                let xtx = match gram {
+                let own = match gram {
                     Some(_) => None,
                     None => req.hessian.then(|| crate::model::ops::gram(v, rows, d)),
                 };
-                st.add(v, rows, gram.or(xtx.as_deref()));
+                if side_by_side {
+                    part.push(SiteRows {
+                        site,
+                        rows,
+                        d,
+                        v: if rows_needed { v.to_vec() } else { Vec::new() },
+                        xtx: own.or_else(|| gram.map(|g| g.to_vec())),
+                    });
+                } else {
+                    let mut stats = stats_cell.lock().expect("statistics lock");
+                    let st = stats.entry(site).or_insert_with(|| SiteStats::new(d, req));
+                    st.add(v, rows, gram.or(own.as_deref()));
+                }
                 Ok(())
             };
-            let inner =
-                cl.forward_stats(x, rope, &mut hook, req.hessian, until, from.map(|f| &f[bi]))?;
+            let grams = req.hessian && !side_by_side;
+            let inner = cl.forward_stats(x, rope, &mut hook, grams, until, from.map(|f| &f[bi]))?;
+            Ok((part, inner))
+        },
+        |(part, inner)| {
+            let mut stats = stats_cell.lock().expect("statistics lock");
+            for p in part {
+                let st = stats
+                    .entry(p.site)
+                    .or_insert_with(|| SiteStats::new(p.d, req));
+                if rows_needed {
+                    st.add(&p.v, p.rows, p.xtx.as_deref());
+                } else {
+                    st.add_rows_with_gram(p.rows, p.xtx.as_deref());
+                }
+            }
             kept.extend(inner.filter(|_| keep));
-        }
-    }
+            Ok(())
+        },
+    )?;
     let kept = (keep && kept.len() == inputs.len()).then_some(kept);
     Ok((stats, kept))
 }
