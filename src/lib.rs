@@ -18,6 +18,7 @@ pub mod export;
 pub mod formats;
 pub mod inspect;
 pub mod linalg;
+pub mod lock;
 pub mod model;
 pub mod passes;
 pub mod pipeline;

@@ -494,6 +494,29 @@ pub fn write_checksums(dir: &Path) -> Result<()> {
     std::fs::write(&p, out).with_context(|| format!("cannot write {} (disk full?)", p.display()))
 }
 
+/// The report of an output a run of `p` already finished (`--resume` after a kill that came
+/// between publishing the output and exiting). It must be intact (`compress verify`) and be
+/// this pipeline's; otherwise the usual "already exists" refusal, with the reason.
+fn finished_output(output: &Path, p: &Pipeline) -> Result<Report> {
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "output {} already exists and {why} (pass --overwrite to replace it)",
+            output.display()
+        )
+    };
+    crate::verify::verify(output).map_err(|e| refuse(format!("is not intact: {e:#}")))?;
+    let report = Report::from_file(&output.join("report.json"))
+        .map_err(|e| refuse(format!("has no readable report: {e:#}")))?;
+    if report.pipeline != serde_json::to_value(p)? {
+        return Err(refuse("was written by another pipeline".into()));
+    }
+    info!(
+        "{} is already complete (an earlier run finished it): nothing to resume",
+        output.display()
+    );
+    Ok(report)
+}
+
 /// Run a pipeline end to end: compress into a work folder, evaluate the written artifact,
 /// write the report, then rename the folder into place.
 pub fn run_pipeline(pipeline_path: &Path, opts: &RunOptions) -> Result<Report> {
@@ -531,9 +554,22 @@ pub fn run_pipeline_with(
     }
     ckpt.validate_dense()?;
     let output = p.output.clone();
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    // One run per output at a time: a duplicate job (a retried batch step, say) must not discard
+    // or interleave with the work folder of a live run. The lock goes with the process, so a
+    // crashed run never leaves it held (one being killed is waited for: see `lock`).
+    let _lock = crate::lock::lock_output(&output)?;
+    let work = crate::util::work_dir_for(&output);
     if output.exists() {
         if opts.overwrite {
             info!("removing existing output {}", output.display());
+        } else if opts.resume && !work.exists() {
+            // killed between publishing the output and exiting: the run is complete, and a
+            // retried `--resume` has nothing left to do
+            return finished_output(&output, &p);
         } else {
             bail!(
                 "output {} already exists (pass --overwrite to replace it)",
@@ -541,14 +577,6 @@ pub fn run_pipeline_with(
             );
         }
     }
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    // One run per output at a time: a duplicate job (a retried batch step, say) must not discard
-    // or interleave with the work folder of a live run. The lock goes with the process, so a
-    // crashed run never leaves it held.
-    let _lock = crate::util::lock_output(&output)?;
     let work = crate::util::work_dir_for(&output);
     let mut fingerprint = crate::resume::Fingerprint::of(&p, &ckpt)?;
     if !extra.is_empty() {

@@ -64,34 +64,6 @@ pub fn eval_resident_limit() -> u64 {
     total_memory_bytes().map(|m| m / 4).unwrap_or(4 << 30)
 }
 
-/// Take the exclusive lock of `output` (the file `.NAME.lock` beside it, kept), or fail at once
-/// naming it when another process holds it.
-pub fn lock_output(output: &Path) -> anyhow::Result<std::fs::File> {
-    use anyhow::Context;
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "output".into());
-    let path = output.with_file_name(format!(".{name}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot create lock file {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another compress run is writing {} (it holds {}); wait for it or stop it",
-            output.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
-    }
-}
-
 /// The sibling work folder an output is built in before it is renamed into place.
 pub fn work_dir_for(output: &Path) -> PathBuf {
     let name = output
