@@ -25,6 +25,12 @@ pub enum DType {
     BF16,
     F32,
     F64,
+    /// OCP FP8 E4M3 ("float8_e4m3fn"): FP8 weights and NVFP4's scales.
+    F8E4M3,
+    /// OCP FP8 E5M2.
+    F8E5M2,
+    /// E8M0 power-of-two scales (safetensors 0.6's `F8_E8M0`).
+    F8E8M0,
 }
 
 impl DType {
@@ -40,6 +46,9 @@ impl DType {
             "BF16" => DType::BF16,
             "F32" => DType::F32,
             "F64" => DType::F64,
+            "F8_E4M3" => DType::F8E4M3,
+            "F8_E5M2" => DType::F8E5M2,
+            "F8_E8M0" => DType::F8E8M0,
             _ => return None,
         })
     }
@@ -55,18 +64,34 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F32 => "F32",
             DType::F64 => "F64",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::F8E5M2 => "F8_E5M2",
+            DType::F8E8M0 => "F8_E8M0",
         }
     }
     pub fn size(&self) -> usize {
         match self {
             DType::Bool | DType::U8 | DType::I8 => 1,
+            DType::F8E4M3 | DType::F8E5M2 | DType::F8E8M0 => 1,
             DType::I16 | DType::F16 | DType::BF16 => 2,
             DType::I32 | DType::F32 => 4,
             DType::I64 | DType::F64 => 8,
         }
     }
+    /// A dense floating-point dtype (the 8-bit float codes are not: they need their scales).
     pub fn is_float(&self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+
+    /// The small float format of an 8-bit float dtype.
+    pub fn float8(&self) -> Option<crate::quant::number::FloatFormat> {
+        use crate::quant::number::FloatFormat;
+        match self {
+            DType::F8E4M3 => Some(FloatFormat::E4M3),
+            DType::F8E5M2 => Some(FloatFormat::E5M2),
+            DType::F8E8M0 => Some(FloatFormat::E8M0),
+            _ => None,
+        }
     }
 }
 
@@ -305,7 +330,10 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
                 f64::from_le_bytes(a) as f32
             })
             .collect(),
-        _ => return None,
+        d => match d.float8() {
+            Some(f) => bytes.iter().map(|b| f.decode(*b)).collect(),
+            None => return None,
+        },
     })
 }
 
@@ -322,6 +350,10 @@ pub fn from_f32(dtype: DType, v: &[f32]) -> Vec<u8> {
         DType::F64 => v
             .iter()
             .for_each(|x| out.extend_from_slice(&(*x as f64).to_le_bytes())),
+        d if d.float8().is_some() => {
+            let f = d.float8().expect("an 8-bit float");
+            out.extend(v.iter().map(|x| f.encode(*x)))
+        }
         _ => v
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),

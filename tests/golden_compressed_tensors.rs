@@ -219,3 +219,78 @@ fn rtn_w8a8_pipeline_writes_the_golden_checkpoint() {
         );
     }
 }
+
+/// The FP8 number format against compressed-tensors' own FP8_DYNAMIC checkpoint: its
+/// `F8_E4M3` tensors read through the safetensors layer, and every code re-derived from the
+/// reference model's bf16 weights as compressed-tensors computes it — per output channel
+/// scale = bf16(max|w| / 448), code = E4M3(bf16(w / scale)), round to nearest even — byte for
+/// byte, scales included. (The float schemes themselves are issue #39; this pins the number
+/// format they will use.)
+#[test]
+fn fp8_e4m3_codes_match_compressed_tensors() {
+    use compress::quant::number::FloatFormat;
+    let dir = shared().join("golden/compressed_tensors/ref-llama-9m-rtn-fp8-dynamic");
+    let golden = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    let model =
+        SafetensorsFile::open(&shared().join("models/ref-llama-9m/model.safetensors")).unwrap();
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let e4m3 = FloatFormat::E4M3;
+    let (mut n, mut bad_codes, mut bad_scales) = (0usize, Vec::new(), Vec::new());
+    for l in 0.. {
+        let q = format!("model.layers.{l}.self_attn.q_proj.weight");
+        if !model.tensors.contains_key(&q) {
+            break;
+        }
+        for lin in LINEARS {
+            let prefix = format!("model.layers.{l}.{lin}");
+            let info = &model.tensors[&format!("{prefix}.weight")];
+            let (rows, cols) = (info.shape[0], info.shape[1]);
+            let w = to_f32(info.dtype, model.bytes(info)).unwrap();
+            let gw = &golden.tensors[&format!("{prefix}.weight")];
+            let gs = &golden.tensors[&format!("{prefix}.weight_scale")];
+            assert_eq!(gw.dtype, DType::F8E4M3, "{prefix}.weight");
+            assert_eq!(gw.dtype.name(), "F8_E4M3");
+            assert_eq!(gw.shape, vec![rows, cols]);
+            assert_eq!((gs.dtype, gs.shape.clone()), (DType::BF16, vec![rows, 1]));
+            let codes = golden.bytes(gw);
+            let scales = to_f32(DType::BF16, golden.bytes(gs)).unwrap();
+            // the safetensors layer decodes the codes as the format does
+            let decoded = to_f32(DType::F8E4M3, codes).unwrap();
+            for (c, v) in codes.iter().zip(&decoded) {
+                assert_eq!(v.to_bits(), e4m3.decode(*c).to_bits());
+            }
+            for r in 0..rows {
+                let row = &w[r * cols..(r + 1) * cols];
+                let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let s = bf16(amax / 448.0);
+                if s.to_bits() != scales[r].to_bits() {
+                    bad_scales.push(format!("{prefix} row {r}: {s} vs {}", scales[r]));
+                }
+                for (c, x) in row.iter().enumerate() {
+                    n += 1;
+                    let ours = e4m3.encode(bf16(x / scales[r]));
+                    if ours != codes[r * cols + c] {
+                        bad_codes.push(format!(
+                            "{prefix}[{r},{c}]: {x} / {} → {ours:#04x}, golden {:#04x}",
+                            scales[r],
+                            codes[r * cols + c]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(n > 1_000_000, "{n} weights");
+    assert!(
+        bad_scales.is_empty(),
+        "{} scales differ: {:?}",
+        bad_scales.len(),
+        &bad_scales[..bad_scales.len().min(5)]
+    );
+    assert!(
+        bad_codes.is_empty(),
+        "{} of {n} codes differ: {:?}",
+        bad_codes.len(),
+        &bad_codes[..bad_codes.len().min(5)]
+    );
+}

@@ -20,6 +20,7 @@
 //! Pure functions only: no I/O, no file formats (those live in `export`).
 
 pub mod ggml;
+pub mod number;
 
 use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
