@@ -87,6 +87,37 @@ pub struct LinearRecord {
     pub notes: BTreeMap<String, serde_json::Value>,
 }
 
+impl LinearRecord {
+    /// The record of `linear` of `layer` by `pass`, timed from `started`; errors, loss and notes
+    /// are added with the builder methods.
+    pub fn new(layer: usize, linear: &str, pass: &str, started: std::time::Instant) -> Self {
+        LinearRecord {
+            layer,
+            linear: linear.to_string(),
+            pass: pass.to_string(),
+            rel_output_error: None,
+            loss: None,
+            seconds: started.elapsed().as_secs_f64(),
+            notes: BTreeMap::new(),
+        }
+    }
+
+    pub fn error(mut self, rel_output_error: f64) -> Self {
+        self.rel_output_error = Some(rel_output_error);
+        self
+    }
+
+    pub fn loss(mut self, loss: f64) -> Self {
+        self.loss = Some(loss);
+        self
+    }
+
+    pub fn notes(mut self, notes: BTreeMap<String, serde_json::Value>) -> Self {
+        self.notes = notes;
+        self
+    }
+}
+
 /// What a pass keeps from one layer to the next (a running statistic, a budget left), as the
 /// engine holds it: one per pass, in pipeline order. A pass reads its own with
 /// [`LayerCtx::state`] and replaces it with [`LayerCtx::set_state`]; a layer whose passes fail
@@ -410,6 +441,16 @@ impl<'a> LayerCtx<'a> {
     pub fn warn(&mut self, msg: String) {
         crate::info!("warning: {msg}");
         self.warnings.push(msg);
+    }
+
+    /// The warning of a Hessian method whose Cholesky factorization needed more dampening than
+    /// asked (GPTQ's step-up policy: ×10 until it succeeds), so the report says so.
+    pub fn warn_damp(&mut self, module: &str, asked: f64, used: f64) {
+        if used != asked {
+            self.warn(format!(
+                "{module}: Cholesky failed with damp {asked}, succeeded with damp {used}"
+            ));
+        }
     }
 }
 

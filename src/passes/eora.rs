@@ -198,15 +198,12 @@ impl Pass for Eora {
                         c.damp
                     ));
                 }
-                ctx.records.push(LinearRecord {
-                    layer: ctx.index(),
-                    linear: name.to_string(),
-                    pass: "eora".into(),
-                    rel_output_error: Some(rel),
-                    loss: Some(c.loss_after),
-                    seconds: t.elapsed().as_secs_f64(),
-                    notes,
-                });
+                ctx.records.push(
+                    LinearRecord::new(ctx.index(), name, "eora", t)
+                        .error(rel)
+                        .loss(c.loss_after)
+                        .notes(notes),
+                );
             }
             ctx.invalidate();
         }

@@ -664,12 +664,7 @@ impl Pass for Gptq {
                     let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
                     (num / den.max(1e-30)).sqrt()
                 });
-                if r.damp != self.spec.damp {
-                    ctx.warn(format!(
-                        "{module}: Cholesky failed with damp {}, succeeded with damp {}",
-                        self.spec.damp, r.damp
-                    ));
-                }
+                ctx.warn_damp(&module, self.spec.damp, r.damp);
                 r.quant.true_sequential = self.spec.true_sequential;
                 let lin = ctx.layer.linears.get_mut(name).expect("linear present");
                 lin.set_quantized(r.quant)
@@ -681,15 +676,12 @@ impl Pass for Gptq {
                     notes.insert("target".into(), json!("teacher"));
                     notes.insert("target_shift".into(), json!(shift));
                 }
-                ctx.records.push(LinearRecord {
-                    layer: ctx.index(),
-                    linear: name.to_string(),
-                    pass: "gptq".into(),
-                    rel_output_error: Some(rel),
-                    loss: Some(r.loss),
-                    seconds: t.elapsed().as_secs_f64(),
-                    notes,
-                });
+                ctx.records.push(
+                    LinearRecord::new(ctx.index(), name, "gptq", t)
+                        .error(rel)
+                        .loss(r.loss)
+                        .notes(notes),
+                );
             }
         }
         Ok(())

@@ -500,34 +500,28 @@ impl Pass for GptqGgml {
             } else {
                 0.0
             };
-            if r.damp != self.spec.damp {
-                ctx.warn(format!(
-                    "{module}: Cholesky failed with damp {}, succeeded with damp {}",
-                    self.spec.damp, r.damp
-                ));
-            }
+            ctx.warn_damp(&module, self.spec.damp, r.damp);
             let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
             lin.set_weight(r.dequant)?;
             lin.set_ggml(GgmlCodes { ty, bytes: r.bytes })
                 .with_context(|| module.clone())?;
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "gptq_ggml".into(),
-                rel_output_error: Some(rel),
-                loss: Some(r.loss),
-                seconds: t.elapsed().as_secs_f64(),
-                notes: [
-                    ("type".to_string(), json!(ty.name())),
-                    ("damp".to_string(), json!(r.damp)),
-                    ("order".to_string(), json!(format!("{:?}", self.order()))),
-                    (
-                        "kept".to_string(),
-                        json!(if r.swept { "sweep" } else { "rounding" }),
+            ctx.records.push(
+                LinearRecord::new(ctx.index(), name, "gptq_ggml", t)
+                    .error(rel)
+                    .loss(r.loss)
+                    .notes(
+                        [
+                            ("type".to_string(), json!(ty.name())),
+                            ("damp".to_string(), json!(r.damp)),
+                            ("order".to_string(), json!(format!("{:?}", self.order()))),
+                            (
+                                "kept".to_string(),
+                                json!(if r.swept { "sweep" } else { "rounding" }),
+                            ),
+                        ]
+                        .into(),
                     ),
-                ]
-                .into(),
-            });
+            );
         }
         Ok(())
     }

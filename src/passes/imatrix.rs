@@ -19,6 +19,13 @@ use std::time::Instant;
 #[serde(deny_unknown_fields)]
 pub struct ImatrixSpec {}
 
+impl ImatrixSpec {
+    /// No fields to check.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Imatrix;
 
 impl Pass for Imatrix {
@@ -47,15 +54,8 @@ impl Pass for Imatrix {
                 .expect("all linears present")
                 .set_importance(imp)
                 .with_context(|| module.clone())?;
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "imatrix".into(),
-                rel_output_error: None,
-                loss: None,
-                seconds: t.elapsed().as_secs_f64(),
-                notes: Default::default(),
-            });
+            ctx.records
+                .push(LinearRecord::new(ctx.index(), name, "imatrix", t));
         }
         Ok(())
     }

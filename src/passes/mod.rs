@@ -25,89 +25,112 @@ use crate::quant::{Observer, QuantArgs, Strategy};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// One entry of `passes:` in the pipeline YAML.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum PassSpec {
+/// Every method once: its YAML key, its spec (the pass's own file defines the fields and their
+/// `validate`), whether it reads calibration data, and the pass it builds. Adding a method is
+/// one line here and its file.
+macro_rules! methods {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident($spec:ty) = $key:literal, calibration: $cal:expr, build: $build:expr;
+    )*) => {
+        /// One entry of `passes:` in the pipeline YAML.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub enum PassSpec {
+            $( $(#[$doc])* #[serde(rename = $key)] $variant($spec), )*
+        }
+
+        impl PassSpec {
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( PassSpec::$variant(_) => $key, )*
+                }
+            }
+
+            /// The spec's own field checks.
+            pub fn validate(&self) -> Result<()> {
+                match self {
+                    $( PassSpec::$variant(s) => s.validate(), )*
+                }
+            }
+
+            /// Whether the pass needs the calibration set (statistics, or a whole-model scan).
+            pub fn needs_calibration(&self) -> bool {
+                match self {
+                    $( PassSpec::$variant(s) => {
+                        let f: fn(&$spec) -> bool = $cal;
+                        f(s)
+                    } )*
+                }
+            }
+
+            pub fn build(&self) -> Result<Box<dyn Pass>> {
+                Ok(match self {
+                    $( PassSpec::$variant(s) => {
+                        let f: fn(&$spec) -> Result<Box<dyn Pass>> = $build;
+                        f(s)?
+                    } )*
+                })
+            }
+        }
+    };
+}
+
+/// `calibration:` of a method that always reads calibration statistics.
+fn always<T>(_: &T) -> bool {
+    true
+}
+
+/// `calibration:` of a data-free method.
+fn never<T>(_: &T) -> bool {
+    false
+}
+
+/// `build:` of a pass constructed from its spec by `new`.
+macro_rules! boxed {
+    ($new:path) => {
+        |s| Ok(Box::new($new(s)?))
+    };
+}
+
+methods! {
     /// Round-to-nearest weight quantization (no calibration).
-    Rtn(rtn::RtnSpec),
+    Rtn(rtn::RtnSpec) = "rtn", calibration: never, build: boxed!(rtn::Rtn::new);
     /// Importance matrix (mean x² per input column) for the GGUF exporter's weighted rounding.
-    Imatrix(imatrix::ImatrixSpec),
+    Imatrix(imatrix::ImatrixSpec) = "imatrix", calibration: always,
+        build: |_| Ok(Box::new(imatrix::Imatrix));
     /// GPTQ (Frantar et al. 2022).
-    Gptq(gptq::GptqSpec),
+    Gptq(gptq::GptqSpec) = "gptq", calibration: always, build: boxed!(gptq::Gptq::new);
     /// GPTQ onto the ggml block types of a GGUF export (llama.cpp's grids).
-    #[serde(rename = "gptq_ggml")]
-    GptqGgml(gptq_ggml::GptqGgmlSpec),
+    GptqGgml(gptq_ggml::GptqGgmlSpec) = "gptq_ggml", calibration: always,
+        build: boxed!(gptq_ggml::GptqGgml::new);
     /// AWQ scale (and clip) search (Lin et al. 2024); a quantizer follows it.
-    Awq(awq::AwqSpec),
+    Awq(awq::AwqSpec) = "awq", calibration: always, build: boxed!(awq::Awq::new);
     /// SmoothQuant scale migration (Xiao et al. 2023); a W8A8 quantizer follows it.
-    SmoothQuant(smoothquant::SmoothQuantSpec),
-    /// Magnitude pruning (no calibration).
-    Magnitude(prune::PruneSpec),
+    SmoothQuant(smoothquant::SmoothQuantSpec) = "smoothquant", calibration: always,
+        build: boxed!(smoothquant::SmoothQuant::new);
+    /// Magnitude pruning (calibration only for OWL's outlier scan).
+    Magnitude(prune::PruneSpec) = "magnitude",
+        calibration: |s| s.allocation == prune::Allocation::Owl,
+        build: boxed!(magnitude::Magnitude::new);
     /// Wanda pruning (Sun et al. 2024).
-    Wanda(prune::PruneSpec),
+    Wanda(prune::PruneSpec) = "wanda", calibration: always, build: boxed!(wanda::Wanda::new);
     /// SparseGPT pruning, optionally joint with quantization (Frantar & Alistarh 2023).
-    SparseGpt(sparsegpt::SparseGptSpec),
+    SparseGpt(sparsegpt::SparseGptSpec) = "sparsegpt", calibration: always,
+        build: boxed!(sparsegpt::SparseGpt::new);
     /// Truncated SVD into two factors (no calibration).
-    Svd(svd::SvdSpec),
+    Svd(svd::SvdSpec) = "svd", calibration: never, build: boxed!(svd::Svd::new);
     /// SVD-LLM, truncation-aware whitened SVD (Wang et al. 2025).
-    #[serde(rename = "svd_llm")]
-    SvdLlm(svd_llm::SvdLlmSpec),
+    SvdLlm(svd_llm::SvdLlmSpec) = "svd_llm", calibration: always,
+        build: boxed!(svd_llm::SvdLlm::new);
     /// Block-wise distillation of the compressed layer onto the dense one (after the
     /// compressing passes): tunes norms, scales, zero points, factors, biases with Adam.
-    Kd(kd::KdSpec),
+    Kd(kd::KdSpec) = "kd", calibration: always, build: boxed!(kd::Kd::new);
     /// EoRA compensation adapter for the error of the pass before it (Liu et al. 2024).
-    Eora(eora::EoraSpec),
+    Eora(eora::EoraSpec) = "eora", calibration: always, build: boxed!(eora::Eora::new);
 }
 
 impl PassSpec {
-    pub fn name(&self) -> &'static str {
-        match self {
-            PassSpec::Rtn(_) => "rtn",
-            PassSpec::Imatrix(_) => "imatrix",
-            PassSpec::Gptq(_) => "gptq",
-            PassSpec::GptqGgml(_) => "gptq_ggml",
-            PassSpec::Awq(_) => "awq",
-            PassSpec::SmoothQuant(_) => "smoothquant",
-            PassSpec::Magnitude(_) => "magnitude",
-            PassSpec::Wanda(_) => "wanda",
-            PassSpec::SparseGpt(_) => "sparsegpt",
-            PassSpec::Svd(_) => "svd",
-            PassSpec::SvdLlm(_) => "svd_llm",
-            PassSpec::Kd(_) => "kd",
-            PassSpec::Eora(_) => "eora",
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        match self {
-            PassSpec::Rtn(s) => {
-                s.scheme.act_quant()?;
-                s.scheme.args()?.validate()
-            }
-            PassSpec::Gptq(s) => s.validate(),
-            PassSpec::GptqGgml(s) => s.validate(),
-            PassSpec::Imatrix(_) => Ok(()),
-            PassSpec::Magnitude(s) | PassSpec::Wanda(s) => s.validate(),
-            PassSpec::SparseGpt(s) => s.validate(),
-            PassSpec::Awq(s) => s.validate(),
-            PassSpec::SmoothQuant(s) => s.validate(),
-            PassSpec::Svd(s) => s.validate(),
-            PassSpec::SvdLlm(s) => s.validate(),
-            PassSpec::Kd(s) => s.validate(),
-            PassSpec::Eora(s) => s.validate(),
-        }
-    }
-
-    pub fn needs_calibration(&self) -> bool {
-        match self {
-            // magnitude needs the calibration set only for OWL's scan
-            PassSpec::Magnitude(s) => s.allocation == prune::Allocation::Owl,
-            PassSpec::Rtn(_) | PassSpec::Svd(_) => false,
-            _ => true,
-        }
-    }
-
     /// The pruning fields of a pruning pass (magnitude, Wanda, SparseGPT).
     pub fn prune_spec_mut(&mut self) -> Option<&mut prune::PruneSpec> {
         match self {
@@ -115,24 +138,6 @@ impl PassSpec {
             PassSpec::SparseGpt(s) => Some(&mut s.prune),
             _ => None,
         }
-    }
-
-    pub fn build(&self) -> Result<Box<dyn Pass>> {
-        Ok(match self {
-            PassSpec::Rtn(s) => Box::new(rtn::Rtn::new(s)?),
-            PassSpec::Imatrix(_) => Box::new(imatrix::Imatrix),
-            PassSpec::Gptq(s) => Box::new(gptq::Gptq::new(s)?),
-            PassSpec::GptqGgml(s) => Box::new(gptq_ggml::GptqGgml::new(s)?),
-            PassSpec::Awq(s) => Box::new(awq::Awq::new(s)?),
-            PassSpec::SmoothQuant(s) => Box::new(smoothquant::SmoothQuant::new(s)?),
-            PassSpec::Magnitude(s) => Box::new(magnitude::Magnitude::new(s)?),
-            PassSpec::Wanda(s) => Box::new(wanda::Wanda::new(s)?),
-            PassSpec::SparseGpt(s) => Box::new(sparsegpt::SparseGpt::new(s)?),
-            PassSpec::Svd(s) => Box::new(svd::Svd::new(s)?),
-            PassSpec::SvdLlm(s) => Box::new(svd_llm::SvdLlm::new(s)?),
-            PassSpec::Kd(s) => Box::new(kd::Kd::new(s)?),
-            PassSpec::Eora(s) => Box::new(eora::Eora::new(s)?),
-        })
     }
 }
 

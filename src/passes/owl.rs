@@ -121,15 +121,10 @@ impl Pass for OwlScan {
         }
         let refs: Vec<&[f32]> = all.iter().map(|v| v.as_slice()).collect();
         let d = outlier_ratio(&refs, self.m);
-        ctx.records.push(LinearRecord {
-            layer: ctx.index(),
-            linear: "*".into(),
-            pass: "owl-scan".into(),
-            rel_output_error: None,
-            loss: None,
-            seconds: t.elapsed().as_secs_f64(),
-            notes: [("outlier_ratio".to_string(), json!(d))].into(),
-        });
+        ctx.records.push(
+            LinearRecord::new(ctx.index(), "*", "owl-scan", t)
+                .notes([("outlier_ratio".to_string(), json!(d))].into()),
+        );
         Ok(())
     }
 }

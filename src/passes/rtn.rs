@@ -24,6 +24,13 @@ pub struct Rtn {
     select: super::select::Selector,
 }
 
+impl RtnSpec {
+    pub fn validate(&self) -> Result<()> {
+        self.scheme.act_quant()?;
+        self.scheme.args()?.validate()
+    }
+}
+
 impl Rtn {
     pub fn new(spec: &RtnSpec) -> Result<Self> {
         Ok(Rtn {
@@ -61,15 +68,8 @@ impl Pass for Rtn {
             lin.set_quantized(q)
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_act_quant(self.act);
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "rtn".into(),
-                rel_output_error: None,
-                loss: None,
-                seconds: t.elapsed().as_secs_f64(),
-                notes: Default::default(),
-            });
+            ctx.records
+                .push(LinearRecord::new(ctx.index(), name, "rtn", t));
         }
         Ok(())
     }

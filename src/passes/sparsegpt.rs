@@ -336,12 +336,7 @@ impl Pass for SparseGpt {
                 joint,
             )
             .with_context(|| module.clone())?;
-            if r.damp != self.spec.damp {
-                ctx.warn(format!(
-                    "{module}: Cholesky failed with damp {}, succeeded with damp {}",
-                    self.spec.damp, r.damp
-                ));
-            }
+            ctx.warn_damp(&module, self.spec.damp, r.damp);
             let sparsity = r.mask.sparsity();
             let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
             let before = lin.weight().clone();
@@ -356,15 +351,12 @@ impl Pass for SparseGpt {
             notes.insert("sparsity".into(), json!(sparsity));
             notes.insert("damp".into(), json!(r.damp));
             notes.extend(self.spec.prune.notes_at(ctx.index()));
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "sparsegpt".into(),
-                rel_output_error: Some(rel),
-                loss: Some(r.loss),
-                seconds: t.elapsed().as_secs_f64(),
-                notes,
-            });
+            ctx.records.push(
+                LinearRecord::new(ctx.index(), name, "sparsegpt", t)
+                    .error(rel)
+                    .loss(r.loss)
+                    .notes(notes),
+            );
         }
         Ok(())
     }

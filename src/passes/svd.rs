@@ -186,15 +186,11 @@ impl Pass for Svd {
             let (u, v) = lr.factors(lin.dtype);
             lin.set_factored(u, v).with_context(|| module.clone())?;
             let removed = params_removed(m, n, r);
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "svd".into(),
-                rel_output_error: None,
-                loss: Some(lr.loss),
-                seconds: t.elapsed().as_secs_f64(),
-                notes: rank_notes(m, n, r),
-            });
+            ctx.records.push(
+                LinearRecord::new(ctx.index(), name, "svd", t)
+                    .loss(lr.loss)
+                    .notes(rank_notes(m, n, r)),
+            );
             if removed <= 0 {
                 ctx.warn(format!(
                     "{module}: rank {r} factors hold {} parameters, not fewer than the {m}×{n} matrix",
