@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod linalg;
 pub mod lock;
 pub mod model;
+pub mod number;
 pub mod passes;
 pub mod pipeline;
 pub mod progress;

@@ -84,8 +84,8 @@ impl DType {
     }
 
     /// The small float format of an 8-bit float dtype.
-    pub fn float8(&self) -> Option<crate::quant::number::FloatFormat> {
-        use crate::quant::number::FloatFormat;
+    pub fn float8(&self) -> Option<crate::number::FloatFormat> {
+        use crate::number::FloatFormat;
         match self {
             DType::F8E4M3 => Some(FloatFormat::E4M3),
             DType::F8E5M2 => Some(FloatFormat::E5M2),

@@ -228,7 +228,7 @@ fn rtn_w8a8_pipeline_writes_the_golden_checkpoint() {
 /// format they will use.)
 #[test]
 fn fp8_e4m3_codes_match_compressed_tensors() {
-    use compress::quant::number::FloatFormat;
+    use compress::number::FloatFormat;
     let dir = shared().join("golden/compressed_tensors/ref-llama-9m-rtn-fp8-dynamic");
     let golden = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
     let model =

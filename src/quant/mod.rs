@@ -20,7 +20,6 @@
 //! Pure functions only: no I/O, no file formats (those live in `export`).
 
 pub mod ggml;
-pub mod number;
 
 use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
