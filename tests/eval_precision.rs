@@ -173,8 +173,10 @@ fn bf16_eval_of_quantized_checkpoints_reads_the_codes() {
             // f32 + bf16 (6 bytes a weight)
             assert!(db * 8 < da, "{name}: {db} vs {da}");
         } else {
-            // the fallback keeps the rounded f32 weight, without the f32 original
-            assert!(db * 2 <= da, "{name}: {db} vs {da}");
+            // without AVX512-BF16 the fallback keeps one f32 copy (the bf16-rounded weight) and
+            // the per-group parameters, against two f32 copies (original and rounded): about
+            // half (0.51 for W4 g64 with offsets), never the whole
+            assert!(db * 20 <= da * 11, "{name}: {db} vs {da}");
         }
     }
 }
