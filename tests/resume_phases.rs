@@ -503,17 +503,32 @@ fn stress_random_kills_under_contention() {
     let wall = t0.elapsed().as_secs_f64();
     let (mut kills, mut chains, mut at_once) = (0usize, 0usize, 0usize);
     let mut hit = std::collections::BTreeMap::<String, usize>::new();
+    let err_file = s.dir.join("stderr.txt");
     while kills < want {
         let out = s.dir.join(format!("c{chains}"));
         let p = pipeline(&s, &out);
         let mut resume_next = false;
-        loop {
-            let mut child = start(&p, resume_next);
-            let span = if resume_next { 0.7 } else { 1.2 };
-            let after = Duration::from_secs_f64(rng.gen_range(0.0..wall * span));
+        // killed processes not yet reaped: their retry was started at once
+        let mut dying: Vec<std::process::Child> = Vec::new();
+        for k in 0.. {
+            let mut cmd = Command::new(common::bin());
+            cmd.arg(&p).args(["--quiet", "--no-cache"]);
+            if resume_next {
+                cmd.arg("--resume");
+            }
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&err_file).unwrap())
+                .spawn()
+                .unwrap();
+            // up to 8 kills a chain; the last run finishes
+            let after = (k < 8 && kills < want).then(|| {
+                let span = if resume_next { 0.7 } else { 1.2 };
+                Duration::from_secs_f64(rng.gen_range(0.0..wall * span))
+            });
             let t = Instant::now();
             let mut finished = None;
-            while t.elapsed() < after {
+            while after.is_none_or(|a| t.elapsed() < a) {
                 if let Some(st) = child.try_wait().unwrap() {
                     finished = Some(st);
                     break;
@@ -521,40 +536,33 @@ fn stress_random_kills_under_contention() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             if let Some(st) = finished {
-                assert!(st.success(), "chain {chains}: a run exited with {st}");
-                break;
-            }
-            child.kill().unwrap();
-            kills += 1;
-            if rng.gen_bool(0.5) {
-                child.wait().unwrap();
-                *hit.entry(phase(&out)).or_default() += 1;
-            } else {
-                // the retry starts while the killed process may still be exiting
-                at_once += 1;
-                let st = phase(&out);
-                let o = Command::new(common::bin())
-                    .arg(&p)
-                    .args(["--quiet", "--no-cache", "--resume"])
-                    .output()
-                    .unwrap();
-                child.wait().unwrap();
-                *hit.entry(st.clone()).or_default() += 1;
                 assert!(
-                    o.status.success(),
-                    "chain {chains}: resume at once after a kill in {st}: {}",
-                    String::from_utf8_lossy(&o.stderr)
+                    st.success(),
+                    "chain {chains}, run {k} ({}): exited with {st}: {}",
+                    if resume_next { "--resume" } else { "fresh" },
+                    std::fs::read_to_string(&err_file).unwrap_or_default()
                 );
                 break;
             }
-            resume_next = true;
-            if kills >= want {
-                break;
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+            if rng.gen_bool(0.5) {
+                child.wait().unwrap();
+                for mut d in dying.drain(..) {
+                    d.wait().unwrap();
+                }
+            } else {
+                // the retry starts while the killed process may still be exiting
+                at_once += 1;
+                dying.push(child);
             }
+            *hit.entry(phase(&out)).or_default() += 1;
+            resume_next = true;
         }
-        if !out.exists() {
-            resume(&p);
+        for mut d in dying.drain(..) {
+            d.wait().unwrap();
         }
+        assert!(out.exists(), "chain {chains}: no output after the last run");
         assert_same(&full, &out, &format!("chain {chains}"));
         std::fs::remove_dir_all(&out).unwrap();
         chains += 1;
