@@ -1,4 +1,4 @@
-//! Teacher-targeted GPTQ (`gptq: {target: teacher}`, passes/gptaq.rs) through whole runs on the
+//! Teacher-targeted GPTQ (`gptq: {target: teacher}`, passes/gptq/gptaq.rs) through whole runs on the
 //! reference model: at the first layer both streams are the embeddings, so the asymmetric
 //! target is the weight itself and the codes equal plain GPTQ's byte for byte; from the second
 //! layer on the student has drifted and the target moves the weights; the run is deterministic;

@@ -219,3 +219,311 @@ fn top_level_modules_import_each_other_without_cycles() {
     }
     assert!(g.len() >= 15, "modules found: {:?}", g.keys());
 }
+
+// ---- circles inside a module: sibling files of one folder -------------------------------
+
+/// A module path from the crate root (`["model", "layer"]`).
+type ModPath = Vec<String>;
+
+/// The module path of a file under `src/` (None for the binaries).
+fn file_module(src: &Path, file: &Path) -> Option<ModPath> {
+    let rel = file.strip_prefix(src).unwrap();
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts.first().is_some_and(|p| p == "bin") {
+        return None;
+    }
+    let last = parts.pop()?;
+    match last.trim_end_matches(".rs") {
+        "mod" | "lib" | "main" => {}
+        name => parts.push(name.to_string()),
+    }
+    Some(parts)
+}
+
+/// Every path written with `crate::`, `$crate::`, `super::` or `self::` in `line`, made
+/// absolute from `at` (the module the line is in), groups `{a, b::c}` expanded.
+fn absolute_paths(line: &str, at: &[String]) -> Vec<ModPath> {
+    // segments of a path starting at `s`, expanding one `{...}` group recursively
+    fn expand(s: &str, prefix: &[String], out: &mut Vec<ModPath>) {
+        let mut segs = prefix.to_vec();
+        let mut rest = s;
+        loop {
+            if let Some(g) = rest.strip_prefix('{') {
+                // split the group's members at depth 0
+                let mut depth = 0;
+                let mut start = 0;
+                for (i, c) in g.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => {
+                            expand(g[start..i].trim(), &segs, out);
+                            return;
+                        }
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            expand(g[start..i].trim(), &segs, out);
+                            start = i + 1;
+                        }
+                        _ => {}
+                    }
+                }
+                return;
+            }
+            let id = ident(rest);
+            if id.is_empty() {
+                break;
+            }
+            segs.push(id.to_string());
+            rest = &rest[id.len()..];
+            match rest.strip_prefix("::") {
+                Some(r) => rest = r,
+                None => break,
+            }
+        }
+        if segs.len() > prefix.len() {
+            out.push(segs);
+        }
+    }
+    let mut out = Vec::new();
+    let bytes = line.as_bytes();
+    let mut i = 0;
+    while i < line.len() {
+        if !line.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
+        let rest = &line[i..];
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        let after_colons = i >= 2 && &bytes[i - 2..i] == b"::";
+        if !boundary || after_colons {
+            i += 1;
+            continue;
+        }
+        let (base, len): (ModPath, usize) = if rest.starts_with("crate::") {
+            (Vec::new(), "crate::".len())
+        } else if rest.starts_with("self::") {
+            (at.to_vec(), "self::".len())
+        } else if rest.starts_with("super::") {
+            let mut base = at.to_vec();
+            let mut len = 0;
+            while rest[len..].starts_with("super::") {
+                base.pop();
+                len += "super::".len();
+            }
+            (base, len)
+        } else {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+            continue;
+        };
+        expand(&rest[len..], &base, &mut out);
+        i += len;
+    }
+    out
+}
+
+struct Tree {
+    /// Every module: from files and inline `mod x {` blocks.
+    modules: BTreeSet<ModPath>,
+    /// Per module, what its `use` lines bring in by name (re-exports): name -> absolute path.
+    reexports: BTreeMap<ModPath, BTreeMap<String, ModPath>>,
+    /// (module a line is in, absolute path it names)
+    refs: Vec<(ModPath, ModPath)>,
+}
+
+fn tree(src: &Path) -> Tree {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    files.sort();
+    let mut t = Tree {
+        modules: BTreeSet::new(),
+        reexports: BTreeMap::new(),
+        refs: Vec::new(),
+    };
+    for f in &files {
+        let Some(module) = file_module(src, f) else {
+            continue;
+        };
+        t.modules.insert(module.clone());
+        // inline modules end at the first `}` at their own indentation (the code is rustfmt'd)
+        let mut stack: Vec<(String, usize)> = Vec::new();
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            let trimmed = line.trim_start();
+            let indent = line.len() - trimmed.len();
+            if let Some((_, at)) = stack.last() {
+                if trimmed == "}" && indent == *at {
+                    stack.pop();
+                    continue;
+                }
+            }
+            if trimmed.starts_with("//") {
+                continue;
+            }
+            let mut at = module.clone();
+            at.extend(stack.iter().map(|(n, _)| n.clone()));
+            let decl = trimmed
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub(super) ")
+                .trim_start_matches("pub ");
+            if let Some(m) = decl.strip_prefix("mod ") {
+                let name = ident(m).to_string();
+                let mut child = at.clone();
+                child.push(name.clone());
+                t.modules.insert(child);
+                if m[name.len()..].trim_start().starts_with('{') {
+                    stack.push((name, indent));
+                }
+                continue;
+            }
+            let paths = if let Some(u) = decl.strip_prefix("use ") {
+                // `use x::y` inside a module may start at a child (uniform paths)
+                let u = u.trim_end_matches(';');
+                let first = ident(u);
+                let mut child = at.clone();
+                child.push(first.to_string());
+                let mut ps = absolute_paths(u, &at);
+                if !matches!(first, "crate" | "self" | "super")
+                    && t.modules.contains(&child)
+                    && ps.is_empty()
+                {
+                    let mut v = Vec::new();
+                    let prefixed = format!("self::{u}");
+                    v.extend(absolute_paths(&prefixed, &at));
+                    ps = v;
+                }
+                let names = t.reexports.entry(at.clone()).or_default();
+                for p in &ps {
+                    if let Some(last) = p.last() {
+                        names.insert(last.clone(), p.clone());
+                    }
+                }
+                ps
+            } else {
+                absolute_paths(trimmed, &at)
+            };
+            for p in paths {
+                t.refs.push((at.clone(), p));
+            }
+        }
+    }
+    t
+}
+
+impl Tree {
+    /// `p` with re-exports followed (`crate::model::Site` -> `crate::model::arch::Site`).
+    fn resolve(&self, mut p: ModPath) -> ModPath {
+        for _ in 0..8 {
+            let mut changed = false;
+            for k in 0..p.len() {
+                let (head, name) = (&p[..k], &p[k]);
+                let child: ModPath = p[..=k].to_vec();
+                if self.modules.contains(&child) {
+                    continue;
+                }
+                if let Some(target) = self.reexports.get(head).and_then(|m| m.get(name)) {
+                    if target != &child {
+                        let mut q = target.clone();
+                        q.extend_from_slice(&p[k + 1..]);
+                        p = q;
+                        changed = true;
+                    }
+                }
+                break;
+            }
+            if !changed {
+                break;
+            }
+        }
+        p
+    }
+
+    /// Edges between sibling modules, per parent module (the root excluded: the test above).
+    fn sibling_graphs(&self) -> BTreeMap<ModPath, Graph> {
+        let mut out: BTreeMap<ModPath, Graph> = BTreeMap::new();
+        for (from, to) in &self.refs {
+            let to = self.resolve(to.clone());
+            let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+            if common == 0 || common >= from.len() || common >= to.len() {
+                continue;
+            }
+            let parent = from[..common].to_vec();
+            let (a, b) = (&from[common], &to[common]);
+            let mut bm = parent.clone();
+            bm.push(b.clone());
+            if !self.modules.contains(&bm) {
+                continue; // an item of the parent itself
+            }
+            out.entry(parent)
+                .or_default()
+                .entry(a.clone())
+                .or_default()
+                .insert(b.clone());
+        }
+        out
+    }
+}
+
+#[test]
+fn the_inner_reader_resolves_super_self_groups_and_reexports() {
+    let at: ModPath = vec!["model".into(), "packed_int".into(), "tests".into()];
+    assert_eq!(
+        absolute_paths("use super::super::bf16::{PackedBf16, x::Y};", &at),
+        vec![
+            vec!["model", "bf16", "PackedBf16"],
+            vec!["model", "bf16", "x", "Y"]
+        ]
+        .into_iter()
+        .map(|v| v.into_iter().map(String::from).collect::<ModPath>())
+        .collect::<Vec<_>>()
+    );
+    let p = absolute_paths("let a = crate::model::layer::f(self::g::h);", &at);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!(p[1][..3], ["model", "packed_int", "tests"]);
+    // the real tree: model's layer reads the checkpoint
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let t = tree(&src);
+    assert!(t
+        .modules
+        .contains(&vec!["model".to_string(), "layer".to_string()]));
+    let g = t.sibling_graphs();
+    let model = &g[&vec!["model".to_string()]];
+    assert!(
+        model["layer"].contains("checkpoint"),
+        "model's sibling graph: {model:?}"
+    );
+    // a re-export is followed to its module (`crate::model::Checkpoint` is checkpoint's)
+    assert_eq!(
+        t.resolve(vec!["model".into(), "Checkpoint".into()]),
+        vec![
+            "model".to_string(),
+            "checkpoint".into(),
+            "Checkpoint".into()
+        ]
+    );
+}
+
+#[test]
+fn sibling_files_inside_every_module_import_each_other_without_cycles() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let t = tree(&src);
+    let mut cycles = Vec::new();
+    for (parent, g) in t.sibling_graphs() {
+        for (m, deps) in &g {
+            println!(
+                "{}: {m} -> {}",
+                parent.join("::"),
+                deps.iter().cloned().collect::<Vec<_>>().join(" ")
+            );
+        }
+        if let Some(c) = find_cycle(&g) {
+            cycles.push(format!("in {}: {}", parent.join("::"), c.join(" -> ")));
+        }
+    }
+    assert!(
+        cycles.is_empty(),
+        "modules import each other in a cycle:\n{}",
+        cycles.join("\n")
+    );
+}

@@ -402,3 +402,17 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Read a dense tensor as f32, checking its shape.
+pub fn read_checked(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let (info, path) = ckpt.info(name)?;
+    if info.shape != shape {
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
+            path.display(),
+            info.shape,
+            shape
+        );
+    }
+    ckpt.f32(name)
+}

@@ -3,8 +3,7 @@
 //! and the report read back every format we write (the unpacking and the reading of the config
 //! block live with each format in `crate::formats`).
 
-use super::checkpoint::Checkpoint;
-use super::layer::read_checked;
+use super::checkpoint::{read_checked, Checkpoint};
 use crate::formats;
 use crate::quant::QuantizedLinear;
 use crate::safetensors_file::DType;

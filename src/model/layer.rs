@@ -1,6 +1,6 @@
 //! One decoder layer's weights on the host, as the passes see them.
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{read_checked, Checkpoint};
 use crate::safetensors_file::DType;
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
@@ -267,18 +267,4 @@ fn load_factored(
         })
     };
     Linear::factored(f(u, shape[0], r)?, f(v, r, shape[1])?, bias, dtype)
-}
-
-/// Read a dense tensor as f32, checking its shape.
-pub fn read_checked(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let (info, path) = ckpt.info(name)?;
-    if info.shape != shape {
-        bail!(
-            "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
-            path.display(),
-            info.shape,
-            shape
-        );
-    }
-    ckpt.f32(name)
 }

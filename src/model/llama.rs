@@ -4,9 +4,9 @@
 //! residual. Kernels are in `ops` (faer GEMM, rayon) and `attention`.
 
 use super::attention::causal_attention;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{read_checked, Checkpoint};
 use super::config::ModelConfig;
-use super::layer::{read_checked, LayerWeights, Site};
+use super::layer::{LayerWeights, Site};
 use super::ops;
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;

@@ -11,7 +11,7 @@ pub mod layer;
 pub mod linear;
 pub mod llama;
 pub mod ops;
-pub mod packed_int;
+pub use bf16::packed_int;
 
 pub use crate::safetensors_file::DType;
 pub use checkpoint::Checkpoint;

@@ -3,7 +3,6 @@
 
 pub mod awq;
 pub mod eora;
-pub mod gptaq;
 pub mod gptq;
 pub mod gptq_ggml;
 pub mod imatrix;

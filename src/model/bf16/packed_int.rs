@@ -1,10 +1,10 @@
 //! Integer-coded weights as the bf16 kernel's panels (`eval.precision: bf16` on a quantized
 //! linear): the weight stays in memory as its 4- or 8-bit codes plus per-group scales and
-//! offsets, and each [`super::bf16::NR`]-column panel is decoded into bf16 pairs one k-chunk
+//! offsets, and each [`super::NR`]-column panel is decoded into bf16 pairs one k-chunk
 //! at a time, into a buffer that lives in cache, right before the kernel multiplies it against
 //! a block of rows. Memory traffic and the resident weight fall with the bits (4-bit codes are
 //! a quarter of bf16 panels, an eighth of f32), and the decoded values are exactly the ones
-//! [`super::bf16::PackedBf16::pack`] would round from the dequantized f32 weight:
+//! [`super::PackedBf16::pack`] would round from the dequantized f32 weight:
 //!
 //! * dequantization is `(q − z)·s` in f32 ([`crate::quant::dequantize_value`]); here each code
 //!   is stored as u = q + o (o = 8 for nibbles, 128 for bytes) and the offset o + z is kept per
@@ -15,7 +15,7 @@
 //! So a bf16 evaluation of a quantized checkpoint gives the same numbers from its codes as
 //! from its dequantized weights (tested), with a fraction of the memory.
 
-use super::bf16::NR;
+use super::NR;
 use crate::quant::QuantizedLinear;
 use rayon::prelude::*;
 
@@ -106,7 +106,7 @@ impl IntPanels {
     }
 
     /// Decode pairs p0..p1 of panel `pi` into `buf` ((p1 − p0) × NR lanes, bf16 pairs as
-    /// [`super::bf16::PackedBf16`]'s panels hold them).
+    /// [`super::PackedBf16`]'s panels hold them).
     pub fn decode(&self, pi: usize, p0: usize, p1: usize, buf: &mut [u32]) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
@@ -175,12 +175,12 @@ impl IntPanels {
 
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
-    super::bf16::to_bf16(lo) as u32 | ((super::bf16::to_bf16(hi) as u32) << 16)
+    super::to_bf16(lo) as u32 | ((super::to_bf16(hi) as u32) << 16)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::bf16::PackedBf16;
+    use super::super::PackedBf16;
     use super::*;
     use crate::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
     use crate::safetensors_file::DType;
@@ -221,7 +221,7 @@ mod tests {
     /// channel-wise, and g_idx groups in activation order.
     #[test]
     fn int_panels_equal_the_bf16_panels_of_the_dequantized_weight() {
-        if !super::super::bf16::native() {
+        if !super::super::native() {
             eprintln!("skipped: this CPU has no AVX512-BF16, the integer panels are not used");
             return;
         }
@@ -275,7 +275,7 @@ mod tests {
                             (lane >> 16) as u16
                         };
                         let want = if c < k {
-                            super::super::bf16::to_bf16(dq[[j, c]])
+                            super::super::to_bf16(dq[[j, c]])
                         } else {
                             0
                         };

@@ -129,7 +129,7 @@ pub fn asymmetric_target(
 mod tests {
     use super::*;
     use crate::model::DType;
-    use crate::passes::gptq::gptq_quantize;
+    use crate::passes::gptq::gptq_quantize; // the parent: GPTQ with this target
     use crate::quant::{Observer, QuantArgs, Strategy};
     use rand::{Rng, SeedableRng};
 

@@ -13,6 +13,8 @@
 //! Rounding to bf16 is round-to-nearest-even (NaN stays NaN), as PyTorch's
 //! `to(torch.bfloat16)`.
 
+pub mod packed_int;
+
 use rayon::prelude::*;
 
 /// Output columns per packed panel (two 16-lane registers).
@@ -94,8 +96,8 @@ enum Source {
     /// Native path: per panel of NR columns, kp × NR lanes (w[j][2p] low, w[j][2p+1] high).
     Panels(Vec<u32>),
     /// Native path: integer codes decoded into such panels chunk by chunk
-    /// ([`super::packed_int`]).
-    Int(super::packed_int::IntPanels),
+    /// ([`packed_int`]).
+    Int(packed_int::IntPanels),
     /// Fallback path: the bf16-rounded weight as f32, [out, k].
     Rounded(Vec<f32>),
 }
@@ -149,7 +151,7 @@ impl PackedBf16 {
     }
 
     /// A quantized weight for the kernel: kept as its integer codes and decoded chunk by chunk
-    /// ([`super::packed_int`]) where the kernel runs; the same values as
+    /// ([`packed_int`]) where the kernel runs; the same values as
     /// [`PackedBf16::pack`] of its dequantization either way.
     pub fn pack_quantized(q: &crate::quant::QuantizedLinear) -> Self {
         Self::pack_quantized_for(q, native())
@@ -161,7 +163,7 @@ impl PackedBf16 {
             let (out, k) = w.dim();
             return Self::pack_for(w.as_slice().expect("standard layout"), out, k, false);
         }
-        let p = super::packed_int::IntPanels::new(q);
+        let p = packed_int::IntPanels::new(q);
         PackedBf16 {
             out: p.out,
             k: p.k,

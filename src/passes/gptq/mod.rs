@@ -16,7 +16,8 @@
 //! Every row's updates are independent of the other rows (U is shared), so rows run in
 //! parallel with rayon; results do not depend on the thread count.
 
-use super::gptaq::{asymmetric_target, Target};
+pub mod gptaq;
+
 use super::{sweep, Scheme};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
@@ -28,6 +29,7 @@ use crate::quant::{
     Strategy,
 };
 use anyhow::{bail, Context, Result};
+use gptaq::{asymmetric_target, Target};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -80,7 +82,7 @@ pub struct GptqSpec {
     #[serde(default)]
     pub act_bits: Option<u32>,
     /// `student` (GPTQ): reproduce each linear's own output on the compressed model's inputs;
-    /// `teacher` (GPTAQ, `passes/gptaq.rs`): reproduce the dense linear on the dense model's
+    /// `teacher` (GPTAQ, `passes/gptq/gptaq.rs`): reproduce the dense linear on the dense model's
     /// inputs, so each layer also corrects the error of the layers compressed before it.
     #[serde(default)]
     pub target: Target,
