@@ -8,7 +8,8 @@ use anyhow::Result;
 use compress::engine::stats::StatsRequest;
 use compress::engine::{LayerCtx, LayerSink, Pass};
 use compress::export::{Exporter, Format};
-use compress::model::layer::{Site, LINEARS};
+use compress::model::arch::LLAMA;
+use compress::model::layer::Site;
 use compress::model::llama::{Act, Part};
 use compress::model::Checkpoint;
 use compress::resume::{Fingerprint, ResumableSink};
@@ -87,7 +88,7 @@ impl Pass for Probe {
             assert_eq!(r, y.data, "block output ≠ x + attention + mlp");
         }
         // a candidate changes the block's output
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let lin = ctx.layer.linears.get_mut(name).unwrap();
             let w = lin.weight().mapv(|w| (w * 20.0).round() / 20.0);
             lin.set_weight(w)?;

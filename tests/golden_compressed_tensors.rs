@@ -6,21 +6,12 @@ use compress::formats::compressed_tensors::{
     compressed_tensors_tensors, read_compressed_tensors_quantized,
 };
 use compress::formats::dequantized;
+use compress::model::arch::LLAMA;
 use compress::quant::{quantize_rtn, Observer, QuantArgs, Strategy};
 use compress::safetensors_file::{to_f32, DType, SafetensorsFile};
 use ndarray::ArrayView2;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
@@ -76,7 +67,7 @@ fn check_folder(name: &str, expect: (u32, bool, Strategy, usize)) {
     let mut failures = Vec::new();
     let mut n_tensors = 0;
     for l in 0..n_layers {
-        for lin in LINEARS {
+        for lin in LLAMA.linear_names() {
             let prefix = format!("model.layers.{l}.{lin}");
             let info = &model.tensors[&format!("{prefix}.weight")];
             assert_eq!(info.dtype, DType::BF16);
@@ -211,7 +202,7 @@ fn rtn_w8a8_pipeline_writes_the_golden_checkpoint() {
     );
     let ck = compress::model::Checkpoint::open(&out).unwrap();
     let lw = compress::model::layer::LayerWeights::load(&ck, 0).unwrap();
-    for lin in LINEARS {
+    for lin in LLAMA.linear_names() {
         assert_eq!(
             lw.linears[lin].act_quant().and_then(|a| a.per_token_bits()),
             Some(8),
@@ -241,7 +232,7 @@ fn fp8_e4m3_codes_match_compressed_tensors() {
         if !model.tensors.contains_key(&q) {
             break;
         }
-        for lin in LINEARS {
+        for lin in LLAMA.linear_names() {
             let prefix = format!("model.layers.{l}.{lin}");
             let info = &model.tensors[&format!("{prefix}.weight")];
             let (rows, cols) = (info.shape[0], info.shape[1]);

@@ -6,7 +6,8 @@
 //! 1% perplexity and their order differs between data sets, so it is not asserted here.)
 
 mod common;
-use compress::model::layer::{LayerWeights, Repr, LINEARS};
+use compress::model::arch::LLAMA;
+use compress::model::layer::{LayerWeights, Repr};
 use compress::model::Checkpoint;
 use compress::passes::svd::rank_for_ratio;
 use serde_json::Value;
@@ -70,7 +71,7 @@ fn svd_llm_and_svd_write_factors_that_eval_reads_back() {
         let (mut dense_params, mut kept_params) = (0usize, 0usize);
         for l in 0..ck.config.num_layers {
             let lw = LayerWeights::load(&ck, l).unwrap();
-            for name in LINEARS {
+            for name in LLAMA.linear_names() {
                 let lin = &lw.linears[name];
                 let (m, n) = lin.shape();
                 let want = rank_for_ratio(m, n, 0.2);
@@ -103,7 +104,7 @@ fn svd_llm_and_svd_write_factors_that_eval_reads_back() {
             .iter()
             .filter(|x| x["pass"] == pass)
             .collect();
-        assert_eq!(recs.len(), ck.config.num_layers * LINEARS.len());
+        assert_eq!(recs.len(), ck.config.num_layers * LLAMA.linears.len());
         assert_eq!(
             recs.iter()
                 .map(|x| x["notes"]["params_removed"].as_i64().unwrap())
@@ -144,7 +145,7 @@ fn dense_export_multiplies_the_factors_back() {
             LayerWeights::load(&cf, l).unwrap(),
             LayerWeights::load(&cd, l).unwrap(),
         );
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let (x, y) = (a.linears[name].weight(), b.linears[name].weight());
             if name == "mlp.down_proj" {
                 assert!(matches!(a.linears[name].repr(), Repr::Factored { .. }));
@@ -201,7 +202,7 @@ fn by_loss_keeps_each_layers_uniform_budget_and_lowers_its_loss() {
     for l in 0..ck.config.num_layers {
         let lw = LayerWeights::load(&ck, l).unwrap();
         let (mut budget, mut spent, widest) = (0usize, 0usize, 768 + 256);
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let (m, n) = lw.linears[name].shape();
             let r = ranks[&format!("model.layers.{l}.{name}")].as_u64().unwrap() as usize;
             budget += rank_for_ratio(m, n, 0.4) * (m + n);
@@ -287,7 +288,7 @@ fn eora_adapter_is_written_as_peft_lora_and_evaluates_as_the_merged_weights() {
             LayerWeights::load(&cm, l).unwrap(),
             LayerWeights::load(&cq, l).unwrap(),
         );
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let module = format!("model.layers.{l}.{name}");
             let a = &f.tensors[&format!("base_model.model.{module}.lora_A.weight")];
             let b = &f.tensors[&format!("base_model.model.{module}.lora_B.weight")];

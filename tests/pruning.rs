@@ -3,7 +3,8 @@
 //! GPTQ after SparseGPT keeps the mask, and evaluation reads the result.
 
 mod common;
-use compress::model::layer::{LayerWeights, LINEARS};
+use compress::model::arch::LLAMA;
+use compress::model::layer::LayerWeights;
 use compress::model::Checkpoint;
 use serde_json::Value;
 use std::path::Path;
@@ -48,7 +49,7 @@ fn read_back(out: &Path) -> (f64, bool) {
     let (mut zeros, mut n, mut two_four) = (0usize, 0usize, true);
     for l in 0..ck.config.num_layers {
         let lw = LayerWeights::load(&ck, l).unwrap();
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let w = lw.linears[name].weight().as_slice().unwrap().to_vec();
             zeros += w.iter().filter(|v| **v == 0.0).count();
             n += w.len();
@@ -163,7 +164,7 @@ fn bitmask_export_reads_back_to_the_dense_export() {
         Ok((info.dtype, info.shape.clone(), bytes.to_vec()))
     };
     for l in 0..cd.config.num_layers {
-        for name in LINEARS {
+        for name in LLAMA.linear_names() {
             let m = format!("model.layers.{l}.{name}");
             assert!(!cb.has(&format!("{m}.weight")), "{m}.weight written");
             let (w, dt, dims) =

@@ -12,6 +12,7 @@
 
 use super::cuda::Gpu;
 use super::SweepJob;
+use crate::model::arch::{Dim, LLAMA};
 use crate::quant::{Observer, QuantArgs, QuantizedLinear, Strategy};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -92,16 +93,19 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
 
     let (h, i) = (shape.hidden, shape.intermediate);
     let kvd = h / shape.heads * shape.kv_heads;
-    // (name, out, in, site): sites 0 attention input, 1 o_proj input, 2 MLP input, 3 down input
-    let linears: [(&str, usize, usize, usize); 7] = [
-        ("q_proj", h, h, 0),
-        ("k_proj", kvd, h, 0),
-        ("v_proj", kvd, h, 0),
-        ("o_proj", h, h, 1),
-        ("gate_proj", i, h, 2),
-        ("up_proj", i, h, 2),
-        ("down_proj", h, i, 3),
-    ];
+    // (name, out, in, site): the Llama block's table at this shape; sites in execution order
+    // (0 attention input, 1 o_proj input, 2 MLP input, 3 down input)
+    let dim = |d: Dim| match d {
+        Dim::Hidden | Dim::QHeads => h,
+        Dim::Intermediate => i,
+        Dim::KvHeads => kvd,
+        Dim::HeadDim => h / shape.heads,
+    };
+    let linears: Vec<(&str, usize, usize, usize)> = LLAMA
+        .linears
+        .iter()
+        .map(|l| (l.name, dim(l.out), dim(l.inp), l.site as usize))
+        .collect();
     let site_dim = [h, h, h, i];
     let args = QuantArgs {
         bits: shape.bits,

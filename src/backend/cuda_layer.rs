@@ -15,6 +15,7 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::collections::BTreeMap;
 
+use crate::model::arch::{Attention, Mlp};
 use crate::model::config::ModelConfig;
 use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Hook, StatsHook};
@@ -40,7 +41,9 @@ pub struct GpuLayer {
     nkv: usize,
     hd: usize,
     eps: f32,
-    qk_norm: bool,
+    /// The block's module names (attention and MLP parts).
+    attention: Attention,
+    mlp: Mlp,
 }
 
 /// RoPE tables on the device ([max_t, hd/2] each).
@@ -112,7 +115,8 @@ impl GpuLayer {
             nkv: cfg.num_kv_heads,
             hd: cfg.head_dim,
             eps: cfg.rms_norm_eps as f32,
-            qk_norm: cfg.qk_norm,
+            attention: cfg.block().attention,
+            mlp: cfg.block().mlp,
         })
     }
 
@@ -291,18 +295,19 @@ impl GpuLayer {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let mut r = s.memcpy_stod(x)?;
         // --- attention ---
-        let h = self.rms_norm(gpu, &r, self.norm("input_layernorm")?, n, d)?;
+        let h = self.rms_norm(gpu, &r, self.norm(self.attention.norm)?, n, d)?;
         hook(Site::AttnIn, &h, n, d)?;
         if stop == Some(Site::AttnIn) {
             return Ok(None);
         }
-        let mut q = self.linear(gpu, "self_attn.q_proj", &h, n)?;
-        let mut k = self.linear(gpu, "self_attn.k_proj", &h, n)?;
-        let v = self.linear(gpu, "self_attn.v_proj", &h, n)?;
+        let at = self.attention;
+        let mut q = self.linear(gpu, at.q, &h, n)?;
+        let mut k = self.linear(gpu, at.k, &h, n)?;
+        let v = self.linear(gpu, at.v, &h, n)?;
         drop(h);
-        if self.qk_norm {
-            q = self.rms_norm(gpu, &q, self.norm("self_attn.q_norm")?, n * nh, hd)?;
-            k = self.rms_norm(gpu, &k, self.norm("self_attn.k_norm")?, n * nkv, hd)?;
+        if let Some((qn, kn)) = at.qk_norm {
+            q = self.rms_norm(gpu, &q, self.norm(qn)?, n * nh, hd)?;
+            k = self.rms_norm(gpu, &k, self.norm(kn)?, n * nkv, hd)?;
         }
         let q = self.rope(gpu, &q, rope, b, t, nh, true)?;
         let k = self.rope(gpu, &k, rope, b, t, nkv, true)?;
@@ -329,18 +334,18 @@ impl GpuLayer {
         if stop == Some(Site::OIn) {
             return Ok(None);
         }
-        let o = self.linear(gpu, "self_attn.o_proj", &attn, n)?;
+        let o = self.linear(gpu, at.o, &attn, n)?;
         drop(attn);
         self.add(gpu, &mut r, &o)?;
         drop(o);
         // --- MLP (SwiGLU) ---
-        let h = self.rms_norm(gpu, &r, self.norm("post_attention_layernorm")?, n, d)?;
+        let h = self.rms_norm(gpu, &r, self.norm(self.mlp.norm)?, n, d)?;
         hook(Site::MlpIn, &h, n, d)?;
         if stop == Some(Site::MlpIn) {
             return Ok(None);
         }
-        let g = self.linear(gpu, "mlp.gate_proj", &h, n)?;
-        let u = self.linear(gpu, "mlp.up_proj", &h, n)?;
+        let g = self.linear(gpu, self.mlp.gate, &h, n)?;
+        let u = self.linear(gpu, self.mlp.up, &h, n)?;
         drop(h);
         let ni = n * self.inter;
         let mut act = s.alloc_zeros::<f32>(ni)?;
@@ -354,7 +359,7 @@ impl GpuLayer {
         if stop == Some(Site::DownIn) {
             return Ok(None);
         }
-        let dn = self.linear(gpu, "mlp.down_proj", &act, n)?;
+        let dn = self.linear(gpu, self.mlp.down, &act, n)?;
         self.add(gpu, &mut r, &dn)?;
         Ok(Some(s.memcpy_dtov(&r)?))
     }

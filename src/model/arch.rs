@@ -59,6 +59,9 @@ pub struct LinearDesc {
     pub inp: Dim,
     /// Whether the weight has a bias for this architecture (given `attention_bias`).
     pub bias: BiasRule,
+    /// Whether a clipping search may shrink its range: not for q and k, whose outputs meet
+    /// only inside the attention scores (AutoAWQ and llm-compressor skip them).
+    pub clip: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,49 @@ pub struct SiteDesc {
     pub site: Site,
     pub name: &'static str,
     pub producer: Producer,
+    /// The module whose output a scale search at this site compares (AWQ's loss, the
+    /// mapping's *parent* in llm-compressor's terms): the whole sub-block when the site feeds
+    /// several linears through a nonlinearity, the one reader otherwise.
+    pub parent: Parent,
+}
+
+/// A sub-block of the decoder layer, from its normed input to its output before the residual.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The attention's norm → q/k/v → attention → o.
+    Attention,
+    /// The MLP's norm → gate/up → SwiGLU → down.
+    Mlp,
+}
+
+/// Where a mapping's effect is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parent {
+    Part(Part),
+    Linear(&'static str),
+}
+
+/// Self-attention with RoPE and grouped-query heads: the module names it reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    /// The RMSNorm before it.
+    pub norm: &'static str,
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub o: &'static str,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3), when the family has it.
+    pub qk_norm: Option<(&'static str, &'static str)>,
+}
+
+/// The SwiGLU MLP, `down(silu(gate(x)) ⊙ up(x))`: the module names it reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Mlp {
+    /// The RMSNorm before it.
+    pub norm: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
 }
 
 /// One family's decoder block.
@@ -83,6 +129,9 @@ pub struct Block {
     /// RMSNorm weights and their length.
     pub norms: &'static [(&'static str, Dim)],
     pub sites: &'static [SiteDesc],
+    /// The parts, in order (each: norm, sub-block, residual add).
+    pub attention: Attention,
+    pub mlp: Mlp,
 }
 
 const fn lin(name: &'static str, site: Site, out: Dim, inp: Dim, bias: BiasRule) -> LinearDesc {
@@ -92,7 +141,12 @@ const fn lin(name: &'static str, site: Site, out: Dim, inp: Dim, bias: BiasRule)
         out,
         inp,
         bias,
+        clip: true,
     }
+}
+
+const fn no_clip(l: LinearDesc) -> LinearDesc {
+    LinearDesc { clip: false, ..l }
 }
 
 use BiasRule::*;
@@ -100,20 +154,20 @@ use Dim::*;
 
 /// The seven linears shared by every Llama-family block.
 const LLAMA_LINEARS: [LinearDesc; 7] = [
-    lin(
+    no_clip(lin(
         "self_attn.q_proj",
         Site::AttnIn,
         QHeads,
         Hidden,
         AttentionBias,
-    ),
-    lin(
+    )),
+    no_clip(lin(
         "self_attn.k_proj",
         Site::AttnIn,
         KvHeads,
         Hidden,
         AttentionBias,
-    ),
+    )),
     lin(
         "self_attn.v_proj",
         Site::AttnIn,
@@ -132,21 +186,25 @@ const LLAMA_SITES: [SiteDesc; 4] = [
         site: Site::AttnIn,
         name: "attn_in",
         producer: Producer::Norm("input_layernorm"),
+        parent: Parent::Part(Part::Attention),
     },
     SiteDesc {
         site: Site::OIn,
         name: "o_in",
         producer: Producer::Linear("self_attn.v_proj"),
+        parent: Parent::Linear("self_attn.o_proj"),
     },
     SiteDesc {
         site: Site::MlpIn,
         name: "mlp_in",
         producer: Producer::Norm("post_attention_layernorm"),
+        parent: Parent::Part(Part::Mlp),
     },
     SiteDesc {
         site: Site::DownIn,
         name: "down_in",
         producer: Producer::Linear("mlp.up_proj"),
+        parent: Parent::Linear("mlp.down_proj"),
     },
 ];
 
@@ -158,6 +216,24 @@ pub static LLAMA: Block = Block {
         ("post_attention_layernorm", Hidden),
     ],
     sites: &LLAMA_SITES,
+    attention: LLAMA_ATTENTION,
+    mlp: LLAMA_MLP,
+};
+
+const LLAMA_ATTENTION: Attention = Attention {
+    norm: "input_layernorm",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.o_proj",
+    qk_norm: None,
+};
+
+const LLAMA_MLP: Mlp = Mlp {
+    norm: "post_attention_layernorm",
+    gate: "mlp.gate_proj",
+    up: "mlp.up_proj",
+    down: "mlp.down_proj",
 };
 
 /// qwen3: the Llama block with per-head RMSNorm on queries and keys (before RoPE).
@@ -170,6 +246,11 @@ pub static QWEN3: Block = Block {
         ("self_attn.k_norm", HeadDim),
     ],
     sites: &LLAMA_SITES,
+    attention: Attention {
+        qk_norm: Some(("self_attn.q_norm", "self_attn.k_norm")),
+        ..LLAMA_ATTENTION
+    },
+    mlp: LLAMA_MLP,
 };
 
 impl Arch {
@@ -189,6 +270,8 @@ impl Arch {
 pub struct Mapping {
     pub site: Site,
     pub producer: Producer,
+    /// Where the mapping's effect is measured.
+    pub parent: Parent,
     pub consumers: Vec<&'static str>,
     /// Whether folding is exact for this model's shapes: v_proj → o_proj only when v's
     /// outputs are o_proj's inputs one to one (no grouped-query sharing), as AutoAWQ and
@@ -207,6 +290,25 @@ impl Block {
             .iter()
             .filter(move |l| l.site == site)
             .map(|l| l.name)
+    }
+
+    /// The linears' names, in execution order.
+    pub fn linear_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.linears.iter().map(|l| l.name)
+    }
+
+    /// The input site `linear` reads (None for a name outside this block).
+    pub fn site_of(&self, linear: &str) -> Option<Site> {
+        self.linear(linear).map(|l| l.site)
+    }
+
+    /// The site a part reads: the output of its norm.
+    pub fn part_input(&self, part: Part) -> Site {
+        self.sites
+            .iter()
+            .find(|s| s.parent == Parent::Part(part))
+            .map(|s| s.site)
+            .expect("every part of a block has an input site")
     }
 
     pub fn site(&self, site: Site) -> &SiteDesc {
@@ -235,6 +337,7 @@ impl Block {
                 Mapping {
                     site: s.site,
                     producer: s.producer,
+                    parent: s.parent,
                     consumers,
                     foldable,
                 }

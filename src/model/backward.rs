@@ -864,7 +864,7 @@ pub(crate) mod tests {
     pub fn random_block(cfg: &ModelConfig, seed: u64) -> LayerWeights {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut linears = BTreeMap::new();
-        for name in crate::model::layer::LINEARS {
+        for name in cfg.block().linear_names() {
             let desc = cfg.block().linear(name).unwrap();
             let (out, inn) = match name {
                 "self_attn.q_proj" => (cfg.num_heads * cfg.head_dim, cfg.hidden_size),

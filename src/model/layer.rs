@@ -6,17 +6,6 @@ use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use std::collections::BTreeMap;
 
-/// The seven linears of a Llama-family decoder layer, in execution order.
-pub const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 pub use super::arch::Site;
 
 impl Site {
@@ -96,7 +85,7 @@ impl LayerWeights {
         let p = Self::prefix(l);
         let shapes: BTreeMap<String, Vec<usize>> = cfg.layer_tensors(l).into_iter().collect();
         let mut linears = BTreeMap::new();
-        for name in LINEARS {
+        for name in cfg.block().linear_names() {
             let full = format!("{p}{name}.weight");
             let shape = &shapes[&full];
             let module = format!("{p}{name}");
@@ -104,7 +93,7 @@ impl LayerWeights {
             let desc = cfg
                 .block()
                 .linear(name)
-                .expect("LINEARS are the block's linears");
+                .expect("linear_names are the block's linears");
             let bias = if cfg.has_bias(desc) {
                 Some(read_checked(ckpt, &bias_name, &shapes[&bias_name])?)
             } else {

@@ -71,6 +71,14 @@ impl<'a> DecoderLayer<'a> {
         DecoderLayer { w, cfg }
     }
 
+    fn attn(&self) -> &'static super::arch::Attention {
+        &self.cfg.block().attention
+    }
+
+    fn mlp(&self) -> &'static super::arch::Mlp {
+        &self.cfg.block().mlp
+    }
+
     fn lin(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
         self.w.linears[name].forward(x, n)
     }
@@ -137,7 +145,7 @@ impl<'a> DecoderLayer<'a> {
                 (i.site, i.r.clone(), i.v.clone(), true)
             }
             None => {
-                let h = ops::rms_norm(&x.data, d, self.norm("input_layernorm")?, eps);
+                let h = ops::rms_norm(&x.data, d, self.norm(self.attn().norm)?, eps);
                 (Site::AttnIn, None, h, false)
             }
         };
@@ -157,14 +165,9 @@ impl<'a> DecoderLayer<'a> {
                 }
                 // --- MLP (SwiGLU) --- (the residual add fused with the norm)
                 Site::OIn => {
-                    let o = self.lin("self_attn.o_proj", &v, n)?;
-                    let (r1, h) = ops::add_rms_norm(
-                        &x.data,
-                        &o,
-                        d,
-                        self.norm("post_attention_layernorm")?,
-                        eps,
-                    );
+                    let o = self.lin(self.attn().o, &v, n)?;
+                    let (r1, h) =
+                        ops::add_rms_norm(&x.data, &o, d, self.norm(self.mlp().norm)?, eps);
                     r = Some(r1);
                     v = h;
                     at = Site::MlpIn;
@@ -174,8 +177,8 @@ impl<'a> DecoderLayer<'a> {
                     at = Site::DownIn;
                 }
                 Site::DownIn => {
-                    let dn = self.lin("mlp.down_proj", &v, n)?;
-                    let mut r = r.context("no residual stream at down_proj")?;
+                    let dn = self.lin(self.mlp().down, &v, n)?;
+                    let mut r = r.context("no residual stream at the MLP output")?;
                     ops::add_assign(&mut r, &dn);
                     return Ok(Step::Done(Act { data: r, b, t }));
                 }
@@ -224,12 +227,13 @@ impl DecoderLayer<'_> {
         let n = b * t;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
-        let mut q = self.lin("self_attn.q_proj", h, n)?;
-        let mut k = self.lin("self_attn.k_proj", h, n)?;
-        let v = self.lin("self_attn.v_proj", h, n)?;
-        if cfg.qk_norm {
-            q = ops::rms_norm(&q, hd, self.norm("self_attn.q_norm")?, eps);
-            k = ops::rms_norm(&k, hd, self.norm("self_attn.k_norm")?, eps);
+        let a = self.attn();
+        let mut q = self.lin(a.q, h, n)?;
+        let mut k = self.lin(a.k, h, n)?;
+        let v = self.lin(a.v, h, n)?;
+        if let Some((qn, kn)) = a.qk_norm {
+            q = ops::rms_norm(&q, hd, self.norm(qn)?, eps);
+            k = ops::rms_norm(&k, hd, self.norm(kn)?, eps);
         }
         let q = ops::rope_transpose(&q, b, t, nh, hd, &rope.cos, &rope.sin);
         let k = ops::rope_transpose(&k, b, t, nkv, hd, &rope.cos, &rope.sin);
@@ -239,8 +243,8 @@ impl DecoderLayer<'_> {
 
     /// gate/up and SwiGLU on the normed input `h` [n, hidden]: down_proj's input.
     fn swiglu(&self, h: &[f32], n: usize) -> Result<Vec<f32>> {
-        let g = self.lin("mlp.gate_proj", h, n)?;
-        let u = self.lin("mlp.up_proj", h, n)?;
+        let g = self.lin(self.mlp().gate, h, n)?;
+        let u = self.lin(self.mlp().up, h, n)?;
         Ok(ops::silu_mul(&g, &u))
     }
 
@@ -261,24 +265,17 @@ impl DecoderLayer<'_> {
         match part {
             Part::Attention => {
                 let a = self.attention_core(&h.data, h.b, h.t, rope)?;
-                self.lin("self_attn.o_proj", &a, n)
+                self.lin(self.attn().o, &a, n)
             }
             Part::Mlp => {
                 let a = self.swiglu(&h.data, n)?;
-                self.lin("mlp.down_proj", &a, n)
+                self.lin(self.mlp().down, &a, n)
             }
         }
     }
 }
 
-/// A sub-block of the decoder layer, from its normed input to its output before the residual.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    /// input_layernorm's output → q/k/v → attention → o_proj.
-    Attention,
-    /// post_attention_layernorm's output → gate/up → SwiGLU → down_proj.
-    Mlp,
-}
+pub use super::arch::Part;
 
 /// Embedding table, final norm and LM head: the parts outside the decoder layers.
 pub struct Outer {

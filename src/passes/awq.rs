@@ -34,9 +34,10 @@
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::arch::{Mapping, Site};
+use crate::model::arch::Part;
+use crate::model::arch::{Mapping, Parent};
 use crate::model::layer::LayerWeights;
-use crate::model::llama::{Act, Part};
+use crate::model::llama::Act;
 use crate::model::ops;
 use crate::model::DType;
 use crate::quant::{quantize_rtn, QuantArgs, Strategy};
@@ -277,11 +278,9 @@ impl Awq {
             x.truncate(batches);
             Ok(Inspect::Part(p, x))
         };
-        let inspect = match m.site {
-            Site::AttnIn => part(Part::Attention, ctx)?,
-            Site::MlpIn => part(Part::Mlp, ctx)?,
-            Site::OIn => Inspect::Linear("self_attn.o_proj", ctx.site_inputs(m.site, Some(rows))?),
-            Site::DownIn => Inspect::Linear("mlp.down_proj", ctx.site_inputs(m.site, Some(rows))?),
+        let inspect = match m.parent {
+            Parent::Part(p) => part(p, ctx)?,
+            Parent::Linear(l) => Inspect::Linear(l, ctx.site_inputs(m.site, Some(rows))?),
         };
         let reference = inspect.run(ctx, &ctx.layer)?;
         let gs = self.args.group_width(x_mean.len());
@@ -441,16 +440,14 @@ impl Pass for Awq {
         }
         if self.spec.clip {
             ctx.invalidate();
-            for name in crate::model::layer::LINEARS {
-                if name == "self_attn.q_proj"
-                    || name == "self_attn.k_proj"
-                    || !self.select.selects(&ctx.module_name(name))
-                {
+            for lin in ctx.config.block().linears {
+                let name = lin.name;
+                if !lin.clip || !self.select.selects(&ctx.module_name(name)) {
                     continue;
                 }
                 let t = Instant::now();
                 // the scaled layer's inputs, a strided subsample
-                let site = crate::model::layer::Site::of(name);
+                let site = lin.site;
                 let rows = ctx.site_inputs(site, None)?;
                 let d = rows.first().map(|r| r.1).unwrap_or(1);
                 let all: usize = rows.iter().map(|(v, _)| v.len() / d).sum();

@@ -31,7 +31,7 @@ use super::prune::targeted;
 use super::svd_llm::Whitened;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::{Adapter, Site};
+use crate::model::layer::Adapter;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -151,11 +151,12 @@ impl Pass for Eora {
                 .collect::<Result<_>>()?
         };
         // site by site in execution order, so each site's inputs carry the adapters upstream
-        for site in Site::ALL {
+        let block = ctx.config.block();
+        for site in block.sites.iter().map(|s| s.site) {
             let here: Vec<&str> = names
                 .iter()
                 .copied()
-                .filter(|n| Site::of(n) == site)
+                .filter(|n| block.site_of(n) == Some(site))
                 .collect();
             if here.is_empty() {
                 continue;

@@ -34,10 +34,11 @@
 //! blocks (`Linear::set_ggml`, refused unless they decode to exactly its weight), and the GGUF
 //! exporter writes them as they are.
 
+use super::input_site;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
 use crate::formats::gguf::{self, FileType, Overrides, TypeOverride};
-use crate::model::layer::{GgmlCodes, Site, LINEARS};
+use crate::model::layer::GgmlCodes;
 use crate::quant::ggml::{self, BlockGrid, GgmlType};
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
@@ -453,7 +454,7 @@ impl Pass for GptqGgml {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         // every linear's Hessian from the layer's inputs, one forward (as `gptq` by default)
         ctx.refresh()?;
-        for name in LINEARS {
+        for name in ctx.config.block().linear_names() {
             let module = ctx.module_name(name);
             if !self.select.selects(&module) {
                 continue;
@@ -480,7 +481,7 @@ impl Pass for GptqGgml {
                 continue; // a float type in this mix: nothing to round
             }
             let h = ctx
-                .stats(Site::of(name))?
+                .stats(input_site(ctx, name)?)?
                 .hessian()
                 .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
             let lin = &ctx.layer.linears[name];

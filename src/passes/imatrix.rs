@@ -8,9 +8,9 @@
 //! Reference: llama.cpp tools/imatrix/imatrix.cpp (`collect_imatrix`: values[j] += x_j², counts
 //! += 1 per token row; stored as values / counts).
 
+use super::input_site;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::{Site, LINEARS};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -41,10 +41,10 @@ impl Pass for Imatrix {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        for name in LINEARS {
+        for name in ctx.config.block().linear_names() {
             let module = ctx.module_name(name);
             let t = Instant::now();
-            let st = ctx.stats(Site::of(name))?;
+            let st = ctx.stats(input_site(ctx, name)?)?;
             let n = st.n.max(1) as f64;
             let sum_sq = st.sum_sq.as_ref().context("internal: no Σx² collected")?;
             let imp: Vec<f32> = sum_sq.iter().map(|s| (s / n) as f32).collect();

@@ -21,7 +21,7 @@ pub mod wanda;
 
 use crate::engine::Pass;
 use crate::quant::{Observer, QuantArgs, Strategy};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Every method once: its YAML key, its spec (the pass's own file defines the fields and their
@@ -244,6 +244,17 @@ fn default_targets() -> Vec<String> {
 }
 fn default_ignore() -> Vec<String> {
     vec!["lm_head".into()]
+}
+
+/// The input site a linear of the layer reads, from the block's table.
+pub(crate) fn input_site(
+    ctx: &crate::engine::LayerCtx,
+    linear: &str,
+) -> Result<crate::model::layer::Site> {
+    ctx.config
+        .block()
+        .site_of(linear)
+        .with_context(|| format!("`{linear}` is not a linear of this architecture's block"))
 }
 
 impl Scheme {

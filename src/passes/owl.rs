@@ -26,11 +26,11 @@
 //! layer. Defaults M = 5 and λ = 0.08 are the paper's settings for LLaMA (its Table 8 sweeps M
 //! ∈ {3, 5, 7, 10} and λ ∈ [0.02, 0.2]).
 
+use super::input_site;
 use super::select::Selector;
 use super::wanda::wanda_scores;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::{Site, LINEARS};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
@@ -109,12 +109,12 @@ impl Pass for OwlScan {
         let t = std::time::Instant::now();
         ctx.refresh()?;
         let mut all: Vec<Vec<f32>> = Vec::new();
-        for name in LINEARS {
+        for name in ctx.config.block().linear_names() {
             if !self.select.selects(&ctx.module_name(name)) {
                 continue;
             }
             let norm = ctx
-                .stats(Site::of(name))?
+                .stats(input_site(ctx, name)?)?
                 .col_norm()
                 .context("no column norms collected")?;
             all.push(wanda_scores(ctx.layer.linears[name].weight(), &norm));

@@ -4,7 +4,7 @@
 //! `sparsegpt.rs`.
 
 use crate::engine::LayerCtx;
-use crate::model::layer::{Mask, LINEARS};
+use crate::model::layer::Mask;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -275,8 +275,9 @@ pub fn prune_by_scores(
 
 /// The targeted linears of the layer, in execution order.
 pub fn targeted(ctx: &LayerCtx, select: &super::select::Selector) -> Vec<&'static str> {
-    LINEARS
-        .into_iter()
+    ctx.config
+        .block()
+        .linear_names()
         .filter(|n| select.selects(&ctx.module_name(n)))
         .collect()
 }

@@ -4,7 +4,6 @@
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::LINEARS;
 use crate::quant::scale_dtype_for;
 use crate::quant::QuantArgs;
 use anyhow::Result;
@@ -51,7 +50,7 @@ impl Pass for Rtn {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        for name in LINEARS {
+        for name in ctx.config.block().linear_names() {
             let module = ctx.module_name(name);
             if !self.select.selects(&module) {
                 continue;

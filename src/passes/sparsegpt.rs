@@ -20,12 +20,13 @@
 //! as in GPTQ.
 
 use super::gptq::{Grid, GridRow, Ordering};
+use super::input_site;
 use super::prune::{targeted, Pattern, PruneSpec};
 use super::sweep::{self, ColumnRule, Factor};
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::{Mask, Site};
+use crate::model::layer::Mask;
 use crate::model::DType;
 use crate::quant::{scale_dtype_for, QuantArgs, QuantizedLinear};
 use anyhow::{bail, Context, Result};
@@ -319,7 +320,7 @@ impl Pass for SparseGpt {
             let t = Instant::now();
             let module = ctx.module_name(name);
             let h = ctx
-                .stats(Site::of(name))?
+                .stats(input_site(ctx, name)?)?
                 .hessian()
                 .context("no Hessian collected")?;
             let target = self.spec.prune.target_at(ctx.index())?;

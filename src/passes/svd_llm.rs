@@ -41,11 +41,11 @@
 //! losses compared are in comparable units (each is the squared output error of a linear on
 //! this layer's calibration inputs). What it cannot do is move parameters between layers.
 
+use super::input_site;
 use super::prune::targeted;
 use super::svd::{params_removed, rank_notes, split_sqrt, LowRank, SvdSpec};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::Site;
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -291,7 +291,7 @@ impl Pass for SvdLlm {
         for name in &names {
             let module = ctx.module_name(name);
             let h = ctx
-                .stats(Site::of(name))?
+                .stats(input_site(ctx, name)?)?
                 .hessian()
                 .context("no Hessian collected")?;
             let lin = &ctx.layer.linears[*name];

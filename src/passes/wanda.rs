@@ -10,10 +10,10 @@
 //! LLMs than over the layer). N:M compares within each group of M consecutive inputs of a row.
 //! No weight update, no Hessian: one statistics forward per layer.
 
+use super::input_site;
 use super::prune::{prune_by_scores, targeted, PruneSpec};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, Pass};
-use crate::model::layer::Site;
 use anyhow::{Context, Result};
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ impl Pass for Wanda {
         for name in targeted(ctx, &self.select) {
             let t = Instant::now();
             let norm = ctx
-                .stats(Site::of(name))?
+                .stats(input_site(ctx, name)?)?
                 .col_norm()
                 .context("no column norms collected")?;
             let scores = wanda_scores(ctx.layer.linears[name].weight(), &norm);

@@ -18,10 +18,11 @@
 
 pub mod gptaq;
 
+use super::input_site;
 use super::{sweep, Scheme};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
-use crate::model::layer::{Site, LINEARS};
+use crate::model::layer::Site;
 use crate::model::DType;
 use crate::quant::scale_dtype_for;
 use crate::quant::{
@@ -580,10 +581,12 @@ impl Pass for Gptq {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
+        let block = ctx.config.block();
+        let sites: Vec<Site> = block.sites.iter().map(|s| s.site).collect();
         let groups: Vec<Vec<&str>> = if self.spec.true_sequential {
-            Site::ALL.iter().map(|s| s.linears().to_vec()).collect()
+            sites.iter().map(|s| block.readers(*s).collect()).collect()
         } else {
-            vec![LINEARS.to_vec()]
+            vec![block.linear_names().collect()]
         };
         let teacher = self.spec.target == Target::Teacher;
         // GPTAQ's asymmetry statistic per input site, collected on the same weights as the
@@ -593,7 +596,7 @@ impl Pass for Gptq {
             // every linear's statistics from the layer's original inputs, one forward
             ctx.refresh()?;
             if teacher {
-                asym = ctx.asymmetry(&Site::ALL)?;
+                asym = ctx.asymmetry(&sites)?;
             }
         }
         for group in groups {
@@ -601,7 +604,7 @@ impl Pass for Gptq {
                 // statistics on the current (partially quantized) layer
                 ctx.invalidate();
                 if teacher {
-                    let site = group.first().map(|n| Site::of(n)).context("empty group")?;
+                    let site = input_site(ctx, group.first().context("empty group")?)?;
                     asym = ctx.asymmetry(&[site])?;
                 }
             }
@@ -612,13 +615,13 @@ impl Pass for Gptq {
                 }
                 let t = Instant::now();
                 let h = ctx
-                    .stats(Site::of(name))?
+                    .stats(input_site(ctx, name)?)?
                     .hessian()
                     .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
                 // teacher target (GPTAQ): the weights the sweep aims at
                 let mut target: Option<(Array2<f32>, f64)> = None;
                 if teacher {
-                    let site = Site::of(name);
+                    let site = input_site(ctx, name)?;
                     let wt = ctx.teacher_layer()?.linears[name].weight().clone();
                     let lin = &ctx.layer.linears[name];
                     target = Some(
