@@ -1,0 +1,144 @@
+//! What a linear can store and carry beside its weight: the representations ([`Repr`] with its
+//! [`Mask`] and [`Factor`]s), a low-rank [`Adapter`], an input quantizer ([`ActQuant`]), ggml codes.
+
+use crate::quant::QuantizedLinear;
+use anyhow::{ensure, Result};
+use ndarray::Array2;
+use rayon::prelude::*;
+
+/// Which weights a pruned linear keeps: `[out, in]` row-major, `true` = kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mask {
+    pub shape: (usize, usize),
+    pub keep: Vec<bool>,
+}
+
+impl Mask {
+    pub fn new(shape: (usize, usize), keep: Vec<bool>) -> Result<Self> {
+        ensure!(
+            keep.len() == shape.0 * shape.1,
+            "mask has {} entries, the linear {}×{}",
+            keep.len(),
+            shape.0,
+            shape.1
+        );
+        Ok(Mask { shape, keep })
+    }
+
+    /// Fraction of weights removed.
+    pub fn sparsity(&self) -> f64 {
+        let zeros = self.keep.iter().filter(|k| !**k).count();
+        zeros as f64 / self.keep.len().max(1) as f64
+    }
+}
+
+/// One factor of a factored linear: its values and, when quantized, its codes.
+#[derive(Clone, Debug)]
+pub struct Factor {
+    pub values: Array2<f32>,
+    pub quant: Option<QuantizedLinear>,
+}
+
+/// What a linear stores.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per linear, never in bulk
+pub enum Repr {
+    /// Floating-point values in the checkpoint's dtype.
+    Dense,
+    /// Integer codes on a grid; the computed matrix is their dequantization.
+    Quantized(QuantizedLinear),
+    /// A mask over a dense or quantized inner representation (masked weights are exactly 0).
+    Sparse { mask: Mask, inner: Box<Repr> },
+    /// W ≈ U·V with U [out, r] and V [r, in]; the forward runs the two factors in turn.
+    Factored { u: Factor, v: Factor },
+}
+
+/// A low-rank adapter on a linear: y = base(x) + (x·Aᵀ)·Bᵀ, A [r, in] (PEFT's `lora_A`),
+/// B [out, r] (`lora_B`), scaling 1.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Array2<f32>,
+    pub b: Array2<f32>,
+}
+
+impl Adapter {
+    pub fn rank(&self) -> usize {
+        self.a.nrows()
+    }
+}
+
+/// A quantizer on a linear's input, run inside the forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActQuant {
+    /// Dynamic, symmetric, per-token quantization (W8A8's "A8"): each row of the input is
+    /// scaled by max|x|/qmax, rounded half to even and clamped.
+    PerToken { bits: u32 },
+    /// What llama.cpp's CPU backend does to the input of a matmul with a ggml weight: it
+    /// converts the activations to the weight type's `vec_dot_type` (Q8_0 / Q8_1 / Q8_K blocks,
+    /// or f16) for its integer dot products (`compress eval --llama-cpp-activations`).
+    Ggml(crate::quant::ggml::VecDot),
+}
+
+impl ActQuant {
+    /// W8A8's per-token quantizer with `bits`.
+    pub fn per_token(bits: u32) -> Self {
+        ActQuant::PerToken { bits }
+    }
+
+    /// The bits of a per-token quantizer (what a compressed-tensors config declares).
+    pub fn per_token_bits(&self) -> Option<u32> {
+        match self {
+            ActQuant::PerToken { bits } => Some(*bits),
+            ActQuant::Ggml(_) => None,
+        }
+    }
+
+    /// Quantize-dequantize `x` ([n, k] row-major) in place.
+    pub fn apply(&self, x: &mut [f32], k: usize) {
+        match *self {
+            ActQuant::PerToken { bits } => {
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+                x.par_chunks_mut(k).for_each(|row| {
+                    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if m == 0.0 {
+                        return;
+                    }
+                    let s = m / qmax;
+                    for v in row.iter_mut() {
+                        *v = crate::quant::round_half_even(*v / s).clamp(-qmax - 1.0, qmax) * s;
+                    }
+                });
+            }
+            ActQuant::Ggml(t) => x.par_chunks_mut(k).for_each(|row| t.round_trip(row)),
+        }
+    }
+}
+
+/// A weight encoded as ggml blocks, rows in the checkpoint's (HF) order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgmlCodes {
+    pub ty: crate::quant::ggml::GgmlType,
+    pub bytes: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_quant_is_per_token_symmetric() {
+        let a = ActQuant::per_token(8);
+        let mut x = vec![
+            1.0, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.001, -3.0, 1.5,
+        ];
+        let orig = x.clone();
+        a.apply(&mut x, 4);
+        // row 0: scale 1/127; row 1 all zero; row 2: scale 3/127
+        assert_eq!(x[0], 1.0);
+        assert_eq!(&x[4..8], &[0.0; 4]);
+        assert_eq!(x[9], 0.0);
+        for (q, o) in x.iter().zip(&orig) {
+            assert!((q - o).abs() <= 3.0 / 127.0 / 2.0 + 1e-7);
+        }
+    }
+}
