@@ -527,3 +527,99 @@ fn sibling_files_inside_every_module_import_each_other_without_cycles() {
         cycles.join("\n")
     );
 }
+
+// ---- module names live in the architecture tables ----------------------------------------
+
+/// Files allowed to spell a decoder module's name: the architecture tables, and the GGUF name
+/// table that maps them to llama.cpp's names.
+const NAME_TABLES: [&str; 3] = ["model/arch.rs", "formats/gguf.rs", "formats/gguf/names.rs"];
+
+/// Every decoder-layer module name of the tables, its last component and its parent's prefix
+/// (`self_attn.q_proj`, `q_proj`, `self_attn.`).
+fn module_name_tokens() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for block in [&compress::model::arch::LLAMA, &compress::model::arch::QWEN3] {
+        let names = block
+            .linears
+            .iter()
+            .map(|l| l.name)
+            .chain(block.norms.iter().map(|(n, _)| *n));
+        for n in names {
+            out.insert(n.to_string());
+            if let Some((parent, last)) = n.rsplit_once('.') {
+                out.insert(last.to_string());
+                out.insert(format!("{parent}."));
+            }
+        }
+    }
+    out
+}
+
+/// The string literals of a line (roughly: text between unescaped double quotes).
+fn string_literals(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut escaped = false;
+    for c in line.chars() {
+        match (&mut cur, c) {
+            (Some(s), _) if escaped => {
+                s.push(c);
+                escaped = false;
+            }
+            (Some(_), '\\') => escaped = true,
+            (Some(s), '"') => {
+                out.push(std::mem::take(s));
+                cur = None;
+            }
+            (Some(s), _) => s.push(c),
+            (None, '"') => cur = Some(String::new()),
+            (None, _) => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn no_module_name_literal_outside_the_architecture_tables() {
+    let tokens = module_name_tokens();
+    assert!(tokens.contains("q_proj") && tokens.contains("self_attn.") && tokens.len() > 15);
+    assert_eq!(
+        string_literals(r#"f("self_attn.o_proj", "a\"b", x)"#),
+        ["self_attn.o_proj", "a\"b"]
+    );
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut found = Vec::new();
+    for f in &files {
+        let rel = f
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if NAME_TABLES.contains(&rel.as_str()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim_start();
+            if t.starts_with("#[cfg(test)]") {
+                break; // unit tests build fixtures by name
+            }
+            if t.starts_with("//") {
+                continue;
+            }
+            for lit in string_literals(line) {
+                if let Some(tok) = tokens.iter().find(|tok| lit.contains(tok.as_str())) {
+                    found.push(format!("src/{rel}:{}: `{tok}` in \"{lit}\"", i + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "module names belong in model/arch.rs (the block's parts and sites):\n{}",
+        found.join("\n")
+    );
+}

@@ -6,6 +6,7 @@
 mod common;
 use compress::engine::collect_stats;
 use compress::engine::stats::{SiteStats, StatsRequest};
+use compress::model::arch::LLAMA;
 use compress::model::layer::{LayerWeights, Site};
 use compress::model::llama::{Act, Outer, Rope};
 use compress::model::Checkpoint;
@@ -208,7 +209,7 @@ fn continuing_from_kept_activations_is_the_whole_forward() {
             panic!("stopped without a stop site")
         };
         assert_eq!(seen.len(), 4);
-        for (i, stop) in Site::ALL.into_iter().enumerate() {
+        for (i, stop) in LLAMA.sites.iter().map(|s| s.site).enumerate() {
             let mut none = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
             let Step::Stopped(inner) = dl
                 .forward_from(x, None, &rope, &mut none, Some(stop))

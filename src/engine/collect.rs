@@ -4,6 +4,7 @@
 use super::layer_run::LayerRun;
 use super::nonfinite::find_nonfinite;
 use super::stats::{SiteStats, StatsRequest};
+use crate::model::arch::Block;
 use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Act, Inner, Rope};
 use crate::model::ModelConfig;
@@ -72,7 +73,7 @@ pub(super) fn collect(
                             d: usize,
                             gram: Option<&[f32]>|
              -> Result<()> {
-                if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+                if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, x.t, d) {
                     return Err(nf.into());
                 }
                 let own = match gram {
@@ -125,6 +126,8 @@ pub(super) fn collect(
 /// linears before it give) then costs one forward of the layer instead of three and a half.
 pub(super) struct Kept {
     pub(super) site: Site,
+    /// The block's table (which linears come before `site`).
+    block: &'static Block,
     /// The linears before `site` (the ones the activations went through) as they were.
     linears: BTreeMap<String, crate::model::layer::Linear>,
     norms: BTreeMap<String, Vec<u32>>,
@@ -136,20 +139,30 @@ pub(super) struct Kept {
 const KEPT_MAX_BYTES: usize = 2 << 30;
 
 impl Kept {
-    pub(super) fn new(site: Site, layer: &LayerWeights, states: Vec<Inner>) -> Self {
+    pub(super) fn new(
+        site: Site,
+        block: &'static Block,
+        layer: &LayerWeights,
+        states: Vec<Inner>,
+    ) -> Self {
         Kept {
             site,
-            linears: Self::before(site, layer),
+            block,
+            linears: Self::before(site, block, layer),
             norms: Self::norm_bits(layer),
             states,
         }
     }
 
-    fn before(site: Site, layer: &LayerWeights) -> BTreeMap<String, crate::model::layer::Linear> {
+    fn before(
+        site: Site,
+        block: &Block,
+        layer: &LayerWeights,
+    ) -> BTreeMap<String, crate::model::layer::Linear> {
         layer
             .linears
             .iter()
-            .filter(|(name, _)| Site::of(name) < site)
+            .filter(|(name, _)| block.site_of(name).is_some_and(|s| s < site))
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect()
     }
@@ -167,7 +180,7 @@ impl Kept {
         let now: Vec<(&String, &crate::model::layer::Linear)> = layer
             .linears
             .iter()
-            .filter(|(name, _)| Site::of(name) < self.site)
+            .filter(|(name, _)| self.block.site_of(name).is_some_and(|s| s < self.site))
             .collect();
         now.len() == self.linears.len()
             && now

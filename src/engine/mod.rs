@@ -291,8 +291,10 @@ pub fn run(
                     pairs.dedup();
                     let mut window: Vec<usize> = pairs.iter().map(|&(b, s)| ids[b][s]).collect();
                     window.sort_unstable();
-                    let sites: std::collections::BTreeSet<&str> =
-                        bad.iter().map(|&(_, _, s)| s.linears()[0]).collect();
+                    let sites: std::collections::BTreeSet<&str> = bad
+                        .iter()
+                        .filter_map(|&(_, _, s)| cfg.block().readers(s).next())
+                        .collect();
                     if request.teacher {
                         drop_samples(&mut teacher, &mut ids.clone(), &pairs);
                         drop_samples(&mut teacher_out, &mut ids.clone(), &pairs);

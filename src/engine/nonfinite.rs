@@ -2,6 +2,7 @@
 //! and finding and dropping the affected samples (separate from the statistics they interrupt).
 
 use super::layer_run::LayerRun;
+use crate::model::arch::Block;
 use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Act, Rope};
 use crate::model::ModelConfig;
@@ -26,6 +27,8 @@ pub enum NonFinitePolicy {
 pub struct NonFinite {
     pub layer: usize,
     pub site: Site,
+    /// The linears reading `site`.
+    pub linears: Vec<&'static str>,
     pub batch: usize,
     pub samples: Vec<usize>,
     pub value: f32,
@@ -38,7 +41,7 @@ impl std::fmt::Display for NonFinite {
             f,
             "layer {}: calibration activations at the input of `{}` are not finite ({}, first at token {})",
             self.layer,
-            self.site.linears().join("`, `"),
+            self.linears.join("`, `"),
             self.value,
             self.token,
         )
@@ -49,6 +52,7 @@ impl std::error::Error for NonFinite {}
 
 /// The samples of one batch ([b·t, d] rows) holding a NaN or ±Inf, or None when all is finite.
 pub(super) fn find_nonfinite(
+    block: &Block,
     layer: usize,
     site: Site,
     batch: usize,
@@ -66,6 +70,7 @@ pub(super) fn find_nonfinite(
     Some(NonFinite {
         layer,
         site,
+        linears: block.readers(site).collect(),
         batch,
         samples,
         value: v[first],
@@ -86,7 +91,7 @@ pub(super) fn screen_nonfinite(
     for (bi, x) in inputs.iter().enumerate() {
         let mut seen: BTreeMap<usize, Site> = BTreeMap::new();
         let mut hook = |site: Site, v: &[f32], _rows: usize, d: usize| -> Result<()> {
-            if let Some(nf) = find_nonfinite(layer.index, site, bi, v, x.t, d) {
+            if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, x.t, d) {
                 for s in nf.samples {
                     seen.entry(s).or_insert(site);
                 }

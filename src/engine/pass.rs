@@ -152,13 +152,16 @@ impl<'a> LayerCtx<'a> {
                 keep,
             )?;
             if let Some(states) = kept {
-                self.kept = Some(Kept::new(site, &self.layer, states));
+                self.kept = Some(Kept::new(site, self.config.block(), &self.layer, states));
             }
             self.stats.extend(st);
         }
-        self.stats
-            .get(&site)
-            .with_context(|| format!("statistics of {} were not collected", site.name()))
+        self.stats.get(&site).with_context(|| {
+            format!(
+                "statistics of {} were not collected",
+                self.config.block().site(site).name
+            )
+        })
     }
 
     /// Collect statistics at every site in one forward over the calibration inputs, with the
@@ -221,7 +224,7 @@ impl<'a> LayerCtx<'a> {
         let student = LayerRun::new(&self.layer, self.config, self.inputs)?;
         let teacher = LayerRun::new(dense, self.config, self.teacher_in)?;
         // stop after the last requested site (in forward order)
-        let stop = Site::ALL.iter().rev().find(|s| sites.contains(s)).copied();
+        let stop = sites.iter().max().copied();
         let mut sums: BTreeMap<Site, Array2<f64>> = BTreeMap::new();
         let mut n = 0usize;
         for (x, xt) in self.inputs.iter().zip(self.teacher_in) {
@@ -241,7 +244,7 @@ impl<'a> LayerCtx<'a> {
             for &site in sites {
                 let ((xs, d), (xt, _)) = match (gs.get(&site), gt.get(&site)) {
                     (Some(a), Some(b)) => (a, b),
-                    _ => bail!("no input seen at {}", site.name()),
+                    _ => bail!("no input seen at {}", self.config.block().site(site).name),
                 };
                 if xs.len() != xt.len() {
                     bail!("internal: teacher and student batches differ in shape");

@@ -24,7 +24,7 @@ impl Exporter {
     /// Write the tail (final norm, LM head), config.json with its quantization block, the
     /// tokenizer and side files. Returns the names of the files written and the spill files
     /// to remove once the caller has recorded the artifact as complete
-    /// ([`writer::remove_spills`]).
+    /// ([`super::writer::remove_spills`]).
     pub fn finish(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
         let also = std::mem::take(&mut self.also);
         let (mut files, mut spills) = self.finish_one(ckpt)?;

@@ -8,27 +8,6 @@ use std::collections::BTreeMap;
 
 pub use super::arch::Site;
 
-impl Site {
-    pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
-
-    /// The input site a linear reads (the Llama-family block: every family shares its linears).
-    pub fn of(linear: &str) -> Site {
-        super::arch::LLAMA
-            .linear(linear)
-            .map(|l| l.site)
-            .unwrap_or(Site::DownIn)
-    }
-
-    /// The linears that read this site.
-    pub fn linears(&self) -> Vec<&'static str> {
-        super::arch::LLAMA.readers(*self).collect()
-    }
-
-    pub fn name(&self) -> &'static str {
-        super::arch::LLAMA.site(*self).name
-    }
-}
-
 pub use super::linear::{ActQuant, Adapter, Factor, GgmlCodes, Linear, Mask, Repr};
 
 #[derive(Clone)]

@@ -417,9 +417,13 @@ impl Pass for Awq {
                 continue; // a mapping is scaled whole, and only where folding is exact
             }
             let t = Instant::now();
-            let (alpha, duo, loss, loss0) = self
-                .scale_mapping(ctx, m)
-                .with_context(|| format!("layer {}: AWQ at {}", ctx.index(), m.site.name()))?;
+            let (alpha, duo, loss, loss0) = self.scale_mapping(ctx, m).with_context(|| {
+                format!(
+                    "layer {}: AWQ at {}",
+                    ctx.index(),
+                    ctx.config.block().site(m.site).name
+                )
+            })?;
             let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
             for c in &m.consumers {
                 ctx.records.push(LinearRecord {

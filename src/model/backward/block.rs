@@ -93,14 +93,15 @@ impl<'a> Block<'a> {
             "sequence of {t} tokens exceeds the RoPE table ({max_t})"
         );
         ensure!(x.data.len() == n * d, "hidden state has the wrong size");
-        let h1 = ops::rms_norm(&x.data, d, self.norm("input_layernorm")?, eps);
-        let q_pre = self.eff("self_attn.q_proj")?.forward(&h1, n);
-        let k_pre = self.eff("self_attn.k_proj")?.forward(&h1, n);
-        let v = self.eff("self_attn.v_proj")?.forward(&h1, n);
-        let (q, k) = if cfg.qk_norm {
+        let (at, mlp) = (&cfg.block().attention, &cfg.block().mlp);
+        let h1 = ops::rms_norm(&x.data, d, self.norm(at.norm)?, eps);
+        let q_pre = self.eff(at.q)?.forward(&h1, n);
+        let k_pre = self.eff(at.k)?.forward(&h1, n);
+        let v = self.eff(at.v)?.forward(&h1, n);
+        let (q, k) = if let Some((qn, kn)) = at.qk_norm {
             (
-                ops::rms_norm(&q_pre, hd, self.norm("self_attn.q_norm")?, eps),
-                ops::rms_norm(&k_pre, hd, self.norm("self_attn.k_norm")?, eps),
+                ops::rms_norm(&q_pre, hd, self.norm(qn)?, eps),
+                ops::rms_norm(&k_pre, hd, self.norm(kn)?, eps),
             )
         } else {
             (q_pre.clone(), k_pre.clone())
@@ -109,14 +110,14 @@ impl<'a> Block<'a> {
         let kr = ops::rope_transpose(&k, b, t, nkv, hd, cos, sin);
         let vt = ops::heads_transpose(&v, b, t, nkv, hd);
         let attn = crate::model::attention::causal_attention(&qr, &kr, &vt, b, nh, nkv, t, hd);
-        let o = self.eff("self_attn.o_proj")?.forward(&attn, n);
+        let o = self.eff(at.o)?.forward(&attn, n);
         let mut r = x.data.clone();
         ops::add_assign(&mut r, &o);
-        let h2 = ops::rms_norm(&r, d, self.norm("post_attention_layernorm")?, eps);
-        let g = self.eff("mlp.gate_proj")?.forward(&h2, n);
-        let u = self.eff("mlp.up_proj")?.forward(&h2, n);
+        let h2 = ops::rms_norm(&r, d, self.norm(mlp.norm)?, eps);
+        let g = self.eff(mlp.gate)?.forward(&h2, n);
+        let u = self.eff(mlp.up)?.forward(&h2, n);
         let act = ops::silu_mul(&g, &u);
-        let dn = self.eff("mlp.down_proj")?.forward(&act, n);
+        let dn = self.eff(mlp.down)?.forward(&act, n);
         let mut y = r.clone();
         ops::add_assign(&mut y, &dn);
         let tape = Tape {
@@ -157,7 +158,8 @@ impl<'a> Block<'a> {
         let (cos, sin, _) = rope.tables();
         ensure!(dy.len() == n * d, "output gradient has the wrong size");
         // y = r + down(a): ∂r = ∂y, ∂a = down'ᵀ ∂y
-        let da = self.eff("mlp.down_proj")?.backward(&tape.act, dy, n, grads);
+        let (at, mlp) = (&cfg.block().attention, &cfg.block().mlp);
+        let da = self.eff(mlp.down)?.backward(&tape.act, dy, n, grads);
         // a = silu(g) u
         let mut dg = vec![0f32; da.len()];
         let mut du = vec![0f32; da.len()];
@@ -174,54 +176,37 @@ impl<'a> Block<'a> {
                     dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 }
             });
-        let mut dh2 = self.eff("mlp.gate_proj")?.backward(&tape.h2, &dg, n, grads);
+        let mut dh2 = self.eff(mlp.gate)?.backward(&tape.h2, &dg, n, grads);
         ops::add_assign(
             &mut dh2,
-            &self.eff("mlp.up_proj")?.backward(&tape.h2, &du, n, grads),
+            &self.eff(mlp.up)?.backward(&tape.h2, &du, n, grads),
         );
         // h₂ = RMSNorm(r): ∂r = ∂y + RMSNorm'ᵀ ∂h₂
         let mut dr = {
-            let name = "post_attention_layernorm";
+            let name = mlp.norm;
             let gi = grads.index(name, Field::Norm);
             let dgam = gi.map(|i| grads.list[i].values.as_mut_slice());
             rms_norm_backward(&tape.r, d, self.norm(name)?, eps, &dh2, dgam)
         };
         ops::add_assign(&mut dr, dy);
         // r = x + o_proj(A)
-        let dattn = self
-            .eff("self_attn.o_proj")?
-            .backward(&tape.attn, &dr, n, grads);
+        let dattn = self.eff(at.o)?.backward(&tape.attn, &dr, n, grads);
         let (dqr, dkr, dvt) =
             causal_attention_backward(&tape.qr, &tape.kr, &tape.vt, &dattn, b, nh, nkv, t, hd);
         let mut dq = rope_transpose_backward(&dqr, b, t, nh, hd, cos, sin);
         let mut dk = rope_transpose_backward(&dkr, b, t, nkv, hd, cos, sin);
         let dv = heads_untranspose(&dvt, b, t, nkv, hd);
-        if cfg.qk_norm {
-            for (name, pre, dd) in [
-                ("self_attn.q_norm", &tape.q_pre, &mut dq),
-                ("self_attn.k_norm", &tape.k_pre, &mut dk),
-            ] {
+        if let Some((qn, kn)) = at.qk_norm {
+            for (name, pre, dd) in [(qn, &tape.q_pre, &mut dq), (kn, &tape.k_pre, &mut dk)] {
                 let gi = grads.index(name, Field::Norm);
                 let dgam = gi.map(|i| grads.list[i].values.as_mut_slice());
                 *dd = rms_norm_backward(pre, hd, self.norm(name)?, eps, dd, dgam);
             }
         }
-        let mut dh1 = self
-            .eff("self_attn.q_proj")?
-            .backward(&tape.h1, &dq, n, grads);
-        ops::add_assign(
-            &mut dh1,
-            &self
-                .eff("self_attn.k_proj")?
-                .backward(&tape.h1, &dk, n, grads),
-        );
-        ops::add_assign(
-            &mut dh1,
-            &self
-                .eff("self_attn.v_proj")?
-                .backward(&tape.h1, &dv, n, grads),
-        );
-        let name = "input_layernorm";
+        let mut dh1 = self.eff(at.q)?.backward(&tape.h1, &dq, n, grads);
+        ops::add_assign(&mut dh1, &self.eff(at.k)?.backward(&tape.h1, &dk, n, grads));
+        ops::add_assign(&mut dh1, &self.eff(at.v)?.backward(&tape.h1, &dv, n, grads));
+        let name = at.norm;
         let gi = grads.index(name, Field::Norm);
         let dgam = gi.map(|i| grads.list[i].values.as_mut_slice());
         let mut dx = rms_norm_backward(&tape.x, d, self.norm(name)?, eps, &dh1, dgam);
