@@ -1,6 +1,6 @@
 // Quantization kernels: RTN group quantization and the GPTQ column-block sweep.
 //
-// Compiled at run time by NVRTC (src/backend/cuda.rs) with --fmad=false, so every f32 operation
+// Compiled at run time by NVRTC (src/backend/cuda/) with --fmad=false, so every f32 operation
 // is a single IEEE-rounded operation in the order written here, the order of the CPU code in
 // src/quant/mod.rs (RTN is bit-identical with it) and src/passes/sweep.rs + gptq.rs (GPTQ).
 // No headers: bf16/f16 rounding is one PTX cvt instruction each.

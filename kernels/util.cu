@@ -1,5 +1,5 @@
 // Small helper kernels: dampening, precision conversion, and deterministic random fills for
-// the GPU benchmark (src/backend/cuda.rs). Compiled at run time by NVRTC.
+// the GPU benchmark (src/backend/cuda/). Compiled at run time by NVRTC.
 
 // A[j, j] += lambda for a row-major (or column-major: symmetric) n×n f64 matrix.
 extern "C" __global__ void add_diag_f64(double* a, int n, double lambda) {

@@ -1,5 +1,5 @@
 //! `eval.precision: bf16` / `compress eval --precision bf16`: the linears compute with bf16
-//! weights and inputs and f32 accumulation (src/model/bf16.rs). Its perplexity stays within
+//! weights and inputs and f32 accumulation (src/model/bf16/). Its perplexity stays within
 //! 0.2% of f32 on the reference model, it is a different computation (not the f32 bits), and
 //! the eval cache keeps the two apart: an f32 run never reuses a bf16 baseline or the reverse.
 
@@ -126,7 +126,7 @@ fn the_eval_cache_keeps_precisions_apart() {
 }
 
 /// bf16 evaluation of a quantized checkpoint reads the integer codes
-/// (src/model/packed_int.rs): the same logits, bit for bit, as packing its dequantized
+/// (src/model/bf16/packed_int.rs): the same logits, bit for bit, as packing its dequantized
 /// weights — for compressed-tensors W4 (asymmetric, groups) and GPTQ v1 with g_idx in
 /// activation order, resident and streamed — with a fraction of the memory.
 #[test]

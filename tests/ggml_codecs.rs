@@ -1,4 +1,4 @@
-//! The ggml block codecs (src/quant/ggml.rs) against fixtures written by llama.cpp's own
+//! The ggml block codecs (src/quant/ggml/) against fixtures written by llama.cpp's own
 //! Python package `gguf` (and, for the k-quant encoders, by llama.cpp's C reference
 //! `quantize_row_*_ref`): tests/fixtures/gguf/, made by scripts/make-gguf-fixtures.py.
 //! Encoders must give the same bytes, decoders the same floats (bit for bit).

@@ -532,7 +532,7 @@ fn sibling_files_inside_every_module_import_each_other_without_cycles() {
 
 /// Files allowed to spell a decoder module's name: the architecture tables, and the GGUF name
 /// table that maps them to llama.cpp's names.
-const NAME_TABLES: [&str; 3] = ["model/arch.rs", "formats/gguf.rs", "formats/gguf/names.rs"];
+const NAME_TABLES: [&str; 2] = ["model/arch.rs", "formats/gguf/names.rs"];
 
 /// Every decoder-layer module name of the tables, its last component and its parent's prefix
 /// (`self_attn.q_proj`, `q_proj`, `self_attn.`).

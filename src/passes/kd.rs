@@ -16,7 +16,7 @@
 //! points z on asymmetric grids) of W = (Q − z)·s with the integer codes Q fixed — the
 //! straight-through estimator for round(z) (Bengio et al. 2013) — and low-rank factors U, V of
 //! W = U·V. Sparse linears keep their masks. Gradients come from the block's hand-written
-//! backward (`model/backward.rs`).
+//! backward (`model/backward/`).
 //!
 //! Optimisation: Adam (Kingma & Ba 2015, Algorithm 1) with bias-corrected moments,
 //!

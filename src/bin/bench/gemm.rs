@@ -52,7 +52,7 @@ pub(super) fn gemm_rates(shapes: &[String]) -> Result<()> {
             std::hint::black_box(p.matmul(&x, n, None));
         });
         // the same weight as 4-bit codes, groups of 128 (or one group per row), read by the
-        // kernel from the codes (src/model/packed_int.rs)
+        // kernel from the codes (src/model/bf16/packed_int.rs)
         let args = compress::quant::QuantArgs {
             bits: 4,
             symmetric: true,
