@@ -131,6 +131,10 @@ fn gpu_path_matches_cpu() {
                         strategy,
                         group_size: gs,
                         observer: Observer::MinMax,
+                        float: None,
+                        scale_type: None,
+                        global_scale: false,
+                        block: None,
                     };
                     let w = random_weights(67, 256, dtype, &mut rng);
                     let before = backend::device_calls();
@@ -156,6 +160,10 @@ fn gpu_path_matches_cpu() {
         strategy: Strategy::Group,
         group_size: 32,
         observer: Observer::MinMax,
+        float: None,
+        scale_type: None,
+        global_scale: false,
+        block: None,
     };
     let w = random_weights(40, 128, DType::BF16, &mut rng);
     let mut q = quantize_rtn(w.view(), &args, DType::BF16).unwrap();
@@ -221,6 +229,10 @@ fn gpu_path_matches_cpu() {
             strategy,
             group_size: gs,
             observer: Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         let run = || -> GptqResult {
             gptq_quantize(

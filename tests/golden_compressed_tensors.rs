@@ -41,6 +41,10 @@ fn scheme(dir: &Path) -> QuantArgs {
         strategy,
         group_size: w["group_size"].as_u64().unwrap_or(0) as usize,
         observer: Observer::MinMax,
+        float: None,
+        scale_type: None,
+        global_scale: false,
+        block: None,
     }
 }
 

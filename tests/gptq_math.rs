@@ -14,6 +14,10 @@ fn args(bits: u32, strategy: Strategy, group: usize, sym: bool) -> QuantArgs {
         strategy,
         group_size: group,
         observer: Observer::MinMax,
+        float: None,
+        scale_type: None,
+        global_scale: false,
+        block: None,
     }
 }
 

@@ -113,6 +113,10 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
         strategy: Strategy::Group,
         group_size: shape.group,
         observer: Observer::MinMax,
+        float: None,
+        scale_type: None,
+        global_scale: false,
+        block: None,
     };
     let chunks = shape.tokens.div_ceil(shape.chunk);
     let mut t_fill = 0.0;

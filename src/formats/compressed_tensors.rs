@@ -725,6 +725,9 @@ pub fn quantization_config(
         Strategy::Group => ("group", json!(a.group_size)),
         Strategy::Channel => ("channel", Value::Null),
         Strategy::Tensor => ("tensor", Value::Null),
+        Strategy::Block => ("block", Value::Null),
+        Strategy::TensorGroup => ("tensor_group", json!(a.group_size)),
+        Strategy::Token => ("token", Value::Null),
     };
     json!({
         "config_groups": {

@@ -229,6 +229,10 @@ mod tests {
             strategy: crate::quant::Strategy::Group,
             group_size: 16,
             observer: crate::quant::Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         crate::quant::quantize_rtn(w.view(), &args, crate::model::DType::F32)
             .unwrap()

@@ -279,6 +279,10 @@ impl Scheme {
             strategy,
             group_size: self.group_size.max(0) as usize,
             observer: self.observer,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         })
     }
 

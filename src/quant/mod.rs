@@ -21,6 +21,7 @@
 
 pub mod ggml;
 
+use crate::number::{FloatFormat, NumType, ScaleType};
 use crate::safetensors_file::DType;
 use anyhow::{bail, ensure, Result};
 use ndarray::{Array2, ArrayView2};
@@ -37,6 +38,13 @@ pub enum Strategy {
     Channel,
     /// One scale per `group_size` consecutive input columns of each row.
     Group,
+    /// One scale per `block` = [rows, cols] tile (FP8_BLOCK: 128×128).
+    Block,
+    /// Group scales under one per-tensor global scale (NVFP4: groups of 16, E4M3 scales).
+    #[serde(rename = "tensor_group")]
+    TensorGroup,
+    /// One scale per token (activations only: dynamic per-token quantization).
+    Token,
 }
 
 /// How the range is chosen before rounding.
@@ -49,14 +57,33 @@ pub enum Observer {
     Mse,
 }
 
+/// One quantizer's arguments, as compressed-tensors' `QuantizationArgs` holds them: the number
+/// type of the grid (integers of `bits` bits, or a small float), how values share scales
+/// (`strategy`, `group_size`, `block`), what the scales are stored as and whether a per-tensor
+/// global scale sits above them. The integer fields are the ones every method uses today; the
+/// float ones are what the float and microscale schemes (FP8, NVFP4, MXFP4) fill in, each
+/// rejected by [`QuantArgs::validate`] until a quantizer implements it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantArgs {
+    /// Bits per value: the integer grid's width, or the float format's.
     pub bits: u32,
     pub symmetric: bool,
     pub strategy: Strategy,
-    /// Columns per group (only for `Strategy::Group`).
+    /// Columns per group (`Strategy::Group`, `Strategy::TensorGroup`).
     pub group_size: usize,
     pub observer: Observer,
+    /// A float grid (E4M3, E5M2, E2M1) instead of the integer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub float: Option<FloatFormat>,
+    /// What scales are stored as when not the weight's own dtype (E4M3 for NVFP4, E8M0 for MX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_type: Option<ScaleType>,
+    /// A per-tensor f32 global scale above the group scales (NVFP4).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global_scale: bool,
+    /// [rows, cols] of a tile (`Strategy::Block`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[usize; 2]>,
 }
 
 /// A quantized linear as the exporters need it.
@@ -125,12 +152,59 @@ pub fn dtype_eps(dtype: DType) -> f32 {
 }
 
 impl QuantArgs {
+    /// An integer grid: what every method quantizes onto today.
+    pub fn int(
+        bits: u32,
+        symmetric: bool,
+        strategy: Strategy,
+        group_size: usize,
+        observer: Observer,
+    ) -> Self {
+        QuantArgs {
+            bits,
+            symmetric,
+            strategy,
+            group_size,
+            observer,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
+        }
+    }
+
+    /// The grid's number type.
+    pub fn num(&self) -> NumType {
+        match self.float {
+            Some(format) => NumType::Float { format },
+            None => NumType::Int { bits: self.bits },
+        }
+    }
+
     /// Check that the arguments describe a grid we can store (codes are i8).
     pub fn validate(&self) -> Result<()> {
         ensure!(
             (2..=8).contains(&self.bits),
             "quantization: {} bits is not supported (2..=8)",
             self.bits
+        );
+        if let Some(f) = self.float {
+            bail!(
+                "quantization: float grids ({}) have no quantizer yet (the float schemes, issue #39)",
+                f.name()
+            );
+        }
+        ensure!(
+            self.scale_type.is_none() && !self.global_scale && self.block.is_none(),
+            "quantization: scale types, global scales and blocks have no quantizer yet (the float schemes, issue #39)"
+        );
+        ensure!(
+            matches!(
+                self.strategy,
+                Strategy::Tensor | Strategy::Channel | Strategy::Group
+            ),
+            "quantization: strategy {:?} has no weight quantizer yet (the float schemes, issue #39)",
+            self.strategy
         );
         if self.strategy == Strategy::Group {
             ensure!(
@@ -146,7 +220,8 @@ impl QuantArgs {
     pub fn groups_per_row(&self, in_features: usize) -> Result<usize> {
         self.validate()?;
         Ok(match self.strategy {
-            Strategy::Tensor | Strategy::Channel => 1,
+            Strategy::Tensor | Strategy::Channel | Strategy::Token => 1,
+            Strategy::Block | Strategy::TensorGroup => unreachable!("rejected by validate"),
             Strategy::Group => {
                 if !in_features.is_multiple_of(self.group_size) {
                     bail!(
@@ -500,6 +575,10 @@ mod tests {
             strategy,
             group_size,
             observer: Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         }
     }
 
@@ -685,6 +764,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn args_hold_number_types_and_integer_ones_serialize_as_before() {
+        let a = args(4, true, Strategy::Group, 128);
+        assert_eq!(
+            a,
+            QuantArgs::int(4, true, Strategy::Group, 128, Observer::MinMax)
+        );
+        assert_eq!(a.num(), NumType::Int { bits: 4 });
+        // the resume state and the reports of integer runs keep their bytes
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"bits":4,"symmetric":true,"strategy":"group","group_size":128,"observer":"minmax"}"#
+        );
+        a.validate().unwrap();
+        // NVFP4's weights: E2M1 in groups of 16, E4M3 scales under a global scale
+        let nvfp4 = QuantArgs {
+            bits: 4,
+            float: Some(FloatFormat::E2M1),
+            scale_type: Some(ScaleType::E4M3),
+            global_scale: true,
+            strategy: Strategy::TensorGroup,
+            group_size: 16,
+            ..a.clone()
+        };
+        assert_eq!(
+            nvfp4.num(),
+            NumType::Float {
+                format: FloatFormat::E2M1
+            }
+        );
+        let back: QuantArgs =
+            serde_json::from_str(&serde_json::to_string(&nvfp4).unwrap()).unwrap();
+        assert_eq!(back, nvfp4);
+        // no quantizer takes them yet: a clear error, not integer codes
+        let e = nvfp4.validate().unwrap_err().to_string();
+        assert!(e.contains("e2m1") && e.contains("#39"), "{e}");
+        let block = QuantArgs {
+            strategy: Strategy::Block,
+            block: Some([128, 128]),
+            ..a
+        };
+        assert!(block.validate().is_err());
     }
 
     #[test]

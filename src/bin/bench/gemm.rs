@@ -63,6 +63,10 @@ pub(super) fn gemm_rates(shapes: &[String]) -> Result<()> {
             },
             group_size: 128,
             observer: compress::quant::Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         let wa = ndarray::ArrayView2::from_shape((out, k), &w[..])?;
         let q = compress::quant::quantize_rtn(wa, &args, compress::safetensors_file::DType::BF16)?;

@@ -31,6 +31,10 @@ fn args(bits: u32, symmetric: bool, strategy: Strategy, group_size: usize) -> Qu
         strategy,
         group_size,
         observer: Observer::MinMax,
+        float: None,
+        scale_type: None,
+        global_scale: false,
+        block: None,
     }
 }
 

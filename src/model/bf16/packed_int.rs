@@ -205,6 +205,10 @@ mod tests {
             strategy,
             group_size,
             observer: Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         let mut q = quantize_rtn(w.view(), &args, DType::BF16).expect("quantizes");
         if act_order {

@@ -249,6 +249,10 @@ mod tests {
             strategy: crate::quant::Strategy::Group,
             group_size: 8,
             observer: crate::quant::Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         let w = rand((10, 16), 11);
         let mut l = Linear::dense(
@@ -316,6 +320,10 @@ mod tests {
             strategy: crate::quant::Strategy::Group,
             group_size: 8,
             observer: crate::quant::Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         let q = crate::quant::quantize_rtn(l.weight().view(), &args, DType::BF16).unwrap();
         l.set_quantized(q).unwrap();

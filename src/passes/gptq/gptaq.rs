@@ -225,6 +225,10 @@ mod tests {
             strategy: Strategy::Group,
             group_size: 16,
             observer: Observer::MinMax,
+            float: None,
+            scale_type: None,
+            global_scale: false,
+            block: None,
         };
         for seed in 0..4 {
             let (x, xt) = streams(512, 64, 10 + seed);

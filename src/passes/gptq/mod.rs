@@ -382,6 +382,7 @@ impl Grid {
                 Some((s, z))
             }
             Strategy::Group => None,
+            s => bail!("GPTQ: strategy {s:?} has no integer grid (the float schemes, issue #39)"),
         };
         Ok(Grid {
             args: args.clone(),
