@@ -48,6 +48,9 @@ use std::time::Instant;
 
 use super::sweep::{self, ColumnRule, Factor};
 
+/// A GGUF export of the pipeline as the sweep sees it: its mix and per-tensor overrides.
+pub type GgufExport = (Option<FileType>, Vec<TypeOverride>);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptqGgmlSpec {
@@ -92,6 +95,19 @@ impl GptqGgmlSpec {
         }
         super::select::Selector::new(&self.targets, &self.ignore)?;
         Ok(())
+    }
+
+    /// Take the GGUF export's mix and overrides where the pass names none (one GGUF export at
+    /// most: the codes it keeps are one mix's).
+    pub fn bind_exports(&mut self, exports: &[GgufExport]) -> Result<()> {
+        if exports.len() > 1 {
+            bail!(
+                "sweeps onto one GGUF mix, but `export` lists {} GGUF exports: keep one",
+                exports.len()
+            );
+        }
+        let (t, o) = exports.first().cloned().unwrap_or_default();
+        self.resolve(t, &o)
     }
 
     /// Take the GGUF export's mix and overrides where the pass names none; refuse a pass whose

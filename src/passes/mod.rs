@@ -130,6 +130,35 @@ methods! {
 }
 
 impl PassSpec {
+    /// The whole-model phase, before the layer stream: a pass that must see every layer before
+    /// the first one changes does it here (OWL's outlier scan sets a pruning pass's per-layer
+    /// sparsities). `cached` is what a resumed run's state recorded; the result is what the
+    /// resume state keeps (OWL: outlier ratio and sparsity per layer).
+    pub fn prepare(
+        &mut self,
+        at: &str,
+        ckpt: &crate::model::Checkpoint,
+        windows: &[Vec<u32>],
+        opts: &crate::engine::StreamOptions,
+        cached: Option<&Vec<(f64, f64)>>,
+    ) -> Result<Option<Vec<(f64, f64)>>> {
+        match self.prune_spec_mut() {
+            Some(ps) if ps.allocation == prune::Allocation::Owl => {
+                owl::prepare(ps, at, ckpt, windows, opts, cached).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Bind the pass to the pipeline's GGUF exports (mix, overrides), before validation:
+    /// `gptq_ggml` sweeps onto the grid the GGUF export writes.
+    pub fn bind_gguf_exports(&mut self, exports: &[gptq_ggml::GgufExport]) -> Result<()> {
+        match self {
+            PassSpec::GptqGgml(g) => g.bind_exports(exports),
+            _ => Ok(()),
+        }
+    }
+
     /// The pruning fields of a pruning pass (magnitude, Wanda, SparseGPT).
     pub fn prune_spec_mut(&mut self) -> Option<&mut prune::PruneSpec> {
         match self {

@@ -144,6 +144,58 @@ pub fn ratios_from_records(records: &[LinearRecord], layers: usize) -> Result<Ve
         .collect()
 }
 
+/// OWL's whole-model phase: stream the dense model through the outlier scan (nothing written)
+/// and set the pruning pass's per-layer sparsities from the ratios. A resumed run passes the
+/// allocation its state recorded (`cached`) instead of scanning again. Returns
+/// (outlier ratio, sparsity) per layer, which the resume state keeps.
+pub fn prepare(
+    ps: &mut super::prune::PruneSpec,
+    at: &str,
+    ckpt: &crate::model::Checkpoint,
+    windows: &[Vec<u32>],
+    opts: &crate::engine::StreamOptions,
+    cached: Option<&Vec<(f64, f64)>>,
+) -> Result<Vec<(f64, f64)>> {
+    struct Discard;
+    impl crate::engine::LayerSink for Discard {
+        fn layer(
+            &mut self,
+            _: &crate::model::Checkpoint,
+            _: &crate::model::layer::LayerWeights,
+        ) -> Result<()> {
+            Ok(())
+        }
+    }
+    if windows.is_empty() {
+        bail!("{at}: `allocation: owl` needs a `calibration:` block");
+    }
+    if let Some(a) = cached.filter(|a| a.len() == ckpt.config.num_layers) {
+        crate::info!("{at}: OWL allocation from the resume state");
+        ps.owl = Some(a.clone());
+        return Ok(a.clone());
+    }
+    crate::info!("{at}: OWL scan of the dense model (outlier ratio per layer)");
+    let scan = OwlScan {
+        m: ps.owl_m,
+        select: Selector::new(&ps.targets, &ps.ignore)?,
+    };
+    let passes: Vec<Box<dyn Pass>> = vec![Box::new(scan)];
+    let r = crate::engine::run(ckpt, &passes, windows, opts, &mut Discard, None)?;
+    let ratios = ratios_from_records(&r.records, ckpt.config.num_layers)?;
+    let alloc = allocate(&ratios, ps.target(), ps.owl_lambda).with_context(|| at.to_string())?;
+    crate::info!(
+        "{at}: OWL sparsity per layer {}",
+        alloc
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let a: Vec<(f64, f64)> = ratios.into_iter().zip(alloc).collect();
+    ps.owl = Some(a.clone());
+    Ok(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

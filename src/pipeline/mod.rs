@@ -325,22 +325,16 @@ impl Pipeline {
     pub fn from_str(text: &str, path: &Path) -> Result<Self> {
         let mut p: Pipeline =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        // gptq_ggml sweeps onto the grid the GGUF export writes: take its mix from there
-        let gguf: Vec<&Export> = p.export.gguf().collect();
-        let export_type = gguf.first().and_then(|e| e.gguf_type);
-        let overrides = gguf
-            .first()
-            .map(|e| e.tensor_types.clone())
-            .unwrap_or_default();
+        // a pass may target what an export writes (gptq_ggml: the GGUF export's mix)
+        let gguf: Vec<crate::passes::gptq_ggml::GgufExport> = p
+            .export
+            .gguf()
+            .map(|e| (e.gguf_type, e.tensor_types.clone()))
+            .collect();
         for (i, pass) in p.passes.iter_mut().enumerate() {
-            if let crate::passes::PassSpec::GptqGgml(g) = pass {
-                // the codes it keeps are one mix's: a second GGUF export would need others
-                if gguf.len() > 1 {
-                    bail!("{}: passes[{i}] (gptq_ggml) sweeps onto one GGUF mix, but `export` lists {} GGUF exports: keep one", path.display(), gguf.len());
-                }
-                g.resolve(export_type, &overrides)
-                    .with_context(|| format!("{}: passes[{i}] (gptq_ggml)", path.display()))?;
-            }
+            let name = pass.name();
+            pass.bind_gguf_exports(&gguf)
+                .with_context(|| format!("{}: passes[{i}] ({name})", path.display()))?;
         }
         p.validate(path)?;
         Ok(p)

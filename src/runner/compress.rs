@@ -5,7 +5,7 @@ use crate::export::Exporter;
 use crate::model::Checkpoint;
 use crate::pipeline::Pipeline;
 use crate::{calib, info};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -57,7 +57,14 @@ pub(super) fn compress_into(
     // OWL needs every layer's outlier ratio before the first layer is pruned: scan first
     let mut specs = p.passes.clone();
     let cached_owl = state.as_ref().map(|s| s.owl.clone()).unwrap_or_default();
-    let owl = owl_scan(&mut specs, ckpt, &windows, &opts, &cached_owl)?;
+    let mut owl = Vec::new();
+    for (i, spec) in specs.iter_mut().enumerate() {
+        let at = format!("passes[{i}] {}", spec.name());
+        let cached = cached_owl.iter().find(|(j, _)| *j == i).map(|(_, a)| a);
+        if let Some(a) = spec.prepare(&at, ckpt, &windows, &opts, cached)? {
+            owl.push((i, a));
+        }
+    }
     let mut passes = specs
         .iter()
         .map(|s| s.build())
@@ -143,67 +150,4 @@ fn begin_export(e: &crate::pipeline::Export, dir: &Path, ckpt: &Checkpoint) -> R
         )?
         .with_sparse_format(e.sparse_format),
     }
-}
-
-/// For each pruning pass with `allocation: owl` (passes/owl.rs): stream the dense model through
-/// the OWL scan (nothing written) and set the pass's per-layer sparsities. A resumed run takes
-/// the allocation its state recorded (`cached`) instead of scanning again (the scan is
-/// deterministic, so it would find the same). Returns every allocation, for the resume state.
-fn owl_scan(
-    specs: &mut [crate::passes::PassSpec],
-    ckpt: &Checkpoint,
-    windows: &[Vec<u32>],
-    opts: &crate::engine::StreamOptions,
-    cached: &[(usize, Vec<(f64, f64)>)],
-) -> Result<crate::resume::OwlAllocations> {
-    let mut out = Vec::new();
-    struct Discard;
-    impl crate::engine::LayerSink for Discard {
-        fn layer(&mut self, _: &Checkpoint, _: &crate::model::layer::LayerWeights) -> Result<()> {
-            Ok(())
-        }
-    }
-    for (i, spec) in specs.iter_mut().enumerate() {
-        let name = spec.name();
-        let Some(ps) = spec.prune_spec_mut() else {
-            continue;
-        };
-        if ps.allocation != crate::passes::prune::Allocation::Owl {
-            continue;
-        }
-        if windows.is_empty() {
-            bail!("passes[{i}] {name}: `allocation: owl` needs a `calibration:` block");
-        }
-        if let Some((_, a)) = cached
-            .iter()
-            .find(|(j, a)| *j == i && a.len() == ckpt.config.num_layers)
-        {
-            info!("passes[{i}] {name}: OWL allocation from the resume state");
-            ps.owl = Some(a.clone());
-            out.push((i, a.clone()));
-            continue;
-        }
-        info!("passes[{i}] {name}: OWL scan of the dense model (outlier ratio per layer)");
-        let scan = crate::passes::owl::OwlScan {
-            m: ps.owl_m,
-            select: crate::passes::select::Selector::new(&ps.targets, &ps.ignore)?,
-        };
-        let passes: Vec<Box<dyn crate::engine::Pass>> = vec![Box::new(scan)];
-        let r = crate::engine::run(ckpt, &passes, windows, opts, &mut Discard, None)?;
-        let ratios = crate::passes::owl::ratios_from_records(&r.records, ckpt.config.num_layers)?;
-        let alloc = crate::passes::owl::allocate(&ratios, ps.target(), ps.owl_lambda)
-            .with_context(|| format!("passes[{i}] {name}"))?;
-        info!(
-            "passes[{i}] {name}: OWL sparsity per layer {}",
-            alloc
-                .iter()
-                .map(|s| format!("{s:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let a: Vec<(f64, f64)> = ratios.into_iter().zip(alloc).collect();
-        out.push((i, a.clone()));
-        ps.owl = Some(a);
-    }
-    Ok(out)
 }
