@@ -83,3 +83,55 @@ fn mappings_say_where_scales_fold() {
     let m = mha.block().mappings(&mha);
     assert!(m.iter().all(|x| x.foldable), "{m:?}");
 }
+
+/// Every site of every family's table agrees with its readers and its parts: the width is each
+/// reader's input dimension, a part's input site is the output of the part's norm, and each
+/// linear the parts name is a linear of the table reading a site inside that part.
+#[test]
+fn sites_and_parts_agree_with_the_linears() {
+    use compress::model::arch::{Parent, Part, LLAMA, QWEN3};
+    for dir in fixtures() {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cfg = &ckpt.config;
+        let block = cfg.block();
+        for s in block.sites {
+            let readers: Vec<&str> = block.readers(s.site).collect();
+            assert!(
+                !readers.is_empty(),
+                "{}: site {} has no reader",
+                dir.display(),
+                s.name
+            );
+            for r in &readers {
+                let l = block.linear(r).unwrap();
+                assert_eq!(cfg.dim(l.inp), cfg.dim(s.width), "{}: {r}", dir.display());
+            }
+            if let Parent::Linear(p) = s.parent {
+                assert_eq!(readers, [p], "a linear parent is the site's one reader");
+            }
+        }
+        let (a, m) = (&block.attention, &block.mlp);
+        for (part, norm, names) in [
+            (Part::Attention, a.norm, vec![a.q, a.k, a.v, a.o]),
+            (Part::Mlp, m.norm, vec![m.gate, m.up, m.down]),
+        ] {
+            let input = block.part_input(part);
+            assert_eq!(block.site(input).producer, Producer::Norm(norm));
+            for n in names {
+                let site = block
+                    .site_of(n)
+                    .unwrap_or_else(|| panic!("{n} not in the table"));
+                assert_eq!(block.site(site).part, part, "{n}");
+            }
+        }
+        assert_eq!(
+            block.attention.qk_norm.is_some(),
+            block.norms.iter().any(|(n, _)| n.ends_with("q_norm")),
+            "{}",
+            dir.display()
+        );
+    }
+    // qwen3 is llama's table plus the q/k norms
+    assert_eq!(LLAMA.linears.len(), QWEN3.linears.len());
+    assert!(LLAMA.attention.qk_norm.is_none() && QWEN3.attention.qk_norm.is_some());
+}

@@ -192,12 +192,15 @@ impl Kept {
     /// Whether keeping the activations at `site` for `inputs` fits [`KEPT_MAX_BYTES`].
     pub(super) fn fits(site: Site, inputs: &[Act], cfg: &ModelConfig) -> bool {
         let rows: usize = inputs.iter().map(|a| a.rows()).sum();
-        let width = match site {
-            Site::AttnIn => cfg.hidden_size,
-            Site::OIn => cfg.num_heads * cfg.head_dim,
-            Site::MlpIn => 2 * cfg.hidden_size,
-            Site::DownIn => cfg.hidden_size + cfg.intermediate_size,
+        // the site's rows, and the residual stream once the first part is done
+        let block = cfg.block();
+        let d = block.site(site);
+        let residual = if d.part == block.sites[0].part {
+            0
+        } else {
+            cfg.hidden_size
         };
+        let width = cfg.dim(d.width) + residual;
         4 * rows * width <= KEPT_MAX_BYTES
     }
 }

@@ -140,7 +140,9 @@ impl<'a> LayerCtx<'a> {
                 .as_ref()
                 .filter(|k| k.site < site && k.valid_for(&self.layer))
                 .map(|k| &k.states[..]);
-            let keep = site != Site::AttnIn && Kept::fits(site, self.inputs, self.config);
+            // (the first site needs nothing kept: the layer input is already at hand)
+            let first = self.config.block().sites[0].site;
+            let keep = site != first && Kept::fits(site, self.inputs, self.config);
             let (st, kept) = collect(
                 &self.layer,
                 self.config,
@@ -306,10 +308,7 @@ impl<'a> LayerCtx<'a> {
     /// batch: input_layernorm's output for [`Part::Attention`], post_attention_layernorm's for
     /// [`Part::Mlp`]. Feed it to [`LayerCtx::part_output`] with candidate weights.
     pub fn part_inputs(&self, part: Part) -> Result<Vec<Act>> {
-        let site = match part {
-            Part::Attention => Site::AttnIn,
-            Part::Mlp => Site::MlpIn,
-        };
+        let site = self.config.block().part_input(part);
         let rows = self.site_inputs(site, None)?;
         Ok(rows
             .into_iter()

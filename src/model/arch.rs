@@ -76,6 +76,10 @@ pub struct SiteDesc {
     pub site: Site,
     pub name: &'static str,
     pub producer: Producer,
+    /// Its width (columns of the rows the readers see).
+    pub width: Dim,
+    /// The part it is inside: sites after the first part also carry the residual stream.
+    pub part: Part,
     /// The module whose output a scale search at this site compares (AWQ's loss, the
     /// mapping's *parent* in llm-compressor's terms): the whole sub-block when the site feeds
     /// several linears through a nonlinearity, the one reader otherwise.
@@ -186,24 +190,32 @@ const LLAMA_SITES: [SiteDesc; 4] = [
         site: Site::AttnIn,
         name: "attn_in",
         producer: Producer::Norm("input_layernorm"),
+        width: Hidden,
+        part: Part::Attention,
         parent: Parent::Part(Part::Attention),
     },
     SiteDesc {
         site: Site::OIn,
         name: "o_in",
         producer: Producer::Linear("self_attn.v_proj"),
+        width: QHeads,
+        part: Part::Attention,
         parent: Parent::Linear("self_attn.o_proj"),
     },
     SiteDesc {
         site: Site::MlpIn,
         name: "mlp_in",
         producer: Producer::Norm("post_attention_layernorm"),
+        width: Hidden,
+        part: Part::Mlp,
         parent: Parent::Part(Part::Mlp),
     },
     SiteDesc {
         site: Site::DownIn,
         name: "down_in",
         producer: Producer::Linear("mlp.up_proj"),
+        width: Intermediate,
+        part: Part::Mlp,
         parent: Parent::Linear("mlp.down_proj"),
     },
 ];

@@ -200,11 +200,7 @@ pub struct Inner {
 
 impl Inner {
     fn site_width(&self, cfg: &ModelConfig) -> usize {
-        match self.site {
-            Site::AttnIn | Site::MlpIn => cfg.hidden_size,
-            Site::OIn => cfg.num_heads * cfg.head_dim,
-            Site::DownIn => cfg.intermediate_size,
-        }
+        cfg.dim(cfg.block().site(self.site).width)
     }
 
     /// Bytes held.
