@@ -56,6 +56,12 @@ impl LinearRecord {
         self.notes = notes;
         self
     }
+
+    /// Seconds when not the time since `started` (a share of work done for several linears).
+    pub fn seconds(mut self, seconds: f64) -> Self {
+        self.seconds = seconds;
+        self
+    }
 }
 
 /// What a pass keeps from one layer to the next (a running statistic, a budget left), as the

@@ -426,20 +426,19 @@ impl Pass for Awq {
             })?;
             let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
             for c in &m.consumers {
-                ctx.records.push(LinearRecord {
-                    layer: ctx.index(),
-                    linear: c.to_string(),
-                    pass: "awq".into(),
-                    rel_output_error: None,
-                    loss: Some(loss),
-                    seconds: secs,
-                    notes: [
-                        ("alpha".to_string(), json!(alpha)),
-                        ("duo_scaling".to_string(), json!(duo)),
-                        ("loss_identity".to_string(), json!(loss0)),
-                    ]
-                    .into(),
-                });
+                ctx.records.push(
+                    LinearRecord::new(ctx.index(), c, "awq", t)
+                        .loss(loss)
+                        .seconds(secs)
+                        .notes(
+                            [
+                                ("alpha".to_string(), json!(alpha)),
+                                ("duo_scaling".to_string(), json!(duo)),
+                                ("loss_identity".to_string(), json!(loss0)),
+                            ]
+                            .into(),
+                        ),
+                );
             }
         }
         if self.spec.clip {

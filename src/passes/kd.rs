@@ -326,15 +326,11 @@ impl Pass for Kd {
         notes.insert("tuned_values".into(), json!(p.len()));
         if p.is_empty() {
             notes.insert("kept".into(), json!("original (nothing to tune)"));
-            ctx.records.push(LinearRecord {
-                layer: l,
-                linear: "block".into(),
-                pass: "kd".into(),
-                rel_output_error: Some(before),
-                loss: None,
-                seconds: t0.elapsed().as_secs_f64(),
-                notes,
-            });
+            ctx.records.push(
+                LinearRecord::new(l, "block", "kd", t0)
+                    .error(before)
+                    .notes(notes),
+            );
             return Ok(());
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
@@ -389,15 +385,12 @@ impl Pass for Kd {
             "original (distillation did not help)"
         };
         notes.insert("kept".into(), json!(kept));
-        ctx.records.push(LinearRecord {
-            layer: l,
-            linear: "block".into(),
-            pass: "kd".into(),
-            rel_output_error: Some(after.min(before)),
-            loss: Some(last),
-            seconds: t0.elapsed().as_secs_f64(),
-            notes,
-        });
+        ctx.records.push(
+            LinearRecord::new(l, "block", "kd", t0)
+                .error(after.min(before))
+                .loss(last)
+                .notes(notes),
+        );
         Ok(())
     }
 }

@@ -261,15 +261,8 @@ pub fn prune_by_scores(
     let mut notes: std::collections::BTreeMap<String, serde_json::Value> =
         [("sparsity".to_string(), serde_json::json!(sparsity))].into();
     notes.extend(spec.notes_at(layer));
-    ctx.records.push(crate::engine::LinearRecord {
-        layer,
-        linear: name.to_string(),
-        pass: pass.into(),
-        rel_output_error: None,
-        loss: None,
-        seconds: started.elapsed().as_secs_f64(),
-        notes,
-    });
+    ctx.records
+        .push(crate::engine::LinearRecord::new(layer, name, pass, started).notes(notes));
     Ok(())
 }
 

@@ -136,19 +136,17 @@ impl Pass for SmoothQuant {
                 .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
             let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
             for c in &m.consumers {
-                ctx.records.push(LinearRecord {
-                    layer: ctx.index(),
-                    linear: c.to_string(),
-                    pass: "smoothquant".into(),
-                    rel_output_error: None,
-                    loss: None,
-                    seconds: secs,
-                    notes: [
-                        ("scale_min".to_string(), json!(lo)),
-                        ("scale_max".to_string(), json!(hi)),
-                    ]
-                    .into(),
-                });
+                ctx.records.push(
+                    LinearRecord::new(ctx.index(), c, "smoothquant", t)
+                        .seconds(secs)
+                        .notes(
+                            [
+                                ("scale_min".to_string(), json!(lo)),
+                                ("scale_max".to_string(), json!(hi)),
+                            ]
+                            .into(),
+                        ),
+                );
             }
         }
         ctx.invalidate();

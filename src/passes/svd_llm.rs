@@ -344,15 +344,13 @@ impl Pass for SvdLlm {
             if self.spec.allocation == Allocation::ByLoss {
                 notes.insert("allocation".into(), json!("by_loss"));
             }
-            ctx.records.push(LinearRecord {
-                layer: ctx.index(),
-                linear: name.to_string(),
-                pass: "svd_llm".into(),
-                rel_output_error: Some(rel),
-                loss: Some(lr.loss),
-                seconds: shared + t.elapsed().as_secs_f64(),
-                notes,
-            });
+            ctx.records.push(
+                LinearRecord::new(ctx.index(), name, "svd_llm", t)
+                    .error(rel)
+                    .loss(lr.loss)
+                    .seconds(shared + t.elapsed().as_secs_f64())
+                    .notes(notes),
+            );
             if params_removed(m, n, r) <= 0 {
                 ctx.warn(format!(
                     "{module}: rank {r} factors hold {} parameters, not fewer than the {m}×{n} matrix",
