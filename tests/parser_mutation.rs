@@ -63,16 +63,31 @@ fn safetensors_header_never_panics() {
 fn config_json_never_panics() {
     let src = std::fs::read(common::ref_model().join("config.json")).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let (mut accepted, mut refused) = (0, 0);
     for _ in 0..3000 {
         let m = mutate(&mut r, &src);
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m) {
-            if let Ok(c) = ModelConfig::from_value(v, Path::new("config.json")) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m) else {
+            continue;
+        };
+        match ModelConfig::from_value(v, Path::new("fuzz/config.json")) {
+            Ok(c) => {
                 // a config that parses yields consistent shapes
-                let _ = c.num_params();
-                let _ = c.rope_inv_freq();
+                accepted += 1;
+                assert!(c.num_params() > 0);
+                assert_eq!(c.rope_inv_freq().len(), c.head_dim / 2);
+                assert!(c.hidden_size > 0 && c.num_layers > 0 && c.vocab_size > 0);
+                assert_eq!(c.num_heads % c.num_kv_heads, 0);
+                assert!(!c.layer_tensors(0).is_empty());
+            }
+            Err(e) => {
+                // valid JSON the config reader refuses: the message names the file
+                refused += 1;
+                assert!(format!("{e:#}").contains("fuzz/config.json"), "{e:#}");
             }
         }
     }
+    // both outcomes occur: the mutations reach the field checks, not only the JSON parser
+    assert!(accepted > 0 && refused > 0, "{accepted} accepted, {refused} refused");
 }
 
 #[test]
@@ -82,13 +97,24 @@ fn pipeline_yaml_never_panics() {
     )
     .unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let (mut accepted, mut refused) = (0, 0);
     for _ in 0..3000 {
         let m = mutate(&mut r, &src);
         let text = String::from_utf8_lossy(&m);
-        if let Ok(p) = Pipeline::from_str(&text, Path::new("p.yaml")) {
-            for s in &p.passes {
-                let _ = s.build();
+        match Pipeline::from_str(&text, Path::new("fuzz/p.yaml")) {
+            Ok(p) => {
+                accepted += 1;
+                // what parses also validates and builds its passes (the parser checks them)
+                p.validate(Path::new("fuzz/p.yaml")).unwrap();
+                for s in &p.passes {
+                    s.build().unwrap();
+                }
+            }
+            Err(e) => {
+                refused += 1;
+                assert!(format!("{e:#}").contains("fuzz/p.yaml"), "{e:#}");
             }
         }
     }
+    assert!(accepted > 0 && refused > 0, "{accepted} accepted, {refused} refused");
 }
