@@ -216,10 +216,12 @@ fn real_main(cli: Cli) -> Result<()> {
             for t in &tasks {
                 compress::eval::tasks::Task::from_name(t)?;
             }
-            let mut ckpt = compress::model::Checkpoint::open(&model)?;
-            ckpt.act_quant = !no_act_quant;
-            ckpt.llama_cpp_activations = llama_cpp_activations;
-            ckpt.precision = compress::model::Precision::parse(&precision)?;
+            let ckpt = compress::model::Checkpoint::open(&model)?;
+            let opts = compress::model::EvalOptions {
+                act_quant: !no_act_quant,
+                llama_cpp_activations,
+                precision: compress::model::Precision::parse(&precision)?,
+            };
             let protocol_name = protocol;
             let protocol = runner::protocol_named(&ckpt, &protocol_name)?;
             let res = if data.is_empty() {
@@ -227,6 +229,7 @@ fn real_main(cli: Cli) -> Result<()> {
             } else {
                 runner::eval_perplexity_protocol(
                     &ckpt,
+                    &opts,
                     &data,
                     seq_len,
                     batch,
@@ -238,7 +241,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let tres = if tasks.is_empty() {
                 Default::default()
             } else {
-                runner::eval_tasks(&ckpt, &tasks, &tasks_dir, limit, "eval")?
+                runner::eval_tasks(&ckpt, &opts, &tasks, &tasks_dir, limit, "eval")?
             };
             if json {
                 let v = serde_json::json!({"model": model.display().to_string(), "seq_len": seq_len, "protocol": protocol_name, "results": res, "tasks": tres});

@@ -28,7 +28,7 @@ pub struct Verified {
 /// Open the checkpoint in `dir` and load every tensor the architecture needs.
 fn load_all(dir: &Path) -> Result<Checkpoint> {
     let ckpt = Checkpoint::open(dir)?;
-    drop(Outer::load(&ckpt)?);
+    drop(Outer::load(&ckpt, false)?);
     for l in 0..ckpt.config.num_layers {
         drop(
             LayerWeights::load(&ckpt, l)

@@ -293,7 +293,7 @@ fn gpu_path_matches_cpu() {
         let ids: Vec<u32> = (0..b * t)
             .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
             .collect();
-        let outer = Outer::load(&ck).unwrap();
+        let outer = Outer::load(&ck, false).unwrap();
         let mut x_cpu = outer.embed(&ids, b, t).unwrap();
         let mut x_gpu = x_cpu.data.clone();
         let rope = Rope::new(&cfg, t).unwrap();

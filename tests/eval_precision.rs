@@ -152,10 +152,10 @@ fn bf16_eval_of_quantized_checkpoints_reads_the_codes() {
         let dense = Model::load(&Checkpoint::open(&dir).unwrap(), 48)
             .unwrap()
             .with_precision(Precision::Bf16);
-        let mut ckpt = Checkpoint::open(&dir).unwrap();
-        ckpt.precision = Precision::Bf16;
-        let codes = Model::open(&ckpt, 48, u64::MAX).unwrap();
-        let streamed = Model::open(&ckpt, 48, 0).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let opts = compress::model::EvalOptions::in_precision(Precision::Bf16);
+        let codes = Model::open(&ckpt, &opts, 48, u64::MAX).unwrap();
+        let streamed = Model::open(&ckpt, &opts, 48, 0).unwrap();
         assert!(streamed.is_streamed() && !codes.is_streamed());
         let a = dense.logits(&ids, 2, 48).unwrap();
         let b = codes.logits(&ids, 2, 48).unwrap();

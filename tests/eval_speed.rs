@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 #[test]
 fn blocked_head_and_loss_give_the_same_bits_as_full_logits() {
     let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
-    let model = Model::open(&ckpt, 64, u64::MAX).unwrap();
+    let model = Model::open(&ckpt, &Default::default(), 64, u64::MAX).unwrap();
     let vocab = model.config.vocab_size;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
     let (seq_len, windows) = (37, 5);
@@ -68,7 +68,7 @@ fn llama_cpp_protocol_scores_the_second_half_of_each_chunk_after_bos() {
         Some(0),
         "ref-llama-9m's tokenizer puts <|begin_of_text|> (0) first"
     );
-    let model = Model::open(&ckpt, 64, u64::MAX).unwrap();
+    let model = Model::open(&ckpt, &Default::default(), 64, u64::MAX).unwrap();
     let vocab = model.config.vocab_size;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(22);
     for (seq_len, windows, batch) in [(40, 5, 2), (33, 3, 4)] {

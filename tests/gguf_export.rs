@@ -191,9 +191,12 @@ fn q4_0_file_layout_metadata_and_read_back() {
 
     // llama.cpp's activation conversion: the decoder linears quantize their inputs to Q8_0
     // blocks (Q4_0's vec_dot_type), the head's (Q6_K) to Q8_K; perplexity moves a little
-    let mut em = Checkpoint::open(&out).unwrap();
-    em.llama_cpp_activations = true;
-    let lw = compress::model::layer::LayerWeights::load(&em, 1).unwrap();
+    let em = Checkpoint::open(&out).unwrap();
+    let opts = compress::model::EvalOptions {
+        llama_cpp_activations: true,
+        ..Default::default()
+    };
+    let lw = compress::model::layer::LayerWeights::load_eval(&em, 1, &opts).unwrap();
     for (name, lin) in &lw.linears {
         assert_eq!(
             lin.act_quant(),

@@ -87,7 +87,10 @@ fn config_json_never_panics() {
         }
     }
     // both outcomes occur: the mutations reach the field checks, not only the JSON parser
-    assert!(accepted > 0 && refused > 0, "{accepted} accepted, {refused} refused");
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
 }
 
 #[test]
@@ -116,5 +119,8 @@ fn pipeline_yaml_never_panics() {
             }
         }
     }
-    assert!(accepted > 0 && refused > 0, "{accepted} accepted, {refused} refused");
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
 }

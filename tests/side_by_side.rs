@@ -86,7 +86,7 @@ fn same_stats(a: &BTreeMap<Site, SiteStats>, b: &BTreeMap<Site, SiteStats>) {
 fn side_by_side_batches_give_the_sequential_bits() {
     let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
     let cfg = &ckpt.config;
-    let outer = Outer::load(&ckpt).unwrap();
+    let outer = Outer::load(&ckpt, false).unwrap();
     let rope = Rope::new(cfg, 512).unwrap();
     let inputs = batches(&outer, cfg.vocab_size);
     let layer = LayerWeights::load(&ckpt, 1).unwrap();
@@ -166,7 +166,7 @@ fn gptq_output_bytes_do_not_depend_on_the_thread_count() {
 fn the_first_failing_batch_is_reported_either_way() {
     let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
     let cfg = &ckpt.config;
-    let outer = Outer::load(&ckpt).unwrap();
+    let outer = Outer::load(&ckpt, false).unwrap();
     let rope = Rope::new(cfg, 512).unwrap();
     let mut inputs = batches(&outer, cfg.vocab_size);
     inputs[3].data[70] = f32::NAN;
@@ -194,7 +194,7 @@ fn continuing_from_kept_activations_is_the_whole_forward() {
     use compress::model::llama::{DecoderLayer, Step};
     let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
     let cfg = &ckpt.config;
-    let outer = Outer::load(&ckpt).unwrap();
+    let outer = Outer::load(&ckpt, false).unwrap();
     let rope = Rope::new(cfg, 512).unwrap();
     let inputs = batches(&outer, cfg.vocab_size);
     let layer = LayerWeights::load(&ckpt, 2).unwrap();
@@ -246,7 +246,7 @@ fn kept_activations_follow_weight_changes() {
     use compress::model::llama::{DecoderLayer, Step};
     let ckpt = Checkpoint::open(&common::ref_model()).unwrap();
     let cfg = &ckpt.config;
-    let outer = Outer::load(&ckpt).unwrap();
+    let outer = Outer::load(&ckpt, false).unwrap();
     let rope = Rope::new(cfg, 512).unwrap();
     let x = &batches(&outer, cfg.vocab_size)[2];
     let layer = LayerWeights::load(&ckpt, 0).unwrap();

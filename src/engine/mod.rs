@@ -177,7 +177,7 @@ pub fn run(
             }
             (h, Some(Rope::new(cfg, max_t)?))
         } else {
-            let outer = Outer::load(ckpt)?;
+            let outer = Outer::load(ckpt, false)?;
             let mut h = Vec::new();
             for r in &ranges {
                 let ids: Vec<u32> = calib[r.clone()].iter().flatten().copied().collect();

@@ -20,16 +20,6 @@ pub struct Checkpoint {
     /// A PEFT LoRA adapter in `adapter/` beside the weights (EoRA's compensation adapters):
     /// its tensors and the scaling its config gives each module.
     pub adapter: Option<(SafetensorsFile, crate::formats::peft::LoraScaling)>,
-    /// Run the activation quantizers the config declares (W8A8's dynamic int8 inputs); `false`
-    /// reads the same weights with float inputs (`compress eval --no-act-quant`: W8A16, as a
-    /// loader that decompresses only the weights computes).
-    pub act_quant: bool,
-    /// GGUF checkpoints: quantize each matmul's input as llama.cpp's CPU backend does for the
-    /// stored weight type (`quant::ggml::VecDot`; `compress eval --llama-cpp-activations`), so
-    /// our perplexity is the one `llama-perplexity` computes from the same bytes.
-    pub llama_cpp_activations: bool,
-    /// What evaluation of this checkpoint computes in (`eval.precision`, `--precision`).
-    pub precision: crate::model::Precision,
 }
 
 /// `adapter/adapter_config.json` + `adapter/adapter_model.safetensors`, when present.
@@ -122,9 +112,6 @@ impl Checkpoint {
                 index,
                 gguf_stored: Some(stored),
                 adapter: None,
-                act_quant: true,
-                llama_cpp_activations: false,
-                precision: crate::model::Precision::F32,
             });
         } else {
             let single = dir.join("model.safetensors");
@@ -147,9 +134,6 @@ impl Checkpoint {
             index,
             gguf_stored: None,
             adapter: open_adapter(dir)?,
-            act_quant: true,
-            llama_cpp_activations: false,
-            precision: crate::model::Precision::F32,
         })
     }
 
@@ -371,10 +355,14 @@ fn gguf_image(
 
 impl Checkpoint {
     /// The input quantizer llama.cpp's CPU backend puts on a matmul with stored tensor `hf`
-    /// (an HF tensor name), when `llama_cpp_activations` is on; refused for a checkpoint that
-    /// is not a GGUF file.
-    pub fn llama_cpp_input(&self, hf: &str) -> Result<Option<crate::quant::ggml::VecDot>> {
-        if !self.llama_cpp_activations {
+    /// (an HF tensor name), when `on` ([`crate::model::EvalOptions`]'s
+    /// `llama_cpp_activations`); refused for a checkpoint that is not a GGUF file.
+    pub fn llama_cpp_input(
+        &self,
+        hf: &str,
+        on: bool,
+    ) -> Result<Option<crate::quant::ggml::VecDot>> {
+        if !on {
             return Ok(None);
         }
         let stored = self.gguf_stored.as_ref().with_context(|| {

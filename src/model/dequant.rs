@@ -102,10 +102,15 @@ pub fn stored_weight(
 /// Bits of the dynamic per-token activation quantizer config.json's `quantization_config`
 /// puts on linear `module` (W8A8's `input_activations`), if any: the module is quantized
 /// (not in `ignore`) and the group's input activations are dynamic, per token, symmetric.
-pub fn input_activation_bits(ckpt: &Checkpoint, module: &str) -> Result<Option<u32>> {
+/// `act_quant` false (`--no-act-quant`) reads none.
+pub fn input_activation_bits(
+    ckpt: &Checkpoint,
+    module: &str,
+    act_quant: bool,
+) -> Result<Option<u32>> {
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
-        Some(_) if !ckpt.act_quant => Ok(None),
+        Some(_) if !act_quant => Ok(None),
         Some(q) => formats::compressed_tensors::read_input_activation_bits(
             q,
             module,

@@ -35,7 +35,7 @@ impl LayerWeights {
     /// Read decoder layer `l` from the checkpoint as f32 (dequantizing if the checkpoint is
     /// quantized), checking shapes against config.json.
     pub fn load(ckpt: &Checkpoint, l: usize) -> Result<Self> {
-        Self::read(ckpt, l, false)
+        Self::read(ckpt, l, false, &crate::model::EvalOptions::default())
     }
 
     /// Layer `l` for evaluation in `precision`. In bf16 every linear is packed for the bf16
@@ -44,12 +44,12 @@ impl LayerWeights {
     pub fn load_eval(
         ckpt: &Checkpoint,
         l: usize,
-        precision: crate::model::Precision,
+        opts: &crate::model::EvalOptions,
     ) -> Result<Self> {
-        if precision == crate::model::Precision::F32 {
-            return Self::load(ckpt, l);
+        if opts.precision == crate::model::Precision::F32 {
+            return Self::read(ckpt, l, false, opts);
         }
-        let mut w = Self::read(ckpt, l, true)?;
+        let mut w = Self::read(ckpt, l, true, opts)?;
         for lin in w.linears.values_mut() {
             lin.pack_bf16();
             lin.release_values();
@@ -59,7 +59,12 @@ impl LayerWeights {
 
     /// [`LayerWeights::load`]; with `codes`, linears stored quantized keep their codes
     /// (`Repr::Quantized`, as read) instead of becoming dense.
-    fn read(ckpt: &Checkpoint, l: usize, codes: bool) -> Result<Self> {
+    fn read(
+        ckpt: &Checkpoint,
+        l: usize,
+        codes: bool,
+        opts: &crate::model::EvalOptions,
+    ) -> Result<Self> {
         let cfg = &ckpt.config;
         let p = Self::prefix(l);
         let shapes: BTreeMap<String, Vec<usize>> = cfg.layer_tensors(l).into_iter().collect();
@@ -89,8 +94,10 @@ impl LayerWeights {
                 }
             };
             // W8A8 checkpoints quantize the inputs at run time: evaluation must too
-            let act = crate::model::dequant::input_activation_bits(ckpt, &module)?;
-            let act = match ckpt.llama_cpp_input(&format!("{module}.weight"))? {
+            let act = crate::model::dequant::input_activation_bits(ckpt, &module, opts.act_quant)?;
+            let act = match ckpt
+                .llama_cpp_input(&format!("{module}.weight"), opts.llama_cpp_activations)?
+            {
                 Some(v) => Some(ActQuant::Ggml(v)),
                 None => act.map(ActQuant::per_token),
             };

@@ -289,7 +289,8 @@ pub struct Outer {
 }
 
 impl Outer {
-    pub fn load(ckpt: &Checkpoint) -> Result<Self> {
+    /// `llama_cpp_activations`: the LM head's input quantized as llama.cpp's CPU backend does.
+    pub fn load(ckpt: &Checkpoint, llama_cpp_activations: bool) -> Result<Self> {
         let cfg = &ckpt.config;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = read_checked(ckpt, "model.embed_tokens.weight", &[v, h])?;
@@ -299,11 +300,14 @@ impl Outer {
         } else {
             Some(crate::model::dequant::dense_weight(ckpt, "lm_head", &[v, h])?.0)
         };
-        let head_input = ckpt.llama_cpp_input(if tied {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        })?;
+        let head_input = ckpt.llama_cpp_input(
+            if tied {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            },
+            llama_cpp_activations,
+        )?;
         let norm = read_checked(ckpt, "model.norm.weight", &[h])?;
         Ok(Outer {
             embed,
@@ -409,7 +413,7 @@ pub struct Model<'a> {
     layers: Layers<'a>,
     pub rope: Rope,
     pub config: ModelConfig,
-    precision: crate::model::Precision,
+    opts: crate::model::EvalOptions,
 }
 
 enum Layers<'a> {
@@ -420,7 +424,7 @@ enum Layers<'a> {
 impl<'a> Model<'a> {
     /// Every layer resident in f32.
     pub fn load(ckpt: &Checkpoint, max_t: usize) -> Result<Model<'static>> {
-        Self::load_in(ckpt, max_t, crate::model::Precision::F32)
+        Self::load_in(ckpt, max_t, &crate::model::EvalOptions::default())
     }
 
     /// Every layer resident, computing in `precision`: in bf16 each layer is packed as it is
@@ -429,16 +433,16 @@ impl<'a> Model<'a> {
     pub fn load_in(
         ckpt: &Checkpoint,
         max_t: usize,
-        precision: crate::model::Precision,
+        opts: &crate::model::EvalOptions,
     ) -> Result<Model<'static>> {
         let cfg = ckpt.config.clone();
-        let mut outer = Outer::load(ckpt)?;
-        if precision == crate::model::Precision::Bf16 {
+        let mut outer = Outer::load(ckpt, opts.llama_cpp_activations)?;
+        if opts.precision == crate::model::Precision::Bf16 {
             outer.pack_bf16();
         }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            layers.push(LayerWeights::load_eval(ckpt, l, precision)?);
+            layers.push(LayerWeights::load_eval(ckpt, l, opts)?);
             // the f32 copy is what is used: drop the mapped pages from the resident set
             ckpt.release_prefix(&LayerWeights::prefix(l));
         }
@@ -447,14 +451,23 @@ impl<'a> Model<'a> {
             layers: Layers::Resident(layers),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
-            precision,
+            opts: *opts,
         })
     }
 
     /// Layers loaded from `ckpt` on every forward (every layer is validated once here).
     pub fn streamed(ckpt: &'a Checkpoint, max_t: usize) -> Result<Self> {
+        Self::streamed_with(ckpt, max_t, &crate::model::EvalOptions::default())
+    }
+
+    /// [`Model::streamed`] evaluated as `opts` says.
+    pub fn streamed_with(
+        ckpt: &'a Checkpoint,
+        max_t: usize,
+        opts: &crate::model::EvalOptions,
+    ) -> Result<Self> {
         let cfg = ckpt.config.clone();
-        let outer = Outer::load(ckpt)?;
+        let outer = Outer::load(ckpt, opts.llama_cpp_activations)?;
         for l in 0..cfg.num_layers {
             drop(LayerWeights::load(ckpt, l)?);
             ckpt.release_prefix(&LayerWeights::prefix(l));
@@ -464,15 +477,23 @@ impl<'a> Model<'a> {
             layers: Layers::Streamed(ckpt),
             rope: Rope::new(&cfg, max_t)?,
             config: cfg,
-            precision: crate::model::Precision::F32,
+            opts: crate::model::EvalOptions {
+                precision: crate::model::Precision::F32,
+                ..*opts
+            },
         })
     }
 
     /// Resident when the decoder layers in the checkpoint's evaluation precision (4 bytes a
     /// weight in f32, at most 2 in bf16) take at most `resident_limit` bytes, else streamed.
-    pub fn open(ckpt: &'a Checkpoint, max_t: usize, resident_limit: u64) -> Result<Self> {
+    pub fn open(
+        ckpt: &'a Checkpoint,
+        opts: &crate::model::EvalOptions,
+        max_t: usize,
+        resident_limit: u64,
+    ) -> Result<Self> {
         let c = &ckpt.config;
-        let p = ckpt.precision;
+        let p = opts.precision;
         let layer_params: usize = (0..c.num_layers)
             .flat_map(|l| c.layer_tensors(l))
             .map(|(_, shape)| shape.iter().product::<usize>())
@@ -483,7 +504,7 @@ impl<'a> Model<'a> {
         };
         let bytes = layer_params as f64 * per;
         if bytes <= resident_limit as f64 {
-            Model::load_in(ckpt, max_t, p)
+            Model::load_in(ckpt, max_t, opts)
         } else {
             crate::info!(
                 "evaluation streams the decoder layers ({:.1} GiB in {} > {:.1} GiB resident limit)",
@@ -491,14 +512,14 @@ impl<'a> Model<'a> {
                 p.name(),
                 resident_limit as f64 / (1u64 << 30) as f64
             );
-            Ok(Model::streamed(ckpt, max_t)?.with_precision(p))
+            Ok(Model::streamed_with(ckpt, max_t, opts)?.with_precision(p))
         }
     }
 
     /// Compute the linears (decoder layers and LM head) in `p` from now on; attention,
     /// norms and the rest stay f32.
     pub fn with_precision(mut self, p: crate::model::Precision) -> Self {
-        self.precision = p;
+        self.opts.precision = p;
         if p == crate::model::Precision::Bf16 {
             self.outer.pack_bf16();
             if let Layers::Resident(v) = &mut self.layers {
@@ -509,7 +530,7 @@ impl<'a> Model<'a> {
     }
 
     pub fn precision(&self) -> crate::model::Precision {
-        self.precision
+        self.opts.precision
     }
 
     /// Bytes of weight data the resident decoder layers' linears hold (None when streamed):
@@ -538,7 +559,7 @@ impl<'a> Model<'a> {
                 DecoderLayer::new(&v[l], &self.config).forward(x, &self.rope, &mut no_hook)
             }
             Layers::Streamed(ckpt) => {
-                let w = LayerWeights::load_eval(ckpt, l, self.precision)?;
+                let w = LayerWeights::load_eval(ckpt, l, &self.opts)?;
                 let y = DecoderLayer::new(&w, &self.config).forward(x, &self.rope, &mut no_hook);
                 drop(w);
                 ckpt.release_prefix(&LayerWeights::prefix(l));

@@ -171,8 +171,7 @@ pub(super) fn run_in(
     let mut cache = crate::resume::EvalCache::open(work, false)?;
 
     // Read the artifact back: everything below is measured on what was written.
-    let mut out = Checkpoint::open(work).context("reading back the written checkpoint")?;
-    out.precision = ckpt.precision;
+    let out = Checkpoint::open(work).context("reading back the written checkpoint")?;
     // GGUF re-encodes every tensor on a ggml grid at export: identity is not a question there.
     let gguf = p.export.primary().format == crate::formats::Format::Gguf;
     let identical = if no_passes && !gguf {
@@ -187,7 +186,11 @@ pub(super) fn run_in(
         Some(d) => Some(crate::eval::cache::EvalCache::open(
             d,
             ckpt,
-            ckpt.precision.name(),
+            p.eval
+                .as_ref()
+                .map(|e| e.precision)
+                .unwrap_or_default()
+                .name(),
         )?),
         None => None,
     };
@@ -238,9 +241,8 @@ pub(super) fn run_in(
     let mut also = Vec::new();
     for (sub, x) in p.export.also() {
         let dir = work.join(&sub);
-        let mut art = Checkpoint::open(&dir)
+        let art = Checkpoint::open(&dir)
             .with_context(|| format!("reading back the written export `{sub}`"))?;
-        art.precision = ckpt.precision;
         let label = format!("after {sub}");
         let mut a_eval = BTreeMap::new();
         let mut a_tasks = BTreeMap::new();

@@ -6,6 +6,7 @@ use crate::eval::dataset_key;
 use crate::eval::ppl::PplResult;
 use crate::info;
 use crate::model::Checkpoint;
+use crate::model::EvalOptions;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -124,13 +125,21 @@ pub(super) fn ppl_cached(
         todo.push(f.clone());
     }
     if !todo.is_empty() {
-        let new = eval_perplexity_each(ckpt, &todo, e.seq_len, e.batch, label, &mut |f, r, s| {
-            seconds += s;
-            if let Some(b) = baseline.as_deref_mut() {
-                b.computed(&dataset_key(f), whats.get(&dataset_key(f)), r, s);
-            }
-            cache.put(&key(f), r, s)
-        })?;
+        let new = eval_perplexity_each(
+            ckpt,
+            &EvalOptions::in_precision(e.precision),
+            &todo,
+            e.seq_len,
+            e.batch,
+            label,
+            &mut |f, r, s| {
+                seconds += s;
+                if let Some(b) = baseline.as_deref_mut() {
+                    b.computed(&dataset_key(f), whats.get(&dataset_key(f)), r, s);
+                }
+                cache.put(&key(f), r, s)
+            },
+        )?;
         out.extend(new);
     }
     Ok((out, seconds))
@@ -183,13 +192,21 @@ pub(super) fn tasks_cached(
         todo.push(name.clone());
     }
     if !todo.is_empty() {
-        let new = eval_tasks_each(ckpt, &todo, &e.tasks_dir, e.limit, label, &mut |n, r, s| {
-            seconds += s;
-            if let Some(b) = baseline.as_deref_mut() {
-                b.computed(n, whats.get(n), r, s);
-            }
-            cache.put(&key(n), r, s)
-        })?;
+        let new = eval_tasks_each(
+            ckpt,
+            &EvalOptions::in_precision(e.precision),
+            &todo,
+            &e.tasks_dir,
+            e.limit,
+            label,
+            &mut |n, r, s| {
+                seconds += s;
+                if let Some(b) = baseline.as_deref_mut() {
+                    b.computed(n, whats.get(n), r, s);
+                }
+                cache.put(&key(n), r, s)
+            },
+        )?;
         out.extend(new);
     }
     Ok((out, seconds))

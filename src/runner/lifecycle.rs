@@ -112,8 +112,7 @@ pub fn run_pipeline_with(
         p.device = d.clone();
     }
     check_device(&p).with_context(|| format!("{}: field `device`", pipeline_path.display()))?;
-    let mut ckpt = Checkpoint::open(&p.model)?;
-    ckpt.precision = p.eval.as_ref().map(|e| e.precision).unwrap_or_default();
+    let ckpt = Checkpoint::open(&p.model)?;
     if ckpt.config.raw.get("quantization_config").is_some() {
         bail!(
             "{}: config.json has a `quantization_config`: the input is already quantized; compress a dense checkpoint",

@@ -4,7 +4,7 @@
 use crate::eval::dataset_key;
 use crate::eval::ppl::{perplexity_with, PplResult, Protocol};
 use crate::model::llama::Model;
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, EvalOptions};
 use crate::{calib, info};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -14,12 +14,15 @@ use std::time::Instant;
 /// Perplexity of a checkpoint on each file (text, or `.jsonl` `text` fields joined by "\n\n").
 pub fn eval_perplexity(
     ckpt: &Checkpoint,
+    opts: &EvalOptions,
     files: &[PathBuf],
     seq_len: usize,
     batch: usize,
     label: &str,
 ) -> Result<BTreeMap<String, PplResult>> {
-    eval_perplexity_each(ckpt, files, seq_len, batch, label, &mut |_, _, _| Ok(()))
+    eval_perplexity_each(ckpt, opts, files, seq_len, batch, label, &mut |_, _, _| {
+        Ok(())
+    })
 }
 
 /// Which scoring protocol `compress eval --protocol NAME` names: `windows` (ours, the default)
@@ -40,18 +43,29 @@ pub fn protocol_named(ckpt: &Checkpoint, name: &str) -> Result<Protocol> {
 /// [`eval_perplexity`], calling `done(file, result, seconds)` after each file.
 pub fn eval_perplexity_each(
     ckpt: &Checkpoint,
+    opts: &EvalOptions,
     files: &[PathBuf],
     seq_len: usize,
     batch: usize,
     label: &str,
     done: &mut dyn FnMut(&Path, &PplResult, f64) -> Result<()>,
 ) -> Result<BTreeMap<String, PplResult>> {
-    eval_perplexity_protocol(ckpt, files, seq_len, batch, label, Protocol::Windows, done)
+    eval_perplexity_protocol(
+        ckpt,
+        opts,
+        files,
+        seq_len,
+        batch,
+        label,
+        Protocol::Windows,
+        done,
+    )
 }
 
 /// [`eval_perplexity_each`] scored as `protocol` says.
 pub fn eval_perplexity_protocol(
     ckpt: &Checkpoint,
+    opts: &EvalOptions,
     files: &[PathBuf],
     seq_len: usize,
     batch: usize,
@@ -61,7 +75,7 @@ pub fn eval_perplexity_protocol(
 ) -> Result<BTreeMap<String, PplResult>> {
     let mut t = Instant::now();
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
-    let model = Model::open(ckpt, seq_len, crate::util::eval_resident_limit())?;
+    let model = Model::open(ckpt, opts, seq_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
     for f in files {
         let text = calib::read_text(f, "text")?;
@@ -93,17 +107,19 @@ pub fn eval_perplexity_protocol(
 /// Zero-shot task scores of a checkpoint.
 pub fn eval_tasks(
     ckpt: &Checkpoint,
+    opts: &EvalOptions,
     tasks: &[String],
     dir: &Path,
     limit: Option<usize>,
     label: &str,
 ) -> Result<BTreeMap<String, crate::eval::tasks::TaskResult>> {
-    eval_tasks_each(ckpt, tasks, dir, limit, label, &mut |_, _, _| Ok(()))
+    eval_tasks_each(ckpt, opts, tasks, dir, limit, label, &mut |_, _, _| Ok(()))
 }
 
 /// [`eval_tasks`], calling `done(task, result, seconds)` after each task.
 pub fn eval_tasks_each(
     ckpt: &Checkpoint,
+    opts: &EvalOptions,
     tasks: &[String],
     dir: &Path,
     limit: Option<usize>,
@@ -114,7 +130,7 @@ pub fn eval_tasks_each(
     let mut t = Instant::now();
     let tok = calib::load_tokenizer(&ckpt.tokenizer_path())?;
     let max_len = task_context_len(ckpt);
-    let model = Model::open(ckpt, max_len, crate::util::eval_resident_limit())?;
+    let model = Model::open(ckpt, opts, max_len, crate::util::eval_resident_limit())?;
     let mut out = BTreeMap::new();
     for name in tasks {
         let task = Task::from_name(name)?;
@@ -168,7 +184,12 @@ pub fn write_logits(model_dir: &Path, seqs: &[String], out: &Path) -> Result<()>
     if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
         bail!("--ids: token id {bad} is not below the vocabulary size {vocab}");
     }
-    let m = Model::open(&ckpt, t, crate::util::eval_resident_limit())?;
+    let m = Model::open(
+        &ckpt,
+        &EvalOptions::default(),
+        t,
+        crate::util::eval_resident_limit(),
+    )?;
     let logits = m.logits(&ids, b, t)?;
     let id_bytes: Vec<u8> = ids.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
     let lg_bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
