@@ -37,7 +37,8 @@ pub struct OutputInfo {
     pub compression_ratio: f64,
     /// Average stored bits per parameter of the decoder-layer linears.
     pub bits_per_weight: Option<f64>,
-    /// Fraction of exactly-zero weights in the decoder-layer linears.
+    /// Fraction of the decoder-layer linears' weights pruned by a pass (masks); absent when no
+    /// pass pruned (zeros that rounding made are not sparsity).
     pub sparsity: Option<f64>,
     /// Weight bytes of the decoder-layer linears as their representations count them
     /// (dense, packed codes with their parameters, or both factors).

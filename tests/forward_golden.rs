@@ -63,8 +63,12 @@ fn logits_and_hidden_states_match_transformers() {
     // Streaming the layers from the checkpoint computes the same bits.
     let streamed = Model::streamed(&ckpt, 128).unwrap();
     assert!(streamed.is_streamed() && !model.is_streamed());
-    assert!(Model::open(&ckpt, &Default::default(), 128, 0).unwrap().is_streamed());
-    assert!(!Model::open(&ckpt, &Default::default(), 128, u64::MAX).unwrap().is_streamed());
+    assert!(Model::open(&ckpt, &Default::default(), 128, 0)
+        .unwrap()
+        .is_streamed());
+    assert!(!Model::open(&ckpt, &Default::default(), 128, u64::MAX)
+        .unwrap()
+        .is_streamed());
     assert!(streamed.logits(&ids, 1, t).unwrap() == logits);
     let e = max_rel(&logits, &gold_logits);
     eprintln!("logits max relative error {e:e}");

@@ -85,13 +85,16 @@ fn sparsegpt_2of4_then_gptq_keeps_the_pattern_in_the_packed_checkpoint() {
         cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"],
         4
     );
-    // per-linear sparsity in the records, and the report's figure is the written one
+    // per-linear sparsity in the records, and the report's figure is what the masks pruned
+    // (2:4 on every targeted linear: exactly half); the written zeros above also hold weights
+    // that GPTQ rounded to zero, which compressed-tensors' `global_sparsity` counts as
+    // llm-compressor's does
     let recs = r["layers"].as_array().unwrap();
     assert!(recs
         .iter()
         .filter(|x| x["pass"] == "sparsegpt")
         .all(|x| x["notes"]["sparsity"].as_f64().unwrap() == 0.5));
-    assert!((r["output"]["sparsity"].as_f64().unwrap() - sparsity).abs() < 1e-12);
+    assert!((r["output"]["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-12);
     let ppl = first(&r)["after"]["perplexity"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0);
 }

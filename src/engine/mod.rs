@@ -67,11 +67,15 @@ pub struct EngineReport {
     pub warnings: Vec<String>,
     pub calibration_seconds: f64,
     pub layer_seconds: Vec<f64>,
-    /// Fraction of exactly-zero weights in the decoder-layer linears as written.
+    /// Fraction of the decoder-layer linears' weights a pass pruned (their masks); `None` when
+    /// no pass pruned. Zeros that rounding onto a grid made are not pruning and not counted.
     pub sparsity: Option<f64>,
-    /// Running counts behind `sparsity` (kept for resuming).
+    /// Running counts behind `sparsity` (kept for resuming): weights masked out, all weights,
+    /// and linears carrying a mask.
     pub zeros: usize,
     pub numel: usize,
+    #[serde(default)]
+    pub masked: usize,
     /// Storage bytes of the decoder-layer linears as each representation counts them.
     #[serde(default)]
     pub linear_bytes: usize,
@@ -328,7 +332,10 @@ pub fn run(
             hidden = cl.forward_all_from(&hidden, cfg, rope, from)?;
         }
         for lin in layer.linears.values() {
-            report.zeros += lin.weight().iter().filter(|&&v| v == 0.0).count();
+            if let Some(m) = lin.mask() {
+                report.zeros += m.keep.iter().filter(|k| !**k).count();
+                report.masked += 1;
+            }
             report.numel += lin.weight().len();
             report.linear_bytes += lin.bytes();
         }
@@ -348,7 +355,8 @@ pub fn run(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    report.sparsity = (report.numel > 0).then(|| report.zeros as f64 / report.numel as f64);
+    report.sparsity =
+        (report.masked > 0 && report.numel > 0).then(|| report.zeros as f64 / report.numel as f64);
     Ok(report)
 }
 

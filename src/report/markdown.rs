@@ -54,7 +54,7 @@ impl Report {
         }
         if let Some(sp) = self.output.sparsity {
             s.push_str(&format!(
-                "- sparsity (decoder linears): {:.2}%\n",
+                "- sparsity (decoder linears, pruned by masks): {:.2}%\n",
                 100.0 * sp
             ));
         }

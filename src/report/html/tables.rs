@@ -163,7 +163,7 @@ fn size_rows(b: &mut String, r: &Report, mcr: Option<&(f64, McrSource)>) {
     if let Some(sp) = r.sparsity() {
         row(
             b,
-            "sparsity",
+            "sparsity (pruned)",
             "0.00 %".into(),
             esc(&fmt_sparsity(sp)),
             dash(),
