@@ -517,7 +517,7 @@ const METRICS: [Metric; 4] = [
         value: |l| note(l, "sparsity"),
         scale: Some(Scale::Linear),
         fmt: frac_pct,
-        caption: "Fraction of zero weights per linear (notes.sparsity).",
+        caption: "Fraction of weights pruned per linear (notes.sparsity).",
     },
     Metric {
         title: "Rank per linear",
