@@ -125,17 +125,7 @@ fn gpu_path_matches_cpu() {
                     (Strategy::Group, 128),
                     (Strategy::Channel, 0),
                 ] {
-                    let args = QuantArgs {
-                        bits,
-                        symmetric: sym,
-                        strategy,
-                        group_size: gs,
-                        observer: Observer::MinMax,
-                        float: None,
-                        scale_type: None,
-                        global_scale: false,
-                        block: None,
-                    };
+                    let args = QuantArgs::int(bits, sym, strategy, gs, Observer::MinMax);
                     let w = random_weights(67, 256, dtype, &mut rng);
                     let before = backend::device_calls();
                     let g = backend::rtn(w.view(), &args, dtype).unwrap();
@@ -154,17 +144,7 @@ fn gpu_path_matches_cpu() {
     eprintln!("RTN: {n_rtn} schemes bit-identical");
 
     // 2. The dequantize kernel equals QuantizedLinear::dequantize (with and without g_idx).
-    let args = QuantArgs {
-        bits: 4,
-        symmetric: false,
-        strategy: Strategy::Group,
-        group_size: 32,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    };
+    let args = QuantArgs::int(4, false, Strategy::Group, 32, Observer::MinMax);
     let w = random_weights(40, 128, DType::BF16, &mut rng);
     let mut q = quantize_rtn(w.view(), &args, DType::BF16).unwrap();
     for with_gidx in [false, true] {
@@ -223,17 +203,7 @@ fn gpu_path_matches_cpu() {
         ),
         ("W8 channel", 8, Strategy::Channel, 0, true, false, true),
     ] {
-        let args = QuantArgs {
-            bits,
-            symmetric: sym,
-            strategy,
-            group_size: gs,
-            observer: Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = QuantArgs::int(bits, sym, strategy, gs, Observer::MinMax);
         let run = || -> GptqResult {
             gptq_quantize(
                 &w,

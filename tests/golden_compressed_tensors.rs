@@ -35,17 +35,13 @@ fn scheme(dir: &Path) -> QuantArgs {
         "tensor" => Strategy::Tensor,
         s => panic!("unexpected strategy {s}"),
     };
-    QuantArgs {
-        bits: w["num_bits"].as_u64().unwrap() as u32,
-        symmetric: w["symmetric"].as_bool().unwrap(),
+    QuantArgs::int(
+        w["num_bits"].as_u64().unwrap() as u32,
+        w["symmetric"].as_bool().unwrap(),
         strategy,
-        group_size: w["group_size"].as_u64().unwrap_or(0) as usize,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    }
+        w["group_size"].as_u64().unwrap_or(0) as usize,
+        Observer::MinMax,
+    )
 }
 
 fn check_folder(name: &str, expect: (u32, bool, Strategy, usize)) {

@@ -8,17 +8,7 @@ use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 
 fn args(bits: u32, strategy: Strategy, group: usize, sym: bool) -> QuantArgs {
-    QuantArgs {
-        bits,
-        symmetric: sym,
-        strategy,
-        group_size: group,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    }
+    QuantArgs::int(bits, sym, strategy, group, Observer::MinMax)
 }
 
 /// Correlated inputs X [n, d] (so the Hessian is far from diagonal) and a weight W [rows, d].

@@ -61,17 +61,7 @@ fn random_linear(
         None
     };
     QuantizedLinear {
-        args: QuantArgs {
-            bits,
-            symmetric,
-            strategy,
-            group_size,
-            observer: Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        },
+        args: QuantArgs::int(bits, symmetric, strategy, group_size, Observer::MinMax),
         codes,
         scales,
         zeros,

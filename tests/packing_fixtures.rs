@@ -158,17 +158,7 @@ fn ct_compressor_tensors_reproduced_byte_for_byte() {
             (svals, zvals)
         };
         let q = QuantizedLinear {
-            args: QuantArgs {
-                bits,
-                symmetric: sym,
-                strategy,
-                group_size: gs,
-                observer: Observer::MinMax,
-                float: None,
-                scale_type: None,
-                global_scale: false,
-                block: None,
-            },
+            args: QuantArgs::int(bits, sym, strategy, gs, Observer::MinMax),
             codes: codes.clone(),
             scales,
             zeros: if sym { None } else { Some(zeros) },
@@ -299,21 +289,17 @@ fn gptq_v1_linear_tensors_reproduced_byte_for_byte() {
             }
             let sym = v == "sym";
             let q = QuantizedLinear {
-                args: QuantArgs {
+                args: QuantArgs::int(
                     bits,
-                    symmetric: sym,
-                    strategy: if ng == 1 {
+                    sym,
+                    if ng == 1 {
                         Strategy::Channel
                     } else {
                         Strategy::Group
                     },
-                    group_size: inn / ng,
-                    observer: Observer::MinMax,
-                    float: None,
-                    scale_type: None,
-                    global_scale: false,
-                    block: None,
-                },
+                    inn / ng,
+                    Observer::MinMax,
+                ),
                 codes: i8s(ct),
                 scales,
                 zeros: if sym { None } else { Some(zeros) },

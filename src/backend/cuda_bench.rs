@@ -107,17 +107,13 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
         .map(|l| (l.name, dim(l.out), dim(l.inp), l.site as usize))
         .collect();
     let site_dim = [h, h, h, i];
-    let args = QuantArgs {
-        bits: shape.bits,
-        symmetric: true,
-        strategy: Strategy::Group,
-        group_size: shape.group,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    };
+    let args = QuantArgs::int(
+        shape.bits,
+        true,
+        Strategy::Group,
+        shape.group,
+        Observer::MinMax,
+    );
     let chunks = shape.tokens.div_ceil(shape.chunk);
     let mut t_fill = 0.0;
     let mut t_hess = 0.0;

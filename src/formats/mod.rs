@@ -97,17 +97,13 @@ impl Stored {
     /// The quantized linear, checked for consistency (`prefix` names it in errors).
     pub fn linear(self, prefix: &str) -> Result<QuantizedLinear> {
         let q = QuantizedLinear {
-            args: QuantArgs {
-                bits: self.bits,
-                symmetric: self.symmetric,
-                strategy: self.strategy,
-                group_size: self.group_size,
-                observer: Observer::MinMax,
-                float: None,
-                scale_type: None,
-                global_scale: false,
-                block: None,
-            },
+            args: QuantArgs::int(
+                self.bits,
+                self.symmetric,
+                self.strategy,
+                self.group_size,
+                Observer::MinMax,
+            ),
             codes: self.codes,
             scales: self.scales,
             zeros: self.zeros,

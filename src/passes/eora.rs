@@ -223,17 +223,13 @@ mod tests {
 
     /// RTN W3 of `w`, group 16, as the quantized weight to compensate.
     fn quantized(w: &Array2<f32>) -> Array2<f32> {
-        let args = crate::quant::QuantArgs {
-            bits: 3,
-            symmetric: true,
-            strategy: crate::quant::Strategy::Group,
-            group_size: 16,
-            observer: crate::quant::Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = crate::quant::QuantArgs::int(
+            3,
+            true,
+            crate::quant::Strategy::Group,
+            16,
+            crate::quant::Observer::MinMax,
+        );
         crate::quant::quantize_rtn(w.view(), &args, crate::model::DType::F32)
             .unwrap()
             .dequantize()

@@ -302,17 +302,13 @@ impl Scheme {
         if !(2..=8).contains(&self.bits) {
             bail!("field `bits` must be between 2 and 8, found {}", self.bits);
         }
-        Ok(QuantArgs {
-            bits: self.bits,
-            symmetric: self.sym,
+        Ok(QuantArgs::int(
+            self.bits,
+            self.sym,
             strategy,
-            group_size: self.group_size.max(0) as usize,
-            observer: self.observer,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        })
+            self.group_size.max(0) as usize,
+            self.observer,
+        ))
     }
 
     /// The activation quantizer, if any (only 8-bit per-token is supported).

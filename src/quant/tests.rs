@@ -7,17 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn args(bits: u32, symmetric: bool, strategy: Strategy, group_size: usize) -> QuantArgs {
-    QuantArgs {
-        bits,
-        symmetric,
-        strategy,
-        group_size,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    }
+    QuantArgs::int(bits, symmetric, strategy, group_size, Observer::MinMax)
 }
 
 fn random(out: usize, inn: usize, seed: u64, dtype: DType) -> Array2<f32> {

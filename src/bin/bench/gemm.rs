@@ -53,21 +53,17 @@ pub(super) fn gemm_rates(shapes: &[String]) -> Result<()> {
         });
         // the same weight as 4-bit codes, groups of 128 (or one group per row), read by the
         // kernel from the codes (src/model/bf16/packed_int.rs)
-        let args = compress::quant::QuantArgs {
-            bits: 4,
-            symmetric: true,
-            strategy: if k % 128 == 0 {
+        let args = compress::quant::QuantArgs::int(
+            4,
+            true,
+            if k % 128 == 0 {
                 compress::quant::Strategy::Group
             } else {
                 compress::quant::Strategy::Channel
             },
-            group_size: 128,
-            observer: compress::quant::Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+            128,
+            compress::quant::Observer::MinMax,
+        );
         let wa = ndarray::ArrayView2::from_shape((out, k), &w[..])?;
         let q = compress::quant::quantize_rtn(wa, &args, compress::safetensors_file::DType::BF16)?;
         let pq = compress::model::bf16::PackedBf16::pack_quantized(&q);

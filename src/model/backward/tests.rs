@@ -25,17 +25,7 @@ pub fn tiny_config(model_type: &str) -> ModelConfig {
 }
 
 fn args(bits: u32, symmetric: bool, strategy: Strategy, group_size: usize) -> QuantArgs {
-    QuantArgs {
-        bits,
-        symmetric,
-        strategy,
-        group_size,
-        observer: Observer::MinMax,
-        float: None,
-        scale_type: None,
-        global_scale: false,
-        block: None,
-    }
+    QuantArgs::int(bits, symmetric, strategy, group_size, Observer::MinMax)
 }
 
 /// A random block holding every representation: q asymmetric group-quantized, k symmetric

@@ -199,17 +199,7 @@ mod tests {
     ) -> QuantizedLinear {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let w = Array2::from_shape_fn((out, k), |_| rng.gen_range(-1.0f32..1.0));
-        let args = QuantArgs {
-            bits,
-            symmetric,
-            strategy,
-            group_size,
-            observer: Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = QuantArgs::int(bits, symmetric, strategy, group_size, Observer::MinMax);
         let mut q = quantize_rtn(w.view(), &args, DType::BF16).expect("quantizes");
         if act_order {
             // a permutation of the groups over the columns, as GPTQ's g_idx after act order

@@ -243,17 +243,13 @@ mod tests {
 
     #[test]
     fn adapter_forward_is_base_plus_low_rank() {
-        let args = crate::quant::QuantArgs {
-            bits: 3,
-            symmetric: true,
-            strategy: crate::quant::Strategy::Group,
-            group_size: 8,
-            observer: crate::quant::Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = crate::quant::QuantArgs::int(
+            3,
+            true,
+            crate::quant::Strategy::Group,
+            8,
+            crate::quant::Observer::MinMax,
+        );
         let w = rand((10, 16), 11);
         let mut l = Linear::dense(
             w.clone(),
@@ -314,17 +310,13 @@ mod tests {
         assert_eq!(l.mask().unwrap().sparsity(), 0.5);
         // dense values that break the mask are refused
         assert!(l.set_weight(rand((4, 8), 6)).is_err());
-        let args = crate::quant::QuantArgs {
-            bits: 4,
-            symmetric: false,
-            strategy: crate::quant::Strategy::Group,
-            group_size: 8,
-            observer: crate::quant::Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = crate::quant::QuantArgs::int(
+            4,
+            false,
+            crate::quant::Strategy::Group,
+            8,
+            crate::quant::Observer::MinMax,
+        );
         let q = crate::quant::quantize_rtn(l.weight().view(), &args, DType::BF16).unwrap();
         l.set_quantized(q).unwrap();
         assert!(l.quant().is_some() && l.mask().is_some());

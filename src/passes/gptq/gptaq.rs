@@ -219,17 +219,7 @@ mod tests {
 
     #[test]
     fn teacher_targeted_gptq_lowers_the_asymmetric_loss() {
-        let args = QuantArgs {
-            bits: 3,
-            symmetric: true,
-            strategy: Strategy::Group,
-            group_size: 16,
-            observer: Observer::MinMax,
-            float: None,
-            scale_type: None,
-            global_scale: false,
-            block: None,
-        };
+        let args = QuantArgs::int(3, true, Strategy::Group, 16, Observer::MinMax);
         for seed in 0..4 {
             let (x, xt) = streams(512, 64, 10 + seed);
             let (h, d) = stats(&x, &xt);
