@@ -295,3 +295,17 @@ fn unwritable_output_location() {
     );
     assert_eq!(std::fs::read_to_string(d.path().join("file")).unwrap(), "x");
 }
+
+/// A named scheme we do not implement, or one combined with the fields it sets, is refused by
+/// name before anything runs.
+#[test]
+fn schemes_by_name_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let p = with_passes(d.path(), "passes:\n  - rtn: {scheme: FP9_SOMETHING}\n");
+    run_fails(d.path(), &p, &["scheme", "FP9_SOMETHING", "NVFP4A16"]);
+    let p = with_passes(d.path(), "passes:\n  - gptq: {scheme: NVFP4A16, bits: 3}\n");
+    run_fails(d.path(), &p, &["scheme: NVFP4A16", "bits"]);
+    // calibrated static activation scales are not implemented: said, not ignored
+    let p = with_passes(d.path(), "passes:\n  - rtn: {scheme: FP8}\n");
+    run_fails(d.path(), &p, &["FP8", "static"]);
+}

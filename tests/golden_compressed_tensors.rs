@@ -285,3 +285,137 @@ fn fp8_e4m3_codes_match_compressed_tensors() {
         &bad_codes[..bad_codes.len().min(5)]
     );
 }
+
+/// The float schemes read back: each golden checkpoint of llm-compressor, read through our
+/// compressed-tensors float reader with the arguments of its own config.json, dequantizes to
+/// exactly what our quantizer computes from the reference model (codes, scales and NVFP4's
+/// fused global scale alike); our writer's tensors read back to the same linear.
+#[test]
+fn float_goldens_read_back_to_our_quantizer() {
+    use compress::formats::compressed_tensors::float::{float_tensors, read_float};
+    use compress::formats::compressed_tensors::read_float_weights;
+    let model =
+        SafetensorsFile::open(&shared().join("models/ref-llama-9m/model.safetensors")).unwrap();
+    for name in ["fp8-dynamic", "fp8-block", "nvfp4a16", "mxfp4a16"] {
+        let dir = shared().join(format!("golden/compressed_tensors/ref-llama-9m-rtn-{name}"));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let args = read_float_weights(&cfg["quantization_config"], &dir).unwrap();
+        let golden = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+        let get = |st: &SafetensorsFile, n: &str| -> anyhow::Result<(DType, Vec<usize>, Vec<u8>)> {
+            let t = st
+                .tensors
+                .get(n)
+                .ok_or_else(|| anyhow::anyhow!("missing {n}"))?;
+            Ok((t.dtype, t.shape.clone(), st.bytes(t).to_vec()))
+        };
+        for l in [0, 1] {
+            // the global scale is shared by the linears reading one input
+            let site_global = |lins: &[&str]| {
+                let a = lins
+                    .iter()
+                    .map(|lin| {
+                        let info = &model.tensors[&format!("model.layers.{l}.{lin}.weight")];
+                        let w = to_f32(info.dtype, model.bytes(info)).unwrap();
+                        compress::quant::float::amax(w)
+                    })
+                    .fold(0f32, f32::max);
+                compress::quant::float::global_scale(a, DType::BF16)
+            };
+            for lin in LLAMA.linear_names() {
+                let prefix = format!("model.layers.{l}.{lin}");
+                let info = &model.tensors[&format!("{prefix}.weight")];
+                let w = to_f32(info.dtype, model.bytes(info)).unwrap();
+                let view = ArrayView2::from_shape((info.shape[0], info.shape[1]), &w).unwrap();
+                let fused: &[&str] = if lin.ends_with("o_proj") || lin.ends_with("down_proj") {
+                    &[lin]
+                } else if lin.contains("attn") {
+                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+                } else {
+                    &["mlp.gate_proj", "mlp.up_proj"]
+                };
+                let global = args.global_scale.then(|| site_global(fused));
+                let ours =
+                    compress::quant::float::quantize(view, &args, DType::BF16, global).unwrap();
+                let theirs = read_float(&|n| get(&golden, n), &prefix, &args).unwrap();
+                assert_eq!(theirs.global_scale, ours.global_scale, "{name}: {prefix}");
+                assert_eq!(
+                    theirs.dequantize().as_slice().unwrap(),
+                    ours.dequantize().as_slice().unwrap(),
+                    "{name}: read-back of {prefix}"
+                );
+                // our writer → our reader
+                let written = float_tensors(&prefix, &ours).unwrap();
+                let back = read_float(
+                    &|n| {
+                        written
+                            .iter()
+                            .find(|t| t.0 == n)
+                            .map(|t| (t.1, t.2.clone(), t.3.clone()))
+                            .ok_or_else(|| anyhow::anyhow!("missing {n}"))
+                    },
+                    &prefix,
+                    &args,
+                )
+                .unwrap();
+                assert_eq!(back.codes, ours.codes, "{name}: {prefix} codes");
+                assert_eq!(back.scales, ours.scales, "{name}: {prefix} scales");
+            }
+        }
+    }
+}
+
+/// FP8_DYNAMIC end to end: the pipeline's report and `compress eval` of its output agree to the
+/// last digit (the reader applies the per-token FP8 input quantizer the config declares), and
+/// `--no-act-quant` — the weight-only figure — differs from it.
+#[test]
+fn fp8_dynamic_evaluates_the_same_read_back_with_its_activation_quantizer() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("fp8");
+    let wiki = d.path().join("wiki.txt");
+    let text = std::fs::read_to_string(shared().join("data/eval/wikitext2/wiki.test.raw")).unwrap();
+    std::fs::write(&wiki, text.chars().take(30_000).collect::<String>()).unwrap();
+    let p = d.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{scheme: FP8_DYNAMIC}}\nexport: {{format: compressed-tensors}}\neval: {{datasets: [{}], seq_len: 256}}\n",
+            shared().join("models/ref-llama-9m").display(),
+            out.display(),
+            wiki.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+        .arg(&p)
+        .args(["--quiet", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let after = r["eval"]["wiki.txt"]["after"]["perplexity"]
+        .as_f64()
+        .unwrap();
+    let eval = |extra: &[&str]| -> f64 {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+            .args(["eval", "--model"])
+            .arg(&out)
+            .arg("--data")
+            .arg(&wiki)
+            .args(["--seq-len", "256", "--quiet", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"]["wiki.txt"]["perplexity"].as_f64().unwrap()
+    };
+    assert_eq!(eval(&[]), after);
+    let weight_only = eval(&["--no-act-quant"]);
+    assert_ne!(weight_only, after);
+    assert!(
+        (weight_only / after - 1.0).abs() < 0.01,
+        "{weight_only} vs {after}"
+    );
+}

@@ -69,6 +69,7 @@ fn random_linear(
         static_order: false,
         true_sequential: false,
         scale_dtype: DType::BF16,
+        global_scale: None,
         shape: (out, inn),
     }
 }

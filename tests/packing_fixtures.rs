@@ -166,6 +166,7 @@ fn ct_compressor_tensors_reproduced_byte_for_byte() {
             static_order: false,
             true_sequential: false,
             scale_dtype: our_dtype(ws.dtype),
+            global_scale: None,
             shape: (out, inn),
         };
         let ours = compressed_tensors_tensors("m", &q).unwrap();
@@ -307,6 +308,7 @@ fn gptq_v1_linear_tensors_reproduced_byte_for_byte() {
                 static_order: false,
                 true_sequential: false,
                 scale_dtype: DType::F16,
+                global_scale: None,
                 shape: (out, inn),
             };
             let ours = gptq_tensors("m", &q).unwrap();

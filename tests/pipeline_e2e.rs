@@ -91,6 +91,13 @@ fn rtn_reproduces_llm_compressor_byte_for_byte() {
             "ref-llama-9m-rtn-w8ch",
             "{bits: 8, group_size: 128, sym: true}",
         ),
+        // the float schemes by their preset names: FP8 per channel (bf16 scales) and in
+        // 128×128 blocks, NVFP4 (E4M3 group scales under a global scale shared by q/k/v and by
+        // gate/up), MXFP4 (E8M0 exponents)
+        ("ref-llama-9m-rtn-fp8-dynamic", "{scheme: FP8_DYNAMIC}"),
+        ("ref-llama-9m-rtn-fp8-block", "{scheme: FP8_BLOCK}"),
+        ("ref-llama-9m-rtn-nvfp4a16", "{scheme: NVFP4A16}"),
+        ("ref-llama-9m-rtn-mxfp4a16", "{scheme: mxfp4a16}"),
     ] {
         let out = d.path().join(golden);
         let r = run(

@@ -208,6 +208,7 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
                     static_order: false,
                     true_sequential: false,
                     scale_dtype: crate::model::DType::BF16,
+                    global_scale: None,
                     shape: (rows, cols),
                 },
             ));

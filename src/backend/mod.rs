@@ -194,6 +194,7 @@ pub fn rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Result<Quantiz
                     static_order: false,
                     true_sequential: false,
                     scale_dtype: dtype,
+                    global_scale: None,
                     shape: (out, inn),
                 });
             }

@@ -154,7 +154,7 @@ impl Exporter {
 
     /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
     fn compressed_tensors_config(&self) -> Result<Option<Value>> {
-        if self.act_bits.windows(2).any(|w| w[0] != w[1]) {
+        if self.inputs.windows(2).any(|w| w[0] != w[1]) {
             bail!("export: some quantized linears quantize their input activations and others do not; one scheme per checkpoint is supported");
         }
         Ok(self.distinct_args()?.map(|(a, order)| {
@@ -162,7 +162,7 @@ impl Exporter {
                 &a,
                 order,
                 &self.unquantized,
-                self.act_bits.first().copied().flatten(),
+                self.inputs.first().cloned().flatten().as_ref(),
             )
         }))
     }

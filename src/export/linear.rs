@@ -108,19 +108,19 @@ impl Exporter {
                 self.unquantized.push(prefix.to_string());
             }
             (_, Some(q), Format::CompressedTensors) => {
-                let act = lin.act_quant().and_then(|a| a.per_token_bits());
-                let tensors = match act {
-                    Some(_) => {
-                        crate::formats::compressed_tensors::int_quantized_tensors(prefix, q)?
-                    }
-                    None => {
-                        crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
-                    }
+                let input = lin.act_quant().and_then(|a| a.args());
+                let tensors = if q.args.float.is_some() {
+                    crate::formats::compressed_tensors::float::float_tensors(prefix, q)?
+                } else if crate::formats::compressed_tensors::int_quantized(&q.args, input.as_ref())
+                {
+                    crate::formats::compressed_tensors::int_quantized_tensors(prefix, q)?
+                } else {
+                    crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
                 };
                 for (n, dt, shape, bytes) in tensors {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
-                self.act_bits.push(act);
+                self.inputs.push(input);
                 self.quantized
                     .push((prefix.to_string(), q.args.clone(), Order::of(q)));
             }

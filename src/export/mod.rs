@@ -39,7 +39,7 @@ pub struct Exporter {
     /// Every decoder-layer linear written, in order.
     linears: Vec<String>,
     /// Input-activation bits of every quantized linear written (W8A8), in order.
-    act_bits: Vec<Option<u32>>,
+    inputs: Vec<Option<crate::quant::QuantArgs>>,
     /// GGUF: the mix, its compiled overrides and the tensors written.
     gguf: Option<(GgufState, gguf::Overrides)>,
     /// The PEFT adapter's tensors (`adapter/adapter_model.safetensors`), once a linear has one.
@@ -70,7 +70,7 @@ impl Exporter {
             true_sequential: None,
             sparsity: SparsityTally::default(),
             linears: Vec::new(),
-            act_bits: Vec::new(),
+            inputs: Vec::new(),
             gguf: None,
             adapter_writer: None,
             adapters: Vec::new(),
@@ -105,7 +105,7 @@ impl Exporter {
             true_sequential: None,
             sparsity: SparsityTally::default(),
             linears: Vec::new(),
-            act_bits: Vec::new(),
+            inputs: Vec::new(),
             gguf: Some((
                 GgufState {
                     file_type,

@@ -28,7 +28,7 @@ pub struct ExporterState {
     #[serde(default)]
     linears: Vec<String>,
     #[serde(default)]
-    act_bits: Vec<Option<u32>>,
+    inputs: Vec<Option<crate::quant::QuantArgs>>,
     #[serde(default)]
     gguf: Option<GgufState>,
     #[serde(default)]
@@ -124,7 +124,7 @@ impl Exporter {
             true_sequential: self.true_sequential,
             sparsity: self.sparsity.clone(),
             linears: self.linears.clone(),
-            act_bits: self.act_bits.clone(),
+            inputs: self.inputs.clone(),
             gguf: self.gguf.as_ref().map(|(g, _)| g.clone()),
             adapter_writer: self
                 .adapter_writer
@@ -177,7 +177,7 @@ impl Exporter {
             true_sequential: state.true_sequential,
             sparsity: state.sparsity,
             linears: state.linears,
-            act_bits: state.act_bits,
+            inputs: state.inputs,
             gguf,
             adapter_writer: state
                 .adapter_writer

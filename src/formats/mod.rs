@@ -111,6 +111,7 @@ impl Stored {
             static_order: false,
             true_sequential: false,
             scale_dtype: self.scale_dtype,
+            global_scale: None,
             shape: self.shape,
         };
         q.validate().with_context(|| format!("`{prefix}`"))?;

@@ -33,7 +33,8 @@ pub fn stored_weight(
     shape: &[usize],
 ) -> Result<(Vec<f32>, DType, Option<QuantizedLinear>)> {
     let w = format!("{prefix}.weight");
-    let integer = ckpt.has(&w) && ckpt.info(&w)?.0.dtype == DType::I8;
+    // codes: I8 (int-quantized) or F8_E4M3 (float-quantized, mxfp8-quantized) need scales
+    let integer = ckpt.has(&w) && matches!(ckpt.info(&w)?.0.dtype, DType::I8 | DType::F8E4M3);
     if ckpt.has(&w) && !integer {
         let v = read_checked(ckpt, &w, shape)?;
         return Ok((v, ckpt.info(&w)?.0.dtype, None));
@@ -66,6 +67,19 @@ pub fn stored_weight(
             formats::compressed_tensors::read_int_quantized(&get, prefix),
             format!("{prefix}.weight_scale"),
         ),
+        f if formats::compressed_tensors::FLOAT_FORMATS.contains(&f) => {
+            let file = ckpt.dir.join("config.json");
+            let q = ckpt
+                .config
+                .raw
+                .get("quantization_config")
+                .context("quantization_config")?;
+            let args = formats::compressed_tensors::read_float_weights(q, &file)?;
+            (
+                formats::compressed_tensors::float::read_float(&get, prefix, &args),
+                format!("{prefix}.weight_scale"),
+            )
+        }
         "compressed-tensors" => (
             formats::compressed_tensors::read_compressed_tensors_quantized(
                 &get, prefix, bits, gs, sym,
@@ -96,25 +110,37 @@ pub fn stored_weight(
         .info(&scale_name)
         .map(|(i, _)| i.dtype)
         .unwrap_or(DType::F32);
+    // E4M3 / E8M0 scales (NVFP4, MX) are not the model's dtype: the embedding's is
+    let dt = if dt.is_float() {
+        dt
+    } else {
+        ckpt.info("model.embed_tokens.weight")
+            .map(|(i, _)| i.dtype)
+            .ok()
+            .filter(DType::is_float)
+            .unwrap_or(DType::BF16)
+    };
     Ok((v, dt, Some(q)))
 }
 
-/// Bits of the dynamic per-token activation quantizer config.json's `quantization_config`
-/// puts on linear `module` (W8A8's `input_activations`), if any: the module is quantized
-/// (not in `ignore`) and the group's input activations are dynamic, per token, symmetric.
+/// The dynamic activation quantizer config.json's `quantization_config` puts on linear
+/// `module` (W8A8's int8 per token, FP8's per token or per group, MX's groups), if any: the
+/// module is quantized (not in `ignore`) and the group's input activations are dynamic.
 /// `act_quant` false (`--no-act-quant`) reads none.
-pub fn input_activation_bits(
+pub fn input_activations(
     ckpt: &Checkpoint,
     module: &str,
     act_quant: bool,
-) -> Result<Option<u32>> {
+) -> Result<Option<crate::model::layer::ActQuant>> {
+    let file = ckpt.dir.join("config.json");
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
         Some(_) if !act_quant => Ok(None),
-        Some(q) => formats::compressed_tensors::read_input_activation_bits(
-            q,
-            module,
-            &ckpt.dir.join("config.json"),
-        ),
+        Some(q) => formats::compressed_tensors::read_input_activations(q, module, &file)?
+            .map(|a| {
+                crate::model::layer::ActQuant::from_args(&a)
+                    .with_context(|| format!("{}: `input_activations`", file.display()))
+            })
+            .transpose(),
     }
 }

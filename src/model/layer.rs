@@ -94,12 +94,12 @@ impl LayerWeights {
                 }
             };
             // W8A8 checkpoints quantize the inputs at run time: evaluation must too
-            let act = crate::model::dequant::input_activation_bits(ckpt, &module, opts.act_quant)?;
+            let act = crate::model::dequant::input_activations(ckpt, &module, opts.act_quant)?;
             let act = match ckpt
                 .llama_cpp_input(&format!("{module}.weight"), opts.llama_cpp_activations)?
             {
                 Some(v) => Some(ActQuant::Ggml(v)),
-                None => act.map(ActQuant::per_token),
+                None => act,
             };
             let lin = lin
                 .with_act_quant(act)

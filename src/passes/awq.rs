@@ -110,6 +110,7 @@ fn d_clip_tokens() -> usize {
 impl AwqSpec {
     pub fn args(&self) -> Result<QuantArgs> {
         Scheme {
+            scheme: None,
             bits: self.bits,
             strategy: Strategy::Group,
             group_size: self.group_size,

@@ -21,7 +21,7 @@ pub mod wanda;
 
 use crate::engine::Pass;
 use crate::quant::{Observer, QuantArgs, Strategy};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Every method once: its YAML key, its spec (the pass's own file defines the fields and their
@@ -226,6 +226,11 @@ pub fn check_sequence(passes: &[PassSpec]) -> Result<()> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scheme {
+    /// A named scheme (`FP8_DYNAMIC`, `NVFP4A16`, `MXFP4A16`, `W4A16`, … as compressed-tensors
+    /// names them, see `quant/presets.rs`): its weight and activation quantizers replace the
+    /// fields below, which must then keep their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     #[serde(default = "default_bits")]
     pub bits: u32,
     /// `group` (default), `channel` or `tensor`.
@@ -275,6 +280,40 @@ fn default_ignore() -> Vec<String> {
     vec!["lm_head".into()]
 }
 
+/// NVFP4's global scales of `linears`: one per input site, from the largest magnitude of all
+/// the linears reading it, because serving engines fuse those (q/k/v, gate/up) into one matmul
+/// with one global scale (llm-compressor's fused observers do the same).
+pub(crate) fn fused_global_scales(
+    ctx: &crate::engine::LayerCtx,
+    linears: &[&str],
+) -> Result<std::collections::BTreeMap<String, f32>> {
+    let mut by_site: std::collections::BTreeMap<
+        crate::model::layer::Site,
+        (f32, crate::safetensors_file::DType),
+    > = Default::default();
+    let mut site_of = Vec::new();
+    for &name in linears {
+        let site = input_site(ctx, name)?;
+        let lin = &ctx.layer.linears[name];
+        let a = crate::quant::float::amax(lin.weight().iter().copied());
+        let e = by_site
+            .entry(site)
+            .or_insert((0.0, crate::quant::scale_dtype_for(lin.dtype)));
+        e.0 = e.0.max(a);
+        site_of.push((name, site));
+    }
+    Ok(site_of
+        .into_iter()
+        .map(|(name, site)| {
+            let (a, dtype) = by_site[&site];
+            (
+                name.to_string(),
+                crate::quant::float::global_scale(a, dtype),
+            )
+        })
+        .collect())
+}
+
 /// The input site a linear of the layer reads, from the block's table.
 pub(crate) fn input_site(
     ctx: &crate::engine::LayerCtx,
@@ -287,7 +326,35 @@ pub(crate) fn input_site(
 }
 
 impl Scheme {
+    /// The named scheme, refusing a name we do not implement and fields that would be ignored.
+    fn preset(&self) -> Result<Option<crate::quant::presets::Preset>> {
+        let Some(name) = &self.scheme else {
+            return Ok(None);
+        };
+        let p = crate::quant::presets::preset(name).with_context(|| {
+            format!(
+                "field `scheme`: unknown scheme `{name}` (known: {}; FP8 and NVFP4 need calibrated static activation scales and are not implemented)",
+                crate::quant::presets::names().join(", ")
+            )
+        })?;
+        let defaults = self.bits == default_bits()
+            && self.strategy == default_strategy()
+            && self.group_size == default_group()
+            && self.sym
+            && self.observer == default_observer()
+            && self.act_bits.is_none();
+        ensure!(
+            defaults,
+            "field `scheme: {name}` sets the quantization; remove `bits`, `strategy`, `group_size`, `sym`, `observer` and `act_bits` (or spell the scheme out with them instead)"
+        );
+        Ok(Some(p))
+    }
+
     pub fn args(&self) -> Result<QuantArgs> {
+        if let Some(p) = self.preset()? {
+            p.weights.validate()?;
+            return Ok(p.weights);
+        }
         let strategy = if self.group_size == -1 && self.strategy == Strategy::Group {
             Strategy::Channel
         } else {
@@ -313,6 +380,13 @@ impl Scheme {
 
     /// The activation quantizer, if any (only 8-bit per-token is supported).
     pub fn act_quant(&self) -> Result<Option<crate::model::layer::ActQuant>> {
+        if let Some(p) = self.preset()? {
+            return p
+                .input
+                .as_ref()
+                .map(crate::model::layer::ActQuant::from_args)
+                .transpose();
+        }
         match self.act_bits {
             None => Ok(None),
             Some(8) => Ok(Some(crate::model::layer::ActQuant::per_token(8))),

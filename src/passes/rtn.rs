@@ -50,20 +50,36 @@ impl Pass for Rtn {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        for name in ctx.config.block().linear_names() {
+        let names: Vec<&str> = ctx
+            .config
+            .block()
+            .linear_names()
+            .filter(|n| self.select.selects(&ctx.module_name(n)))
+            .collect();
+        let globals = if self.args.global_scale {
+            super::fused_global_scales(ctx, &names)?
+        } else {
+            Default::default()
+        };
+        for name in names {
             let module = ctx.module_name(name);
-            if !self.select.selects(&module) {
-                continue;
-            }
             let t = Instant::now();
             let lin = ctx
                 .layer
                 .linears
                 .get_mut(name)
                 .expect("all linears present");
-            let q =
-                crate::backend::rtn(lin.weight().view(), &self.args, scale_dtype_for(lin.dtype))
-                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            let dtype = scale_dtype_for(lin.dtype);
+            let q = match self.args.float {
+                Some(_) => crate::quant::float::quantize(
+                    lin.weight().view(),
+                    &self.args,
+                    dtype,
+                    globals.get(name).copied(),
+                ),
+                None => crate::backend::rtn(lin.weight().view(), &self.args, dtype),
+            }
+            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_quantized(q)
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_act_quant(self.act);

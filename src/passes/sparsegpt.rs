@@ -83,6 +83,7 @@ fn d_true() -> bool {
 impl JointScheme {
     pub fn args(&self) -> Result<QuantArgs> {
         Scheme {
+            scheme: None,
             bits: self.bits,
             strategy: crate::quant::Strategy::Group,
             group_size: self.group_size,

@@ -19,7 +19,9 @@
 //!
 //! Pure functions only: no I/O, no file formats (those live in `export`).
 
+pub mod float;
 pub mod ggml;
+pub mod presets;
 
 use crate::number::{FloatFormat, NumType, ScaleType};
 use crate::safetensors_file::DType;
@@ -110,6 +112,8 @@ pub struct QuantizedLinear {
     /// in the layer (GPTQ's "true sequential"); recorded for the GPTQ config block.
     pub true_sequential: bool,
     pub scale_dtype: DType,
+    /// NVFP4's per-tensor f32 scale above the group scales (a value is code · scale / global).
+    pub global_scale: Option<f32>,
     /// (out, in)
     pub shape: (usize, usize),
 }
@@ -181,29 +185,27 @@ impl QuantArgs {
         }
     }
 
-    /// Check that the arguments describe a grid we can store (codes are i8).
+    /// Check that the arguments describe a grid we can store (codes are i8): an integer grid
+    /// of 2..=8 bits per tensor, channel or group, or one of the float schemes' grids.
     pub fn validate(&self) -> Result<()> {
+        if let Some(f) = self.float {
+            return self.validate_float(f);
+        }
         ensure!(
             (2..=8).contains(&self.bits),
             "quantization: {} bits is not supported (2..=8)",
             self.bits
         );
-        if let Some(f) = self.float {
-            bail!(
-                "quantization: float grids ({}) have no quantizer yet (the float schemes, issue #39)",
-                f.name()
-            );
-        }
         ensure!(
             self.scale_type.is_none() && !self.global_scale && self.block.is_none(),
-            "quantization: scale types, global scales and blocks have no quantizer yet (the float schemes, issue #39)"
+            "quantization: integer grids take no scale type, global scale or block (those are the float schemes')"
         );
         ensure!(
             matches!(
                 self.strategy,
                 Strategy::Tensor | Strategy::Channel | Strategy::Group
             ),
-            "quantization: strategy {:?} has no weight quantizer yet (the float schemes, issue #39)",
+            "quantization: strategy {:?} has no integer weight quantizer (tensor, channel or group)",
             self.strategy
         );
         if self.strategy == Strategy::Group {
@@ -215,14 +217,69 @@ impl QuantArgs {
         Ok(())
     }
 
+    /// The float grids compressed-tensors defines: FP8 E4M3 per tensor / channel / block in
+    /// the weights' dtype, E2M1 (NVFP4) in groups under E4M3 scales and a global scale, and
+    /// E2M1 / E4M3 in groups of 32 under E8M0 scales (MXFP4 / MXFP8).
+    fn validate_float(&self, f: FloatFormat) -> Result<()> {
+        ensure!(
+            self.bits == f.bits(),
+            "quantization: {} values have {} bits, not {}",
+            f.name(),
+            f.bits(),
+            self.bits
+        );
+        ensure!(
+            self.symmetric,
+            "quantization: float grids are symmetric (no zero point)"
+        );
+        ensure!(
+            self.observer == Observer::MinMax,
+            "quantization: float grids take the min-max observer"
+        );
+        let grouped = || -> Result<()> {
+            ensure!(
+                self.group_size > 0,
+                "quantization: group_size must be > 0 for strategy {:?}",
+                self.strategy
+            );
+            Ok(())
+        };
+        match (f, self.strategy, self.scale_type, self.global_scale) {
+            (FloatFormat::E4M3, Strategy::Tensor | Strategy::Channel, None, false) => {}
+            (FloatFormat::E4M3, Strategy::Block, None, false) => match self.block {
+                Some([r, c]) if r > 0 && c > 0 => {}
+                _ => bail!("quantization: strategy block needs `block: [rows, cols]` > 0"),
+            },
+            (FloatFormat::E2M1, Strategy::TensorGroup, Some(ScaleType::E4M3), true) => grouped()?,
+            (FloatFormat::E2M1 | FloatFormat::E4M3, Strategy::Group, Some(ScaleType::E8M0), false) => {
+                grouped()?
+            }
+            _ => bail!(
+                "quantization: no float scheme has {} values with strategy {:?}, scale type {:?} and global scale {} (FP8: e4m3 per tensor, channel or block; NVFP4: e2m1 tensor_group with e4m3 scales and a global scale; MX: e2m1/e4m3 groups with e8m0 scales)",
+                f.name(),
+                self.strategy,
+                self.scale_type,
+                self.global_scale
+            ),
+        }
+        if self.strategy != Strategy::Block {
+            ensure!(
+                self.block.is_none(),
+                "quantization: `block` only applies to strategy block"
+            );
+        }
+        Ok(())
+    }
+
     /// Number of parameter groups per row for a matrix with `in_features` columns;
     /// errors when the group size does not divide the input dimension.
     pub fn groups_per_row(&self, in_features: usize) -> Result<usize> {
         self.validate()?;
         Ok(match self.strategy {
             Strategy::Tensor | Strategy::Channel | Strategy::Token => 1,
-            Strategy::Block | Strategy::TensorGroup => unreachable!("rejected by validate"),
-            Strategy::Group => {
+            // compressed-tensors pads a partial block
+            Strategy::Block => in_features.div_ceil(self.group_width(in_features)),
+            Strategy::Group | Strategy::TensorGroup => {
                 if !in_features.is_multiple_of(self.group_size) {
                     bail!(
                         "quantization: input dimension {in_features} is not divisible by group_size {}",
@@ -237,7 +294,8 @@ impl QuantArgs {
     /// Columns that share one set of parameters within a row.
     pub fn group_width(&self, in_features: usize) -> usize {
         match self.strategy {
-            Strategy::Group => self.group_size,
+            Strategy::Group | Strategy::TensorGroup => self.group_size,
+            Strategy::Block => self.block.map_or(in_features, |b| b[1]),
             _ => in_features,
         }
     }
@@ -362,6 +420,9 @@ pub fn group_params(values: &[f32], args: &QuantArgs, dtype: DType) -> (f32, i32
 /// Round-to-nearest quantization of a whole `[out, in]` matrix. `dtype` is the dtype of the
 /// weights (the reference computes in it); scales are stored in it too (`scale_dtype`).
 pub fn quantize_rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Result<QuantizedLinear> {
+    if args.float.is_some() {
+        return float::quantize(w, args, dtype, None);
+    }
     ensure!(
         matches!(dtype, DType::BF16 | DType::F16 | DType::F32),
         "quantization: weights of dtype {} cannot be quantized (need BF16, F16 or F32)",
@@ -417,6 +478,7 @@ pub fn quantize_rtn(w: ArrayView2<f32>, args: &QuantArgs, dtype: DType) -> Resul
         static_order: false,
         true_sequential: false,
         scale_dtype: dtype,
+        global_scale: None,
         shape: (out, inn),
     })
 }
@@ -432,10 +494,7 @@ impl QuantizedLinear {
     pub fn group_of(&self, j: usize) -> usize {
         match &self.g_idx {
             Some(g) => g[j] as usize,
-            None => {
-                let ng = self.n_groups().max(1);
-                j / (self.shape.1 / ng).max(1)
-            }
+            None => j / self.args.group_width(self.shape.1).max(1),
         }
     }
 
@@ -477,13 +536,31 @@ impl QuantizedLinear {
                 self.scales.len()
             );
         }
-        let (qmin, qmax) = qrange(self.args.bits);
-        ensure!(
-            self.codes
-                .iter()
-                .all(|&c| (c as i32) >= qmin && (c as i32) <= qmax),
-            "quantized linear: codes outside [{qmin}, {qmax}]"
-        );
+        match self.args.float {
+            Some(f) => {
+                ensure!(
+                    self.codes
+                        .iter()
+                        .all(|&c| (c as u8 as u32) < (1 << f.bits())
+                            && f.decode(c as u8).is_finite()),
+                    "quantized linear: codes that are not finite {} values",
+                    f.name()
+                );
+                ensure!(
+                    self.args.global_scale == self.global_scale.is_some(),
+                    "quantized linear: the global scale does not match the arguments"
+                );
+            }
+            None => {
+                let (qmin, qmax) = qrange(self.args.bits);
+                ensure!(
+                    self.codes
+                        .iter()
+                        .all(|&c| (c as i32) >= qmin && (c as i32) <= qmax),
+                    "quantized linear: codes outside [{qmin}, {qmax}]"
+                );
+            }
+        }
         match &self.g_idx {
             Some(g) => {
                 ensure!(
@@ -515,15 +592,18 @@ impl QuantizedLinear {
             .for_each(|(r, row)| {
                 for (j, x) in row.iter_mut().enumerate() {
                     let g = groups[j];
-                    let z = match &self.zeros {
-                        Some(z) => z[r * ng + g] as i32,
-                        None => 0,
+                    let c = self.codes[r * inn + j];
+                    let s = self.scales[r * ng + g];
+                    *x = match self.args.float {
+                        Some(f) => float::decode(c as u8, s, self.global_scale, f),
+                        None => {
+                            let z = match &self.zeros {
+                                Some(z) => z[r * ng + g] as i32,
+                                None => 0,
+                            };
+                            dequantize_value(c as i32, s, z)
+                        }
                     };
-                    *x = dequantize_value(
-                        self.codes[r * inn + j] as i32,
-                        self.scales[r * ng + g],
-                        z,
-                    );
                 }
             });
         Array2::from_shape_vec((out, inn), data).expect("shape matches")
@@ -537,12 +617,17 @@ impl QuantizedLinear {
         if n == 0.0 {
             return 0.0;
         }
-        let n_params = match self.args.strategy {
-            Strategy::Tensor => 1,
+        let n_params = match (self.args.strategy, self.args.block) {
+            (Strategy::Tensor, _) => 1,
+            // held per row, stored per block of rows
+            (Strategy::Block, Some([br, _])) => out.div_ceil(br) * self.n_groups(),
             _ => self.scales.len(),
         } as f64;
         let scale_bits = (self.scale_dtype.size() * 8) as f64;
         let mut total = n * self.args.bits as f64 + n_params * scale_bits;
+        if self.global_scale.is_some() {
+            total += 32.0;
+        }
         if self.zeros.is_some() {
             total += n_params * self.args.bits as f64;
         }

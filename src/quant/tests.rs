@@ -226,9 +226,22 @@ fn args_hold_number_types_and_integer_ones_serialize_as_before() {
     );
     let back: QuantArgs = serde_json::from_str(&serde_json::to_string(&nvfp4).unwrap()).unwrap();
     assert_eq!(back, nvfp4);
-    // no quantizer takes them yet: a clear error, not integer codes
-    let e = nvfp4.validate().unwrap_err().to_string();
-    assert!(e.contains("e2m1") && e.contains("#39"), "{e}");
+    nvfp4.validate().unwrap();
+    // a float grid must be one a scheme defines, with its own bits
+    let e = QuantArgs {
+        strategy: Strategy::Channel,
+        ..nvfp4.clone()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("e2m1") && e.contains("Channel"), "{e}");
+    let e = QuantArgs { bits: 8, ..nvfp4 }
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 bits"), "{e}");
+    // integer grids take no block
     let block = QuantArgs {
         strategy: Strategy::Block,
         block: Some([128, 128]),

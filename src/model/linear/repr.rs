@@ -77,6 +77,15 @@ pub enum ActQuant {
     /// converts the activations to the weight type's `vec_dot_type` (Q8_0 / Q8_1 / Q8_K blocks,
     /// or f16) for its integer dot products (`compress eval --llama-cpp-activations`).
     Ggml(crate::quant::ggml::VecDot),
+    /// Dynamic, symmetric quantization onto a float grid (FP8_DYNAMIC's per-token E4M3,
+    /// FP8_BLOCK's groups of 128, MX's groups of 32 under power-of-two scales): each token, or
+    /// each group of `group` columns of it, is scaled by max|x| / max of the format (MX: the
+    /// E8M0 scale of that max) and rounded to the nearest value.
+    Float {
+        format: crate::number::FloatFormat,
+        group: Option<usize>,
+        mx: bool,
+    },
 }
 
 impl ActQuant {
@@ -85,11 +94,66 @@ impl ActQuant {
         ActQuant::PerToken { bits }
     }
 
-    /// The bits of a per-token quantizer (what a compressed-tensors config declares).
+    /// The quantizer a scheme's dynamic `input_activations` arguments describe.
+    pub fn from_args(a: &crate::quant::QuantArgs) -> anyhow::Result<Self> {
+        use crate::number::ScaleType;
+        use crate::quant::Strategy;
+        match (a.float, a.strategy) {
+            (None, Strategy::Token) if a.bits == 8 && a.symmetric => Ok(ActQuant::per_token(8)),
+            (Some(format), Strategy::Token) => Ok(ActQuant::Float {
+                format,
+                group: None,
+                mx: false,
+            }),
+            (Some(format), Strategy::Group) if a.group_size > 0 => Ok(ActQuant::Float {
+                format,
+                group: Some(a.group_size),
+                mx: a.scale_type == Some(ScaleType::E8M0),
+            }),
+            _ => anyhow::bail!(
+                "input activations: {:?} with strategy {:?} have no dynamic quantizer",
+                a.num(),
+                a.strategy
+            ),
+        }
+    }
+
+    /// The dynamic `input_activations` arguments this quantizer stands for (what a
+    /// compressed-tensors config declares); `None` for llama.cpp's emulation.
+    pub fn args(&self) -> Option<crate::quant::QuantArgs> {
+        use crate::quant::{Observer, QuantArgs, Strategy};
+        match *self {
+            ActQuant::PerToken { bits } => Some(QuantArgs::int(
+                bits,
+                true,
+                Strategy::Token,
+                0,
+                Observer::MinMax,
+            )),
+            ActQuant::Ggml(_) => None,
+            ActQuant::Float { format, group, mx } => Some(QuantArgs {
+                bits: format.bits(),
+                symmetric: true,
+                strategy: if group.is_some() {
+                    Strategy::Group
+                } else {
+                    Strategy::Token
+                },
+                group_size: group.unwrap_or(0),
+                observer: Observer::MinMax,
+                float: Some(format),
+                scale_type: mx.then_some(crate::number::ScaleType::E8M0),
+                global_scale: false,
+                block: None,
+            }),
+        }
+    }
+
+    /// The bits of an integer per-token quantizer (W8A8's `int-quantized`).
     pub fn per_token_bits(&self) -> Option<u32> {
         match self {
             ActQuant::PerToken { bits } => Some(*bits),
-            ActQuant::Ggml(_) => None,
+            _ => None,
         }
     }
 
@@ -110,6 +174,28 @@ impl ActQuant {
                 });
             }
             ActQuant::Ggml(t) => x.par_chunks_mut(k).for_each(|row| t.round_trip(row)),
+            ActQuant::Float { format, group, mx } => {
+                let width = group.unwrap_or(k).max(1);
+                let m = format.max();
+                x.par_chunks_mut(k).for_each(|row| {
+                    for g in row.chunks_mut(width) {
+                        let a = crate::quant::float::amax(g.iter().copied());
+                        let s = if mx {
+                            crate::quant::float::mx_scale(crate::quant::float::mx_exponent(
+                                a, format,
+                            ))
+                        } else {
+                            a / m
+                        };
+                        if s == 0.0 {
+                            continue;
+                        }
+                        for v in g.iter_mut() {
+                            *v = format.round((*v / s).clamp(-m, m)) * s;
+                        }
+                    }
+                });
+            }
         }
     }
 }

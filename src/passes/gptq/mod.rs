@@ -39,6 +39,9 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptqSpec {
+    /// A named scheme (see [`Scheme::scheme`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     #[serde(default = "d_bits")]
     pub bits: u32,
     #[serde(default = "d_strategy")]
@@ -129,6 +132,7 @@ fn d_block() -> usize {
 impl GptqSpec {
     pub fn scheme(&self) -> Scheme {
         Scheme {
+            scheme: self.scheme.clone(),
             bits: self.bits,
             strategy: self.strategy,
             group_size: self.group_size,
@@ -539,6 +543,7 @@ impl Grid {
             static_order: act_order && self.order.static_groups,
             true_sequential: false,
             scale_dtype: self.scale_dtype,
+            global_scale: None,
             shape: (rows, cols),
         }
     }
