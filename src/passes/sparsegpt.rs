@@ -179,7 +179,7 @@ pub fn sparsegpt_prune(
         static_groups: false,
     };
     let grid = joint
-        .map(|(a, dt)| Grid::new(&w, a, dt, order, (0..cols).collect()))
+        .map(|(a, dt)| Grid::new(&w, a, dt, order, (0..cols).collect(), None))
         .transpose()?;
     let f = Factor::new(&h, damp)?;
     let rule = Rule {

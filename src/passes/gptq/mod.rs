@@ -230,7 +230,20 @@ pub fn gptq_quantize(
         act_order,
         static_groups,
     };
-    gptq_quantize_masked(w, h, args, scale_dtype, damp, block_size, order, None)
+    let global = args.global_scale.then(|| {
+        crate::quant::float::global_scale(crate::quant::float::amax(w.iter().copied()), scale_dtype)
+    });
+    gptq_quantize_masked(
+        w,
+        h,
+        args,
+        scale_dtype,
+        damp,
+        block_size,
+        order,
+        None,
+        global,
+    )
 }
 
 /// Column order options of [`gptq_quantize_masked`].
@@ -242,7 +255,8 @@ pub struct Ordering {
 
 /// GPTQ that keeps a sparsity mask: `keep` ([rows, cols], `false` = pruned) columns are fixed
 /// to exactly zero (their code is the zero point) and their error is fed forward like any
-/// other, so SparseGPT followed by GPTQ stays sparse and compensated.
+/// other, so SparseGPT followed by GPTQ stays sparse and compensated. `global` is NVFP4's
+/// global scale (fused over the linears sharing an input) for grids that have one.
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_quantize_masked(
     w: &Array2<f32>,
@@ -253,6 +267,7 @@ pub fn gptq_quantize_masked(
     block_size: usize,
     order: Ordering,
     keep: Option<&[bool]>,
+    global: Option<f32>,
 ) -> Result<GptqResult> {
     let (rows, cols) = w.dim();
     if h.dim() != (cols, cols) {
@@ -268,7 +283,7 @@ pub fn gptq_quantize_masked(
     } else {
         (0..cols).collect()
     };
-    let grid = Grid::new(&w, args, scale_dtype, order, perm)?;
+    let grid = Grid::new(&w, args, scale_dtype, order, perm, global)?;
     let (mut wp, hp) = sweep::permute(&w, &h, &grid.perm);
     // On an active GPU the same sweep runs there (kernels/quant.cu `gptq_block`); masks and
     // the MSE observer's dynamic groups stay on the CPU.
@@ -323,6 +338,8 @@ pub struct Grid {
     n_groups: usize,
     cols: usize,
     fixed: Option<(Vec<f32>, Vec<i32>)>,
+    /// NVFP4's global scale (float grids with one).
+    global: Option<f32>,
 }
 
 /// One row's codes and parameters as the sweep fills them (in processing order).
@@ -340,10 +357,13 @@ impl Grid {
         scale_dtype: DType,
         order: Ordering,
         perm: Vec<usize>,
+        global: Option<f32>,
     ) -> Result<Self> {
         let (rows, cols) = w.dim();
+        let params = |v: &[f32]| Self::params_of(v, args, scale_dtype, global);
         let gs = match args.strategy {
-            Strategy::Group => {
+            Strategy::Block => args.group_width(cols),
+            Strategy::Group | Strategy::TensorGroup => {
                 if cols % args.group_size != 0 {
                     bail!(
                         "in_features {cols} is not a multiple of group_size {}",
@@ -354,11 +374,11 @@ impl Grid {
             }
             _ => cols,
         };
-        let n_groups = cols / gs;
+        let n_groups = cols.div_ceil(gs);
         let fixed: Option<(Vec<f32>, Vec<i32>)> = match args.strategy {
             Strategy::Tensor => {
                 let all: Vec<f32> = w.iter().copied().collect();
-                let (s, z) = group_params(&all, args, scale_dtype);
+                let (s, z) = params(&all);
                 Some((vec![s; rows], vec![z; rows]))
             }
             Strategy::Channel => {
@@ -366,27 +386,32 @@ impl Grid {
                 let mut z = vec![0i32; rows];
                 for r in 0..rows {
                     let row: Vec<f32> = w.row(r).to_vec();
-                    let (a, b) = group_params(&row, args, scale_dtype);
+                    let (a, b) = params(&row);
                     s[r] = a;
                     z[r] = b;
                 }
                 Some((s, z))
             }
-            Strategy::Group if order.static_groups => {
+            Strategy::Group | Strategy::TensorGroup if order.static_groups => {
                 let mut s = vec![0f32; rows * n_groups];
                 let mut z = vec![0i32; rows * n_groups];
                 for r in 0..rows {
                     for g in 0..n_groups {
                         let v: Vec<f32> = (g * gs..(g + 1) * gs).map(|j| w[[r, j]]).collect();
-                        let (a, b) = group_params(&v, args, scale_dtype);
+                        let (a, b) = params(&v);
                         s[r * n_groups + g] = a;
                         z[r * n_groups + g] = b;
                     }
                 }
                 Some((s, z))
             }
-            Strategy::Group => None,
-            s => bail!("GPTQ: strategy {s:?} has no integer grid (the float schemes, issue #39)"),
+            Strategy::Group | Strategy::TensorGroup => None,
+            // FP8 blocks: each 128×128 tile's scale from the original weights (held per row)
+            Strategy::Block => {
+                let q = crate::quant::float::quantize(w.view(), args, scale_dtype, global)?;
+                Some((q.scales, vec![0; rows * n_groups]))
+            }
+            s => bail!("GPTQ: strategy {s:?} quantizes activations, not weights"),
         };
         Ok(Grid {
             args: args.clone(),
@@ -397,7 +422,30 @@ impl Grid {
             n_groups,
             cols,
             fixed,
+            global,
         })
+    }
+
+    /// Scale and zero point of one group of values: the integer grid's observer, or a float
+    /// grid's scale of the group's largest magnitude (zero point 0).
+    fn params_of(
+        v: &[f32],
+        args: &QuantArgs,
+        scale_dtype: DType,
+        global: Option<f32>,
+    ) -> (f32, i32) {
+        match args.float {
+            None => group_params(v, args, scale_dtype),
+            Some(_) => (
+                crate::quant::float::group_scale(
+                    crate::quant::float::amax(v.iter().copied()),
+                    args,
+                    scale_dtype,
+                    global,
+                ),
+                0,
+            ),
+        }
     }
 
     /// Run the sweep on the active GPU ([`crate::backend::gptq_sweep`]): `None` when no GPU is
@@ -414,6 +462,10 @@ impl Grid {
     ) -> Option<Result<(Vec<GridRow>, f64, f64)>> {
         let scale_dtype = crate::backend::dtype_code(self.scale_dtype)?;
         if self.fixed.is_none() && self.args.observer != Observer::MinMax {
+            return None;
+        }
+        if self.args.float.is_some() {
+            // the device kernel knows integer grids only
             return None;
         }
         let gcol: Vec<i32> = match self.args.strategy {
@@ -475,13 +527,13 @@ impl Grid {
     pub fn column(&self, st: &mut GridRow, r: usize, i: usize, wr: &[f32], pruned: bool) -> f32 {
         let (args, gs, ng) = (&self.args, self.gs, self.n_groups);
         match (args.strategy, &self.fixed) {
-            (Strategy::Group, Some((s, z))) => {
+            (Strategy::Group | Strategy::TensorGroup | Strategy::Block, Some((s, z))) => {
                 let g = self.perm[i] / gs;
                 st.cur = (s[r * ng + g], z[r * ng + g]);
             }
-            (Strategy::Group, None) => {
+            (Strategy::Group | Strategy::TensorGroup, None) => {
                 if i.is_multiple_of(gs) {
-                    st.cur = group_params(&wr[i..i + gs], args, self.scale_dtype);
+                    st.cur = Self::params_of(&wr[i..i + gs], args, self.scale_dtype, self.global);
                     st.scales[i / gs] = st.cur.0;
                     st.zeros[i / gs] = st.cur.1;
                 }
@@ -492,6 +544,13 @@ impl Grid {
         if pruned {
             st.codes[i] = st.cur.1 as i8;
             return 0.0;
+        }
+        if let Some(fmt) = args.float {
+            // float grids: the code nearest w / scale in f32, as for the integer grid below;
+            // its value is what the stored weight dequantizes to
+            let c = crate::quant::float::encode(wr[i], st.cur.0, self.global, fmt, DType::F32);
+            st.codes[i] = c as i8;
+            return crate::quant::float::decode(c, st.cur.0, self.global, fmt);
         }
         // The working weights are f32 (updated by the error feedback), so w/scale is computed
         // in f32 as llm-compressor's GPTQ does (GPTQ_PRECISION), even when the scales are bf16
@@ -517,8 +576,10 @@ impl Grid {
         }
         let act_order = self.order.act_order;
         let (scales, zeros, g_idx) = match (self.args.strategy, self.fixed) {
-            (Strategy::Group, Some((s, z))) => (s, z, None),
-            (Strategy::Group, None) => {
+            (Strategy::Group | Strategy::TensorGroup | Strategy::Block, Some((s, z))) => {
+                (s, z, None)
+            }
+            (Strategy::Group | Strategy::TensorGroup, None) => {
                 let g_idx = act_order.then(|| {
                     let mut g = vec![0i32; cols];
                     for (j, &p) in perm.iter().enumerate() {
@@ -542,8 +603,11 @@ impl Grid {
             g_idx,
             static_order: act_order && self.order.static_groups,
             true_sequential: false,
-            scale_dtype: self.scale_dtype,
-            global_scale: None,
+            scale_dtype: match self.args.float {
+                Some(_) => crate::quant::float::scale_storage(&self.args, self.scale_dtype),
+                None => self.scale_dtype,
+            },
+            global_scale: self.global,
             shape: (rows, cols),
         }
     }
@@ -595,6 +659,16 @@ impl Pass for Gptq {
             vec![block.linear_names().collect()]
         };
         let teacher = self.spec.target == Target::Teacher;
+        // NVFP4: one global scale per input site, from the layer's original weights
+        let globals = if self.args.global_scale {
+            let selected: Vec<&str> = block
+                .linear_names()
+                .filter(|n| self.select.selects(&ctx.module_name(n)))
+                .collect();
+            super::fused_global_scales(ctx, &selected)?
+        } else {
+            Default::default()
+        };
         // GPTAQ's asymmetry statistic per input site, collected on the same weights as the
         // Hessians it pairs with
         let mut asym: std::collections::BTreeMap<Site, Array2<f64>> = Default::default();
@@ -661,6 +735,7 @@ impl Pass for Gptq {
                         static_groups: self.spec.static_groups(),
                     },
                     keep,
+                    globals.get(name).copied(),
                 )
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
