@@ -260,3 +260,39 @@ fn awq_scaled_weights_export_as_gptq_v1() {
         ppl[1]
     );
 }
+
+/// AWQ searches on a float grid by its scheme name: at α = 0 only it is exactly RTN on that
+/// grid (NVFP4, whose global scale is computed after the search), a full search changes the
+/// weights, and a quantizer on another float grid after it is refused.
+#[test]
+fn awq_on_float_schemes() {
+    let d = tempfile::tempdir().unwrap();
+    let rtn = "  - rtn: {scheme: NVFP4A16}\n";
+    assert!(run(d.path(), "rtn", rtn).0);
+    let awq0 = "  - awq: {scheme: NVFP4A16, n_grid: 1, duo_scaling: false, clip: false}\n";
+    let (ok, err) = run(d.path(), "awq0", &format!("{awq0}{rtn}"));
+    assert!(ok, "{err}");
+    let a = Checkpoint::open(&d.path().join("rtn")).unwrap();
+    let b = Checkpoint::open(&d.path().join("awq0")).unwrap();
+    assert!(compress::runner::tensors_identical(&a, &b).unwrap());
+    let (ok, err) = run(
+        d.path(),
+        "awq",
+        &format!("  - awq: {{scheme: NVFP4A16, search_samples: 8}}\n{rtn}"),
+    );
+    assert!(ok, "{err}");
+    let c = Checkpoint::open(&d.path().join("awq")).unwrap();
+    assert!(!compress::runner::tensors_identical(&a, &c).unwrap());
+    let (ok, err) = run(
+        d.path(),
+        "bad",
+        "  - awq: {scheme: NVFP4A16}\n  - rtn: {scheme: MXFP4A16}\n",
+    );
+    assert!(!ok && err.contains("give both the same `scheme`"), "{err}");
+    let (ok, err) = run(
+        d.path(),
+        "bad2",
+        "  - awq: {scheme: NVFP4A16, bits: 3}\n  - rtn: {scheme: NVFP4A16}\n",
+    );
+    assert!(!ok && err.contains("field `scheme` sets the grid"), "{err}");
+}

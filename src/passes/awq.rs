@@ -51,6 +51,10 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwqSpec {
+    /// A named scheme to search for (`NVFP4A16`, `FP8_DYNAMIC`, `W4A16`, … see
+    /// `quant/presets.rs`) instead of `bits` / `group_size` / `sym`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     /// The grid the search assumes (the following quantizer's).
     #[serde(default = "d_bits")]
     pub bits: u32,
@@ -109,12 +113,22 @@ fn d_clip_tokens() -> usize {
 
 impl AwqSpec {
     pub fn args(&self) -> Result<QuantArgs> {
+        if self.scheme.is_some() {
+            anyhow::ensure!(
+                self.bits == d_bits() && self.group_size == d_group() && !self.sym,
+                "field `scheme` sets the grid; remove `bits`, `group_size` and `sym`"
+            );
+        }
         Scheme {
-            scheme: None,
-            bits: self.bits,
+            scheme: self.scheme.clone(),
+            bits: if self.scheme.is_some() { 4 } else { self.bits },
             strategy: Strategy::Group,
-            group_size: self.group_size,
-            sym: self.sym,
+            group_size: if self.scheme.is_some() {
+                128
+            } else {
+                self.group_size
+            },
+            sym: self.sym || self.scheme.is_some(),
             observer: crate::quant::Observer::MinMax,
             targets: vec![],
             ignore: vec![],

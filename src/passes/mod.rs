@@ -210,6 +210,21 @@ pub fn check_sequence(passes: &[PassSpec]) -> Result<()> {
             );
         };
         let (n, want) = (next?, a.args()?);
+        if (n.float.is_some() || want.float.is_some())
+            && (n.num(), n.strategy, n.group_size, n.scale_type, n.block)
+                != (
+                    want.num(),
+                    want.strategy,
+                    want.group_size,
+                    want.scale_type,
+                    want.block,
+                )
+        {
+            bail!(
+                "passes[{i}] awq: searched for {:?} ({:?}), but the quantizer after it uses {:?} ({:?}): give both the same `scheme`",
+                want.num(), want.strategy, n.num(), n.strategy
+            );
+        }
         if (n.bits, n.group_width(1 << 20), n.symmetric)
             != (want.bits, want.group_width(1 << 20), want.symmetric)
         {
