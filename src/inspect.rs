@@ -47,8 +47,24 @@ pub fn inspect(dir: &Path) -> Result<Value> {
             Some(_) => json!({"format": "gguf", "file": crate::formats::gguf::FILE_NAME}),
             None => c.raw.get("quantization_config").cloned().unwrap_or(Value::Null),
         },
+        "scheme": scheme_name(&ckpt),
         "tensors_outside_layers_and_layer_0": tensors,
     }))
+}
+
+/// The named scheme of a compressed-tensors float checkpoint (`NVFP4A16`, `FP8_DYNAMIC`, …).
+fn scheme_name(ckpt: &Checkpoint) -> Option<&'static str> {
+    use crate::formats::compressed_tensors as ct;
+    let q = ckpt.config.raw.get("quantization_config")?;
+    let format = q.get("format")?.as_str()?;
+    if !ct::FLOAT_FORMATS.contains(&format) {
+        return None;
+    }
+    let file = ckpt.dir.join("config.json");
+    let w = ct::read_float_weights(q, &file).ok()?;
+    // the input quantizer of any quantized linear (the ignore list names the others)
+    let input = ct::read_input_activations(q, "", &file).ok()?;
+    crate::quant::presets::name_of(&w, input.as_ref())
 }
 
 pub fn to_text(v: &Value) -> String {
@@ -89,7 +105,12 @@ pub fn to_text(v: &Value) -> String {
     ));
     match &v["quantization_config"] {
         Value::Null => s.push_str("quantization    none\n"),
-        q => s.push_str(&format!("quantization    {}\n", q)),
+        q => {
+            if let Some(name) = v["scheme"].as_str() {
+                s.push_str(&format!("scheme          {name}\n"));
+            }
+            s.push_str(&format!("quantization    {}\n", q))
+        }
     }
     s.push_str("tensors (outside layers, and layer 0):\n");
     if let Some(a) = v["tensors_outside_layers_and_layer_0"].as_array() {

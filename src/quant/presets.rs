@@ -135,3 +135,48 @@ pub fn preset(name: &str) -> Option<Preset> {
 pub fn names() -> Vec<&'static str> {
     all().into_iter().map(|p| p.name).collect()
 }
+
+/// The preset whose weights and input activations are `weights` and `input` (the observer
+/// aside: a checkpoint does not record how ranges were found), if one is.
+pub fn name_of(weights: &QuantArgs, input: Option<&QuantArgs>) -> Option<&'static str> {
+    let same = |a: &QuantArgs, b: &QuantArgs| {
+        QuantArgs {
+            observer: Observer::MinMax,
+            ..a.clone()
+        } == QuantArgs {
+            observer: Observer::MinMax,
+            ..b.clone()
+        }
+    };
+    all().into_iter().find_map(|p| {
+        let inputs = match (&p.input, input) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same(a, b),
+            _ => false,
+        };
+        (same(&p.weights, weights) && inputs).then_some(p.name)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every preset is a grid we quantize onto, names are unique, and each is found again
+    /// from its own arguments.
+    #[test]
+    fn presets_validate_and_name_themselves() {
+        let all = all();
+        for p in &all {
+            p.weights
+                .validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            assert_eq!(name_of(&p.weights, p.input.as_ref()), Some(p.name));
+            assert_eq!(preset(&p.name.to_lowercase()).as_ref(), Some(p));
+        }
+        let mut names: Vec<_> = all.iter().map(|p| p.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+    }
+}
