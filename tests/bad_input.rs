@@ -308,4 +308,14 @@ fn schemes_by_name_are_checked() {
     // calibrated static activation scales are not implemented: said, not ignored
     let p = with_passes(d.path(), "passes:\n  - rtn: {scheme: FP8}\n");
     run_fails(d.path(), &p, &["FP8", "static"]);
+    // float grids go to compressed-tensors; GPTQ v1 holds integer codes
+    let p = with_passes(
+        d.path(),
+        "passes:\n  - rtn: {scheme: NVFP4A16}\nexport: {format: gptq}\n",
+    );
+    run_fails(
+        d.path(),
+        &p,
+        &["export.format", "e2m1", "compressed-tensors"],
+    );
 }

@@ -379,6 +379,27 @@ impl Pipeline {
         {
             bail!("{f}: the `imatrix` pass only informs a GGUF export's rounding: use `export: {{format: gguf}}`");
         }
+        // float grids are stored by compressed-tensors (or dequantized); GPTQ v1 and GGUF
+        // hold integer codes
+        let float = self.passes.iter().find_map(|p| {
+            let a = match p {
+                crate::passes::PassSpec::Rtn(r) => r.scheme.args().ok(),
+                crate::passes::PassSpec::Gptq(g) => g.scheme().args().ok(),
+                _ => None,
+            }?;
+            a.float.is_some().then_some(a)
+        });
+        if let Some(a) = float {
+            for e in self.export.all() {
+                if matches!(e.format, Format::Gptq | Format::Gguf) {
+                    bail!(
+                        "{f}: field `export.format`: {} stores integer grids; the float ({}) weights of this pipeline export to compressed-tensors (or dense)",
+                        e.format.name(),
+                        a.float.map_or("", |x| x.name()),
+                    );
+                }
+            }
+        }
         let many = self.export.all().len() > 1;
         for (i, e) in self.export.all().iter().enumerate() {
             let at = if many {
