@@ -69,6 +69,10 @@ impl Pass for Rtn {
                 .linears
                 .get_mut(name)
                 .expect("all linears present");
+            if let Some(a) = &self.act {
+                a.check_width(lin.shape().1)
+                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            }
             let dtype = scale_dtype_for(lin.dtype);
             let q = match self.args.float {
                 Some(_) => crate::quant::float::quantize(

@@ -62,9 +62,9 @@ SIDE_FILES = [
 # loading (runs in this interpreter, or in the GPTQ worker interpreter)
 
 
-def load_logits(out_dir, ids, logits_path, expect_quant_modules):
-    """Load `out_dir` with transformers, write its float32 logits on `ids` to `logits_path`.
-    Returns {"ok": bool, "error": str, "notes": [...]}."""
+def load_logits(out_dir, ids, logits_path, expect_quant_modules, dtype="float32"):
+    """Load `out_dir` with transformers (in `dtype`), write its logits on `ids` as float32 to
+    `logits_path`. Returns {"ok": bool, "error": str, "notes": [...]}."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -77,7 +77,7 @@ def load_logits(out_dir, ids, logits_path, expect_quant_modules):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             out_dir,
-            dtype=torch.float32,
+            dtype=getattr(torch, dtype),
             attn_implementation="eager",
             output_loading_info=True,
         )
@@ -239,6 +239,24 @@ def columns():
             "gptq",
             {"bits": b, "sym": False, "group_size": 32},
         )
+    # the float schemes (issue #39): FP8 loads in float32 (its per-token FP8 activations are
+    # applied on both sides; FP8_BLOCK's activation groups of 128 do not fit the fixtures'
+    # 64-wide inputs, and compress refuses that); compressed-tensors 0.19 loads the FP4 files in
+    # bfloat16 only, so those cells compare a bfloat16 model with our float32 logits
+    for scheme, fmt, dtype, tol in (
+        # 5e-3: on the bf16 reference model (the only bf16 row) transformers' FP8_DYNAMIC
+        # logits differ from ours by 2.5e-3 (perplexity 204.973 vs 204.986 on 100 kB of
+        # wikitext2), on every float32 fixture by < 1e-6 — not yet explained (issue #39 notes)
+        ("FP8_DYNAMIC", "float-quantized", "float32", 5e-3),
+        ("NVFP4A16", "nvfp4-pack-quantized", "bfloat16", 3e-2),
+        ("MXFP4A16", "mxfp4-pack-quantized", "bfloat16", 3e-2),
+    ):
+        cols[f"ct-{scheme.lower()}"] = (
+            "compressed-tensors",
+            f"scheme: {scheme}",
+            "ct-float",
+            {"format": fmt, "dtype": dtype, "tol": tol},
+        )
     return cols
 
 
@@ -319,6 +337,11 @@ def check_config(src, out, kind, want):
         for k_ours, k_ct in (("bits", "num_bits"), ("sym", "symmetric"), ("group_size", "group_size"), ("strategy", "strategy")):
             if w.get(k_ct) != want[k_ours]:
                 errs.append(f"weights.{k_ct} = {w.get(k_ct)!r}, asked {want[k_ours]!r}")
+    if kind == "ct-float":
+        if "lm_head" not in (q.get("ignore") or []):
+            errs.append(f"ignore {q.get('ignore')} lacks lm_head")
+        if q.get("quant_method") != "compressed-tensors" or q.get("format") != want["format"]:
+            errs.append(f"quant_method/format {q.get('quant_method')}/{q.get('format')}, asked {want['format']}")
     if kind == "gptq":
         for k in ("bits", "group_size", "sym"):
             if q.get(k) != want[k]:
@@ -460,8 +483,8 @@ def main():
                     continue
                 gptq_jobs.append(((rn, cn), job))
             else:
-                r = load_logits(job["out_dir"], ids, job["logits_path"], False)
-                finish_cell(cell, r, job, a.tol)
+                r = load_logits(job["out_dir"], ids, job["logits_path"], False, want.get("dtype", "float32"))
+                finish_cell(cell, r, job, want.get("tol") or a.tol)
 
     worker_versions = {}
     if gptq_jobs:

@@ -118,6 +118,18 @@ impl ActQuant {
         }
     }
 
+    /// Whether this quantizer can run on inputs of width `k`: compressed-tensors (and so vLLM
+    /// and transformers) needs whole groups.
+    pub fn check_width(&self, k: usize) -> anyhow::Result<()> {
+        if let ActQuant::Float { group: Some(g), .. } = self {
+            anyhow::ensure!(
+                k.is_multiple_of(*g),
+                "input activations in groups of {g} need an input width divisible by {g}, found {k}"
+            );
+        }
+        Ok(())
+    }
+
     /// The dynamic `input_activations` arguments this quantizer stands for (what a
     /// compressed-tensors config declares); `None` for llama.cpp's emulation.
     pub fn args(&self) -> Option<crate::quant::QuantArgs> {
@@ -210,6 +222,59 @@ pub struct GgmlCodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FP8 per token / per group of 128 and MX groups of 32 against a direct computation:
+    /// each token (group) scaled by its max |x| over the format's max (MX: the E8M0 scale),
+    /// rounded to the nearest value; partial groups refused for serving engines.
+    #[test]
+    fn float_act_quant_matches_a_direct_computation() {
+        use crate::number::FloatFormat;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let k = 256;
+        let x: Vec<f32> = (0..4 * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        for (group, mx, fmt) in [
+            (None, false, FloatFormat::E4M3),
+            (Some(128), false, FloatFormat::E4M3),
+            (Some(32), true, FloatFormat::E2M1),
+        ] {
+            let a = ActQuant::Float {
+                format: fmt,
+                group,
+                mx,
+            };
+            let mut got = x.clone();
+            a.apply(&mut got, k);
+            let w = group.unwrap_or(k);
+            for (chunk, out) in x.chunks(w).zip(got.chunks(w)) {
+                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = if mx {
+                    // 2^(⌊log2 amax⌋ (+1 when the mantissa ≥ 1.75) − ⌊log2 max⌋)
+                    let e = amax.log2().floor();
+                    let e = if amax / 2f32.powf(e) >= 1.75 {
+                        e + 1.0
+                    } else {
+                        e
+                    };
+                    2f32.powf(e - fmt.max().log2().floor())
+                } else {
+                    amax / fmt.max()
+                };
+                for (v, o) in chunk.iter().zip(out) {
+                    let q = fmt.decode(fmt.encode((v / s).clamp(-fmt.max(), fmt.max()))) * s;
+                    assert_eq!(*o, q, "{a:?}: {v}");
+                }
+            }
+            assert_eq!(ActQuant::from_args(&a.args().unwrap()).unwrap(), a);
+        }
+        let g = ActQuant::Float {
+            format: FloatFormat::E4M3,
+            group: Some(128),
+            mx: false,
+        };
+        assert!(g.check_width(256).is_ok());
+        assert!(g.check_width(64).is_err());
+    }
 
     #[test]
     fn act_quant_is_per_token_symmetric() {

@@ -755,6 +755,10 @@ impl Pass for Gptq {
                 let lin = ctx.layer.linears.get_mut(name).expect("linear present");
                 lin.set_quantized(r.quant)
                     .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+                if let Some(a) = &self.act {
+                    a.check_width(lin.shape().1)
+                        .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+                }
                 lin.set_act_quant(self.act);
                 let mut notes = std::collections::BTreeMap::new();
                 notes.insert("damp".into(), json!(r.damp));
