@@ -11,6 +11,8 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Qwen3 with a mixture-of-experts MLP in every layer.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -20,6 +22,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
     }
 }
@@ -31,6 +34,16 @@ pub struct Llama3Scaling {
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: f64,
+}
+
+/// A mixture-of-experts MLP: `experts` SwiGLUs of width `intermediate`, `top_k` of them run
+/// per token, their softmax weights renormalised to sum to one when `norm_topk_prob`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    pub intermediate: usize,
+    pub norm_topk_prob: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +64,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub qk_norm: bool,
+    /// The mixture of experts in every layer's MLP, for `qwen3_moe`.
+    pub moe: Option<MoeConfig>,
     /// The whole config.json as read, so exporters can write it back with additions.
     pub raw: Value,
 }
@@ -79,6 +94,61 @@ fn get_f64_or(v: &Value, key: &str, default: f64, file: &Path) -> Result<f64> {
     }
 }
 
+/// The mixture of a `qwen3_moe` config. Layers without experts (`mlp_only_layers`, a
+/// `decoder_sparse_step` above 1) are refused: every layer of a block table is alike.
+fn moe_config(raw: &Value, file: &Path) -> Result<MoeConfig> {
+    let experts = match raw.get("num_experts") {
+        Some(v) if !v.is_null() => get_usize(raw, "num_experts", file)?,
+        _ => get_usize(raw, "num_local_experts", file)?,
+    };
+    let top_k = get_usize(raw, "num_experts_per_tok", file)?;
+    if experts == 0 || experts > 4096 || top_k == 0 || top_k > experts {
+        bail!(
+            "{}: field `num_experts_per_tok` ({top_k}) must be between 1 and the expert count ({experts}, at most 4096)",
+            file.display()
+        );
+    }
+    let step = match raw.get("decoder_sparse_step") {
+        None | Some(Value::Null) => 1,
+        Some(_) => get_usize(raw, "decoder_sparse_step", file)?,
+    };
+    if step != 1 {
+        bail!(
+            "{}: field `decoder_sparse_step` = {step}: layers without experts are not supported (only 1)",
+            file.display()
+        );
+    }
+    if raw
+        .get("mlp_only_layers")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty())
+    {
+        bail!(
+            "{}: field `mlp_only_layers`: layers without experts are not supported (only [])",
+            file.display()
+        );
+    }
+    if raw
+        .get("shared_expert_intermediate_size")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|v| v > 0)
+    {
+        bail!(
+            "{}: field `shared_expert_intermediate_size`: shared experts are not supported",
+            file.display()
+        );
+    }
+    Ok(MoeConfig {
+        experts,
+        top_k,
+        intermediate: get_usize(raw, "moe_intermediate_size", file)?,
+        norm_topk_prob: raw
+            .get("norm_topk_prob")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+    })
+}
+
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -101,8 +171,9 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "qwen3_moe" => Arch::Qwen3Moe,
             other => bail!(
-                "{}: field `model_type`: unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3)",
+                "{}: field `model_type`: unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe)",
                 file.display()
             ),
         };
@@ -208,6 +279,11 @@ impl ModelConfig {
                 file.display()
             );
         }
+        let moe = match arch {
+            Arch::Qwen3Moe => Some(moe_config(&raw, file)?),
+            _ => None,
+        };
+        let qk_norm = arch.qk_norm();
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -226,7 +302,8 @@ impl ModelConfig {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             attention_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm,
+            moe,
             raw,
         };
         cfg.check_sizes(file)?;
@@ -243,6 +320,10 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("vocab_size", self.vocab_size),
             ("num_attention_heads", self.num_heads),
+            (
+                "moe_intermediate_size",
+                self.moe.map_or(1, |m| m.intermediate),
+            ),
         ] {
             if v == 0 || v > 1 << 32 {
                 bail!(
@@ -257,7 +338,14 @@ impl ModelConfig {
             let kv = self.num_kv_heads.checked_mul(hd)?;
             // q, k, v, o projections and the three MLP matrices
             let attn = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
-            let mlp = h.checked_mul(i)?.checked_mul(3)?;
+            let mlp = match self.moe {
+                None => h.checked_mul(i)?.checked_mul(3)?,
+                Some(m) => h
+                    .checked_mul(m.intermediate)?
+                    .checked_mul(3)?
+                    .checked_add(h)?
+                    .checked_mul(m.experts)?,
+            };
             attn.checked_add(mlp)?
                 .checked_mul(self.num_layers)?
                 .checked_add(self.vocab_size.checked_mul(h)?.checked_mul(2)?)
@@ -297,10 +385,10 @@ impl ModelConfig {
         let b = self.block();
         let p = format!("model.layers.{l}.");
         let mut v: Vec<(String, Vec<usize>)> = Vec::new();
-        for (n, d) in b.norms {
+        for (n, d) in &b.norms {
             v.push((format!("{p}{n}.weight"), vec![self.dim(*d)]));
         }
-        for lin in b.linears {
+        for lin in &b.linears {
             v.push((
                 format!("{p}{}.weight", lin.name),
                 vec![self.dim(lin.out), self.dim(lin.inp)],

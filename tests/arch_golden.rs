@@ -83,6 +83,13 @@ fn qwen3_qk_norm() {
     check("qwen3");
 }
 
+/// Qwen3-MoE: the router's softmax and top-2 of 4 experts with renormalised weights, each
+/// expert on the rows routed to it, summed in expert order as transformers does.
+#[test]
+fn qwen3_moe_router_and_experts() {
+    check("qwen3-moe");
+}
+
 #[test]
 fn mistral() {
     check("mistral");
@@ -145,6 +152,7 @@ fn quantized_roundtrip_every_variant() {
         "llama3-rope",
         "llama-linear-rope",
         "llama-tied",
+        "qwen3-moe",
     ] {
         quantized_roundtrip(name);
     }

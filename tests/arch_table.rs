@@ -15,6 +15,7 @@ fn fixtures() -> Vec<std::path::PathBuf> {
         "mistral",
         "qwen2",
         "qwen3",
+        "qwen3-moe",
     ]
     .iter()
     .map(|n| {
@@ -53,23 +54,23 @@ fn mappings_say_where_scales_fold() {
     let cfg = &ckpt.config;
     let m = cfg.block().mappings(cfg);
     let find = |s: Site| m.iter().find(|x| x.site == s).unwrap();
-    let a = find(Site::AttnIn);
+    let a = find(cfg.block().attention.input);
     assert_eq!(a.producer, Producer::Norm("input_layernorm"));
     assert_eq!(
         a.consumers,
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     );
     assert!(a.foldable);
-    let o = find(Site::OIn);
+    let o = find(cfg.block().attention.o_in);
     assert_eq!(o.producer, Producer::Linear("self_attn.v_proj"));
     assert_eq!(o.consumers, ["self_attn.o_proj"]);
     // GQA: v_proj has fewer outputs than o_proj has inputs
     assert!(cfg.num_kv_heads < cfg.num_heads);
     assert!(!o.foldable);
-    let g = find(Site::MlpIn);
+    let g = find(cfg.block().mlp.input);
     assert_eq!(g.producer, Producer::Norm("post_attention_layernorm"));
     assert_eq!(g.consumers, ["mlp.gate_proj", "mlp.up_proj"]);
-    let d = find(Site::DownIn);
+    let d = find(cfg.block().dense_mlp().unwrap().down_in);
     assert_eq!(d.producer, Producer::Linear("mlp.up_proj"));
     assert_eq!(d.consumers, ["mlp.down_proj"]);
     assert!(d.foldable);
@@ -89,12 +90,12 @@ fn mappings_say_where_scales_fold() {
 /// linear the parts name is a linear of the table reading a site inside that part.
 #[test]
 fn sites_and_parts_agree_with_the_linears() {
-    use compress::model::arch::{Parent, Part, LLAMA, QWEN3};
+    use compress::model::arch::{Ffn, Parent, Part, LLAMA, QWEN3};
     for dir in fixtures() {
         let ckpt = Checkpoint::open(&dir).unwrap();
         let cfg = &ckpt.config;
         let block = cfg.block();
-        for s in block.sites {
+        for s in &block.sites {
             let readers: Vec<&str> = block.readers(s.site).collect();
             assert!(
                 !readers.is_empty(),
@@ -110,10 +111,22 @@ fn sites_and_parts_agree_with_the_linears() {
                 assert_eq!(readers, [p], "a linear parent is the site's one reader");
             }
         }
-        let (a, m) = (&block.attention, &block.mlp);
+        let a = &block.attention;
+        let mlp: Vec<&str> = match &block.mlp.ffn {
+            Ffn::Dense(m) => vec![m.gate, m.up, m.down],
+            Ffn::Moe { router, experts } => std::iter::once(*router)
+                .chain(experts.iter().flat_map(|e| [e.gate, e.up, e.down]))
+                .collect(),
+        };
+        assert_eq!(
+            mlp.len() + 4,
+            block.linears.len(),
+            "{}: the parts name every linear",
+            dir.display()
+        );
         for (part, norm, names) in [
             (Part::Attention, a.norm, vec![a.q, a.k, a.v, a.o]),
-            (Part::Mlp, m.norm, vec![m.gate, m.up, m.down]),
+            (Part::Mlp, block.mlp.norm, mlp),
         ] {
             let input = block.part_input(part);
             assert_eq!(block.site(input).producer, Producer::Norm(norm));
@@ -134,4 +147,52 @@ fn sites_and_parts_agree_with_the_linears() {
     // qwen3 is llama's table plus the q/k norms
     assert_eq!(LLAMA.linears.len(), QWEN3.linears.len());
     assert!(LLAMA.attention.qk_norm.is_none() && QWEN3.attention.qk_norm.is_some());
+}
+
+/// A mixture's table from its config.json: the router (dense by default) and, per expert, a
+/// site of its own for gate/up (the rows routed to it) and one for down; sites in forward
+/// order; the MLP's norm maps onto the router and every expert's gate/up at once.
+#[test]
+fn a_mixture_of_experts_block_is_built_from_its_config() {
+    use compress::model::arch::{Dim, Ffn};
+    let ckpt = Checkpoint::open(&common::shared().join("models/ref-qwen3moe-20m")).unwrap();
+    let cfg = &ckpt.config;
+    let block = cfg.block();
+    let moe = cfg.moe.unwrap();
+    assert_eq!((moe.experts, moe.top_k, moe.intermediate), (8, 2, 384));
+    assert!(moe.norm_topk_prob && block.is_moe());
+    let Ffn::Moe { router, experts } = &block.mlp.ffn else {
+        panic!("not a mixture")
+    };
+    assert_eq!(experts.len(), 8);
+    let r = block.linear(router).unwrap();
+    assert!(r.router && r.site == block.mlp.input && r.out == Dim::Experts);
+    assert_eq!(block.linears.len(), 4 + 1 + 8 * 3);
+    assert_eq!(block.sites.len(), 3 + 8 * 2);
+    for (i, s) in block.sites.iter().enumerate() {
+        assert_eq!(s.site.0 as usize, i, "sites are indexed in forward order");
+    }
+    for (e, x) in experts.iter().enumerate() {
+        assert_eq!(block.site(x.input).expert, Some(e));
+        assert_eq!(block.site(x.down_in).expert, Some(e));
+        assert!(x.input > block.mlp.input && x.down_in > x.input);
+        assert_eq!(cfg.dim(block.linear(x.down).unwrap().inp), 384);
+        assert_eq!(block.readers(x.input).collect::<Vec<_>>(), [x.gate, x.up]);
+    }
+    let maps = block.mappings(cfg);
+    let norm = maps.iter().find(|m| m.site == block.mlp.input).unwrap();
+    assert_eq!(norm.consumers.len(), 1 + 2 * 8);
+    assert_eq!(
+        maps.iter()
+            .filter(|m| m.producer == Producer::Norm("post_attention_layernorm"))
+            .count(),
+        1
+    );
+    // a config the tables cannot express is refused by name
+    let mut raw = cfg.raw.clone();
+    raw["mlp_only_layers"] = serde_json::json!([0]);
+    let e = ModelConfig::from_value(raw, Path::new("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mlp_only_layers"), "{e}");
 }

@@ -9,7 +9,6 @@ use compress::engine::stats::StatsRequest;
 use compress::engine::{LayerCtx, LayerSink, Pass};
 use compress::export::{Exporter, Format};
 use compress::model::arch::LLAMA;
-use compress::model::layer::Site;
 use compress::model::llama::{Act, Part};
 use compress::model::Checkpoint;
 use compress::resume::{Fingerprint, ResumableSink};
@@ -51,10 +50,10 @@ impl Pass for Probe {
         let (tin, tout) = (tin.to_vec(), tout.to_vec());
         // (a) raw inputs at a site: every token's row, `hidden` wide; bounded on request
         let tokens: usize = ctx.inputs().iter().map(|x| x.b * x.t).sum();
-        let rows = ctx.site_inputs(Site::MlpIn, None)?;
+        let rows = ctx.site_inputs(ctx.config.block().mlp.input, None)?;
         assert_eq!(rows.iter().map(|(v, d)| v.len() / d).sum::<usize>(), tokens);
         assert!(rows.iter().all(|(_, d)| *d == ctx.config.hidden_size));
-        let few = ctx.site_inputs(Site::DownIn, Some(10))?;
+        let few = ctx.site_inputs(ctx.config.block().dense_mlp().unwrap().down_in, Some(10))?;
         assert_eq!(few.iter().map(|(v, d)| v.len() / d).sum::<usize>(), 10);
         assert_eq!(few[0].1, ctx.config.intermediate_size);
         // (b) the block's output with candidate weights: the dense layer on the teacher's input

@@ -17,7 +17,7 @@ use anyhow::Result;
 use compress::engine::stats::StatsRequest;
 use compress::engine::{EngineReport, LayerCtx, LinearRecord, Pass};
 use compress::export::{Exporter, Format};
-use compress::model::layer::{LayerWeights, Site};
+use compress::model::layer::LayerWeights;
 use compress::model::llama::{Act, Part};
 use compress::model::Checkpoint;
 use compress::resume::{Fingerprint, ResumableSink};
@@ -104,7 +104,7 @@ impl Pass for Tracker {
             .sum();
         st.drift += num / den;
         // raw inputs at a site: the scale of the MLP's inputs sets the coarsest step tried
-        let rows = ctx.site_inputs(Site::MlpIn, Some(128))?;
+        let rows = ctx.site_inputs(ctx.config.block().mlp.input, Some(128))?;
         let amax = rows
             .iter()
             .flat_map(|(v, _)| v.iter())

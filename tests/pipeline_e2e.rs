@@ -114,6 +114,28 @@ fn rtn_reproduces_llm_compressor_byte_for_byte() {
     }
 }
 
+/// A mixture of experts (ref-qwen3moe-20m: 8 experts, 2 routed): every expert linear
+/// quantized under its own name, the routers (`mlp.gate`) left dense by `targets: Linear`
+/// and listed in `ignore` — llm-compressor's W4A16 with `ignore: [lm_head, 're:.*mlp.gate$']`,
+/// tensor for tensor and its config block.
+#[test]
+fn moe_rtn_reproduces_llm_compressor_byte_for_byte() {
+    let d = tempfile::tempdir().unwrap();
+    let golden = "ref-qwen3moe-20m-rtn-w4g128";
+    let out = d.path().join(golden);
+    let r = run(
+        &format!(
+            "model: {}\noutput: {}\npasses:\n  - rtn: {{scheme: W4A16}}\nexport: {{format: compressed-tensors}}\n",
+            common::shared().join("models/ref-qwen3moe-20m").display(),
+            out.display()
+        ),
+        d.path(),
+        &[],
+    );
+    assert_eq!(r["model"]["architecture"], "qwen3_moe");
+    assert_matches_golden(&out, golden);
+}
+
 fn ppl_of(r: &Value, which: &str) -> f64 {
     r["eval"]["wiki.test.raw"][which]["perplexity"]
         .as_f64()

@@ -103,9 +103,9 @@ fn side_by_side_batches_give_the_sequential_bits() {
     };
     for (req, until) in [
         (all, None),
-        (all, Some(Site::OIn)),
+        (all, Some(LLAMA.attention.o_in)),
         (hessian_only, None),
-        (hessian_only, Some(Site::MlpIn)),
+        (hessian_only, Some(LLAMA.mlp.input)),
     ] {
         let one = pool(1)
             .install(|| collect_stats(&layer, cfg, &inputs, &rope, req, until))
@@ -121,7 +121,7 @@ fn side_by_side_batches_give_the_sequential_bits() {
                 assert_eq!(s.xtx, four[site].xtx, "{site:?}");
             }
         }
-        let last = until.unwrap_or(Site::DownIn);
+        let last = until.unwrap_or(LLAMA.dense_mlp().unwrap().down_in);
         assert!(one.contains_key(&last) && four.contains_key(&last));
     }
 }
@@ -252,7 +252,7 @@ fn kept_activations_follow_weight_changes() {
     let layer = LayerWeights::load(&ckpt, 0).unwrap();
     let mut none = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
     let Step::Stopped(inner) = DecoderLayer::new(&layer, cfg)
-        .forward_from(x, None, &rope, &mut none, Some(Site::MlpIn))
+        .forward_from(x, None, &rope, &mut none, Some(LLAMA.mlp.input))
         .unwrap()
     else {
         panic!()

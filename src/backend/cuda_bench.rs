@@ -100,11 +100,12 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
         Dim::Intermediate => i,
         Dim::KvHeads => kvd,
         Dim::HeadDim => h / shape.heads,
+        Dim::ExpertIntermediate | Dim::Experts => 0,
     };
     let linears: Vec<(&str, usize, usize, usize)> = LLAMA
         .linears
         .iter()
-        .map(|l| (l.name, dim(l.out), dim(l.inp), l.site as usize))
+        .map(|l| (l.name, dim(l.out), dim(l.inp), l.site.0 as usize))
         .collect();
     let site_dim = [h, h, h, i];
     let args = QuantArgs::int(

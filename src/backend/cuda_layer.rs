@@ -15,7 +15,7 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::collections::BTreeMap;
 
-use crate::model::arch::{Attention, Mlp};
+use crate::model::arch::{Attention, Swiglu};
 use crate::model::config::ModelConfig;
 use crate::model::layer::{LayerWeights, Site};
 use crate::model::llama::{Hook, StatsHook};
@@ -43,7 +43,9 @@ pub struct GpuLayer {
     eps: f32,
     /// The block's module names (attention and MLP parts).
     attention: Attention,
-    mlp: Mlp,
+    mlp_norm: &'static str,
+    mlp_input: Site,
+    mlp: Swiglu,
 }
 
 /// RoPE tables on the device ([max_t, hd/2] each).
@@ -116,7 +118,14 @@ impl GpuLayer {
             hd: cfg.head_dim,
             eps: cfg.rms_norm_eps as f32,
             attention: cfg.block().attention,
-            mlp: cfg.block().mlp,
+            mlp_norm: cfg.block().mlp.norm,
+            mlp_input: cfg.block().mlp.input,
+            mlp: *cfg.block().dense_mlp().with_context(|| {
+                format!(
+                    "the GPU layer runs dense MLPs only, not the mixture of experts of `{}`",
+                    cfg.arch.name()
+                )
+            })?,
         })
     }
 
@@ -296,11 +305,11 @@ impl GpuLayer {
         let mut r = s.memcpy_stod(x)?;
         // --- attention ---
         let h = self.rms_norm(gpu, &r, self.norm(self.attention.norm)?, n, d)?;
-        hook(Site::AttnIn, &h, n, d)?;
-        if stop == Some(Site::AttnIn) {
+        let at = self.attention;
+        hook(at.input, &h, n, d)?;
+        if stop == Some(at.input) {
             return Ok(None);
         }
-        let at = self.attention;
         let mut q = self.linear(gpu, at.q, &h, n)?;
         let mut k = self.linear(gpu, at.k, &h, n)?;
         let v = self.linear(gpu, at.v, &h, n)?;
@@ -330,8 +339,8 @@ impl GpuLayer {
         };
         unsafe { l.launch(cfg) }?;
         drop((q, k, v));
-        hook(Site::OIn, &attn, n, nh * hd)?;
-        if stop == Some(Site::OIn) {
+        hook(at.o_in, &attn, n, nh * hd)?;
+        if stop == Some(at.o_in) {
             return Ok(None);
         }
         let o = self.linear(gpu, at.o, &attn, n)?;
@@ -339,9 +348,9 @@ impl GpuLayer {
         self.add(gpu, &mut r, &o)?;
         drop(o);
         // --- MLP (SwiGLU) ---
-        let h = self.rms_norm(gpu, &r, self.norm(self.mlp.norm)?, n, d)?;
-        hook(Site::MlpIn, &h, n, d)?;
-        if stop == Some(Site::MlpIn) {
+        let h = self.rms_norm(gpu, &r, self.norm(self.mlp_norm)?, n, d)?;
+        hook(self.mlp_input, &h, n, d)?;
+        if stop == Some(self.mlp_input) {
             return Ok(None);
         }
         let g = self.linear(gpu, self.mlp.gate, &h, n)?;
@@ -355,8 +364,8 @@ impl GpuLayer {
         l.arg(&g).arg(&u).arg(&mut act).arg(&nn);
         unsafe { l.launch(blocks(ni, 256)) }?;
         drop((g, u));
-        hook(Site::DownIn, &act, n, self.inter)?;
-        if stop == Some(Site::DownIn) {
+        hook(self.mlp.down_in, &act, n, self.inter)?;
+        if stop == Some(self.mlp.down_in) {
             return Ok(None);
         }
         let dn = self.linear(gpu, self.mlp.down, &act, n)?;

@@ -41,7 +41,11 @@ impl<'a> LayerRun<'a> {
         let gpu = {
             use crate::backend::cuda_layer::{GpuLayer, GpuRope};
             let max_t = inputs.iter().map(|a| a.t).max().unwrap_or(1);
-            if layer.linears.values().all(|l| l.act_quant().is_none()) && !inputs.is_empty() {
+            // (a mixture of experts runs on the CPU: the GPU layer is the dense one)
+            if layer.linears.values().all(|l| l.act_quant().is_none())
+                && !inputs.is_empty()
+                && !cfg.block().is_moe()
+            {
                 crate::backend::with_gpu(|g| -> Result<_> {
                     Ok((
                         GpuLayer::upload(g, layer, cfg)?,

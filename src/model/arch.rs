@@ -1,14 +1,20 @@
-//! The decoder block of each supported family, described as data: its linears with their
-//! shapes in terms of config.json, its norms, the input *sites* (one distinct input each, read
-//! by one or more linears, whose statistics those linears share) and, for every site, the module
-//! that produces it. From the producers follow the *mappings* (producer → consumers) that
-//! scale-folding methods (AWQ, SmoothQuant) use: `x·diag(s)⁻¹` folded into the producer and
-//! `diag(s)·W` into every consumer leaves the block's function unchanged.
+//! The decoder block of each supported family, described as data and built from config.json:
+//! its linears with their shapes in terms of config.json, its norms, the input *sites* (one
+//! distinct input each, read by one or more linears, whose statistics those linears share) and,
+//! for every site, the module that produces it. From the producers follow the *mappings*
+//! (producer → consumers) that scale-folding methods (AWQ, SmoothQuant) use: `x·diag(s)⁻¹`
+//! folded into the producer and `diag(s)·W` into every consumer leaves the block's function
+//! unchanged.
 //!
-//! Shape checks, the statistics sites, bit counting and the per-linear report read these
-//! tables; adding a Llama-family architecture is one [`Block`] entry plus its test.
+//! A block is a list of parts — attention, then an MLP that is either one SwiGLU or a
+//! mixture of SwiGLU experts behind a router — and a [`Site`] is an index into the block's own
+//! site table, in forward order. Shape checks, the statistics sites, bit counting, every
+//! forward and the per-linear report read these tables; adding a Llama-family architecture is
+//! one entry in [`Block::build`] plus its test.
 
 use super::config::{Arch, ModelConfig};
+use std::collections::BTreeSet;
+use std::sync::{LazyLock, Mutex, RwLock};
 
 /// A dimension of a block tensor, in config.json's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,20 +29,16 @@ pub enum Dim {
     KvHeads,
     /// `head_dim`
     HeadDim,
+    /// `moe_intermediate_size`: one expert's width
+    ExpertIntermediate,
+    /// `num_experts`: the router's outputs
+    Experts,
 }
 
-/// A distinct linear input inside a decoder layer.
+/// A distinct linear input inside a decoder layer: an index into [`Block::sites`], in the
+/// order the forward reaches them (so `a < b` means `a` is computed first).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
-pub enum Site {
-    /// input_layernorm(x): read by q/k/v.
-    AttnIn,
-    /// the attention's per-head outputs, concatenated: read by o_proj.
-    OIn,
-    /// post_attention_layernorm(h): read by gate/up.
-    MlpIn,
-    /// silu(gate) ⊙ up: read by down_proj.
-    DownIn,
-}
+pub struct Site(pub u16);
 
 /// What produces a site's values, and so where a per-channel scale can be folded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +64,9 @@ pub struct LinearDesc {
     /// Whether a clipping search may shrink its range: not for q and k, whose outputs meet
     /// only inside the attention scores (AutoAWQ and llm-compressor skip them).
     pub clip: bool,
+    /// A router: it decides which experts run, so it stays dense unless a pass names it in
+    /// its `targets` (llm-compressor's recipes ignore `mlp.gate` for the same reason).
+    pub router: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +89,9 @@ pub struct SiteDesc {
     /// mapping's *parent* in llm-compressor's terms): the whole sub-block when the site feeds
     /// several linears through a nonlinearity, the one reader otherwise.
     pub parent: Parent,
+    /// Inside expert `e` of a mixture: its rows are the tokens the router sent there, not
+    /// every token of the batch.
+    pub expert: Option<usize>,
 }
 
 /// A sub-block of the decoder layer, from its normed input to its output before the residual.
@@ -91,7 +99,7 @@ pub struct SiteDesc {
 pub enum Part {
     /// The attention's norm → q/k/v → attention → o.
     Attention,
-    /// The MLP's norm → gate/up → SwiGLU → down.
+    /// The MLP's norm → gate/up → SwiGLU → down (or the router and its experts).
     Mlp,
 }
 
@@ -113,167 +121,310 @@ pub struct Attention {
     pub o: &'static str,
     /// Per-head RMSNorm of queries and keys before RoPE (Qwen3), when the family has it.
     pub qk_norm: Option<(&'static str, &'static str)>,
+    /// The normed input (read by q/k/v) and o_proj's input.
+    pub input: Site,
+    pub o_in: Site,
 }
 
-/// The SwiGLU MLP, `down(silu(gate(x)) ⊙ up(x))`: the module names it reads.
+/// One SwiGLU, `down(silu(gate(x)) ⊙ up(x))`: the dense MLP, or one expert of a mixture.
 #[derive(Clone, Copy, Debug)]
-pub struct Mlp {
-    /// The RMSNorm before it.
-    pub norm: &'static str,
+pub struct Swiglu {
     pub gate: &'static str,
     pub up: &'static str,
     pub down: &'static str,
+    /// gate/up's input site and down's.
+    pub input: Site,
+    pub down_in: Site,
 }
 
-/// One family's decoder block.
+/// The MLP part: its norm, then one SwiGLU or a routed mixture of them.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// The RMSNorm before it.
+    pub norm: &'static str,
+    /// The normed input: the dense SwiGLU's gate/up read it, or the router.
+    pub input: Site,
+    pub ffn: Ffn,
+}
+
+#[derive(Clone, Debug)]
+pub enum Ffn {
+    Dense(Swiglu),
+    /// A router (`[experts, hidden]`, softmax, top-k) and its experts, each reading the rows
+    /// routed to it (Qwen3-MoE; the top-k weights renormalised when `norm_topk_prob`).
+    Moe {
+        router: &'static str,
+        experts: Vec<Swiglu>,
+    },
+}
+
+/// One family's decoder block, built from its config (see [`Block::build`]).
 #[derive(Debug)]
 pub struct Block {
     /// Linears in execution order.
-    pub linears: &'static [LinearDesc],
+    pub linears: Vec<LinearDesc>,
     /// RMSNorm weights and their length.
-    pub norms: &'static [(&'static str, Dim)],
-    pub sites: &'static [SiteDesc],
+    pub norms: Vec<(&'static str, Dim)>,
+    /// Sites in forward order: `sites[i].site == Site(i)`.
+    pub sites: Vec<SiteDesc>,
     /// The parts, in order (each: norm, sub-block, residual add).
     pub attention: Attention,
     pub mlp: Mlp,
 }
 
-const fn lin(name: &'static str, site: Site, out: Dim, inp: Dim, bias: BiasRule) -> LinearDesc {
-    LinearDesc {
-        name,
-        site,
-        out,
-        inp,
-        bias,
-        clip: true,
+/// The module names of a block are built once and kept for the process (so they can be
+/// `&'static str` like the literal ones): one copy per distinct name.
+fn intern(s: String) -> &'static str {
+    static NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.get(s.as_str()) {
+        return n;
     }
-}
-
-const fn no_clip(l: LinearDesc) -> LinearDesc {
-    LinearDesc { clip: false, ..l }
+    let n: &'static str = Box::leak(s.into_boxed_str());
+    names.insert(n);
+    n
 }
 
 use BiasRule::*;
 use Dim::*;
 
-/// The seven linears shared by every Llama-family block.
-const LLAMA_LINEARS: [LinearDesc; 7] = [
-    no_clip(lin(
-        "self_attn.q_proj",
-        Site::AttnIn,
-        QHeads,
-        Hidden,
-        AttentionBias,
-    )),
-    no_clip(lin(
-        "self_attn.k_proj",
-        Site::AttnIn,
-        KvHeads,
-        Hidden,
-        AttentionBias,
-    )),
-    lin(
-        "self_attn.v_proj",
-        Site::AttnIn,
-        KvHeads,
-        Hidden,
-        AttentionBias,
-    ),
-    lin("self_attn.o_proj", Site::OIn, Hidden, QHeads, Never),
-    lin("mlp.gate_proj", Site::MlpIn, Intermediate, Hidden, Never),
-    lin("mlp.up_proj", Site::MlpIn, Intermediate, Hidden, Never),
-    lin("mlp.down_proj", Site::DownIn, Hidden, Intermediate, Never),
-];
+/// The shape of a block's table: the family and, for a mixture, its expert count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub qk_norm: bool,
+    pub experts: Option<usize>,
+}
 
-const LLAMA_SITES: [SiteDesc; 4] = [
-    SiteDesc {
-        site: Site::AttnIn,
-        name: "attn_in",
-        producer: Producer::Norm("input_layernorm"),
-        width: Hidden,
-        part: Part::Attention,
-        parent: Parent::Part(Part::Attention),
-    },
-    SiteDesc {
-        site: Site::OIn,
-        name: "o_in",
-        producer: Producer::Linear("self_attn.v_proj"),
-        width: QHeads,
-        part: Part::Attention,
-        parent: Parent::Linear("self_attn.o_proj"),
-    },
-    SiteDesc {
-        site: Site::MlpIn,
-        name: "mlp_in",
-        producer: Producer::Norm("post_attention_layernorm"),
-        width: Hidden,
-        part: Part::Mlp,
-        parent: Parent::Part(Part::Mlp),
-    },
-    SiteDesc {
-        site: Site::DownIn,
-        name: "down_in",
-        producer: Producer::Linear("mlp.up_proj"),
-        width: Intermediate,
-        part: Part::Mlp,
-        parent: Parent::Linear("mlp.down_proj"),
-    },
-];
+/// Builds a block's tables entry by entry, keeping sites and linears in forward order.
+struct Builder {
+    linears: Vec<LinearDesc>,
+    sites: Vec<SiteDesc>,
+}
 
-/// llama and mistral (mistral's sliding window is not used by the checkpoints we accept).
-pub static LLAMA: Block = Block {
-    linears: &LLAMA_LINEARS,
-    norms: &[
-        ("input_layernorm", Hidden),
-        ("post_attention_layernorm", Hidden),
-    ],
-    sites: &LLAMA_SITES,
-    attention: LLAMA_ATTENTION,
-    mlp: LLAMA_MLP,
-};
+impl Builder {
+    fn site(
+        &mut self,
+        name: &str,
+        producer: Producer,
+        width: Dim,
+        part: Part,
+        parent: Parent,
+        expert: Option<usize>,
+    ) -> Site {
+        let site = Site(self.sites.len() as u16);
+        self.sites.push(SiteDesc {
+            site,
+            name: intern(name.to_string()),
+            producer,
+            width,
+            part,
+            parent,
+            expert,
+        });
+        site
+    }
 
-const LLAMA_ATTENTION: Attention = Attention {
-    norm: "input_layernorm",
-    q: "self_attn.q_proj",
-    k: "self_attn.k_proj",
-    v: "self_attn.v_proj",
-    o: "self_attn.o_proj",
-    qk_norm: None,
-};
+    fn linear(&mut self, name: &'static str, site: Site, out: Dim, inp: Dim) -> &mut LinearDesc {
+        self.linears.push(LinearDesc {
+            name,
+            site,
+            out,
+            inp,
+            bias: Never,
+            clip: true,
+            router: false,
+        });
+        self.linears.last_mut().expect("just pushed")
+    }
 
-const LLAMA_MLP: Mlp = Mlp {
-    norm: "post_attention_layernorm",
-    gate: "mlp.gate_proj",
-    up: "mlp.up_proj",
-    down: "mlp.down_proj",
-};
+    /// A SwiGLU reading `input` (made by the caller), named under `prefix` (`mlp.` or
+    /// `mlp.experts.3.`), `width` wide inside.
+    fn swiglu(
+        &mut self,
+        prefix: &str,
+        input: Site,
+        width: Dim,
+        down_site: &str,
+        expert: Option<usize>,
+    ) -> Swiglu {
+        let n = |l: &str| intern(format!("{prefix}{l}"));
+        let (gate, up, down) = (n("gate_proj"), n("up_proj"), n("down_proj"));
+        self.linear(gate, input, width, Hidden);
+        self.linear(up, input, width, Hidden);
+        let down_in = self.site(
+            down_site,
+            Producer::Linear(up),
+            width,
+            Part::Mlp,
+            Parent::Linear(down),
+            expert,
+        );
+        self.linear(down, down_in, Hidden, width);
+        Swiglu {
+            gate,
+            up,
+            down,
+            input,
+            down_in,
+        }
+    }
+}
+
+impl Block {
+    /// The block for a table shape: the Llama layer (llama, mistral, qwen2: biases follow
+    /// `attention_bias`), with q/k norms (qwen3), with a mixture of experts (qwen3_moe).
+    pub fn build(key: BlockKey) -> Block {
+        let mut b = Builder {
+            linears: Vec::new(),
+            sites: Vec::new(),
+        };
+        let (q, k, v, o) = (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+        );
+        let input = b.site(
+            "attn_in",
+            Producer::Norm("input_layernorm"),
+            Hidden,
+            Part::Attention,
+            Parent::Part(Part::Attention),
+            None,
+        );
+        for (name, out) in [(q, QHeads), (k, KvHeads), (v, KvHeads)] {
+            let l = b.linear(name, input, out, Hidden);
+            l.bias = AttentionBias;
+            l.clip = name == v;
+        }
+        let o_in = b.site(
+            "o_in",
+            Producer::Linear(v),
+            QHeads,
+            Part::Attention,
+            Parent::Linear(o),
+            None,
+        );
+        b.linear(o, o_in, Hidden, QHeads);
+        let mlp_in = b.site(
+            "mlp_in",
+            Producer::Norm("post_attention_layernorm"),
+            Hidden,
+            Part::Mlp,
+            Parent::Part(Part::Mlp),
+            None,
+        );
+        let ffn = match key.experts {
+            None => Ffn::Dense(b.swiglu("mlp.", mlp_in, Intermediate, "down_in", None)),
+            Some(n) => {
+                let router = "mlp.gate";
+                b.linear(router, mlp_in, Experts, Hidden).router = true;
+                let experts = (0..n)
+                    .map(|e| {
+                        let x = b.site(
+                            &format!("expert{e}_in"),
+                            Producer::Norm("post_attention_layernorm"),
+                            Hidden,
+                            Part::Mlp,
+                            Parent::Part(Part::Mlp),
+                            Some(e),
+                        );
+                        b.swiglu(
+                            &format!("mlp.experts.{e}."),
+                            x,
+                            ExpertIntermediate,
+                            &format!("expert{e}_down_in"),
+                            Some(e),
+                        )
+                    })
+                    .collect();
+                Ffn::Moe { router, experts }
+            }
+        };
+        let mut norms = vec![
+            ("input_layernorm", Hidden),
+            ("post_attention_layernorm", Hidden),
+        ];
+        let qk_norm = key
+            .qk_norm
+            .then_some(("self_attn.q_norm", "self_attn.k_norm"));
+        if let Some((qn, kn)) = qk_norm {
+            norms.extend([(qn, HeadDim), (kn, HeadDim)]);
+        }
+        Block {
+            linears: b.linears,
+            norms,
+            sites: b.sites,
+            attention: Attention {
+                norm: "input_layernorm",
+                q,
+                k,
+                v,
+                o,
+                qk_norm,
+                input,
+                o_in,
+            },
+            mlp: Mlp {
+                norm: "post_attention_layernorm",
+                input: mlp_in,
+                ffn,
+            },
+        }
+    }
+
+    /// The block of `key`, built once per process (blocks are small and few).
+    pub fn of(key: BlockKey) -> &'static Block {
+        static BLOCKS: RwLock<Vec<(BlockKey, &'static Block)>> = RwLock::new(Vec::new());
+        let found = |blocks: &[(BlockKey, &'static Block)]| {
+            blocks.iter().find(|(k, _)| *k == key).map(|(_, b)| *b)
+        };
+        if let Some(b) = found(&BLOCKS.read().unwrap_or_else(|e| e.into_inner())) {
+            return b;
+        }
+        let mut blocks = BLOCKS.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = found(&blocks) {
+            return b;
+        }
+        let b: &'static Block = Box::leak(Box::new(Block::build(key)));
+        blocks.push((key, b));
+        b
+    }
+
+    /// The dense SwiGLU, when the MLP is not a mixture.
+    pub fn dense_mlp(&self) -> Option<&Swiglu> {
+        match &self.mlp.ffn {
+            Ffn::Dense(s) => Some(s),
+            Ffn::Moe { .. } => None,
+        }
+    }
+
+    pub fn is_moe(&self) -> bool {
+        matches!(self.mlp.ffn, Ffn::Moe { .. })
+    }
+}
+
+/// llama, mistral and qwen2 (mistral's sliding window is not used by the checkpoints we
+/// accept; qwen2's q/k/v biases follow `attention_bias`, which config.rs turns on).
+pub static LLAMA: LazyLock<&'static Block> = LazyLock::new(|| {
+    Block::of(BlockKey {
+        qk_norm: false,
+        experts: None,
+    })
+});
 
 /// qwen3: the Llama block with per-head RMSNorm on queries and keys (before RoPE).
-pub static QWEN3: Block = Block {
-    linears: &LLAMA_LINEARS,
-    norms: &[
-        ("input_layernorm", Hidden),
-        ("post_attention_layernorm", Hidden),
-        ("self_attn.q_norm", HeadDim),
-        ("self_attn.k_norm", HeadDim),
-    ],
-    sites: &LLAMA_SITES,
-    attention: Attention {
-        qk_norm: Some(("self_attn.q_norm", "self_attn.k_norm")),
-        ..LLAMA_ATTENTION
-    },
-    mlp: LLAMA_MLP,
-};
+pub static QWEN3: LazyLock<&'static Block> = LazyLock::new(|| {
+    Block::of(BlockKey {
+        qk_norm: true,
+        experts: None,
+    })
+});
 
 impl Arch {
-    /// This family's block description.
-    pub fn block(&self) -> &'static Block {
-        match self {
-            // qwen2 is the Llama block with q/k/v biases, which config.rs turns on
-            // (`attention_bias`, hard-coded in transformers' Qwen2Attention)
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 => &LLAMA,
-            Arch::Qwen3 => &QWEN3,
-        }
+    /// Whether the family has per-head q/k norms.
+    pub fn qk_norm(&self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
     }
 }
 
@@ -316,26 +467,43 @@ impl Block {
 
     /// The site a part reads: the output of its norm.
     pub fn part_input(&self, part: Part) -> Site {
-        self.sites
-            .iter()
-            .find(|s| s.parent == Parent::Part(part))
-            .map(|s| s.site)
-            .expect("every part of a block has an input site")
+        match part {
+            Part::Attention => self.attention.input,
+            Part::Mlp => self.mlp.input,
+        }
     }
 
     pub fn site(&self, site: Site) -> &SiteDesc {
-        self.sites
-            .iter()
-            .find(|s| s.site == site)
-            .expect("every site of a block has a description")
+        &self.sites[site.0 as usize]
     }
 
-    /// Producer → consumers of every site, with whether folding is exact for `cfg`.
+    /// The width of what a forward keeps to continue from `site` (see `model::llama::Inner`):
+    /// the site's own input, except inside a mixture's experts, where it is the MLP's normed
+    /// input (every expert after the site still needs its rows).
+    pub fn kept_width(&self, site: Site) -> Dim {
+        let d = self.site(site);
+        match d.expert {
+            Some(_) => Hidden,
+            None => d.width,
+        }
+    }
+
+    /// Producer → consumers of every site, with whether folding is exact for `cfg`. In a
+    /// mixture the MLP's norm feeds the router and every expert: one mapping, whose
+    /// consumers are all of them.
     pub fn mappings(&self, cfg: &ModelConfig) -> Vec<Mapping> {
         self.sites
             .iter()
+            .filter(|s| !(s.expert.is_some() && matches!(s.producer, Producer::Norm(_))))
             .map(|s| {
-                let consumers: Vec<&'static str> = self.readers(s.site).collect();
+                let consumers: Vec<&'static str> = match (&self.mlp.ffn, s.site) {
+                    (Ffn::Moe { router, experts }, site) if site == self.mlp.input => {
+                        std::iter::once(*router)
+                            .chain(experts.iter().flat_map(|e| [e.gate, e.up]))
+                            .collect()
+                    }
+                    _ => self.readers(s.site).collect(),
+                };
                 let foldable = match s.producer {
                     Producer::Norm(_) => true,
                     Producer::Linear(p) => {
@@ -367,11 +535,17 @@ impl ModelConfig {
             QHeads => self.num_heads * self.head_dim,
             KvHeads => self.num_kv_heads * self.head_dim,
             HeadDim => self.head_dim,
+            ExpertIntermediate => self.moe.map_or(0, |m| m.intermediate),
+            Experts => self.moe.map_or(0, |m| m.experts),
         }
     }
 
+    /// This model's block table.
     pub fn block(&self) -> &'static Block {
-        self.arch.block()
+        Block::of(BlockKey {
+            qk_norm: self.qk_norm,
+            experts: self.moe.map(|m| m.experts),
+        })
     }
 
     /// Whether `l` carries a bias in this model.

@@ -108,7 +108,7 @@ impl LayerWeights {
             linears.insert(name.to_string(), lin);
         }
         let mut norms = BTreeMap::new();
-        for (n, _) in cfg.block().norms {
+        for (n, _) in &cfg.block().norms {
             let full = format!("{p}{n}.weight");
             let v = read_checked(ckpt, &full, &shapes[&full])?;
             let dt = ckpt.info(&full)?.0.dtype;

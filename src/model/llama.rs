@@ -3,6 +3,7 @@
 //! RMSNorm → attention with RoPE (rotate-half) and GQA → residual → RMSNorm → SwiGLU MLP →
 //! residual. Kernels are in `ops` (faer GEMM, rayon) and `attention`.
 
+use super::arch::{Ffn, Swiglu};
 use super::attention::causal_attention;
 use super::checkpoint::{read_checked, Checkpoint};
 use super::config::ModelConfig;
@@ -30,6 +31,9 @@ pub type Hook<'a> = dyn FnMut(Site, &[f32], usize, usize) -> Result<()> + 'a;
 
 /// A statistics hook: as [`Hook`], plus the rows' XᵀX when a device computed it already.
 pub type StatsHook<'a> = dyn FnMut(Site, &[f32], usize, usize, Option<&[f32]>) -> Result<()> + 'a;
+
+/// Sees a site's rows inside the forward (site, rows, row count) and says whether to stop there.
+type SiteVisit<'a> = dyn FnMut(Site, &[f32], usize) -> Result<bool> + 'a;
 
 /// Precomputed RoPE tables (cos and sin of position × inverse frequency, [max_t, head_dim/2]).
 pub struct Rope {
@@ -135,55 +139,110 @@ impl<'a> DecoderLayer<'a> {
             rope.max_t
         );
         ensure!(x.data.len() == n * d, "hidden state has the wrong size");
-        // (site, residual stream after the attention block once there is one, the site's input)
-        let (mut at, mut r, mut v, mut resumed) = match from {
-            Some(i) => {
-                ensure!(
-                    i.v.len() == n * i.site_width(cfg),
-                    "kept activations have the wrong size"
-                );
-                (i.site, i.r.clone(), i.v.clone(), true)
+        let block = cfg.block();
+        // hooks run for the sites after `pos` (every site when running from the input)
+        let pos = from.map(|i| i.site);
+        if let Some(i) = from {
+            ensure!(
+                i.v.len() == n * cfg.dim(block.kept_width(i.site)),
+                "kept activations have the wrong size"
+            );
+        }
+        let mut visit = |s: Site, v: &[f32], rows: usize| -> Result<bool> {
+            if pos.is_some_and(|p| s <= p) {
+                return Ok(false);
             }
-            None => {
-                let h = ops::rms_norm(&x.data, d, self.norm(self.attn().norm)?, eps);
-                (Site::AttnIn, None, h, false)
+            hook(s, v, rows, cfg.dim(block.site(s).width))?;
+            Ok(stop == Some(s))
+        };
+        let (att, mlp) = (self.attn(), self.mlp());
+        // --- attention --- (q/k/v, RoPE, causal attention: o_proj's input)
+        let attn_out = match from {
+            Some(i) if i.site >= mlp.input => None,
+            Some(i) if i.site == att.o_in => Some(i.v.clone()),
+            _ => {
+                let h = match from {
+                    Some(i) => i.v.clone(),
+                    None => ops::rms_norm(&x.data, d, self.norm(att.norm)?, eps),
+                };
+                if visit(att.input, &h, n)? {
+                    return Ok(Step::Stopped(Inner {
+                        site: att.input,
+                        r: None,
+                        v: h,
+                    }));
+                }
+                let a = self.attention_core(&h, b, t, rope)?;
+                if visit(att.o_in, &a, n)? {
+                    return Ok(Step::Stopped(Inner {
+                        site: att.o_in,
+                        r: None,
+                        v: a,
+                    }));
+                }
+                Some(a)
             }
         };
-        loop {
-            if !resumed {
-                hook(at, &v, n, v.len() / n.max(1))?;
-                if stop == Some(at) {
-                    return Ok(Step::Stopped(Inner { site: at, r, v }));
+        // --- MLP --- (the residual add fused with the norm)
+        let (mut r, h) = match attn_out {
+            Some(a) => {
+                let o = self.lin(att.o, &a, n)?;
+                let (r1, h) = ops::add_rms_norm(&x.data, &o, d, self.norm(mlp.norm)?, eps);
+                if visit(mlp.input, &h, n)? {
+                    return Ok(Step::Stopped(Inner {
+                        site: mlp.input,
+                        r: Some(r1),
+                        v: h,
+                    }));
                 }
+                (r1, h)
             }
-            resumed = false;
-            match at {
-                // --- attention --- (q/k/v, RoPE, causal attention: o_proj's input)
-                Site::AttnIn => {
-                    v = self.attention_core(&v, b, t, rope)?;
-                    at = Site::OIn;
-                }
-                // --- MLP (SwiGLU) --- (the residual add fused with the norm)
-                Site::OIn => {
-                    let o = self.lin(self.attn().o, &v, n)?;
-                    let (r1, h) =
-                        ops::add_rms_norm(&x.data, &o, d, self.norm(self.mlp().norm)?, eps);
-                    r = Some(r1);
-                    v = h;
-                    at = Site::MlpIn;
-                }
-                Site::MlpIn => {
-                    v = self.swiglu(&v, n)?;
-                    at = Site::DownIn;
-                }
-                Site::DownIn => {
-                    let dn = self.lin(self.mlp().down, &v, n)?;
-                    let mut r = r.context("no residual stream at the MLP output")?;
-                    ops::add_assign(&mut r, &dn);
-                    return Ok(Step::Done(Act { data: r, b, t }));
-                }
+            None => {
+                let i = from.context("internal: no attention output and nothing kept")?;
+                let r = i.r.clone().context("no residual stream at the MLP input")?;
+                (r, i.v.clone())
             }
-        }
+        };
+        let out = match &mlp.ffn {
+            Ffn::Dense(s) => {
+                // kept at down_proj's input: `h` is silu(gate) ⊙ up already
+                let a = match pos {
+                    Some(p) if p == s.down_in => h,
+                    _ => {
+                        let a = self.swiglu(s, &h, n)?;
+                        if visit(s.down_in, &a, n)? {
+                            return Ok(Step::Stopped(Inner {
+                                site: s.down_in,
+                                r: Some(r),
+                                v: a,
+                            }));
+                        }
+                        a
+                    }
+                };
+                self.lin(s.down, &a, n)?
+            }
+            Ffn::Moe { router, experts } => {
+                let mut stopped = None;
+                let out = self.moe(router, experts, &h, n, &mut |s, v, rows| {
+                    let stop = visit(s, v, rows)?;
+                    if stop {
+                        stopped = Some(s);
+                    }
+                    Ok(stop)
+                })?;
+                if let Some(site) = stopped {
+                    return Ok(Step::Stopped(Inner {
+                        site,
+                        r: Some(r),
+                        v: h,
+                    }));
+                }
+                out.context("internal: the mixture stopped without a site")?
+            }
+        };
+        ops::add_assign(&mut r, &out);
+        Ok(Step::Done(Act { data: r, b, t }))
     }
 }
 
@@ -199,10 +258,6 @@ pub struct Inner {
 }
 
 impl Inner {
-    fn site_width(&self, cfg: &ModelConfig) -> usize {
-        cfg.dim(cfg.block().site(self.site).width)
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         4 * (self.v.len() + self.r.as_ref().map_or(0, |r| r.len()))
@@ -238,10 +293,64 @@ impl DecoderLayer<'_> {
     }
 
     /// gate/up and SwiGLU on the normed input `h` [n, hidden]: down_proj's input.
-    fn swiglu(&self, h: &[f32], n: usize) -> Result<Vec<f32>> {
-        let g = self.lin(self.mlp().gate, h, n)?;
-        let u = self.lin(self.mlp().up, h, n)?;
+    fn swiglu(&self, s: &Swiglu, h: &[f32], n: usize) -> Result<Vec<f32>> {
+        let g = self.lin(s.gate, h, n)?;
+        let u = self.lin(s.up, h, n)?;
         Ok(ops::silu_mul(&g, &u))
+    }
+
+    /// The mixture of experts on the normed input `h` [n, hidden] (transformers'
+    /// `Qwen3MoeSparseMoeBlock`): router logits, softmax in f32, the top-k experts per token
+    /// (ties to the lower index, as `torch.topk`), their weights renormalised to sum to one when
+    /// `norm_topk_prob`; each expert runs on the rows routed to it, and its outputs, scaled by
+    /// the token's weight, are added in expert order. `visit` sees each expert's input and
+    /// down_proj input (zero rows for an expert no token reached); when it returns true the
+    /// mixture stops there and returns `None`.
+    fn moe(
+        &self,
+        router: &str,
+        experts: &[Swiglu],
+        h: &[f32],
+        n: usize,
+        visit: &mut SiteVisit,
+    ) -> Result<Option<Vec<f32>>> {
+        let cfg = self.cfg;
+        let d = cfg.hidden_size;
+        let moe = cfg
+            .moe
+            .context("internal: a mixture block without a MoE config")?;
+        let logits = self.lin(router, h, n)?;
+        let routes = ops::route_top_k(&logits, n, experts.len(), moe.top_k, moe.norm_topk_prob);
+        let mut out = vec![0f32; n * d];
+        for (e, s) in experts.iter().enumerate() {
+            let (rows, weights): (Vec<usize>, Vec<f32>) = routes[e].iter().copied().unzip();
+            let m = rows.len();
+            let mut x = Vec::with_capacity(m * d);
+            for &r in &rows {
+                x.extend_from_slice(&h[r * d..(r + 1) * d]);
+            }
+            if visit(s.input, &x, m)? {
+                return Ok(None);
+            }
+            let a = if m == 0 {
+                Vec::new()
+            } else {
+                self.swiglu(s, &x, m)?
+            };
+            if visit(s.down_in, &a, m)? {
+                return Ok(None);
+            }
+            if m == 0 {
+                continue;
+            }
+            let y = self.lin(s.down, &a, m)?;
+            for ((&r, w), yr) in rows.iter().zip(&weights).zip(y.chunks_exact(d)) {
+                for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(yr) {
+                    *o += v * w;
+                }
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The output of one sub-block on its own (normed) input `h` ([b, t, hidden] as an `Act`):
@@ -263,10 +372,15 @@ impl DecoderLayer<'_> {
                 let a = self.attention_core(&h.data, h.b, h.t, rope)?;
                 self.lin(self.attn().o, &a, n)
             }
-            Part::Mlp => {
-                let a = self.swiglu(&h.data, n)?;
-                self.lin(self.mlp().down, &a, n)
-            }
+            Part::Mlp => match &self.mlp().ffn {
+                Ffn::Dense(s) => {
+                    let a = self.swiglu(s, &h.data, n)?;
+                    self.lin(s.down, &a, n)
+                }
+                Ffn::Moe { router, experts } => self
+                    .moe(router, experts, &h.data, n, &mut |_, _, _| Ok(false))?
+                    .context("internal: the mixture stopped"),
+            },
         }
     }
 }

@@ -335,6 +335,43 @@ pub fn add_assign(a: &mut [f32], b: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
+/// A router's choice for each token (transformers' `Qwen3MoeTopKRouter`): softmax of the
+/// logits [n, experts] in f32, the `k` largest probabilities (ties to the lower expert, as
+/// `torch.topk`), divided by their sum when `renormalise`. Returned per expert: the tokens
+/// routed to it, ascending, each with its weight.
+pub fn route_top_k(
+    logits: &[f32],
+    n: usize,
+    experts: usize,
+    k: usize,
+    renormalise: bool,
+) -> Vec<Vec<(usize, f32)>> {
+    assert_eq!(logits.len(), n * experts, "route_top_k: shapes");
+    let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts];
+    let mut p = vec![0f32; experts];
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for (t, row) in logits.chunks_exact(experts).enumerate() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for (p, &x) in p.iter_mut().zip(row) {
+            *p = (x - max).exp();
+            sum += *p;
+        }
+        p.iter_mut().for_each(|p| *p /= sum);
+        order.clear();
+        order.extend(0..experts);
+        // descending probability, the lower index first among equals (a stable sort)
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let top = &order[..k];
+        let total: f32 = top.iter().map(|&e| p[e]).sum();
+        for &e in top {
+            let w = if renormalise { p[e] / total } else { p[e] };
+            routes[e].push((t, w));
+        }
+    }
+    routes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,6 +603,39 @@ mod tests {
         for i in 0..50 {
             let want = g[i] as f64 / (1.0 + (-(g[i] as f64)).exp()) * u[i] as f64;
             assert!((y[i] as f64 - want).abs() < 1e-6);
+        }
+    }
+
+    /// The router against a direct computation in f64 on random logits: every token goes to
+    /// exactly k experts, the k with the largest probabilities, with the renormalised weights.
+    #[test]
+    fn route_top_k_matches_a_direct_computation() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (n, e, k) = (200, 8, 2);
+        let logits: Vec<f32> = (0..n * e).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        for renorm in [false, true] {
+            let routes = route_top_k(&logits, n, e, k, renorm);
+            for t in 0..n {
+                let row: Vec<f64> = logits[t * e..(t + 1) * e].iter().map(|&x| x as f64).collect();
+                let z: f64 = row.iter().map(|x| x.exp()).sum();
+                let p: Vec<f64> = row.iter().map(|x| x.exp() / z).collect();
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap());
+                let top = &idx[..k];
+                let sum: f64 = top.iter().map(|&i| p[i]).sum();
+                let got: Vec<(usize, f32)> = (0..e)
+                    .filter_map(|x| routes[x].iter().find(|r| r.0 == t).map(|r| (x, r.1)))
+                    .collect();
+                assert_eq!(got.len(), k, "token {t}");
+                for (x, w) in got {
+                    assert!(top.contains(&x), "token {t}: expert {x}");
+                    let want = if renorm { p[x] / sum } else { p[x] };
+                    assert!((w as f64 - want).abs() < 1e-6, "token {t}: {w} vs {want}");
+                }
+            }
+            // each expert's tokens ascending
+            assert!(routes.iter().all(|r| r.windows(2).all(|w| w[0].0 < w[1].0)));
         }
     }
 }

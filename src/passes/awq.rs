@@ -426,7 +426,7 @@ impl Pass for Awq {
                 .consumers
                 .iter()
                 .copied()
-                .filter(|c| self.select.selects(&ctx.module_name(c)))
+                .filter(|c| self.select.selects_in(ctx, c))
                 .collect();
             if targeted.len() != m.consumers.len() || !m.foldable {
                 continue; // a mapping is scaled whole, and only where folding is exact
@@ -458,9 +458,9 @@ impl Pass for Awq {
         }
         if self.spec.clip {
             ctx.invalidate();
-            for lin in ctx.config.block().linears {
+            for lin in &ctx.config.block().linears {
                 let name = lin.name;
-                if !lin.clip || !self.select.selects(&ctx.module_name(name)) {
+                if !lin.clip || !self.select.selects_in(ctx, name) {
                     continue;
                 }
                 let t = Instant::now();

@@ -472,7 +472,7 @@ impl Pass for GptqGgml {
         ctx.refresh()?;
         for name in ctx.config.block().linear_names() {
             let module = ctx.module_name(name);
-            if !self.select.selects(&module) {
+            if !self.select.selects_in(ctx, name) {
                 continue;
             }
             let t = Instant::now();

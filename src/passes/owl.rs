@@ -110,7 +110,7 @@ impl Pass for OwlScan {
         ctx.refresh()?;
         let mut all: Vec<Vec<f32>> = Vec::new();
         for name in ctx.config.block().linear_names() {
-            if !self.select.selects(&ctx.module_name(name)) {
+            if !self.select.selects_in(ctx, name) {
                 continue;
             }
             let norm = ctx

@@ -271,7 +271,7 @@ pub fn targeted(ctx: &LayerCtx, select: &super::select::Selector) -> Vec<&'stati
     ctx.config
         .block()
         .linear_names()
-        .filter(|n| select.selects(&ctx.module_name(n)))
+        .filter(|n| select.selects_in(ctx, n))
         .collect()
 }
 

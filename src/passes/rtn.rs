@@ -54,7 +54,7 @@ impl Pass for Rtn {
             .config
             .block()
             .linear_names()
-            .filter(|n| self.select.selects(&ctx.module_name(n)))
+            .filter(|n| self.select.selects_in(ctx, n))
             .collect();
         let globals = if self.args.global_scale {
             super::fused_global_scales(ctx, &names)?

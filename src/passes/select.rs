@@ -48,9 +48,19 @@ impl Selector {
         })
     }
 
-    /// Whether the pass applies to the linear with this full module name.
-    pub fn selects(&self, module: &str) -> bool {
-        self.targets.iter().any(|p| p.matches(module))
+    /// Whether the pass applies to the linear `name` of the layer in `ctx`.
+    pub fn selects_in(&self, ctx: &crate::engine::LayerCtx, name: &str) -> bool {
+        let router = ctx.config.block().linear(name).is_some_and(|l| l.router);
+        self.selects(&ctx.module_name(name), router)
+    }
+
+    /// Whether the pass applies to the linear with this full module name. A `router` (a
+    /// mixture's gate) is not one of `Linear`: it stays dense unless a name or regex in
+    /// `targets` names it (quantizing the router changes which experts run).
+    pub fn selects(&self, module: &str, router: bool) -> bool {
+        self.targets
+            .iter()
+            .any(|p| p.matches(module) && !(router && matches!(p, Pat::All)))
             && !self.ignore.iter().any(|p| p.matches(module))
     }
 }

@@ -106,10 +106,7 @@ impl Pass for SmoothQuant {
             let linear_producer = matches!(m.producer, Producer::Linear(_));
             if !m.foldable
                 || (linear_producer && !self.spec.include_linear_producers)
-                || !m
-                    .consumers
-                    .iter()
-                    .all(|c| self.select.selects(&ctx.module_name(c)))
+                || !m.consumers.iter().all(|c| self.select.selects_in(ctx, c))
             {
                 continue;
             }

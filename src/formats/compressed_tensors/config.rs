@@ -217,9 +217,10 @@ pub fn quantization_config(
     // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
     // even when it is tied to the embedding and has no tensor of its own: everything we
     // left unquantized must be listed, or transformers/vLLM turn it into a quantized
-    // linear without tensors (tied checkpoints then fail to load).
-    let mut ignore: Vec<String> = vec!["lm_head".into()];
-    ignore.extend(unquantized.iter().cloned());
+    // linear without tensors (tied checkpoints then fail to load). In module order, as
+    // llm-compressor lists them: the decoder's, then lm_head.
+    let mut ignore: Vec<String> = unquantized.to_vec();
+    ignore.push("lm_head".into());
     let (strategy, group_size) = strategy_fields(a);
     let float = a.float.is_some();
     json!({

@@ -93,7 +93,13 @@ impl<'a> Block<'a> {
             "sequence of {t} tokens exceeds the RoPE table ({max_t})"
         );
         ensure!(x.data.len() == n * d, "hidden state has the wrong size");
-        let (at, mlp) = (&cfg.block().attention, &cfg.block().mlp);
+        let (at, norm) = (&cfg.block().attention, cfg.block().mlp.norm);
+        let mlp = cfg.block().dense_mlp().with_context(|| {
+            format!(
+                "distillation's backward runs dense MLPs only, not the mixture of experts of `{}`",
+                cfg.arch.name()
+            )
+        })?;
         let h1 = ops::rms_norm(&x.data, d, self.norm(at.norm)?, eps);
         let q_pre = self.eff(at.q)?.forward(&h1, n);
         let k_pre = self.eff(at.k)?.forward(&h1, n);
@@ -113,7 +119,7 @@ impl<'a> Block<'a> {
         let o = self.eff(at.o)?.forward(&attn, n);
         let mut r = x.data.clone();
         ops::add_assign(&mut r, &o);
-        let h2 = ops::rms_norm(&r, d, self.norm(mlp.norm)?, eps);
+        let h2 = ops::rms_norm(&r, d, self.norm(norm)?, eps);
         let g = self.eff(mlp.gate)?.forward(&h2, n);
         let u = self.eff(mlp.up)?.forward(&h2, n);
         let act = ops::silu_mul(&g, &u);
@@ -158,7 +164,13 @@ impl<'a> Block<'a> {
         let (cos, sin, _) = rope.tables();
         ensure!(dy.len() == n * d, "output gradient has the wrong size");
         // y = r + down(a): ∂r = ∂y, ∂a = down'ᵀ ∂y
-        let (at, mlp) = (&cfg.block().attention, &cfg.block().mlp);
+        let (at, norm) = (&cfg.block().attention, cfg.block().mlp.norm);
+        let mlp = cfg.block().dense_mlp().with_context(|| {
+            format!(
+                "distillation's backward runs dense MLPs only, not the mixture of experts of `{}`",
+                cfg.arch.name()
+            )
+        })?;
         let da = self.eff(mlp.down)?.backward(&tape.act, dy, n, grads);
         // a = silu(g) u
         let mut dg = vec![0f32; da.len()];
@@ -183,7 +195,7 @@ impl<'a> Block<'a> {
         );
         // h₂ = RMSNorm(r): ∂r = ∂y + RMSNorm'ᵀ ∂h₂
         let mut dr = {
-            let name = mlp.norm;
+            let name = norm;
             let gi = grads.index(name, Field::Norm);
             let dgam = gi.map(|i| grads.list[i].values.as_mut_slice());
             rms_norm_backward(&tape.r, d, self.norm(name)?, eps, &dh2, dgam)

@@ -79,7 +79,7 @@ pub fn random_block(cfg: &ModelConfig, seed: u64) -> LayerWeights {
         linears.insert(name.to_string(), l);
     }
     let mut norms = BTreeMap::new();
-    for (n, _) in cfg.block().norms {
+    for (n, _) in &cfg.block().norms {
         let d = if n.contains("q_norm") || n.contains("k_norm") {
             cfg.head_dim
         } else {

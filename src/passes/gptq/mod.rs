@@ -663,7 +663,7 @@ impl Pass for Gptq {
         let globals = if self.args.global_scale {
             let selected: Vec<&str> = block
                 .linear_names()
-                .filter(|n| self.select.selects(&ctx.module_name(n)))
+                .filter(|n| self.select.selects_in(ctx, n))
                 .collect();
             super::fused_global_scales(ctx, &selected)?
         } else {
@@ -690,7 +690,7 @@ impl Pass for Gptq {
             }
             for name in group {
                 let module = ctx.module_name(name);
-                if !self.select.selects(&module) {
+                if !self.select.selects_in(ctx, name) {
                     continue;
                 }
                 let t = Instant::now();
