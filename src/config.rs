@@ -36,6 +36,18 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: f64,
 }
 
+/// Which tokens a mixture's experts see in calibration forwards (their statistics); the
+/// layer's output follows the router either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertCalibration {
+    /// The tokens routed to each expert.
+    #[default]
+    Routed,
+    /// Every token through every expert.
+    All,
+}
+
 /// A mixture-of-experts MLP: `experts` SwiGLUs of width `intermediate`, `top_k` of them run
 /// per token, their softmax weights renormalised to sum to one when `norm_topk_prob`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +56,9 @@ pub struct MoeConfig {
     pub top_k: usize,
     pub intermediate: usize,
     pub norm_topk_prob: bool,
+    /// What calibration forwards show each expert (set by the engine from the pipeline's
+    /// `calibration.experts`; routed when read from config.json).
+    pub calibrate: ExpertCalibration,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +161,7 @@ fn moe_config(raw: &Value, file: &Path) -> Result<MoeConfig> {
             .get("norm_topk_prob")
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
+        calibrate: ExpertCalibration::Routed,
     })
 }
 

@@ -32,6 +32,8 @@ pub struct StreamOptions {
     /// Calibration windows per forward batch.
     pub batch: usize,
     pub on_nonfinite: NonFinitePolicy,
+    /// Which tokens a mixture's experts see in the calibration forwards.
+    pub experts: crate::config::ExpertCalibration,
 }
 
 impl Default for StreamOptions {
@@ -39,6 +41,7 @@ impl Default for StreamOptions {
         StreamOptions {
             batch: 8,
             on_nonfinite: NonFinitePolicy::Error,
+            experts: Default::default(),
         }
     }
 }
@@ -127,7 +130,12 @@ pub fn run(
     sink: &mut dyn LayerSink,
     resume: Option<ResumePoint>,
 ) -> Result<EngineReport> {
-    let cfg = &ckpt.config;
+    // the calibration forwards' view of the mixture (only statistics differ, not outputs)
+    let mut calib_cfg = ckpt.config.clone();
+    if let Some(m) = calib_cfg.moe.as_mut() {
+        m.calibrate = opts.experts;
+    }
+    let cfg = &calib_cfg;
     let (start, mut report, resumed_hidden, resumed_teacher, resumed_states) = match resume {
         Some(r) => (
             r.next_layer,

@@ -6,7 +6,7 @@
 use super::arch::{Ffn, Swiglu};
 use super::attention::causal_attention;
 use super::checkpoint::{read_checked, Checkpoint};
-use super::config::ModelConfig;
+use super::config::{ExpertCalibration, ModelConfig};
 use super::layer::{LayerWeights, Site};
 use super::ops;
 use anyhow::{ensure, Context, Result};
@@ -304,8 +304,9 @@ impl DecoderLayer<'_> {
     /// (ties to the lower index, as `torch.topk`), their weights renormalised to sum to one when
     /// `norm_topk_prob`; each expert runs on the rows routed to it, and its outputs, scaled by
     /// the token's weight, are added in expert order. `visit` sees each expert's input and
-    /// down_proj input (zero rows for an expert no token reached); when it returns true the
-    /// mixture stops there and returns `None`.
+    /// down_proj input (zero rows for an expert no token reached; every token's, when the
+    /// config says to calibrate all experts); when it returns true the mixture stops there and
+    /// returns `None`.
     fn moe(
         &self,
         router: &str,
@@ -322,14 +323,26 @@ impl DecoderLayer<'_> {
         let logits = self.lin(router, h, n)?;
         let routes = ops::route_top_k(&logits, n, experts.len(), moe.top_k, moe.norm_topk_prob);
         let mut out = vec![0f32; n * d];
+        let all = moe.calibrate == ExpertCalibration::All;
         for (e, s) in experts.iter().enumerate() {
             let (rows, weights): (Vec<usize>, Vec<f32>) = routes[e].iter().copied().unzip();
             let m = rows.len();
+            if all {
+                // every token through this expert for its statistics (the output below still
+                // takes only the routed rows)
+                if visit(s.input, h, n)? {
+                    return Ok(None);
+                }
+                let a = self.swiglu(s, h, n)?;
+                if visit(s.down_in, &a, n)? {
+                    return Ok(None);
+                }
+            }
             let mut x = Vec::with_capacity(m * d);
             for &r in &rows {
                 x.extend_from_slice(&h[r * d..(r + 1) * d]);
             }
-            if visit(s.input, &x, m)? {
+            if !all && visit(s.input, &x, m)? {
                 return Ok(None);
             }
             let a = if m == 0 {
@@ -337,7 +350,7 @@ impl DecoderLayer<'_> {
             } else {
                 self.swiglu(s, &x, m)?
             };
-            if visit(s.down_in, &a, m)? {
+            if !all && visit(s.down_in, &a, m)? {
                 return Ok(None);
             }
             if m == 0 {

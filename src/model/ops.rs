@@ -617,7 +617,10 @@ mod tests {
         for renorm in [false, true] {
             let routes = route_top_k(&logits, n, e, k, renorm);
             for t in 0..n {
-                let row: Vec<f64> = logits[t * e..(t + 1) * e].iter().map(|&x| x as f64).collect();
+                let row: Vec<f64> = logits[t * e..(t + 1) * e]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
                 let z: f64 = row.iter().map(|x| x.exp()).sum();
                 let p: Vec<f64> = row.iter().map(|x| x.exp() / z).collect();
                 let mut idx: Vec<usize> = (0..e).collect();

@@ -34,7 +34,6 @@
 //! blocks (`Linear::set_ggml`, refused unless they decode to exactly its weight), and the GGUF
 //! exporter writes them as they are.
 
-use super::input_site;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};
 use crate::formats::gguf::{self, FileType, Overrides, TypeOverride};
@@ -496,10 +495,8 @@ impl Pass for GptqGgml {
             if ggml::levels(ty) == 0 {
                 continue; // a float type in this mix: nothing to round
             }
-            let h = ctx
-                .stats(input_site(ctx, name)?)?
-                .hessian()
-                .ok_or_else(|| anyhow::anyhow!("no Hessian collected"))?;
+            let h =
+                super::hessian_or_identity(ctx, name, "quantized without a Hessian (identity)")?;
             let lin = &ctx.layer.linears[name];
             let r = gptq_ggml(
                 lin.weight(),

@@ -74,16 +74,8 @@ impl Pass for Rtn {
                     .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             }
             let dtype = scale_dtype_for(lin.dtype);
-            let q = match self.args.float {
-                Some(_) => crate::quant::float::quantize(
-                    lin.weight().view(),
-                    &self.args,
-                    dtype,
-                    globals.get(name).copied(),
-                ),
-                None => crate::backend::rtn(lin.weight().view(), &self.args, dtype),
-            }
-            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            let q = round_to_nearest(lin.weight(), &self.args, dtype, globals.get(name).copied())
+                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_quantized(q)
                 .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
             lin.set_act_quant(self.act);
@@ -91,5 +83,20 @@ impl Pass for Rtn {
                 .push(LinearRecord::new(ctx.index(), name, "rtn", t));
         }
         Ok(())
+    }
+}
+
+/// Round-to-nearest onto the grid of `args` (integer or float; `global`: NVFP4's global scale),
+/// scales in `dtype`: the whole method, and the fallback of the Hessian methods for an expert
+/// no calibration token reached.
+pub(crate) fn round_to_nearest(
+    w: &ndarray::Array2<f32>,
+    args: &crate::quant::QuantArgs,
+    dtype: crate::safetensors_file::DType,
+    global: Option<f32>,
+) -> Result<crate::quant::QuantizedLinear> {
+    match args.float {
+        Some(_) => crate::quant::float::quantize(w.view(), args, dtype, global),
+        None => crate::backend::rtn(w.view(), args, dtype),
     }
 }

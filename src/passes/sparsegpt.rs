@@ -20,7 +20,6 @@
 //! as in GPTQ.
 
 use super::gptq::{Grid, GridRow, Ordering};
-use super::input_site;
 use super::prune::{targeted, Pattern, PruneSpec};
 use super::sweep::{self, ColumnRule, Factor};
 use super::Scheme;
@@ -320,10 +319,11 @@ impl Pass for SparseGpt {
         for name in targeted(ctx, &self.select) {
             let t = Instant::now();
             let module = ctx.module_name(name);
-            let h = ctx
-                .stats(input_site(ctx, name)?)?
-                .hessian()
-                .context("no Hessian collected")?;
+            let h = super::hessian_or_identity(
+                ctx,
+                name,
+                "pruned by weight magnitude (identity Hessian)",
+            )?;
             let target = self.spec.prune.target_at(ctx.index())?;
             let lin = &ctx.layer.linears[name];
             let dtype = lin.dtype;

@@ -41,7 +41,6 @@
 //! losses compared are in comparable units (each is the squared output error of a linear on
 //! this layer's calibration inputs). What it cannot do is move parameters between layers.
 
-use super::input_site;
 use super::prune::targeted;
 use super::svd::{params_removed, rank_notes, split_sqrt, LowRank, SvdSpec};
 use crate::engine::stats::StatsRequest;
@@ -290,10 +289,11 @@ impl Pass for SvdLlm {
         let mut dec = Vec::new();
         for name in &names {
             let module = ctx.module_name(name);
-            let h = ctx
-                .stats(input_site(ctx, name)?)?
-                .hessian()
-                .context("no Hessian collected")?;
+            let h = super::hessian_or_identity(
+                ctx,
+                name,
+                "factored by a plain SVD (identity Hessian)",
+            )?;
             let lin = &ctx.layer.linears[*name];
             let (m, n) = lin.shape();
             let r = self

@@ -59,10 +59,20 @@ impl Pass for Wanda {
         ctx.refresh()?;
         for name in targeted(ctx, &self.select) {
             let t = Instant::now();
-            let norm = ctx
-                .stats(input_site(ctx, name)?)?
-                .col_norm()
-                .context("no column norms collected")?;
+            let site = input_site(ctx, name)?;
+            let st = ctx.stats(site)?;
+            let (n, dim) = (st.n, st.dim);
+            let mut norm = st.col_norm().context("no column norms collected")?;
+            if n == 0 {
+                // an expert no calibration token reached: every ‖X_j‖ is 0, so score by
+                // magnitude alone (all norms 1) rather than by ties
+                norm = vec![1.0; dim];
+                let module = ctx.module_name(name);
+                ctx.warnings.push(format!(
+                    "{module}: no calibration token was routed to this expert: pruned by weight \
+                     magnitude (calibrate with more data, or `calibration.experts: all`)"
+                ));
+            }
             let scores = wanda_scores(ctx.layer.linears[name].weight(), &norm);
             prune_by_scores(ctx, "wanda", name, &self.spec, true, &scores, t)?;
         }

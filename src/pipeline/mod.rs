@@ -68,6 +68,12 @@ pub struct Calibration {
     /// windows out from that layer on and records a warning in the report.
     #[serde(default)]
     pub on_nonfinite: crate::engine::NonFinitePolicy,
+    /// Mixture-of-experts checkpoints: which tokens each expert's statistics see. `routed`
+    /// (default): the tokens the router sends it, what it computes in use. `all`: every
+    /// calibration token through every expert (llm-compressor's `moe_calibrate_all_experts`);
+    /// the layer's output still follows the router either way.
+    #[serde(default)]
+    pub experts: crate::config::ExpertCalibration,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]

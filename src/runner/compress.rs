@@ -47,6 +47,7 @@ pub(super) fn compress_into(
             let opts = crate::engine::StreamOptions {
                 batch: c.batch,
                 on_nonfinite: c.on_nonfinite,
+                experts: c.experts,
             };
             (w, opts)
         }

@@ -195,9 +195,42 @@ def find_gptq_python(arg):
 
 def arches(ref_model):
     a = {"llama": ref_model}
-    for n in ["llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope", "llama-linear-rope"]:
+    for n in ["llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope", "llama-linear-rope", "qwen3-moe"]:
         a[n] = os.path.join(FIXTURES, n)
     return a
+
+
+# Rows whose reference loader cannot do some cells, and why (shown as "n/a" with the reason in
+# the matrix, never counted as passing), and the tolerance their cells compare at.
+# transformers 5.17 + compressed-tensors 0.19 decompress a Qwen3-MoE's stacked experts into
+# bfloat16 even in a float32 model (`Qwen3MoeExperts.gate_up_proj` stays bf16; the values equal
+# our dequantization, checked element by element), so its quantized MoE logits are a bf16
+# computation: compared at the FP4 cells' bf16 tolerance.
+ROW_LIMITS = {
+    "qwen3-moe": {
+        "tol": 3e-2,
+        "na": {
+            "gptq": "compress refuses: GPTQ v1 has no ignore list and the routers stay dense",
+            "ct-asym": "transformers 5.17 cannot convert the zero points of stacked experts "
+            "(from_pretrained: automatic conversion of the weights failed)",
+            "ct-chan-asym": "as ct-asym",
+            "ct-skip-down": "asymmetric: as ct-asym",
+            "ct-fp8_dynamic": "bf16 experts (above) under per-token FP8 input quantization: "
+            "inputs one bf16 step apart land on other FP8 codes (4.2e-2 measured, not a loader we "
+            "can compare at float32)",
+            "ct-nvfp4a16": "transformers 5.17 drops the experts' weight_global_scale "
+            "(unexpected keys) when it stacks them",
+        },
+    },
+}
+
+
+def row_na(rn, cn):
+    """Why the loader cannot do cell (rn, cn), if it cannot."""
+    for prefix, why in ROW_LIMITS.get(rn, {}).get("na", {}).items():
+        if cn.startswith(prefix):
+            return why
+    return None
 
 
 def columns():
@@ -450,6 +483,9 @@ def main():
         for cn, (fmt, rtn, kind, want) in cols.items():
             cell = {"status": "fail", "msg": "", "rel": None, "rel_golden": None}
             cells[(rn, cn)] = cell
+            if row_na(rn, cn):
+                cell["status"], cell["msg"] = "n/a", row_na(rn, cn)
+                continue
             base = os.path.join(work, f"{rn}__{cn}")
             out = base + ".out"
             yml = base + ".yaml"
@@ -484,7 +520,8 @@ def main():
                 gptq_jobs.append(((rn, cn), job))
             else:
                 r = load_logits(job["out_dir"], ids, job["logits_path"], False, want.get("dtype", "float32"))
-                finish_cell(cell, r, job, want.get("tol") or a.tol)
+                tol = max(want.get("tol") or a.tol, ROW_LIMITS.get(rn, {}).get("tol", 0))
+                finish_cell(cell, r, job, tol)
 
     worker_versions = {}
     if gptq_jobs:
@@ -607,6 +644,7 @@ def render(rows, cols, cells, tol, binary, gptq_py, worker_versions):
     L.append(head)
     L.append("|" + "---|" * (len(cols) + 1))
     foot = []
+    na = []
     for rn in rows:
         line = [rn]
         for cn in cols:
@@ -617,6 +655,9 @@ def render(rows, cols, cells, tol, binary, gptq_py, worker_versions):
                 line.append("✓")
             elif c["status"] == "golden-only":
                 line.append("golden-only")
+            elif c["status"] == "n/a":
+                na.append(f"{rn} × {cn}: {c['msg']}")
+                line.append(f"n/a [{len(na)}]")
             else:
                 foot.append(f"{rn} × {cn}: {c['msg']}")
                 line.append(f"✗ [{len(foot)}]")
@@ -625,6 +666,11 @@ def render(rows, cols, cells, tol, binary, gptq_py, worker_versions):
     if foot:
         L.append("Failures:\n")
         for i, m in enumerate(foot, 1):
+            L.append(f"{i}. {m}")
+        L.append("")
+    if na:
+        L.append("Not possible with these loaders (see ROW_LIMITS):\n")
+        for i, m in enumerate(na, 1):
             L.append(f"{i}. {m}")
         L.append("")
     L.append("Max relative logit difference, transformers vs `compress logits` (and, in brackets, "
@@ -651,7 +697,8 @@ def render(rows, cols, cells, tol, binary, gptq_py, worker_versions):
     passed = sum(c["status"] == "ok" for c in cells.values())
     failed = sum(c["status"] == "fail" for c in cells.values())
     skipped = sum(c["status"] == "golden-only" for c in cells.values())
-    L.append(f"\nCells: {passed} ✓, {failed} ✗, {skipped} golden-only.")
+    nas = sum(c["status"] == "n/a" for c in cells.values())
+    L.append(f"\nCells: {passed} ✓, {failed} ✗, {skipped} golden-only, {nas} n/a.")
     return "\n".join(L) + "\n"
 
 

@@ -1,0 +1,191 @@
+//! Mixture-of-experts checkpoints (ref-qwen3moe-20m: 6 layers, 8 experts, 2 routed per token)
+//! through the calibrated methods: each expert's statistics come from the tokens routed to it
+//! (or every token, `calibration.experts: all`), an expert no token reaches falls back to
+//! round-to-nearest with a warning naming it, routers stay dense, and a run killed inside a
+//! layer resumes to the same bytes.
+
+mod common;
+use compress::model::Checkpoint;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn moe_model() -> PathBuf {
+    common::shared().join("models/ref-qwen3moe-20m")
+}
+
+/// `dir/NAME.yaml`: the MoE model through `dir/NAME` with `samples` × `seq_len` c4 windows,
+/// the calibration block's extra fields, one pass, compressed-tensors.
+fn pipeline(
+    dir: &Path,
+    name: &str,
+    samples: usize,
+    seq_len: usize,
+    extra: &str,
+    pass: &str,
+) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model: {}\noutput: {}\n\
+             calibration: {{path: {}, field: text, samples: {samples}, seq_len: {seq_len}, seed: 0{extra}}}\n\
+             passes:\n  - {pass}\nexport: {{format: compressed-tensors}}\n",
+            moe_model().display(),
+            dir.join(name).display(),
+            common::shared().join("data/calib/c4_calib.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// The `tokens` note of every record whose linear is `mlp.experts.E.gate_proj`, by (layer, E).
+fn expert_tokens(r: &Value) -> Vec<(u64, usize, u64)> {
+    r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            let name = l["linear"].as_str()?;
+            let e = name
+                .strip_prefix("mlp.experts.")?
+                .strip_suffix(".gate_proj")?
+                .parse()
+                .ok()?;
+            Some((l["layer"].as_u64()?, e, l["notes"]["tokens"].as_u64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn gptq_sees_each_experts_routed_tokens_or_all_of_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (samples, seq) = (8, 64);
+    let tokens = (samples * seq) as u64;
+    let routed = common::run_json(&pipeline(
+        d.path(),
+        "routed",
+        samples,
+        seq,
+        "",
+        "gptq: {scheme: W4A16}",
+    ));
+    let all = common::run_json(&pipeline(
+        d.path(),
+        "all",
+        samples,
+        seq,
+        ", experts: all",
+        "gptq: {scheme: W4A16}",
+    ));
+    let (tr, ta) = (expert_tokens(&routed), expert_tokens(&all));
+    assert_eq!(tr.len(), 6 * 8, "a record per expert per layer: {tr:?}");
+    assert_eq!(ta.len(), 6 * 8);
+    for l in 0..6 {
+        // each token goes to two experts
+        let sum: u64 = tr.iter().filter(|x| x.0 == l).map(|x| x.2).sum();
+        assert_eq!(sum, 2 * tokens, "layer {l}: {tr:?}");
+        assert!(ta.iter().filter(|x| x.0 == l).all(|x| x.2 == tokens));
+    }
+    // routing is uneven: the routed counts differ between experts
+    let l0: Vec<u64> = tr.iter().filter(|x| x.0 == 0).map(|x| x.2).collect();
+    assert!(l0.iter().min() < l0.iter().max(), "{l0:?}");
+    // the routers are not quantized and keep their bytes; the two modes give other experts
+    let src = Checkpoint::open(&moe_model()).unwrap();
+    let (a, b) = (
+        Checkpoint::open(&d.path().join("routed")).unwrap(),
+        Checkpoint::open(&d.path().join("all")).unwrap(),
+    );
+    for l in 0..6 {
+        let router = format!("model.layers.{l}.mlp.gate.weight");
+        assert_eq!(a.raw(&router).unwrap().1, src.raw(&router).unwrap().1);
+        assert!(!routed["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["linear"] == "mlp.gate"));
+    }
+    let e0 = "model.layers.0.mlp.experts.0.gate_proj.weight_packed";
+    assert_ne!(a.raw(e0).unwrap().1, b.raw(e0).unwrap().1);
+    assert!(
+        routed["warnings"].as_array().unwrap().is_empty(),
+        "{}",
+        routed["warnings"]
+    );
+}
+
+/// Two calibration tokens reach at most four of the eight experts of a layer: the others have
+/// no statistics. They are quantized as RTN quantizes them (GPTQ with the identity Hessian),
+/// and a warning names each one.
+#[test]
+fn an_expert_no_token_reaches_is_rounded_to_nearest_with_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let r = common::run_json(&pipeline(
+        d.path(),
+        "gptq",
+        1,
+        2,
+        "",
+        "gptq: {scheme: W4A16}",
+    ));
+    common::run_json(&pipeline(d.path(), "rtn", 1, 2, "", "rtn: {scheme: W4A16}"));
+    let warnings: Vec<String> = r["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect();
+    let starved: Vec<(u64, usize)> = expert_tokens(&r)
+        .into_iter()
+        .filter(|x| x.2 == 0)
+        .map(|x| (x.0, x.1))
+        .collect();
+    assert!(starved.len() >= 6 * 4, "{starved:?}");
+    let (g, n) = (
+        Checkpoint::open(&d.path().join("gptq")).unwrap(),
+        Checkpoint::open(&d.path().join("rtn")).unwrap(),
+    );
+    for (l, e) in starved {
+        for lin in ["gate_proj", "up_proj", "down_proj"] {
+            let m = format!("model.layers.{l}.mlp.experts.{e}.{lin}");
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.starts_with(&format!("{m}:")) && w.contains("no calibration token")),
+                "no warning for {m}: {warnings:?}"
+            );
+            for t in ["weight_packed", "weight_scale"] {
+                let k = format!("{m}.{t}");
+                assert!(
+                    g.raw(&k).unwrap().1 == n.raw(&k).unwrap().1,
+                    "{k} is not RTN's"
+                );
+            }
+        }
+    }
+}
+
+/// SIGKILL inside layer 2 of a GPTQ run over the experts, then `--resume`: the same bytes as
+/// an uninterrupted run.
+#[test]
+fn a_moe_run_killed_mid_layer_resumes_to_the_same_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let full = pipeline(d.path(), "full", 32, 256, "", "gptq: {scheme: W4A16}");
+    common::run_ok(&full);
+    let cut = pipeline(d.path(), "cut", 32, 256, "", "gptq: {scheme: W4A16}");
+    let out = d.path().join("cut");
+    common::kill_in_layer(&cut, &out, 2, std::time::Duration::from_millis(300));
+    let o = std::process::Command::new(common::bin())
+        .arg(&cut)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(d.path().join("full").join(f)).unwrap()
+                == std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after the resume"
+        );
+    }
+}
