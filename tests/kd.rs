@@ -141,18 +141,7 @@ fn killed_during_kd_resumes_byte_identical() {
     let (p, out) = pipeline(d.path(), "killed", &passes);
     // into layer 3: GPTQ takes a few ms on this model, distillation most of the layer
     common::kill_in_layer(&p, &out, 3, Duration::from_millis(150));
-    let o = Command::new(common::bin())
-        .arg(&p)
-        .args(["--quiet", "--resume"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["model.safetensors", "config.json"] {
-        assert!(
-            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
-            "{f} differs after resume"
-        );
-    }
+    common::resume_same_bytes(&p, &out, &full);
     assert_eq!(
         kd_records(&report(&out)).len(),
         6,

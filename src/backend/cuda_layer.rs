@@ -120,12 +120,7 @@ impl GpuLayer {
             attention: cfg.block().attention,
             mlp_norm: cfg.block().mlp.norm,
             mlp_input: cfg.block().mlp.input,
-            mlp: *cfg.block().dense_mlp().with_context(|| {
-                format!(
-                    "the GPU layer runs dense MLPs only, not the mixture of experts of `{}`",
-                    cfg.arch.name()
-                )
-            })?,
+            mlp: *cfg.dense_mlp("the GPU layer")?,
         })
     }
 

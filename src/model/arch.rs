@@ -548,6 +548,17 @@ impl ModelConfig {
         })
     }
 
+    /// The dense SwiGLU of this model's block, or an error saying that `who` (a part of the
+    /// tool that runs dense MLPs only) cannot run this model's mixture of experts.
+    pub fn dense_mlp(&self, who: &str) -> anyhow::Result<&'static Swiglu> {
+        self.block().dense_mlp().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{who} runs dense MLPs only, not the mixture of experts of `{}`",
+                self.arch.name()
+            )
+        })
+    }
+
     /// Whether `l` carries a bias in this model.
     pub fn has_bias(&self, l: &LinearDesc) -> bool {
         match l.bias {

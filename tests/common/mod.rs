@@ -157,3 +157,24 @@ pub fn wiki_head(dir: &std::path::Path, name: &str, bytes: usize) -> PathBuf {
     std::fs::write(&p, &b[..n]).unwrap();
     p
 }
+
+/// `compress PIPELINE --quiet --resume`, asserting success; then `model.safetensors` and
+/// `config.json` in `out` must equal those in `full` (an uninterrupted run's output).
+pub fn resume_same_bytes(
+    pipeline: &std::path::Path,
+    out: &std::path::Path,
+    full: &std::path::Path,
+) {
+    let o = std::process::Command::new(bin())
+        .arg(pipeline)
+        .args(["--quiet", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after the resume"
+        );
+    }
+}

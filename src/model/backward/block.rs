@@ -94,12 +94,7 @@ impl<'a> Block<'a> {
         );
         ensure!(x.data.len() == n * d, "hidden state has the wrong size");
         let (at, norm) = (&cfg.block().attention, cfg.block().mlp.norm);
-        let mlp = cfg.block().dense_mlp().with_context(|| {
-            format!(
-                "distillation's backward runs dense MLPs only, not the mixture of experts of `{}`",
-                cfg.arch.name()
-            )
-        })?;
+        let mlp = cfg.dense_mlp("distillation's backward")?;
         let h1 = ops::rms_norm(&x.data, d, self.norm(at.norm)?, eps);
         let q_pre = self.eff(at.q)?.forward(&h1, n);
         let k_pre = self.eff(at.k)?.forward(&h1, n);
@@ -165,12 +160,7 @@ impl<'a> Block<'a> {
         ensure!(dy.len() == n * d, "output gradient has the wrong size");
         // y = r + down(a): ∂r = ∂y, ∂a = down'ᵀ ∂y
         let (at, norm) = (&cfg.block().attention, cfg.block().mlp.norm);
-        let mlp = cfg.block().dense_mlp().with_context(|| {
-            format!(
-                "distillation's backward runs dense MLPs only, not the mixture of experts of `{}`",
-                cfg.arch.name()
-            )
-        })?;
+        let mlp = cfg.dense_mlp("distillation's backward")?;
         let da = self.eff(mlp.down)?.backward(&tape.act, dy, n, grads);
         // a = silu(g) u
         let mut dg = vec![0f32; da.len()];
