@@ -1,4 +1,5 @@
-//! `config.json` of the Llama family: llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k RMSNorm).
+//! `config.json` of the Llama family: llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k RMSNorm),
+//! and its mixtures of experts: qwen3_moe, mixtral, qwen2_moe (a shared expert).
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -13,6 +14,10 @@ pub enum Arch {
     Qwen3,
     /// Qwen3 with a mixture-of-experts MLP in every layer.
     Qwen3Moe,
+    /// Mistral's layer with a mixture of experts (`block_sparse_moe`, experts `w1/w3/w2`).
+    Mixtral,
+    /// Qwen2's layer with a mixture of experts plus a shared expert behind a sigmoid gate.
+    Qwen2Moe,
 }
 
 impl Arch {
@@ -23,6 +28,8 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
         }
     }
 }
@@ -56,6 +63,9 @@ pub struct MoeConfig {
     pub top_k: usize,
     pub intermediate: usize,
     pub norm_topk_prob: bool,
+    /// The width of the shared expert every token also runs through (qwen2_moe), scaled by
+    /// sigmoid of its gate.
+    pub shared: Option<usize>,
     /// What calibration forwards show each expert (set by the engine from the pipeline's
     /// `calibration.experts`; routed when read from config.json).
     pub calibrate: ExpertCalibration,
@@ -109,9 +119,10 @@ fn get_f64_or(v: &Value, key: &str, default: f64, file: &Path) -> Result<f64> {
     }
 }
 
-/// The mixture of a `qwen3_moe` config. Layers without experts (`mlp_only_layers`, a
-/// `decoder_sparse_step` above 1) are refused: every layer of a block table is alike.
-fn moe_config(raw: &Value, file: &Path) -> Result<MoeConfig> {
+/// The mixture of a `qwen3_moe`, `qwen2_moe` or `mixtral` config. Layers without experts
+/// (`mlp_only_layers`, a `decoder_sparse_step` above 1) are refused: every layer of a block
+/// table is alike.
+fn moe_config(arch: Arch, raw: &Value, file: &Path) -> Result<MoeConfig> {
     let experts = match raw.get("num_experts") {
         Some(v) if !v.is_null() => get_usize(raw, "num_experts", file)?,
         _ => get_usize(raw, "num_local_experts", file)?,
@@ -143,24 +154,32 @@ fn moe_config(raw: &Value, file: &Path) -> Result<MoeConfig> {
             file.display()
         );
     }
-    if raw
-        .get("shared_expert_intermediate_size")
-        .and_then(|v| v.as_u64())
-        .is_some_and(|v| v > 0)
-    {
-        bail!(
-            "{}: field `shared_expert_intermediate_size`: shared experts are not supported",
-            file.display()
-        );
-    }
+    // qwen2_moe's shared expert; a qwen3_moe config with one is not what transformers runs
+    let shared = match (arch, raw.get("shared_expert_intermediate_size")) {
+        (Arch::Qwen2Moe, _) => Some(get_usize(raw, "shared_expert_intermediate_size", file)?),
+        (_, Some(v)) if v.as_u64().is_some_and(|v| v > 0) => bail!(
+            "{}: field `shared_expert_intermediate_size`: a shared expert is read for `qwen2_moe` only, not `{}`",
+            file.display(),
+            arch.name()
+        ),
+        _ => None,
+    };
+    // Mixtral's experts are `intermediate_size` wide and always renormalised
+    let (intermediate, norm_topk_prob) = match arch {
+        Arch::Mixtral => (get_usize(raw, "intermediate_size", file)?, true),
+        _ => (
+            get_usize(raw, "moe_intermediate_size", file)?,
+            raw.get("norm_topk_prob")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        ),
+    };
     Ok(MoeConfig {
         experts,
         top_k,
-        intermediate: get_usize(raw, "moe_intermediate_size", file)?,
-        norm_topk_prob: raw
-            .get("norm_topk_prob")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
+        intermediate,
+        norm_topk_prob,
+        shared,
         calibrate: ExpertCalibration::Routed,
     })
 }
@@ -188,8 +207,10 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "qwen3_moe" => Arch::Qwen3Moe,
+            "mixtral" => Arch::Mixtral,
+            "qwen2_moe" => Arch::Qwen2Moe,
             other => bail!(
-                "{}: field `model_type`: unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe)",
+                "{}: field `model_type`: unsupported architecture `{other}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe)",
                 file.display()
             ),
         };
@@ -280,6 +301,11 @@ impl ModelConfig {
         }
         let attention_bias = match arch {
             Arch::Qwen2 => true,
+            // transformers 5's `qkv_bias` (default true, as Qwen2)
+            Arch::Qwen2Moe => raw
+                .get("qkv_bias")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
             _ => raw
                 .get("attention_bias")
                 .and_then(|v| v.as_bool())
@@ -296,7 +322,7 @@ impl ModelConfig {
             );
         }
         let moe = match arch {
-            Arch::Qwen3Moe => Some(moe_config(&raw, file)?),
+            Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen2Moe => Some(moe_config(arch, &raw, file)?),
             _ => None,
         };
         let qk_norm = arch.qk_norm();
@@ -340,6 +366,10 @@ impl ModelConfig {
                 "moe_intermediate_size",
                 self.moe.map_or(1, |m| m.intermediate),
             ),
+            (
+                "shared_expert_intermediate_size",
+                self.moe.and_then(|m| m.shared).unwrap_or(1),
+            ),
         ] {
             if v == 0 || v > 1 << 32 {
                 bail!(
@@ -360,7 +390,8 @@ impl ModelConfig {
                     .checked_mul(m.intermediate)?
                     .checked_mul(3)?
                     .checked_add(h)?
-                    .checked_mul(m.experts)?,
+                    .checked_mul(m.experts)?
+                    .checked_add(h.checked_mul(m.shared.unwrap_or(0))?.checked_mul(3)?)?,
             };
             attn.checked_add(mlp)?
                 .checked_mul(self.num_layers)?

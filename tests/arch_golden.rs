@@ -1,7 +1,8 @@
 //! The forward pass of every supported architecture variant against transformers' own float32
 //! outputs on tiny random checkpoints (tests/fixtures/transformers, made by its gen.py):
 //! qwen2 (q/k/v biases, head_dim from hidden/heads), qwen3 (per-head q/k RMSNorm before RoPE,
-//! head_dim × heads ≠ hidden), mistral, Llama-3 and linear RoPE scaling, tied embeddings.
+//! head_dim × heads ≠ hidden), mistral, Llama-3 and linear RoPE scaling, tied embeddings, and
+//! the mixtures of experts qwen3_moe, mixtral and qwen2_moe (a shared expert).
 //! Every hidden state and the logits must agree to 1e-4 of the largest reference magnitude.
 
 mod common;
@@ -90,6 +91,19 @@ fn qwen3_moe_router_and_experts() {
     check("qwen3-moe");
 }
 
+/// Mixtral: `block_sparse_moe`, experts w1 (gate) / w3 (up) / w2 (down), always renormalised.
+#[test]
+fn mixtral_block_sparse_moe() {
+    check("mixtral");
+}
+
+/// Qwen2-MoE: top-2 of 4 experts with the softmax weights as they are (`norm_topk_prob`
+/// false), plus the shared expert every token runs through, scaled by sigmoid of its gate.
+#[test]
+fn qwen2_moe_shared_expert() {
+    check("qwen2-moe");
+}
+
 #[test]
 fn mistral() {
     check("mistral");
@@ -118,8 +132,19 @@ fn quantized_roundtrip(name: &str) {
     common::run_rtn(d.path(), &fixture(name), &out, "bits: 8, group_size: 32");
     let dense = Checkpoint::open(&fixture(name)).unwrap();
     let q = Checkpoint::open(&out).unwrap();
+    let block = dense.config.block();
+    // a decoder linear that `targets: Linear` quantizes (routers and gates stay dense)
+    let packed = |n: &str| {
+        let module = n
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(_, r)| r.strip_suffix(".weight"));
+        module
+            .and_then(|m| block.linear(m))
+            .is_some_and(|l| !l.router)
+    };
     for n in dense.names() {
-        if !n.ends_with("_proj.weight") {
+        if !packed(n) {
             assert!(
                 q.has(n),
                 "{name}: {n} missing from the quantized checkpoint"
@@ -138,9 +163,23 @@ fn quantized_roundtrip(name: &str) {
         .logits(&ids, 2, 24)
         .unwrap();
     let b = Model::load(&q, 24).unwrap().logits(&ids, 2, 24).unwrap();
-    let e = max_rel(&b, &a);
-    eprintln!("{name}: W8 logits max relative change {e:e}");
-    assert!(e > 0.0 && e < 0.05, "{name}: W8 logits changed by {e:e}");
+    // per token: W8 moves every logit row a little; in a mixture a token whose router saw
+    // two experts nearly tied may switch expert, which moves its row more (one such token of
+    // 48 in `mixtral`), so a mixture may have up to two rows beyond the bound
+    let vocab = dense.config.vocab_size;
+    let per: Vec<f64> = b
+        .chunks(vocab)
+        .zip(a.chunks(vocab))
+        .map(|(y, x)| max_rel(y, x))
+        .collect();
+    let far = per.iter().filter(|e| **e >= 0.05).count();
+    let allowed = if dense.config.moe.is_some() { 2 } else { 0 };
+    let e = per.iter().fold(0f64, |m, e| m.max(*e));
+    eprintln!("{name}: W8 logits max relative change {e:e}, {far} rows beyond 5%");
+    assert!(
+        e > 0.0 && far <= allowed && e < 0.5,
+        "{name}: W8 logits changed by {e:e}, {far} rows beyond 5%"
+    );
 }
 
 #[test]
@@ -153,6 +192,8 @@ fn quantized_roundtrip_every_variant() {
         "llama-linear-rope",
         "llama-tied",
         "qwen3-moe",
+        "mixtral",
+        "qwen2-moe",
     ] {
         quantized_roundtrip(name);
     }

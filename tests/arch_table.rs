@@ -114,7 +114,16 @@ fn sites_and_parts_agree_with_the_linears() {
         let a = &block.attention;
         let mlp: Vec<&str> = match &block.mlp.ffn {
             Ffn::Dense(m) => vec![m.gate, m.up, m.down],
-            Ffn::Moe { router, experts } => std::iter::once(*router)
+            Ffn::Moe {
+                router,
+                experts,
+                shared,
+            } => std::iter::once(*router)
+                .chain(
+                    shared
+                        .iter()
+                        .flat_map(|s| [s.swiglu.gate, s.swiglu.up, s.swiglu.down, s.gate]),
+                )
                 .chain(experts.iter().flat_map(|e| [e.gate, e.up, e.down]))
                 .collect(),
         };
@@ -161,8 +170,13 @@ fn a_mixture_of_experts_block_is_built_from_its_config() {
     let moe = cfg.moe.unwrap();
     assert_eq!((moe.experts, moe.top_k, moe.intermediate), (8, 2, 384));
     assert!(moe.norm_topk_prob && block.is_moe());
-    let Ffn::Moe { router, experts } = &block.mlp.ffn else {
-        panic!("not a mixture")
+    let Ffn::Moe {
+        router,
+        experts,
+        shared: None,
+    } = &block.mlp.ffn
+    else {
+        panic!("not a mixture without a shared expert")
     };
     assert_eq!(experts.len(), 8);
     let r = block.linear(router).unwrap();
@@ -195,4 +209,75 @@ fn a_mixture_of_experts_block_is_built_from_its_config() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("mlp_only_layers"), "{e}");
+}
+
+/// The two other mixtures from their transformers fixtures: Mixtral names its mixture
+/// `block_sparse_moe` and an expert's linears w1 (gate) / w3 (up) / w2 (down), with experts
+/// `intermediate_size` wide; Qwen2-MoE adds a shared expert on the MLP's input (every row, a
+/// site of its own for its down_proj, before the routed experts) and its one-logit gate, both
+/// consumers of the MLP norm's mapping, the gate dense like the router.
+#[test]
+fn mixtral_and_qwen2_moe_tables() {
+    use compress::model::arch::{Dim, Ffn};
+    let fixture = |n: &str| {
+        Checkpoint::open(
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/transformers")
+                .join(n),
+        )
+        .unwrap()
+    };
+    let m = fixture("mixtral");
+    let block = m.config.block();
+    let Ffn::Moe {
+        router,
+        experts,
+        shared: None,
+    } = &block.mlp.ffn
+    else {
+        panic!("mixtral: not a mixture without a shared expert")
+    };
+    assert_eq!(*router, "block_sparse_moe.gate");
+    let e1 = experts[1];
+    assert_eq!(
+        (e1.gate, e1.up, e1.down),
+        (
+            "block_sparse_moe.experts.1.w1",
+            "block_sparse_moe.experts.1.w3",
+            "block_sparse_moe.experts.1.w2"
+        )
+    );
+    let moe = m.config.moe.unwrap();
+    assert_eq!((moe.experts, moe.top_k, moe.intermediate), (4, 2, 32));
+    assert!(moe.norm_topk_prob && moe.shared.is_none());
+
+    let q = fixture("qwen2-moe");
+    let cfg = &q.config;
+    let block = cfg.block();
+    let Ffn::Moe {
+        router,
+        experts,
+        shared: Some(sh),
+    } = &block.mlp.ffn
+    else {
+        panic!("qwen2_moe: no shared expert")
+    };
+    let moe = cfg.moe.unwrap();
+    assert!(!moe.norm_topk_prob && moe.shared == Some(64) && cfg.attention_bias);
+    assert_eq!(sh.swiglu.input, block.mlp.input);
+    assert_eq!(block.site(sh.swiglu.down_in).expert, None);
+    assert!(
+        sh.swiglu.down_in < experts[0].input,
+        "the shared expert runs first"
+    );
+    let g = block.linear(sh.gate).unwrap();
+    assert!(g.router && g.out == Dim::One && g.site == block.mlp.input);
+    assert_eq!(cfg.dim(block.linear(sh.swiglu.down).unwrap().inp), 64);
+    assert_eq!(block.linears.len(), 4 + 1 + 4 + 4 * 3);
+    let maps = block.mappings(cfg);
+    let norm = maps.iter().find(|m| m.site == block.mlp.input).unwrap();
+    assert_eq!(norm.consumers.len(), 1 + 3 + 2 * 4);
+    assert!(norm.consumers.contains(router) && norm.consumers.contains(&sh.gate));
+    // every site's kept state inside the mixture is the MLP's normed input
+    assert_eq!(block.kept_width(sh.swiglu.down_in), Dim::Hidden);
 }

@@ -177,3 +177,128 @@ fn a_moe_run_killed_mid_layer_resumes_to_the_same_bytes() {
     common::kill_in_layer(&cut, &out, 2, std::time::Duration::from_millis(300));
     common::resume_same_bytes(&cut, &out, &d.path().join("full"));
 }
+
+/// A copy of transformers fixture `name` (vocabulary 128) in `dir/name` with a tokenizer of
+/// its own: one token per ASCII character (id = code), anything else `<unk>` (id 0), so that
+/// calibration text can run through it.
+fn fixture_with_tokenizer(dir: &Path, name: &str) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/transformers")
+        .join(name);
+    let m = dir.join(name);
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), 0.into());
+    for c in 1u8..128 {
+        vocab.insert((c as char).to_string(), (c as u64).into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 0, "content": "<unk>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated",
+                          "invert": false},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    std::fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
+    m
+}
+
+/// Mixtral (`block_sparse_moe`, experts w1/w3/w2) and Qwen2-MoE (a shared expert behind a
+/// sigmoid gate) through every calibrated method: each run succeeds, the routers and the shared
+/// expert's gate stay dense, every expert linear and the shared expert are compressed, GPTQ
+/// records each routed expert's tokens (top-2: they sum to twice the calibration tokens), and
+/// the written checkpoint loads and runs.
+#[test]
+fn mixtral_and_qwen2_moe_through_every_calibrated_method() {
+    let d = tempfile::tempdir().unwrap();
+    let data = common::shared().join("data/calib/c4_calib.jsonl");
+    for name in ["mixtral", "qwen2-moe"] {
+        let model = fixture_with_tokenizer(d.path(), name);
+        let ckpt = Checkpoint::open(&model).unwrap();
+        let block = ckpt.config.block();
+        let (samples, seq) = (4, 32);
+        for (tag, passes) in [
+            ("gptq", "  - gptq: {bits: 4, group_size: 32}\n"),
+            ("awq", "  - awq: {bits: 4, group_size: 32, sym: true}\n  - rtn: {bits: 4, group_size: 32}\n"),
+            ("sparsegpt", "  - sparsegpt: {sparsity: 0.5}\n"),
+            ("wanda", "  - wanda: {sparsity: 0.5}\n"),
+            ("svd_llm", "  - svd_llm: {ratio: 0.2}\n"),
+        ] {
+            let out = d.path().join(format!("{name}-{tag}"));
+            let p = d.path().join(format!("{name}-{tag}.yaml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "model: {}\noutput: {}\n\
+                     calibration: {{path: {}, field: text, samples: {samples}, seq_len: {seq}, seed: 0}}\n\
+                     passes:\n{passes}export: {{format: compressed-tensors}}\n",
+                    model.display(),
+                    out.display(),
+                    data.display()
+                ),
+            )
+            .unwrap();
+            let r = common::run_json(&p);
+            let records = r["layers"].as_array().unwrap();
+            let touched = |linear: &str| {
+                records
+                    .iter()
+                    .any(|l| l["linear"] == linear && l["pass"] != "awq")
+            };
+            for l in &block.linears {
+                assert_eq!(
+                    touched(l.name),
+                    !l.router,
+                    "{name} {tag}: {} (router: {})",
+                    l.name,
+                    l.router
+                );
+            }
+            if tag == "gptq" {
+                let tokens: u64 = records
+                    .iter()
+                    .filter(|l| {
+                        l["layer"] == 0
+                            && block
+                                .linear(l["linear"].as_str().unwrap())
+                                .is_some_and(|x| {
+                                    block.site(x.site).expert.is_some()
+                                        && Some(x.name)
+                                            == block.site(x.site).expert.map(|e| {
+                                                match &block.mlp.ffn {
+                                                    compress::model::arch::Ffn::Moe {
+                                                        experts,
+                                                        ..
+                                                    } => experts[e].gate,
+                                                    _ => unreachable!(),
+                                                }
+                                            })
+                                })
+                    })
+                    .map(|l| l["notes"]["tokens"].as_u64().unwrap())
+                    .sum();
+                assert_eq!(tokens, 2 * (samples * seq) as u64, "{name}: tokens per expert");
+            }
+            // the written checkpoint loads and predicts
+            let q = Checkpoint::open(&out).unwrap();
+            let ids: Vec<u32> = (0..32).map(|i| (i * 37 % 128) as u32).collect();
+            let logits = compress::model::llama::Model::load(&q, 32)
+                .unwrap()
+                .logits(&ids, 1, 32)
+                .unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()), "{name} {tag}");
+        }
+    }
+}

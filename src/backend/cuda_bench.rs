@@ -100,7 +100,7 @@ pub fn gptq_layers(shape: &Shape, quiet: bool) -> Result<Value> {
         Dim::Intermediate => i,
         Dim::KvHeads => kvd,
         Dim::HeadDim => h / shape.heads,
-        Dim::ExpertIntermediate | Dim::Experts => 0,
+        Dim::ExpertIntermediate | Dim::Experts | Dim::SharedIntermediate | Dim::One => 0,
     };
     let linears: Vec<(&str, usize, usize, usize)> = LLAMA
         .linears

@@ -33,6 +33,10 @@ pub enum Dim {
     ExpertIntermediate,
     /// `num_experts`: the router's outputs
     Experts,
+    /// `shared_expert_intermediate_size`: the shared expert's width (qwen2_moe)
+    SharedIntermediate,
+    /// 1: the shared expert's gate, one logit per token
+    One,
 }
 
 /// A distinct linear input inside a decoder layer: an index into [`Block::sites`], in the
@@ -155,7 +159,18 @@ pub enum Ffn {
     Moe {
         router: &'static str,
         experts: Vec<Swiglu>,
+        /// A shared expert every token runs through, scaled by sigmoid of its gate's one logit
+        /// and added to the routed experts' sum (Qwen2-MoE).
+        shared: Option<SharedExpert>,
     },
+}
+
+/// Qwen2-MoE's shared expert: `sigmoid(gate(x)) · swiglu(x)`.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedExpert {
+    pub swiglu: Swiglu,
+    /// `[1, hidden]`: a router-like linear, dense unless a pass names it.
+    pub gate: &'static str,
 }
 
 /// One family's decoder block, built from its config (see [`Block::build`]).
@@ -188,11 +203,39 @@ fn intern(s: String) -> &'static str {
 use BiasRule::*;
 use Dim::*;
 
-/// The shape of a block's table: the family and, for a mixture, its expert count.
+/// The shape of a block's table: the family and, for a mixture, its shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockKey {
     pub qk_norm: bool,
-    pub experts: Option<usize>,
+    pub moe: Option<MoeKey>,
+}
+
+/// A mixture's table shape: expert count, the checkpoint's names, a shared expert or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MoeKey {
+    pub experts: usize,
+    pub names: MoeNames,
+    pub shared: bool,
+}
+
+/// How a family names its mixture's modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MoeNames {
+    /// `mlp.gate`, `mlp.experts.E.{gate,up,down}_proj` (qwen2_moe, qwen3_moe).
+    Qwen,
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.E.{w1,w3,w2}` (mixtral: w1 is the
+    /// gate, w3 the up projection, w2 the down projection).
+    Mixtral,
+}
+
+impl MoeNames {
+    /// (the mixture's module prefix, names of gate, up, down inside an expert).
+    fn parts(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            MoeNames::Qwen => ("mlp.", ["gate_proj", "up_proj", "down_proj"]),
+            MoeNames::Mixtral => ("block_sparse_moe.", ["w1", "w3", "w2"]),
+        }
+    }
 }
 
 /// Builds a block's tables entry by entry, keeping sites and linears in forward order.
@@ -238,17 +281,18 @@ impl Builder {
     }
 
     /// A SwiGLU reading `input` (made by the caller), named under `prefix` (`mlp.` or
-    /// `mlp.experts.3.`), `width` wide inside.
+    /// `mlp.experts.3.`) with its linears called `names` (gate, up, down), `width` wide inside.
     fn swiglu(
         &mut self,
         prefix: &str,
+        names: [&str; 3],
         input: Site,
         width: Dim,
         down_site: &str,
         expert: Option<usize>,
     ) -> Swiglu {
         let n = |l: &str| intern(format!("{prefix}{l}"));
-        let (gate, up, down) = (n("gate_proj"), n("up_proj"), n("down_proj"));
+        let (gate, up, down) = (n(names[0]), n(names[1]), n(names[2]));
         self.linear(gate, input, width, Hidden);
         self.linear(up, input, width, Hidden);
         let down_in = self.site(
@@ -314,12 +358,28 @@ impl Block {
             Parent::Part(Part::Mlp),
             None,
         );
-        let ffn = match key.experts {
-            None => Ffn::Dense(b.swiglu("mlp.", mlp_in, Intermediate, "down_in", None)),
-            Some(n) => {
-                let router = "mlp.gate";
+        const SWIGLU: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+        let ffn = match key.moe {
+            None => Ffn::Dense(b.swiglu("mlp.", SWIGLU, mlp_in, Intermediate, "down_in", None)),
+            Some(moe) => {
+                let (prefix, names) = moe.names.parts();
+                let router = intern(format!("{prefix}gate"));
                 b.linear(router, mlp_in, Experts, Hidden).router = true;
-                let experts = (0..n)
+                // the shared expert runs first (transformers' order), on every token
+                let shared = moe.shared.then(|| {
+                    let swiglu = b.swiglu(
+                        &format!("{prefix}shared_expert."),
+                        SWIGLU,
+                        mlp_in,
+                        SharedIntermediate,
+                        "shared_down_in",
+                        None,
+                    );
+                    let gate = intern(format!("{prefix}shared_expert_gate"));
+                    b.linear(gate, mlp_in, One, Hidden).router = true;
+                    SharedExpert { swiglu, gate }
+                });
+                let experts = (0..moe.experts)
                     .map(|e| {
                         let x = b.site(
                             &format!("expert{e}_in"),
@@ -330,7 +390,8 @@ impl Block {
                             Some(e),
                         );
                         b.swiglu(
-                            &format!("mlp.experts.{e}."),
+                            &format!("{prefix}experts.{e}."),
+                            names,
                             x,
                             ExpertIntermediate,
                             &format!("expert{e}_down_in"),
@@ -338,7 +399,11 @@ impl Block {
                         )
                     })
                     .collect();
-                Ffn::Moe { router, experts }
+                Ffn::Moe {
+                    router,
+                    experts,
+                    shared,
+                }
             }
         };
         let mut norms = vec![
@@ -409,7 +474,7 @@ impl Block {
 pub static LLAMA: LazyLock<&'static Block> = LazyLock::new(|| {
     Block::of(BlockKey {
         qk_norm: false,
-        experts: None,
+        moe: None,
     })
 });
 
@@ -417,7 +482,7 @@ pub static LLAMA: LazyLock<&'static Block> = LazyLock::new(|| {
 pub static QWEN3: LazyLock<&'static Block> = LazyLock::new(|| {
     Block::of(BlockKey {
         qk_norm: true,
-        experts: None,
+        moe: None,
     })
 });
 
@@ -478,13 +543,13 @@ impl Block {
     }
 
     /// The width of what a forward keeps to continue from `site` (see `model::llama::Inner`):
-    /// the site's own input, except inside a mixture's experts, where it is the MLP's normed
-    /// input (every expert after the site still needs its rows).
+    /// the site's own input, except inside a mixture (its experts, its shared expert), where it
+    /// is the MLP's normed input (every expert after the site still needs its rows).
     pub fn kept_width(&self, site: Site) -> Dim {
         let d = self.site(site);
-        match d.expert {
-            Some(_) => Hidden,
-            None => d.width,
+        match d.part {
+            Part::Mlp if self.is_moe() => Hidden,
+            _ => d.width,
         }
     }
 
@@ -497,11 +562,21 @@ impl Block {
             .filter(|s| !(s.expert.is_some() && matches!(s.producer, Producer::Norm(_))))
             .map(|s| {
                 let consumers: Vec<&'static str> = match (&self.mlp.ffn, s.site) {
-                    (Ffn::Moe { router, experts }, site) if site == self.mlp.input => {
-                        std::iter::once(*router)
-                            .chain(experts.iter().flat_map(|e| [e.gate, e.up]))
-                            .collect()
-                    }
+                    (
+                        Ffn::Moe {
+                            router,
+                            experts,
+                            shared,
+                        },
+                        site,
+                    ) if site == self.mlp.input => std::iter::once(*router)
+                        .chain(
+                            shared
+                                .iter()
+                                .flat_map(|s| [s.swiglu.gate, s.swiglu.up, s.gate]),
+                        )
+                        .chain(experts.iter().flat_map(|e| [e.gate, e.up]))
+                        .collect(),
                     _ => self.readers(s.site).collect(),
                 };
                 let foldable = match s.producer {
@@ -537,6 +612,8 @@ impl ModelConfig {
             HeadDim => self.head_dim,
             ExpertIntermediate => self.moe.map_or(0, |m| m.intermediate),
             Experts => self.moe.map_or(0, |m| m.experts),
+            SharedIntermediate => self.moe.and_then(|m| m.shared).unwrap_or(0),
+            One => 1,
         }
     }
 
@@ -544,7 +621,14 @@ impl ModelConfig {
     pub fn block(&self) -> &'static Block {
         Block::of(BlockKey {
             qk_norm: self.qk_norm,
-            experts: self.moe.map(|m| m.experts),
+            moe: self.moe.map(|m| MoeKey {
+                experts: m.experts,
+                names: match self.arch {
+                    Arch::Mixtral => MoeNames::Mixtral,
+                    _ => MoeNames::Qwen,
+                },
+                shared: m.shared.is_some(),
+            }),
         })
     }
 

@@ -3,7 +3,7 @@
 //! RMSNorm → attention with RoPE (rotate-half) and GQA → residual → RMSNorm → SwiGLU MLP →
 //! residual. Kernels are in `ops` (faer GEMM, rayon) and `attention`.
 
-use super::arch::{Ffn, Swiglu};
+use super::arch::{Ffn, SharedExpert, Swiglu};
 use super::attention::causal_attention;
 use super::checkpoint::{read_checked, Checkpoint};
 use super::config::{ExpertCalibration, ModelConfig};
@@ -222,15 +222,26 @@ impl<'a> DecoderLayer<'a> {
                 };
                 self.lin(s.down, &a, n)?
             }
-            Ffn::Moe { router, experts } => {
+            Ffn::Moe {
+                router,
+                experts,
+                shared,
+            } => {
                 let mut stopped = None;
-                let out = self.moe(router, experts, &h, n, &mut |s, v, rows| {
-                    let stop = visit(s, v, rows)?;
-                    if stop {
-                        stopped = Some(s);
-                    }
-                    Ok(stop)
-                })?;
+                let out = self.moe(
+                    router,
+                    experts,
+                    shared.as_ref(),
+                    &h,
+                    n,
+                    &mut |s, v, rows| {
+                        let stop = visit(s, v, rows)?;
+                        if stop {
+                            stopped = Some(s);
+                        }
+                        Ok(stop)
+                    },
+                )?;
                 if let Some(site) = stopped {
                     return Ok(Step::Stopped(Inner {
                         site,
@@ -306,11 +317,13 @@ impl DecoderLayer<'_> {
     /// the token's weight, are added in expert order. `visit` sees each expert's input and
     /// down_proj input (zero rows for an expert no token reached; every token's, when the
     /// config says to calibrate all experts); when it returns true the mixture stops there and
-    /// returns `None`.
+    /// returns `None`. A shared expert (Qwen2-MoE's `Qwen2MoeSparseMoeBlock`) runs first on
+    /// every token; its output times sigmoid of its gate is added to the experts' sum.
     fn moe(
         &self,
         router: &str,
         experts: &[Swiglu],
+        shared: Option<&SharedExpert>,
         h: &[f32],
         n: usize,
         visit: &mut SiteVisit,
@@ -320,6 +333,22 @@ impl DecoderLayer<'_> {
         let moe = cfg
             .moe
             .context("internal: a mixture block without a MoE config")?;
+        let shared_out = match shared {
+            Some(sh) => {
+                let a = self.swiglu(&sh.swiglu, h, n)?;
+                if visit(sh.swiglu.down_in, &a, n)? {
+                    return Ok(None);
+                }
+                let mut y = self.lin(sh.swiglu.down, &a, n)?;
+                let g = self.lin(sh.gate, h, n)?;
+                for (row, g) in y.chunks_exact_mut(d).zip(&g) {
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+                Some(y)
+            }
+            None => None,
+        };
         let logits = self.lin(router, h, n)?;
         let routes = ops::route_top_k(&logits, n, experts.len(), moe.top_k, moe.norm_topk_prob);
         let mut out = vec![0f32; n * d];
@@ -363,6 +392,9 @@ impl DecoderLayer<'_> {
                 }
             }
         }
+        if let Some(y) = shared_out {
+            ops::add_assign(&mut out, &y);
+        }
         Ok(Some(out))
     }
 
@@ -390,8 +422,19 @@ impl DecoderLayer<'_> {
                     let a = self.swiglu(s, &h.data, n)?;
                     self.lin(s.down, &a, n)
                 }
-                Ffn::Moe { router, experts } => self
-                    .moe(router, experts, &h.data, n, &mut |_, _, _| Ok(false))?
+                Ffn::Moe {
+                    router,
+                    experts,
+                    shared,
+                } => self
+                    .moe(
+                        router,
+                        experts,
+                        shared.as_ref(),
+                        &h.data,
+                        n,
+                        &mut |_, _, _| Ok(false),
+                    )?
                     .context("internal: the mixture stopped"),
             },
         }

@@ -12,8 +12,9 @@ pub fn arch_name(cfg: &ModelConfig) -> Result<&'static str> {
         Arch::Llama | Arch::Mistral => Ok("llama"),
         Arch::Qwen2 => Ok("qwen2"),
         Arch::Qwen3 => Ok("qwen3"),
-        Arch::Qwen3Moe => anyhow::bail!(
-            "GGUF export of mixture-of-experts checkpoints (`qwen3_moe`) is not supported yet"
+        Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen2Moe => anyhow::bail!(
+            "GGUF export of mixture-of-experts checkpoints (`{}`) is not supported yet",
+            cfg.arch.name()
         ),
     }
 }
