@@ -53,7 +53,10 @@ fn types(g: &GgufFile) -> Vec<(String, GgmlType)> {
 /// converter's layout (Q/K rows permuted), and has the HF shape reversed.
 fn check_bytes(g: &GgufFile, src: &Checkpoint) {
     for (t, r) in &g.tensors {
-        let hf = gguf::hf_name(&t.name).unwrap();
+        let [hf] = gguf::hf_names(&t.name, &src.config)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let shape = src.info(&hf).unwrap().0.shape.clone();
         let want_dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
         assert_eq!(t.dims, want_dims, "{}", t.name);
@@ -682,5 +685,135 @@ fn qwen_architectures_export_under_their_own_names() {
             compress::safetensors_file::to_f32(t.dtype, st.bytes(t)).unwrap()
         };
         assert_eq!(logits(&src, "a.st"), logits(&out, "b.st"), "{arch}: logits");
+    }
+}
+
+/// The three mixtures export as llama.cpp's converter writes them: qwen3_moe as `qwen3moe`,
+/// qwen2_moe as `qwen2moe` (its shared expert as `ffn_*_shexp`, the shared gate a vector
+/// `ffn_gate_inp_shexp`), mixtral as `llama` with Q/K permuted; each layer's experts stacked
+/// into `ffn_{gate,up,down}_exps` ([experts, out, in], expert E's weight at index E), the
+/// router as F32 `ffn_gate_inp`, the expert counts in the metadata — and read back to the
+/// source's logits exactly (f32 is lossless). A qwen3_moe checkpoint whose weights are not
+/// renormalised is refused: llama.cpp's qwen3moe graph always renormalises.
+#[test]
+fn mixtures_export_with_stacked_experts() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformers");
+    for (name, arch, extra) in [
+        ("qwen3-moe", "qwen3moe", "blk.1.attn_k_norm.weight"),
+        ("qwen2-moe", "qwen2moe", "blk.1.ffn_down_shexp.weight"),
+        ("mixtral", "llama", "blk.1.ffn_gate_inp.weight"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixtures.join(name).join(f), src.join(f)).unwrap();
+        }
+        std::fs::write(
+            src.join("tokenizer.json"),
+            serde_json::to_vec(&qwen_tokenizer(128)).unwrap(),
+        )
+        .unwrap();
+        let out = d.path().join("out");
+        let yaml = format!(
+            "model: {}\noutput: {}\npasses: []\nexport: {{format: gguf, gguf_type: f32}}\n",
+            src.display(),
+            out.display()
+        );
+        std::fs::write(d.path().join("p.yaml"), &yaml).unwrap();
+        common::run_ok(&d.path().join("p.yaml"));
+        let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+        let c = Checkpoint::open(&src).unwrap();
+        let moe = c.config.moe.unwrap();
+        assert_eq!(g.get_str("general.architecture").unwrap(), arch);
+        assert_eq!(
+            g.get_u64(&format!("{arch}.expert_count")).unwrap(),
+            moe.experts as u64
+        );
+        assert_eq!(
+            g.get_u64(&format!("{arch}.expert_used_count")).unwrap(),
+            moe.top_k as u64
+        );
+        assert!(g.tensor(extra).is_some(), "{name}: no {extra}");
+        let block = c.config.block();
+        let compress::model::arch::Ffn::Moe {
+            experts, shared, ..
+        } = &block.mlp.ffn
+        else {
+            panic!("{name}: not a mixture")
+        };
+        for (stack, pick) in [
+            ("ffn_gate_exps", 0usize),
+            ("ffn_up_exps", 1),
+            ("ffn_down_exps", 2),
+        ] {
+            let gname = format!("blk.1.{stack}.weight");
+            let (t, _) = g.tensor(&gname).unwrap();
+            assert_eq!(t.ty, GgmlType::F32);
+            let (_, all) = g.f32(&gname).unwrap();
+            let per = all.len() / moe.experts;
+            for (e, x) in experts.iter().enumerate() {
+                let module = [x.gate, x.up, x.down][pick];
+                let hf = format!("model.layers.1.{module}.weight");
+                let shape = c.info(&hf).unwrap().0.shape.clone();
+                assert_eq!(
+                    t.dims,
+                    [shape[1] as u64, shape[0] as u64, moe.experts as u64],
+                    "{name}: {gname}"
+                );
+                assert_eq!(
+                    &all[e * per..(e + 1) * per],
+                    c.f32(&hf).unwrap().as_slice(),
+                    "{name}: {gname} expert {e}"
+                );
+            }
+        }
+        let (router, _) = g.tensor("blk.0.ffn_gate_inp.weight").unwrap();
+        assert_eq!(router.ty, GgmlType::F32);
+        if let Some(sh) = shared {
+            let (t, _) = g.tensor("blk.0.ffn_gate_inp_shexp.weight").unwrap();
+            assert_eq!(t.dims, [c.config.hidden_size as u64], "{name}: shared gate");
+            assert!(c.has(&format!("model.layers.0.{}.weight", sh.gate)));
+            assert_eq!(
+                g.get_u64(&format!("{arch}.expert_shared_feed_forward_length"))
+                    .unwrap(),
+                moe.shared.unwrap() as u64
+            );
+        }
+        let ids = "3,17,42,99,5,64,127,8";
+        let logits = |m: &Path, f: &str| {
+            let o = Command::new(common::bin())
+                .args(["logits", "--quiet", "--ids", ids, "--model"])
+                .arg(m)
+                .arg("--out")
+                .arg(d.path().join(f))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let st = compress::safetensors_file::SafetensorsFile::open(&d.path().join(f)).unwrap();
+            let t = &st.tensors["logits"];
+            compress::safetensors_file::to_f32(t.dtype, st.bytes(t)).unwrap()
+        };
+        assert_eq!(logits(&src, "a.st"), logits(&out, "b.st"), "{name}: logits");
+        if name == "qwen3-moe" {
+            // llama.cpp's qwen3moe graph always renormalises: a checkpoint that does not is
+            // refused by name
+            let mut cfg: Json =
+                serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+            cfg["norm_topk_prob"] = Json::Bool(false);
+            std::fs::write(src.join("config.json"), cfg.to_string()).unwrap();
+            std::fs::remove_dir_all(&out).unwrap();
+            let o = Command::new(common::bin())
+                .arg(d.path().join("p.yaml"))
+                .arg("--quiet")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !o.status.success() && err.contains("norm_topk_prob"),
+                "{err}"
+            );
+            assert!(!out.exists(), "nothing published");
+        }
     }
 }

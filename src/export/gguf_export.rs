@@ -1,6 +1,7 @@
 //! The GGUF side of an export: each tensor encoded onto its ggml type and spilled as it
 //! arrives, then `model.gguf` assembled from the spill files at the end.
 
+use super::state::Pending;
 use super::Exporter;
 use crate::formats::gguf::{self, TensorEntry};
 use crate::model::Checkpoint;
@@ -22,9 +23,12 @@ impl Exporter {
         codes: Option<&crate::model::layer::GgmlCodes>,
     ) -> Result<()> {
         let cfg = &ckpt.config;
-        let name = gguf::gguf_name(hf).with_context(|| {
+        let (name, expert) = gguf::gguf_slot(hf).with_context(|| {
             format!("export: tensor `{hf}` has no GGUF name (llama architecture)")
         })?;
+        // Qwen2-MoE's shared-expert gate, [1, hidden], is a vector in llama.cpp's layout
+        let flat = [shape.iter().product::<usize>()];
+        let shape = if gguf::squeezed(hf) { &flat[..] } else { shape };
         let (g, overrides) = self.gguf.as_ref().context("internal: not a GGUF export")?;
         let ft = g.file_type;
         let heads = gguf::permute_heads(hf, cfg);
@@ -39,8 +43,7 @@ impl Exporter {
                 ft,
                 &name,
                 *cols,
-                cfg.num_layers,
-                cfg.tie_word_embeddings,
+                gguf::MixModel::of(cfg),
                 importance.is_some() || codes.is_some(),
                 overrides,
             ),
@@ -76,10 +79,50 @@ impl Exporter {
             _ => crate::quant::ggml::quantize(ty, &values)
                 .with_context(|| format!("export: encoding `{hf}` as {}", ty.name()))?,
         };
-        let dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
+        let mut dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
+        let bytes = match expert {
+            None => bytes,
+            Some(e) => {
+                // one expert of a stacked tensor: kept until every expert of it has arrived
+                // (all within one layer), then written as [experts, rows, cols], expert E's
+                // encoded rows at index E
+                let n = cfg.moe.map_or(0, |m| m.experts);
+                let (g, _) = self.gguf.as_mut().context("internal: not a GGUF export")?;
+                let p = g.pending.entry(name.clone()).or_insert_with(|| Pending {
+                    parts: vec![None; n],
+                    dims: dims.clone(),
+                    ty,
+                });
+                ensure!(
+                    e < n && p.dims == dims && p.ty == ty && p.parts[e].is_none(),
+                    "export: `{hf}` does not fit the stacked tensor `{name}` ({} experts of {:?} as {})",
+                    n,
+                    p.dims,
+                    p.ty.name()
+                );
+                p.parts[e] = Some(bytes);
+                if p.parts.iter().any(Option::is_none) {
+                    return Ok(());
+                }
+                let p = g.pending.remove(&name).context("internal: pending stack")?;
+                dims.push(n as u64);
+                p.parts.into_iter().flatten().flatten().collect()
+            }
+        };
         self.w()?.add(&name, DType::U8, &[bytes.len()], &bytes)?;
         let (g, _) = self.gguf.as_mut().context("internal: not a GGUF export")?;
         g.entries.push(TensorEntry { name, dims, ty });
+        Ok(())
+    }
+
+    /// GGUF: every stacked expert tensor begun in a layer was completed in it.
+    pub(super) fn gguf_layer_done(&self, layer: usize) -> Result<()> {
+        let (g, _) = self.gguf.as_ref().context("internal: not a GGUF export")?;
+        ensure!(
+            g.pending.is_empty(),
+            "export: layer {layer}: the stacked expert tensors {:?} are missing experts",
+            g.pending.keys().collect::<Vec<_>>()
+        );
         Ok(())
     }
 

@@ -111,6 +111,7 @@ impl Exporter {
                     file_type,
                     overrides,
                     entries: Vec::new(),
+                    pending: Default::default(),
                 },
                 compiled,
             )),
@@ -177,7 +178,7 @@ impl Exporter {
             for (n, lin) in &layer.linears {
                 self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
             }
-            return Ok(());
+            return self.gguf_layer_done(layer.index);
         }
         // Tensors in the source's name order keeps identity output layouts stable.
         for (n, (v, dt)) in &layer.norms {

@@ -49,6 +49,18 @@ pub struct GgufState {
     pub file_type: FileType,
     pub overrides: Vec<TypeOverride>,
     pub(super) entries: Vec<TensorEntry>,
+    /// A mixture's stacked expert tensors being filled within the current layer (empty
+    /// between layers, where a resume starts).
+    #[serde(skip)]
+    pub(super) pending: std::collections::BTreeMap<String, Pending>,
+}
+
+/// A stacked expert tensor being filled: each expert's encoded rows, its dims and type.
+#[derive(Clone)]
+pub(super) struct Pending {
+    pub parts: Vec<Option<Vec<u8>>>,
+    pub dims: Vec<u64>,
+    pub ty: crate::quant::ggml::GgmlType,
 }
 
 /// What the exporter saw of sparse linears (measured on the values it wrote).

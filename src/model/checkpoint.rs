@@ -325,22 +325,50 @@ fn gguf_image(
     let mut header = serde_json::Map::new();
     let mut data: Vec<u8> = Vec::new();
     let mut stored = BTreeMap::new();
-    for (t, r) in &g.tensors {
-        let hf = gguf::hf_name(&t.name)
-            .with_context(|| format!("{f}: tensor `{}` is not one of the llama layout", t.name))?;
-        let (_, mut v) = g.f32(&t.name)?;
-        let shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
-        if let (Some(h), [rows, cols]) = (gguf::permute_heads(&hf, cfg), shape.as_slice()) {
-            v = gguf::permute_rows(&v, *rows, *cols, h, true)
-                .with_context(|| format!("{f}: tensor `{}`", t.name))?;
+    if cfg.moe.is_some() {
+        let got = g.get_u64(&format!("{arch}.expert_count"))?;
+        let want = cfg.moe.map_or(0, |m| m.experts) as u64;
+        if got != want {
+            bail!("{f}: `{arch}.expert_count` is {got}, config.json implies {want}");
         }
-        let start = data.len();
-        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        header.insert(
-            hf.clone(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
-        );
-        stored.insert(hf, (t.ty, r.len()));
+    }
+    for (t, r) in &g.tensors {
+        let names = gguf::hf_names(&t.name, cfg)
+            .with_context(|| format!("{f}: tensor `{}` is not one of the llama layout", t.name))?;
+        let (_, all) = g.f32(&t.name)?;
+        let mut shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
+        // a stack of experts: [experts, rows, cols], one HF tensor per expert
+        if names.len() > 1 {
+            if shape.len() != 3 || shape[0] != names.len() {
+                bail!(
+                    "{f}: tensor `{}` has shape {shape:?}; {} experts of a 2-d weight expected",
+                    t.name,
+                    names.len()
+                );
+            }
+            shape.remove(0);
+        }
+        let per = all.len() / names.len();
+        let stored_bytes = r.len() / names.len();
+        for (hf, v) in names.into_iter().zip(all.chunks(per.max(1))) {
+            let mut v = v.to_vec();
+            let shape = if gguf::squeezed(&hf) {
+                vec![1, v.len()]
+            } else {
+                shape.clone()
+            };
+            if let (Some(h), [rows, cols]) = (gguf::permute_heads(&hf, cfg), shape.as_slice()) {
+                v = gguf::permute_rows(&v, *rows, *cols, h, true)
+                    .with_context(|| format!("{f}: tensor `{}`", t.name))?;
+            }
+            let start = data.len();
+            data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            header.insert(
+                hf.clone(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+            stored.insert(hf, (t.ty, stored_bytes));
+        }
     }
     let mut hb = serde_json::to_vec(&serde_json::Value::Object(header))?;
     while hb.len() % 8 != 0 {

@@ -487,8 +487,7 @@ impl Pass for GptqGgml {
                 self.ft,
                 &gname,
                 cols,
-                ctx.config.num_layers,
-                ctx.config.tie_word_embeddings,
+                gguf::MixModel::of(ctx.config),
                 true, // calibrated: llama-quantize's mix with an importance matrix
                 &self.overrides,
             );

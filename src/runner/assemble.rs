@@ -14,20 +14,31 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Bytes and stored bits per weight of the decoder-layer linears of a written checkpoint.
+/// Bytes and stored bits per weight of the decoder-layer linears of a written checkpoint
+/// (the block's linears, routers excluded; weights and their scales, codes, masks, factors).
 fn linear_bits(ckpt: &Checkpoint) -> Option<f64> {
     let cfg = &ckpt.config;
+    let block = cfg.block();
+    // the linear a stored tensor belongs to (`model.layers.3.mlp.experts.1.up_proj.weight_packed`)
+    let linear_of = |n: &str| {
+        let rest = n.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (module, what) = rest.rsplit_once('.')?;
+        (what != "bias")
+            .then(|| block.linear(module))
+            .flatten()
+            .filter(|l| !l.router)
+    };
     let mut numel = 0usize;
     for l in 0..cfg.num_layers {
         for (n, s) in cfg.layer_tensors(l) {
-            if n.ends_with("_proj.weight") {
+            if n.ends_with(".weight") && linear_of(&n).is_some() {
                 numel += s.iter().product::<usize>();
             }
         }
     }
     let mut bytes = 0usize;
     for n in ckpt.names() {
-        if n.starts_with("model.layers.") && n.contains("_proj.") && !n.ends_with(".bias") {
+        if linear_of(n).is_some() {
             if let Some(stored) = &ckpt.gguf_stored {
                 bytes += stored.get(n).map(|(_, b)| *b).unwrap_or(0);
             } else if let Ok((info, _)) = ckpt.info(n) {

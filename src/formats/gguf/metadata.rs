@@ -39,6 +39,23 @@ pub fn model_metadata(cfg: &ModelConfig, ft: FileType, name: &str) -> Result<Vec
             Value::U32(cfg.num_kv_heads as u32),
         ),
     ]);
+    // a mixture (conversion/base.py, qwen.py): expert count and how many run per token; the
+    // Qwen families also state the experts' width (llama's experts are feed_forward_length
+    // wide) and the shared expert's
+    if let Some(m) = cfg.moe {
+        super::names::check_mixture(cfg)?;
+        kv.push((a("expert_count"), Value::U32(m.experts as u32)));
+        kv.push((a("expert_used_count"), Value::U32(m.top_k as u32)));
+        if arch != "llama" {
+            kv.push((
+                a("expert_feed_forward_length"),
+                Value::U32(m.intermediate as u32),
+            ));
+        }
+        if let Some(s) = m.shared {
+            kv.push((a("expert_shared_feed_forward_length"), Value::U32(s as u32)));
+        }
+    }
     if cfg.rope_llama3.is_some() {
         bail!("GGUF export of Llama-3 frequency-scaled RoPE (rope_type llama3: the converter's rope_freqs tensor) is not supported yet");
     }

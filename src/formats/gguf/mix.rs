@@ -138,23 +138,51 @@ fn use_more_bits(i: i64, n: i64) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
-/// The ggml type llama-quantize gives tensor `name` (GGUF name, 2-d, `ncols` = ne[0]) of a
-/// llama model with `n_layers` layers and `n_gqa` = heads / kv heads, for mix `ft`
-/// (`llama_tensor_get_type`: manual overrides, then the mix's rules, then the shape fallback).
-/// `calibrated`: the tensor's rounding is calibrated (an importance matrix, or GPTQ onto the
-/// grid) — llama-quantize's `has_imatrix`, which gives the first n_layer/8 `ffn_down` tensors of
-/// a Q4_0 / Q5_0 mix Q4_1 / Q5_1 ("guard against craziness"). 1-d tensors (norms) stay F32 and
-/// are not passed here.
+/// What of the model llama-quantize's mix reads: its layer count, whether the embedding is
+/// tied to the output, its expert count (0 for a dense model).
+#[derive(Clone, Copy, Debug)]
+pub struct MixModel {
+    pub layers: usize,
+    pub tied: bool,
+    pub experts: usize,
+}
+
+impl MixModel {
+    pub fn of(cfg: &crate::config::ModelConfig) -> Self {
+        MixModel {
+            layers: cfg.num_layers,
+            tied: cfg.tie_word_embeddings,
+            experts: cfg.moe.map_or(0, |m| m.experts),
+        }
+    }
+}
+
+/// The ggml type llama-quantize gives tensor `name` (GGUF name, 2-d or a 3-d stack of experts,
+/// `ncols` = ne[0]) of `model`, for mix `ft` (`llama_tensor_get_type`: manual overrides, then
+/// the mix's rules, then the shape fallback). `calibrated`: the tensor's rounding is calibrated
+/// (an importance matrix, or GPTQ onto the grid) — llama-quantize's `has_imatrix`, which gives
+/// the first n_layer/8 `ffn_down` tensors of a Q4_0 / Q5_0 mix Q4_1 / Q5_1 ("guard against
+/// craziness"). A mixture's routers (`ffn_gate_inp`, `ffn_gate_inp_shexp`) are never quantized
+/// (the converter writes them F32 and llama-quantize leaves them); with exactly 8 experts
+/// attn_k and attn_v take Q8_0 and a Q4_K mix's attn_output Q5_K, as llama-quantize does for
+/// Mixtral-8x7B. 1-d tensors (norms) stay F32 and are not passed here.
 pub fn tensor_type(
     ft: FileType,
     name: &str,
     ncols: usize,
-    n_layers: usize,
-    tied: bool,
+    model: MixModel,
     calibrated: bool,
     overrides: &Overrides,
 ) -> GgmlType {
     let base = ft.base();
+    let cat = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .map(|(_, r)| r.trim_end_matches(".weight"))
+        .unwrap_or(name.trim_end_matches(".weight"));
+    if cat.starts_with("ffn_gate_inp") {
+        return GgmlType::F32;
+    }
     if !base.is_quantized() {
         // f16 / bf16 files: every 2-d weight in that type (the converter's --outtype)
         return overrides.find(name).unwrap_or(base);
@@ -163,16 +191,12 @@ pub fn tensor_type(
         .strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))
         .and_then(|(n, _)| n.parse::<i64>().ok());
-    let nl = n_layers as i64;
-    let cat = name
-        .strip_prefix("blk.")
-        .and_then(|r| r.split_once('.'))
-        .map(|(_, r)| r.trim_end_matches(".weight"))
-        .unwrap_or(name.trim_end_matches(".weight"));
+    let nl = model.layers as i64;
+    let eight = model.experts == 8;
     let mut t = base;
     if let Some(o) = overrides.find(name) {
         t = o;
-    } else if name == "output.weight" || (tied && name == "token_embd.weight") {
+    } else if name == "output.weight" || (model.tied && name == "token_embd.weight") {
         // output (and a tied embedding): Q6_K unless the mix is Q8_0 or the row does not fit
         if !ncols.is_multiple_of(base.block_size()) {
             t = GgmlType::Q8_0;
@@ -189,8 +213,17 @@ pub fn tensor_type(
                 } else if ft == FileType::Q4KS && i < 4 {
                     t = GgmlType::Q5K;
                 }
+                if eight {
+                    t = GgmlType::Q8_0;
+                }
             }
-            "ffn_down" => {
+            "attn_k" if eight => t = GgmlType::Q8_0,
+            "attn_output" if eight && matches!(ft, FileType::Q4KS | FileType::Q4KM) => {
+                t = GgmlType::Q5K
+            }
+            // `ffn_down`, and a mixture's `ffn_down_exps` / `ffn_down_shexp` (llama.cpp matches
+            // the substring; a mixture's layer is read from the name)
+            c if c.starts_with("ffn_down") => {
                 if matches!(ft, FileType::Q4KM | FileType::Q5KM) && use_more_bits(i, nl) {
                     t = GgmlType::Q6K;
                 } else if ft == FileType::Q4KS && i < nl / 8 {
@@ -235,7 +268,13 @@ mod tests {
     #[test]
     fn q4_k_m_mix_follows_llama_cpp() {
         let o = Overrides::new(&[]).unwrap();
-        let t = |name: &str, ncols| tensor_type(FileType::Q4KM, name, ncols, 8, false, false, &o);
+        let m = |layers, tied, experts| MixModel {
+            layers,
+            tied,
+            experts,
+        };
+        let t =
+            |name: &str, ncols| tensor_type(FileType::Q4KM, name, ncols, m(8, false, 0), false, &o);
         // use_more_bits(i, 8): i < 1 || i >= 7 || (i - 1) % 3 == 2 → layers 0, 3, 6, 7
         let v: Vec<_> = (0..8)
             .map(|i| t(&format!("blk.{i}.attn_v.weight"), 256))
@@ -253,12 +292,26 @@ mod tests {
         assert_eq!(t("output.weight", 576), Q8_0);
         // tied embeddings take the output's type
         assert_eq!(
-            tensor_type(FileType::Q4KM, "token_embd.weight", 256, 8, true, false, &o),
+            tensor_type(
+                FileType::Q4KM,
+                "token_embd.weight",
+                256,
+                m(8, true, 0),
+                false,
+                &o
+            ),
             Q6K
         );
         // Q4_0: output Q6_K, everything else Q4_0
         assert_eq!(
-            tensor_type(FileType::Q4_0, "output.weight", 256, 8, false, false, &o),
+            tensor_type(
+                FileType::Q4_0,
+                "output.weight",
+                256,
+                m(8, false, 0),
+                false,
+                &o
+            ),
             Q6K
         );
         assert_eq!(
@@ -266,8 +319,7 @@ mod tests {
                 FileType::Q4_0,
                 "blk.0.ffn_down.weight",
                 768,
-                8,
-                false,
+                m(8, false, 0),
                 false,
                 &o
             ),
@@ -275,7 +327,7 @@ mod tests {
         );
         // calibrated (llama-quantize --imatrix): the first n_layer/8 ffn_down of Q4_0 / Q5_0
         // mixes take Q4_1 / Q5_1; nothing else moves
-        let c = |ft, name: &str| tensor_type(ft, name, 768, 30, false, true, &o);
+        let c = |ft, name: &str| tensor_type(ft, name, 768, m(30, false, 0), true, &o);
         for i in 0..30 {
             let want = if i < 3 { Q4_1 } else { Q4_0 };
             assert_eq!(
@@ -297,13 +349,42 @@ mod tests {
                 FileType::Q4KM,
                 "blk.1.attn_v.weight",
                 256,
-                8,
-                false,
+                m(8, false, 0),
                 false,
                 &o
             ),
             Q8_0
         );
+        // a mixture of 8 experts (llama-quantize's Mixtral rules): attn_k / attn_v Q8_0,
+        // attn_output Q5_K, the stacked down experts by layer as ffn_down, routers F32
+        let o = Overrides::new(&[]).unwrap();
+        let x = |name: &str| tensor_type(FileType::Q4KM, name, 256, m(6, false, 8), false, &o);
+        assert_eq!(x("blk.1.attn_v.weight"), Q8_0);
+        assert_eq!(x("blk.1.attn_k.weight"), Q8_0);
+        assert_eq!(x("blk.1.attn_q.weight"), Q4K);
+        assert_eq!(x("blk.1.attn_output.weight"), Q5K);
+        // use_more_bits(i, 6): i < 0 || i >= 5 || (i - 0) % 3 == 2 → layers 2, 5
+        let down: Vec<_> = (0..6)
+            .map(|i| x(&format!("blk.{i}.ffn_down_exps.weight")))
+            .collect();
+        assert_eq!(down, vec![Q4K, Q4K, Q6K, Q4K, Q4K, Q6K]);
+        assert_eq!(x("blk.2.ffn_gate_exps.weight"), Q4K);
+        assert_eq!(x("blk.2.ffn_gate_inp.weight"), F32);
+        assert_eq!(
+            tensor_type(
+                FileType::F16,
+                "blk.0.ffn_gate_inp.weight",
+                256,
+                m(6, false, 8),
+                false,
+                &o
+            ),
+            F32
+        );
+        // 4 experts: the dense rules
+        let y = |name: &str| tensor_type(FileType::Q4KM, name, 256, m(6, false, 4), false, &o);
+        assert_eq!(y("blk.1.attn_k.weight"), Q4K);
+        assert_eq!(y("blk.1.attn_output.weight"), Q4K);
         assert!(Overrides::new(&[TypeOverride {
             pattern: "(".into(),
             ty: "q8_0".into()

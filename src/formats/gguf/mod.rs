@@ -36,8 +36,10 @@ mod value;
 
 pub use container::{header, parse, write_file, GgufFile, TensorEntry};
 pub use metadata::model_metadata;
-pub use mix::{tensor_type, FileType, Overrides, TypeOverride};
-pub use names::{arch_name, gguf_name, hf_name, permute_heads, permute_rows};
+pub use mix::{tensor_type, FileType, MixModel, Overrides, TypeOverride};
+pub use names::{
+    arch_name, check_mixture, gguf_name, gguf_slot, hf_names, permute_heads, permute_rows, squeezed,
+};
 pub use tokenizer::tokenizer_metadata;
 pub use value::Value;
 
