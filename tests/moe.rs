@@ -178,6 +178,57 @@ fn a_moe_run_killed_mid_layer_resumes_to_the_same_bytes() {
     common::resume_same_bytes(&cut, &out, &d.path().join("full"));
 }
 
+/// AWQ on a mixture scales the MLP norm's mapping too: the experts' gate/up are searched and
+/// quantized, and the dense router, which reads the same normed input, absorbs the scale —
+/// router(norm(x)) is unchanged up to bf16 rounding (column j of the router times norm weight
+/// j is the same product before and after), while the norm itself did change.
+#[test]
+fn awq_scales_the_experts_and_the_router_absorbs_it() {
+    let d = tempfile::tempdir().unwrap();
+    let r = common::run_json(&pipeline(
+        d.path(),
+        "awq",
+        8,
+        64,
+        "",
+        "awq: {bits: 4, group_size: 128, sym: true}\n  - rtn: {bits: 4, group_size: 128}",
+    ));
+    let records = r["layers"].as_array().unwrap();
+    let awq = |linear: &str| {
+        records
+            .iter()
+            .any(|x| x["layer"] == 0 && x["linear"] == linear && x["pass"] == "awq")
+    };
+    assert!(awq("mlp.experts.3.gate_proj") && awq("mlp.experts.3.up_proj"));
+    assert!(!awq("mlp.gate"), "the router is compensated, not quantized");
+    let src = Checkpoint::open(&moe_model()).unwrap();
+    let out = Checkpoint::open(&d.path().join("awq")).unwrap();
+    let hidden = src.config.hidden_size;
+    let mut moved = 0f64;
+    for l in 0..src.config.num_layers {
+        let norm = format!("model.layers.{l}.post_attention_layernorm.weight");
+        let router = format!("model.layers.{l}.mlp.gate.weight");
+        let (n0, n1) = (src.f32(&norm).unwrap(), out.f32(&norm).unwrap());
+        let (r0, r1) = (src.f32(&router).unwrap(), out.f32(&router).unwrap());
+        for (i, (a, b)) in r0.iter().zip(&r1).enumerate() {
+            let j = i % hidden;
+            let (before, after) = ((a * n0[j]) as f64, (b * n1[j]) as f64);
+            // two bf16 roundings (norm and router) of a product: 2^-8 relative each
+            assert!(
+                (after - before).abs() <= 1e-2 * before.abs() + 1e-6,
+                "layer {l} router[{i}]: {before} vs {after}"
+            );
+        }
+        moved += n0
+            .iter()
+            .zip(&n1)
+            .map(|(a, b)| ((a - b) / a).abs() as f64)
+            .sum::<f64>()
+            / hidden as f64;
+    }
+    assert!(moved > 1e-3, "the MLP norm was scaled ({moved})");
+}
+
 /// A copy of transformers fixture `name` (vocabulary 128) in `dir/name` with a tokenizer of
 /// its own: one token per ASCII character (id = code), anything else `<unk>` (id 0), so that
 /// calibration text can run through it.

@@ -273,7 +273,14 @@ impl Inspect {
 impl Awq {
     /// Steps 1–4 for one mapping; returns (best α, whether it used s_w, loss at best, loss of
     /// the first candidate — the identity, plain rounding's loss).
-    fn scale_mapping(&self, ctx: &mut LayerCtx, m: &Mapping) -> Result<(f64, bool, f64, f64)> {
+    /// `quantized[i]`: whether consumer `i` is quantized after the search; the others (a
+    /// mixture's dense router) only absorb the scale, exactly.
+    fn scale_mapping(
+        &self,
+        ctx: &mut LayerCtx,
+        m: &Mapping,
+        quantized: &[bool],
+    ) -> Result<(f64, bool, f64, f64)> {
         let x_mean = ctx
             .stats(m.site)?
             .mean_abs()
@@ -316,8 +323,14 @@ impl Awq {
         {
             let s = candidate_scales(&x_mean, w_mean.as_deref().filter(|_| duo), alpha);
             let mut cand = ctx.layer.clone();
-            for (c, w) in m.consumers.iter().zip(&originals) {
-                // Q(W·diag(s))·diag(s)⁻¹
+            for ((c, w), _) in m
+                .consumers
+                .iter()
+                .zip(&originals)
+                .zip(quantized)
+                .filter(|(_, q)| **q)
+            {
+                // Q(W·diag(s))·diag(s)⁻¹ (a dense consumer: W·diag(s)·diag(s)⁻¹ = W, as it is)
                 let mut ws = w.clone();
                 for mut row in ws.rows_mut() {
                     row.iter_mut().zip(&s).for_each(|(x, s)| *x *= s);
@@ -421,26 +434,33 @@ impl Pass for Awq {
         // folds leave every later site's function unchanged before quantization
         ctx.refresh()?;
         let mappings = ctx.config.block().mappings(ctx.config);
+        let block = ctx.config.block();
         for m in &mappings {
-            let targeted: Vec<&str> = m
+            // a mapping is scaled whole, and only where folding is exact; every consumer is
+            // quantized after it, except a mixture's router (and Qwen2-MoE's shared-expert
+            // gate), which reads the same normed input as the experts, absorbs the scale
+            // exactly and stays dense (llm-compressor's MoE mapping lists `mlp.gate` too)
+            let quantized: Vec<bool> = m
                 .consumers
                 .iter()
-                .copied()
-                .filter(|c| self.select.selects_in(ctx, c))
+                .map(|c| self.select.selects_in(ctx, c))
                 .collect();
-            if targeted.len() != m.consumers.len() || !m.foldable {
-                continue; // a mapping is scaled whole, and only where folding is exact
+            let compensated = |c: &str| block.linear(c).is_some_and(|l| l.router);
+            let whole = m
+                .consumers
+                .iter()
+                .zip(&quantized)
+                .all(|(c, q)| *q || compensated(c));
+            if !whole || !m.foldable || !quantized.iter().any(|q| *q) {
+                continue;
             }
             let t = Instant::now();
-            let (alpha, duo, loss, loss0) = self.scale_mapping(ctx, m).with_context(|| {
-                format!(
-                    "layer {}: AWQ at {}",
-                    ctx.index(),
-                    ctx.config.block().site(m.site).name
-                )
-            })?;
+            let (alpha, duo, loss, loss0) =
+                self.scale_mapping(ctx, m, &quantized).with_context(|| {
+                    format!("layer {}: AWQ at {}", ctx.index(), block.site(m.site).name)
+                })?;
             let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
-            for c in &m.consumers {
+            for (c, _) in m.consumers.iter().zip(&quantized).filter(|(_, q)| **q) {
                 ctx.records.push(
                     LinearRecord::new(ctx.index(), c, "awq", t)
                         .loss(loss)

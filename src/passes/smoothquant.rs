@@ -102,11 +102,25 @@ impl Pass for SmoothQuant {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         // max|X_j| of every site from the layer's inputs before any scaling (one forward)
         ctx.refresh()?;
-        for m in ctx.config.block().mappings(ctx.config) {
+        let block = ctx.config.block();
+        for m in block.mappings(ctx.config) {
             let linear_producer = matches!(m.producer, Producer::Linear(_));
+            // every consumer is quantized after the migration, except a mixture's dense router
+            // (and Qwen2-MoE's shared-expert gate), which absorbs the scale exactly
+            let quantized: Vec<&'static str> = m
+                .consumers
+                .iter()
+                .copied()
+                .filter(|c| self.select.selects_in(ctx, c))
+                .collect();
+            let whole = m
+                .consumers
+                .iter()
+                .all(|c| quantized.contains(c) || block.linear(c).is_some_and(|l| l.router));
             if !m.foldable
                 || (linear_producer && !self.spec.include_linear_producers)
-                || !m.consumers.iter().all(|c| self.select.selects_in(ctx, c))
+                || !whole
+                || quantized.is_empty()
             {
                 continue;
             }
@@ -117,7 +131,7 @@ impl Pass for SmoothQuant {
                 .clone()
                 .context("no activation maxima collected")?;
             let mut w_max = vec![0f32; x_max.len()];
-            for c in &m.consumers {
+            for c in &quantized {
                 for row in ctx.layer.linears[*c].weight().rows() {
                     for (m, v) in w_max.iter_mut().zip(row) {
                         *m = m.max(v.abs());
@@ -131,8 +145,8 @@ impl Pass for SmoothQuant {
             let (lo, hi) = s
                 .iter()
                 .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
-            let secs = t.elapsed().as_secs_f64() / m.consumers.len() as f64;
-            for c in &m.consumers {
+            let secs = t.elapsed().as_secs_f64() / quantized.len() as f64;
+            for c in &quantized {
                 ctx.records.push(
                     LinearRecord::new(ctx.index(), c, "smoothquant", t)
                         .seconds(secs)
