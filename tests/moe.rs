@@ -353,3 +353,117 @@ fn mixtral_and_qwen2_moe_through_every_calibrated_method() {
         }
     }
 }
+
+/// A calibration overflow inside one expert is attributed to the windows whose tokens the router
+/// sent there. Layer 0's expert E (the one the fewest windows reach) gets up_proj weights of
+/// 3e38, so every token routed to it turns infinite at its down_proj input while the MLP's input
+/// stays finite. The rows there are the routed tokens, which do not say their window: the
+/// engine runs each window alone to find them. Expected: the windows whose single-window
+/// forward of the unchanged layer 0 routes a token to E (seen from the rows its input site gets).
+#[test]
+fn a_nonfinite_expert_drops_exactly_the_windows_routed_to_it() {
+    use compress::model::layer::LayerWeights;
+    use compress::model::llama::{DecoderLayer, Model, Rope};
+    const SAMPLES: usize = 24;
+    const SEQ: usize = 8;
+    let d = tempfile::tempdir().unwrap();
+    let calib = common::shared().join("data/calib/c4_calib.jsonl");
+    let tok = compress::calib::load_tokenizer(&moe_model().join("tokenizer.json")).unwrap();
+    let text = compress::calib::read_text(&calib, "text").unwrap();
+    let tokens = compress::calib::tokenize(&tok, &text).unwrap();
+    let windows = compress::calib::random_windows(&tokens, SAMPLES, SEQ, 0).unwrap();
+    let src = Checkpoint::open(&moe_model()).unwrap();
+    let cfg = &src.config;
+    let model = Model::load(&src, SEQ).unwrap();
+    let w0 = LayerWeights::load(&src, 0).unwrap();
+    let layer = DecoderLayer::new(&w0, cfg);
+    let rope = Rope::new(cfg, SEQ).unwrap();
+    let block = cfg.block();
+    // reached[w][e]: window w routes a token to expert e in layer 0
+    let reached: Vec<Vec<bool>> = windows
+        .iter()
+        .map(|w| {
+            let x = model.outer.embed(w, 1, SEQ).unwrap();
+            let mut hit = vec![false; 8];
+            let mut hook = |site, _: &[f32], rows: usize, _d: usize| {
+                if let Some(e) = block.site(site).expert {
+                    hit[e] |= rows > 0;
+                }
+                Ok(())
+            };
+            layer.forward(&x, &rope, &mut hook).unwrap();
+            hit
+        })
+        .collect();
+    let (e, n) = (0..8)
+        .map(|e| (e, reached.iter().filter(|r| r[e]).count()))
+        .filter(|(_, n)| *n > 0 && *n < SAMPLES)
+        .min_by_key(|(_, n)| *n)
+        .expect("an expert some windows reach and others do not");
+    let expected: Vec<usize> = (0..SAMPLES).filter(|&w| reached[w][e]).collect();
+    assert_eq!(expected.len(), n);
+    // the poisoned copy
+    let m = d.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        if moe_model().join(f).exists() {
+            std::fs::copy(moe_model().join(f), m.join(f)).unwrap();
+        }
+    }
+    let mut bytes = std::fs::read(moe_model().join("model.safetensors")).unwrap();
+    let name = format!("model.layers.0.mlp.experts.{e}.up_proj.weight");
+    let (t, _) =
+        compress::safetensors_file::parse_header(&bytes, Path::new("model.safetensors")).unwrap();
+    let info = &t[&name];
+    let n_el = (info.end - info.start) / 2;
+    let big = compress::safetensors_file::from_f32(info.dtype, &vec![3e38f32; n_el]);
+    bytes[info.start..info.end].copy_from_slice(&big);
+    std::fs::write(m.join("model.safetensors"), bytes).unwrap();
+    let p = |policy: &str| {
+        let p = d.path().join(format!("p{}.yaml", policy.len()));
+        std::fs::write(
+            &p,
+            format!(
+                "model: {}\noutput: {}\ncalibration: {{path: {}, field: text, samples: {SAMPLES}, seq_len: {SEQ}, seed: 0{policy}}}\n\
+                 passes:\n  - gptq: {{scheme: W4A16}}\nexport: {{format: compressed-tensors}}\n",
+                m.display(),
+                d.path().join("out").display(),
+                calib.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    // `error`: one line naming the expert's down_proj, the routed rows and the windows
+    let o = std::process::Command::new(common::bin())
+        .arg(p(""))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for want in [format!("mlp.experts.{e}.down_proj"), "routed".to_string()] {
+        assert!(err.contains(&want), "stderr lacks `{want}`: {err}");
+    }
+    // the windows named are those of the batch where it failed: the expected ones up to there
+    let named: Vec<usize> = err
+        .split("window(s) ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_default()
+        .split(", ")
+        .filter_map(|w| w.trim().parse().ok())
+        .collect();
+    let last = *named.last().expect("windows named");
+    let want: Vec<usize> = expected.iter().copied().filter(|w| *w <= last).collect();
+    assert_eq!(named, want, "{err}");
+    // `drop_sample`: exactly those windows are left out
+    let r = common::run_json(&p(", on_nonfinite: drop_sample"));
+    let dropped: Vec<usize> = r["dropped_calibration_samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(dropped, expected, "expert {e}");
+}

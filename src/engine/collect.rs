@@ -73,7 +73,8 @@ pub(super) fn collect(
                             d: usize,
                             gram: Option<&[f32]>|
              -> Result<()> {
-                if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, x.t, d) {
+                if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, rows, x, d)
+                {
                     return Err(nf.into());
                 }
                 let own = match gram {

@@ -281,7 +281,16 @@ pub fn run(
                     let Some(nf) = e.downcast_ref::<NonFinite>().cloned() else {
                         return Err(e);
                     };
-                    let named: Vec<usize> = nf.samples.iter().map(|&s| ids[nf.batch][s]).collect();
+                    // inside an expert the rows do not name their samples: screen for them
+                    let samples: Vec<usize> = match (nf.samples.is_empty(), rope.as_ref()) {
+                        (true, Some(rope)) => screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?
+                            .into_iter()
+                            .filter(|&(b, _, _)| b == nf.batch)
+                            .map(|(_, s, _)| s)
+                            .collect(),
+                        _ => nf.samples.clone(),
+                    };
+                    let named: Vec<usize> = samples.iter().map(|&s| ids[nf.batch][s]).collect();
                     if opts.on_nonfinite == NonFinitePolicy::Error {
                         bail!(
                             "{nf} in calibration window(s) {}; set `calibration.on_nonfinite: drop_sample` to leave such windows out",
@@ -296,7 +305,7 @@ pub fn run(
                     let mut bad = screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?;
                     let original = LayerWeights::load(ckpt, l)?;
                     bad.extend(screen_nonfinite(&original, cfg, &hidden, rope)?);
-                    bad.push((nf.batch, nf.samples[0], nf.site));
+                    bad.extend(samples.iter().map(|&s| (nf.batch, s, nf.site)));
                     let mut pairs: Vec<(usize, usize)> =
                         bad.iter().map(|&(b, s, _)| (b, s)).collect();
                     pairs.sort_unstable();

@@ -30,43 +30,58 @@ pub struct NonFinite {
     /// The linears reading `site`.
     pub linears: Vec<&'static str>,
     pub batch: usize,
+    /// Empty when the rows are the tokens a router sent to one expert: they do not say which
+    /// sample they come from ([`screen_nonfinite`] finds out).
     pub samples: Vec<usize>,
     pub value: f32,
-    pub token: usize,
+    /// The first token position, when the rows are the batch's (not an expert's routed rows).
+    pub token: Option<usize>,
 }
 
 impl std::fmt::Display for NonFinite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "layer {}: calibration activations at the input of `{}` are not finite ({}, first at token {})",
+            "layer {}: calibration activations at the input of `{}` are not finite ({}",
             self.layer,
             self.linears.join("`, `"),
             self.value,
-            self.token,
-        )
+        )?;
+        match self.token {
+            Some(t) => write!(f, ", first at token {t})"),
+            None => write!(f, ", in the rows routed to that expert)"),
+        }
     }
 }
 
 impl std::error::Error for NonFinite {}
 
-/// The samples of one batch ([b·t, d] rows) holding a NaN or ±Inf, or None when all is finite.
+/// The samples of one batch `x` holding a NaN or ±Inf in `v` (`rows` rows of `d` at `site`),
+/// or None when all is finite. At an expert's input the rows are the tokens routed to it (fewer
+/// than the batch's): the samples are then left empty, for [`screen_nonfinite`] to find.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn find_nonfinite(
     block: &Block,
     layer: usize,
     site: Site,
     batch: usize,
     v: &[f32],
-    t: usize,
+    rows: usize,
+    x: &Act,
     d: usize,
 ) -> Option<NonFinite> {
     let first = v.iter().position(|x| !x.is_finite())?;
-    let samples: Vec<usize> = v
-        .chunks(t * d)
-        .enumerate()
-        .filter(|(_, s)| s.iter().any(|x| !x.is_finite()))
-        .map(|(i, _)| i)
-        .collect();
+    let t = x.t;
+    let whole = rows == x.b * t && block.site(site).expert.is_none();
+    let samples: Vec<usize> = match whole {
+        true => v
+            .chunks(t * d)
+            .enumerate()
+            .filter(|(_, s)| s.iter().any(|x| !x.is_finite()))
+            .map(|(i, _)| i)
+            .collect(),
+        false => Vec::new(),
+    };
     Some(NonFinite {
         layer,
         site,
@@ -74,7 +89,7 @@ pub(super) fn find_nonfinite(
         batch,
         samples,
         value: v[first],
-        token: (first / d) % t,
+        token: whole.then_some((first / d) % t),
     })
 }
 
@@ -90,8 +105,10 @@ pub(super) fn screen_nonfinite(
     let mut bad = Vec::new();
     for (bi, x) in inputs.iter().enumerate() {
         let mut seen: BTreeMap<usize, Site> = BTreeMap::new();
-        let mut hook = |site: Site, v: &[f32], _rows: usize, d: usize| -> Result<()> {
-            if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, x.t, d) {
+        let mut routed = false;
+        let mut hook = |site: Site, v: &[f32], rows: usize, d: usize| -> Result<()> {
+            if let Some(nf) = find_nonfinite(cfg.block(), layer.index, site, bi, v, rows, x, d) {
+                routed |= nf.samples.is_empty();
                 for s in nf.samples {
                     seen.entry(s).or_insert(site);
                 }
@@ -99,6 +116,29 @@ pub(super) fn screen_nonfinite(
             Ok(())
         };
         cl.forward_until(x, rope, &mut hook, None)?;
+        if routed {
+            // inside an expert the rows do not say their sample: run each sample of the batch
+            // on its own (routing is per token, attention per sample, so its rows are the same)
+            let d = cfg.hidden_size;
+            for s in 0..x.b {
+                let one = Act {
+                    data: x.data[s * x.t * d..(s + 1) * x.t * d].to_vec(),
+                    b: 1,
+                    t: x.t,
+                };
+                let mut first: Option<Site> = None;
+                let mut hook = |site: Site, v: &[f32], _rows: usize, _d: usize| -> Result<()> {
+                    if first.is_none() && v.iter().any(|x| !x.is_finite()) {
+                        first = Some(site);
+                    }
+                    Ok(())
+                };
+                cl.forward_until(&one, rope, &mut hook, None)?;
+                if let Some(site) = first {
+                    seen.entry(s).or_insert(site);
+                }
+            }
+        }
         bad.extend(seen.into_iter().map(|(s, site)| (bi, s, site)));
     }
     Ok(bad)
