@@ -24,6 +24,8 @@ const SIDE_BY_SIDE_MAX_WIDTH: usize = 2048;
 /// Layers whose linears quantize their inputs (W8A8) run on the CPU.
 pub(super) struct LayerRun<'a> {
     cpu: DecoderLayer<'a>,
+    /// The same layer for forwards without hooks (a mixture's experts on routed rows only).
+    plain: DecoderLayer<'a>,
     #[cfg(feature = "cuda")]
     gpu: Option<(
         crate::backend::cuda_layer::GpuLayer,
@@ -61,6 +63,7 @@ impl<'a> LayerRun<'a> {
         let _ = inputs;
         Ok(LayerRun {
             cpu: DecoderLayer::new(layer, cfg),
+            plain: DecoderLayer::new(layer, cfg).routed_only(),
             #[cfg(feature = "cuda")]
             gpu,
         })
@@ -203,7 +206,7 @@ impl<'a> LayerRun<'a> {
                 Some(f) if self.resumable() => {
                     let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
                     match self
-                        .cpu
+                        .plain
                         .forward_from(x, Some(&f[j]), rope, &mut no_hook, None)?
                     {
                         Step::Done(y) => Ok(y),
@@ -234,7 +237,8 @@ impl<'a> LayerRun<'a> {
             }
         }
         let mut no_hook = |_: Site, _: &[f32], _: usize, _: usize| Ok(());
-        self.forward_until(x, rope, &mut no_hook, None)?
+        self.plain
+            .forward_until(x, rope, &mut no_hook, None)?
             .context("forward stopped early")
     }
 }

@@ -68,11 +68,27 @@ impl Rope {
 pub struct DecoderLayer<'a> {
     w: &'a LayerWeights,
     cfg: &'a ModelConfig,
+    /// A mixture's hooks see every token at every expert (`calibration.experts: all`); the
+    /// output is the routed one either way.
+    all_experts: bool,
 }
 
 impl<'a> DecoderLayer<'a> {
     pub fn new(w: &'a LayerWeights, cfg: &'a ModelConfig) -> Self {
-        DecoderLayer { w, cfg }
+        DecoderLayer {
+            w,
+            cfg,
+            all_experts: cfg
+                .moe
+                .is_some_and(|m| m.calibrate == ExpertCalibration::All),
+        }
+    }
+
+    /// The same layer for a forward whose hooks read nothing (the output only): a mixture's
+    /// experts run on their routed rows alone, without the every-token pass for statistics.
+    pub fn routed_only(mut self) -> Self {
+        self.all_experts = false;
+        self
     }
 
     fn attn(&self) -> &'static super::arch::Attention {
@@ -352,7 +368,7 @@ impl DecoderLayer<'_> {
         let logits = self.lin(router, h, n)?;
         let routes = ops::route_top_k(&logits, n, experts.len(), moe.top_k, moe.norm_topk_prob);
         let mut out = vec![0f32; n * d];
-        let all = moe.calibrate == ExpertCalibration::All;
+        let all = self.all_experts;
         for (e, s) in experts.iter().enumerate() {
             let (rows, weights): (Vec<usize>, Vec<f32>) = routes[e].iter().copied().unzip();
             let m = rows.len();
