@@ -282,13 +282,20 @@ pub fn run(
                         return Err(e);
                     };
                     // inside an expert the rows do not name their samples: screen for them
-                    let samples: Vec<usize> = match (nf.samples.is_empty(), rope.as_ref()) {
-                        (true, Some(rope)) => screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?
-                            .into_iter()
-                            .filter(|&(b, _, _)| b == nf.batch)
-                            .map(|(_, s, _)| s)
+                    // (kept: the drop path below screens the same compressed layer again)
+                    let screened = match (nf.samples.is_empty(), rope.as_ref()) {
+                        (true, Some(rope)) => {
+                            Some(screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?)
+                        }
+                        _ => None,
+                    };
+                    let samples: Vec<usize> = match &screened {
+                        Some(bad) => bad
+                            .iter()
+                            .filter(|&&(b, _, _)| b == nf.batch)
+                            .map(|&(_, s, _)| s)
                             .collect(),
-                        _ => nf.samples.clone(),
+                        None => nf.samples.clone(),
                     };
                     let named: Vec<usize> = samples.iter().map(|&s| ids[nf.batch][s]).collect();
                     if opts.on_nonfinite == NonFinitePolicy::Error {
@@ -302,7 +309,10 @@ pub fn run(
                     let rope = rope
                         .as_ref()
                         .context("non-finite activations without calibration data")?;
-                    let mut bad = screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?;
+                    let mut bad = match screened {
+                        Some(bad) => bad,
+                        None => screen_nonfinite(&ctx.layer, cfg, &hidden, rope)?,
+                    };
                     let original = LayerWeights::load(ckpt, l)?;
                     bad.extend(screen_nonfinite(&original, cfg, &hidden, rope)?);
                     bad.extend(samples.iter().map(|&s| (nf.batch, s, nf.site)));

@@ -94,6 +94,7 @@ impl Exporter {
         overrides: Vec<TypeOverride>,
     ) -> Result<Self> {
         gguf::arch_name(&ckpt.config)?;
+        gguf::check_mixture(&ckpt.config)?;
         let compiled = gguf::Overrides::new(&overrides)?;
         let mut e = Exporter {
             format: Format::Gguf,

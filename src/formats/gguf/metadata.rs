@@ -43,7 +43,6 @@ pub fn model_metadata(cfg: &ModelConfig, ft: FileType, name: &str) -> Result<Vec
     // Qwen families also state the experts' width (llama's experts are feed_forward_length
     // wide) and the shared expert's
     if let Some(m) = cfg.moe {
-        super::names::check_mixture(cfg)?;
         kv.push((a("expert_count"), Value::U32(m.experts as u32)));
         kv.push((a("expert_used_count"), Value::U32(m.top_k as u32)));
         if arch != "llama" {
