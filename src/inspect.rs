@@ -61,7 +61,7 @@ fn scheme_name(ckpt: &Checkpoint) -> Option<&'static str> {
         return None;
     }
     let file = ckpt.dir.join("config.json");
-    let w = ct::read_float_weights(q, &file).ok()?;
+    let w = ct::read_float_weights(q, "", &file).ok()?;
     // the input quantizer of any quantized linear (the ignore list names the others)
     let input = ct::read_input_activations(q, "", &file).ok()?;
     crate::quant::presets::name_of(&w, input.as_ref())

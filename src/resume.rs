@@ -118,14 +118,15 @@ pub struct State {
     /// continues with the first evaluation step not finished.
     #[serde(default)]
     pub exported: Option<Exported>,
-    /// The OWL allocation of each `allocation: owl` pass (its index in `passes`, and each
-    /// layer's (outlier ratio, sparsity)), so a resumed run does not scan the dense model again.
-    #[serde(default)]
-    pub owl: OwlAllocations,
+    /// What each pass's whole-model phase found (its index in `passes`, and its result: OWL's
+    /// (outlier ratio, sparsity) per layer, a budget's allocation), so a resumed run does not
+    /// scan the dense model again.
+    #[serde(default, alias = "owl")]
+    pub prepared: Prepared,
 }
 
-/// Per `allocation: owl` pass: its index in `passes` and each layer's (outlier ratio, sparsity).
-pub type OwlAllocations = Vec<(usize, Vec<(f64, f64)>)>;
+/// Per pass with a whole-model phase: its index in `passes` and what the phase found.
+pub type Prepared = Vec<(usize, serde_json::Value)>;
 
 /// The finished artifact, as recorded when the last shard was complete.
 #[derive(Clone, Serialize, Deserialize)]
@@ -424,8 +425,8 @@ pub struct ResumableSink<'a> {
     pub fingerprint: Fingerprint,
     /// Digests of the layers finished so far (see `State::layer_digests`).
     pub layer_digests: Vec<String>,
-    /// See `State::owl`.
-    pub owl: OwlAllocations,
+    /// See `State::prepared`.
+    pub prepared: Prepared,
 }
 
 impl LayerSink for ResumableSink<'_> {
@@ -457,7 +458,7 @@ impl LayerSink for ResumableSink<'_> {
             pass_states: carry.pass_states.to_vec(),
             layer_digests: self.layer_digests.clone(),
             exported: None,
-            owl: self.owl.clone(),
+            prepared: self.prepared.clone(),
         };
         write_atomic(&d.join("state.json"), &serde_json::to_vec(&state)?)?;
         for old in [d.join(hidden_file(l)), d.join(teacher_file(l))] {

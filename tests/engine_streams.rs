@@ -154,7 +154,7 @@ fn passes_read_raw_inputs_candidates_and_the_teacher_and_resume_restores_it() {
             work: work.clone(),
             fingerprint: fp.clone(),
             layer_digests: Vec::new(),
-            owl: Vec::new(),
+            prepared: Vec::new(),
         };
         let passes: Vec<Box<dyn Pass>> = vec![Box::new(Probe {
             log: first.clone(),
@@ -179,7 +179,7 @@ fn passes_read_raw_inputs_candidates_and_the_teacher_and_resume_restores_it() {
         work: work.clone(),
         fingerprint: fp,
         layer_digests: state.layer_digests.clone(),
-        owl: Vec::new(),
+        prepared: Vec::new(),
     };
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(Probe {
         log: resumed.clone(),

@@ -301,7 +301,7 @@ fn float_goldens_read_back_to_our_quantizer() {
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
                 .unwrap();
-        let args = read_float_weights(&cfg["quantization_config"], &dir).unwrap();
+        let args = read_float_weights(&cfg["quantization_config"], "", &dir).unwrap();
         let golden = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
         let get = |st: &SafetensorsFile, n: &str| -> anyhow::Result<(DType, Vec<usize>, Vec<u8>)> {
             let t = st

@@ -220,7 +220,7 @@ fn run(work: &Path, block: Option<(usize, PathBuf)>, resume: bool) -> Result<Eng
             work: work.to_path_buf(),
             fingerprint: fingerprint(),
             layer_digests: digests,
-            owl: Vec::new(),
+            prepared: Vec::new(),
         };
         compress::engine::run(&ckpt, &passes, &windows, &opts, &mut sink, rp)?
     };

@@ -146,25 +146,40 @@ impl Exporter {
         };
         for (name, a, o) in &self.quantized {
             if a != first || o != order {
-                bail!("export: linear `{name}` uses a different quantization scheme or column order than the others; one scheme per checkpoint is supported");
+                bail!("export: linear `{name}` uses a different quantization scheme or column order than the others; a GPTQ v1 checkpoint has one scheme (mixed schemes, as a size budget writes: `format: compressed-tensors`)");
             }
         }
         Ok(Some((first.clone(), *order)))
     }
 
-    /// The `quantization_config` block compressed-tensors (and so vLLM) reads.
+    /// The `quantization_config` block compressed-tensors (and so vLLM) reads: one config
+    /// group targeting `Linear` when every quantized linear has the same scheme, else one group
+    /// per scheme (in order of first use) naming its modules.
     fn compressed_tensors_config(&self) -> Result<Option<Value>> {
-        if self.inputs.windows(2).any(|w| w[0] != w[1]) {
-            bail!("export: some quantized linears quantize their input activations and others do not; one scheme per checkpoint is supported");
+        use crate::formats::compressed_tensors::{quantization_config_groups, ConfigGroup};
+        let mut groups: Vec<ConfigGroup> = Vec::new();
+        for (i, (name, a, order)) in self.quantized.iter().enumerate() {
+            let input = self.inputs.get(i).cloned().flatten();
+            match groups
+                .iter_mut()
+                .find(|g| g.args == *a && g.order == *order && g.input == input)
+            {
+                Some(g) => g.targets.push(name.clone()),
+                None => groups.push(ConfigGroup {
+                    args: a.clone(),
+                    order: *order,
+                    input,
+                    targets: vec![name.clone()],
+                }),
+            }
         }
-        Ok(self.distinct_args()?.map(|(a, order)| {
-            crate::formats::compressed_tensors::quantization_config(
-                &a,
-                order,
-                &self.unquantized,
-                self.inputs.first().cloned().flatten().as_ref(),
-            )
-        }))
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        if let [g] = groups.as_mut_slice() {
+            g.targets = vec!["Linear".into()];
+        }
+        Ok(Some(quantization_config_groups(&groups, &self.unquantized)))
     }
 
     /// quantize_config.json / `quantization_config` of a GPTQ v1 checkpoint.

@@ -11,6 +11,70 @@ use crate::model::DType;
 use crate::safetensors_file::from_f32;
 use anyhow::{bail, Context, Result};
 
+/// The tensors `format` stores a quantized linear as: compressed-tensors `pack-quantized`,
+/// `int-quantized` (8-bit weights whose input `input` is quantized too) or a float format;
+/// GPTQ v1's qweight / qzeros / scales / g_idx.
+pub(crate) fn quantized_tensors(
+    format: Format,
+    prefix: &str,
+    q: &crate::quant::QuantizedLinear,
+    input: Option<&crate::quant::QuantArgs>,
+) -> Result<Vec<crate::formats::NamedTensor>> {
+    use crate::formats::compressed_tensors as ct;
+    match format {
+        Format::CompressedTensors if q.args.float.is_some() => ct::float::float_tensors(prefix, q),
+        Format::CompressedTensors if ct::int_quantized(&q.args, input) => {
+            ct::int_quantized_tensors(prefix, q)
+        }
+        Format::CompressedTensors => ct::compressed_tensors_tensors(prefix, q),
+        Format::Gptq => crate::formats::gptq::gptq_tensors(prefix, q),
+        Format::Dense | Format::Gguf => {
+            bail!("format `{}` stores no packed linears", format.name())
+        }
+    }
+}
+
+/// The bytes a weight-only linear of `shape` ([out, in], stored as `dtype`) takes in `format`
+/// when quantized onto `args` in column order `order`: every tensor the exporter writes for it
+/// (codes, scales, zero points, shape, g_idx), measured by encoding one. What a size budget
+/// counts, exactly as the report's bits per weight does.
+pub fn quantized_bytes(
+    format: Format,
+    args: &crate::quant::QuantArgs,
+    order: Order,
+    shape: (usize, usize),
+    dtype: DType,
+) -> Result<u64> {
+    if matches!(format, Format::Dense | Format::Gguf) {
+        bail!(
+            "a size budget needs a packed export format (`compressed-tensors` or `gptq`): `{}` {}",
+            format.name(),
+            if format == Format::Dense {
+                "stores every weight at its full size"
+            } else {
+                "types are chosen by the GGUF mix (`gguf_type`, `tensor_types`)"
+            }
+        );
+    }
+    let w = ndarray::Array2::from_shape_fn(shape, |(i, j)| ((i * 31 + j * 17) % 13) as f32 - 6.0);
+    let sd = crate::quant::scale_dtype_for(dtype);
+    let mut q = match args.float {
+        Some(_) => {
+            crate::quant::float::quantize(w.view(), args, sd, args.global_scale.then_some(1.0))?
+        }
+        None => crate::backend::rtn(w.view(), args, sd)?,
+    };
+    q.static_order = order == Order::Static;
+    if order == Order::Dynamic {
+        let g = args.group_width(shape.1).max(1);
+        q.g_idx = Some((0..shape.1).map(|j| (j / g) as i32).collect());
+    }
+    Ok(quantized_tensors(format, "m", &q, None)?
+        .iter()
+        .map(|(_, _, _, b)| b.len() as u64)
+        .sum())
+}
+
 impl Exporter {
     /// Lay out one linear as its representation says: packed codes (quantized formats), two
     /// factors (`weight_u`, `weight_v`; the `dense` format multiplies them back), or dense
@@ -109,14 +173,7 @@ impl Exporter {
             }
             (_, Some(q), Format::CompressedTensors) => {
                 let input = lin.act_quant().and_then(|a| a.args());
-                let tensors = if q.args.float.is_some() {
-                    crate::formats::compressed_tensors::float::float_tensors(prefix, q)?
-                } else if crate::formats::compressed_tensors::int_quantized(&q.args, input.as_ref())
-                {
-                    crate::formats::compressed_tensors::int_quantized_tensors(prefix, q)?
-                } else {
-                    crate::formats::compressed_tensors::compressed_tensors_tensors(prefix, q)?
-                };
+                let tensors = quantized_tensors(self.format, prefix, q, input.as_ref())?;
                 for (n, dt, shape, bytes) in tensors {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
@@ -127,7 +184,7 @@ impl Exporter {
             (_, Some(q), Format::Gptq) => {
                 let ts = self.true_sequential.unwrap_or(true) && q.true_sequential;
                 self.true_sequential = Some(ts);
-                for (n, dt, shape, bytes) in crate::formats::gptq::gptq_tensors(prefix, q)? {
+                for (n, dt, shape, bytes) in quantized_tensors(self.format, prefix, q, None)? {
                     self.w()?.add(&n, dt, &shape, &bytes)?;
                 }
                 self.quantized

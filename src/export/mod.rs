@@ -21,6 +21,7 @@ use crate::formats::gguf::{self, FileType, TypeOverride};
 
 pub use crate::formats::compressed_tensors::SparseFormat;
 pub use crate::formats::{Format, Order};
+pub use linear::quantized_bytes;
 pub use state::{ExporterState, GgufState, SparsityTally};
 
 pub struct Exporter {

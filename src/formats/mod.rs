@@ -125,10 +125,11 @@ pub fn dequantized(q: Result<QuantizedLinear>) -> Result<Vec<f32>> {
     Ok(q?.dequantize().into_raw_vec_and_offset().0)
 }
 
-/// (bits, group_size (0 = not grouped), symmetric, method) of a `quantization_config` block
-/// (`q`) of config.json (`file`, for messages), from the format whose block it is. `method` is
-/// `compressed-tensors`, `int-quantized` (compressed-tensors W8A8) or `gptq`.
-pub fn read_scheme(q: &Value, file: &Path) -> Result<(u32, usize, bool, String)> {
+/// (bits, group_size (0 = not grouped), symmetric, method) of linear `module` from a
+/// `quantization_config` block (`q`) of config.json (`file`, for messages), from the format
+/// whose block it is. `method` is `compressed-tensors`, `int-quantized` (compressed-tensors
+/// W8A8), a float format's name, or `gptq`.
+pub fn read_scheme(q: &Value, module: &str, file: &Path) -> Result<(u32, usize, bool, String)> {
     let method = q
         .get("quant_method")
         .and_then(|m| m.as_str())
@@ -139,7 +140,7 @@ pub fn read_scheme(q: &Value, file: &Path) -> Result<(u32, usize, bool, String)>
             )
         })?;
     match method {
-        "compressed-tensors" => compressed_tensors::read_config_block(q, file),
+        "compressed-tensors" => compressed_tensors::read_config_block(q, module, file),
         "gptq" => gptq::read_config_block(q),
         other => bail!(
             "{}: quantization method `{other}` is not supported",

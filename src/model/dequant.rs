@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 
 /// (bits, group_size (0 = not grouped), symmetric, method) from config.json's
 /// `quantization_config`, read by the format that wrote it.
-fn scheme(ckpt: &Checkpoint) -> Result<Option<(u32, usize, bool, String)>> {
+fn scheme(ckpt: &Checkpoint, module: &str) -> Result<Option<(u32, usize, bool, String)>> {
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
-        Some(q) => formats::read_scheme(q, &ckpt.dir.join("config.json")).map(Some),
+        Some(q) => formats::read_scheme(q, module, &ckpt.dir.join("config.json")).map(Some),
     }
 }
 
@@ -59,7 +59,7 @@ pub fn stored_weight(
         }
         return Ok((v, dt, None));
     }
-    let Some((bits, gs, sym, method)) = scheme(ckpt)? else {
+    let Some((bits, gs, sym, method)) = scheme(ckpt, prefix)? else {
         bail!("{}: missing tensor `{w}`", ckpt.dir.display());
     };
     let (q, scale_name) = match method.as_str() {
@@ -74,7 +74,7 @@ pub fn stored_weight(
                 .raw
                 .get("quantization_config")
                 .context("quantization_config")?;
-            let args = formats::compressed_tensors::read_float_weights(q, &file)?;
+            let args = formats::compressed_tensors::read_float_weights(q, prefix, &file)?;
             (
                 formats::compressed_tensors::float::read_float(&get, prefix, &args),
                 format!("{prefix}.weight_scale"),
@@ -136,6 +136,10 @@ pub fn input_activations(
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
         Some(_) if !act_quant => Ok(None),
+        // GPTQ v1 quantizes weights only
+        Some(q) if q.get("quant_method").and_then(|m| m.as_str()) != Some("compressed-tensors") => {
+            Ok(None)
+        }
         Some(q) => formats::compressed_tensors::read_input_activations(q, module, &file)?
             .map(|a| {
                 crate::model::layer::ActQuant::from_args(&a)

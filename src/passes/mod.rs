@@ -2,6 +2,7 @@
 //! the pipeline syntax of each pass (`- gptq: {bits: 4, ...}`) and builds the pass objects.
 
 pub mod awq;
+pub mod budget;
 pub mod eora;
 pub mod gptq;
 pub mod gptq_ggml;
@@ -125,6 +126,9 @@ methods! {
     /// Block-wise distillation of the compressed layer onto the dense one (after the
     /// compressing passes): tunes norms, scales, zero points, factors, biases with Adam.
     Kd(kd::KdSpec) = "kd", calibration: always, build: boxed!(kd::Kd::new);
+    /// One size budget: per linear, the candidate grid that buys the most for its bytes
+    /// (a scan, a multiple-choice knapsack, then GPTQ onto the chosen grids).
+    Budget(budget::BudgetSpec) = "budget", calibration: always, build: boxed!(budget::Budget::new);
     /// EoRA compensation adapter for the error of the pass before it (Liu et al. 2024).
     Eora(eora::EoraSpec) = "eora", calibration: always, build: boxed!(eora::Eora::new);
 }
@@ -132,19 +136,29 @@ methods! {
 impl PassSpec {
     /// The whole-model phase, before the layer stream: a pass that must see every layer before
     /// the first one changes does it here (OWL's outlier scan sets a pruning pass's per-layer
-    /// sparsities). `cached` is what a resumed run's state recorded; the result is what the
-    /// resume state keeps (OWL: outlier ratio and sparsity per layer).
+    /// sparsities; a budget's scan and knapsack set each linear's treatment). `cached` is what
+    /// a resumed run's state recorded; the result is what the resume state keeps. `cost`: the
+    /// stored bytes of a linear under a grid in the export format.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &mut self,
         at: &str,
         ckpt: &crate::model::Checkpoint,
         windows: &[Vec<u32>],
         opts: &crate::engine::StreamOptions,
-        cached: Option<&Vec<(f64, f64)>>,
-    ) -> Result<Option<Vec<(f64, f64)>>> {
+        cached: Option<&serde_json::Value>,
+        cost: budget::ByteCost,
+    ) -> Result<Option<serde_json::Value>> {
+        if let PassSpec::Budget(b) = self {
+            let a = budget::prepare(b, at, ckpt, windows, opts, cached, cost)?;
+            return Ok(Some(serde_json::to_value(a)?));
+        }
         match self.prune_spec_mut() {
             Some(ps) if ps.allocation == prune::Allocation::Owl => {
-                owl::prepare(ps, at, ckpt, windows, opts, cached).map(Some)
+                let cached: Option<Vec<(f64, f64)>> =
+                    cached.and_then(|v| serde_json::from_value(v.clone()).ok());
+                let a = owl::prepare(ps, at, ckpt, windows, opts, cached.as_ref())?;
+                Ok(Some(serde_json::to_value(a)?))
             }
             _ => Ok(None),
         }

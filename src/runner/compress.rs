@@ -55,15 +55,26 @@ pub(super) fn compress_into(
     };
     let calibration_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    // OWL needs every layer's outlier ratio before the first layer is pruned: scan first
+    // OWL needs every layer's outlier ratio before the first layer is pruned, a budget every
+    // linear's damage before the first is quantized: their scans run first
     let mut specs = p.passes.clone();
-    let cached_owl = state.as_ref().map(|s| s.owl.clone()).unwrap_or_default();
-    let mut owl = Vec::new();
+    let cached_prep = state
+        .as_ref()
+        .map(|s| s.prepared.clone())
+        .unwrap_or_default();
+    let mut prepared = Vec::new();
+    let format = p.export.primary().format;
+    let cost = |a: &crate::quant::QuantArgs,
+                o: crate::formats::Order,
+                shape: (usize, usize),
+                dt: crate::safetensors_file::DType| {
+        crate::export::quantized_bytes(format, a, o, shape, dt)
+    };
     for (i, spec) in specs.iter_mut().enumerate() {
         let at = format!("passes[{i}] {}", spec.name());
-        let cached = cached_owl.iter().find(|(j, _)| *j == i).map(|(_, a)| a);
-        if let Some(a) = spec.prepare(&at, ckpt, &windows, &opts, cached)? {
-            owl.push((i, a));
+        let cached = cached_prep.iter().find(|(j, _)| *j == i).map(|(_, a)| a);
+        if let Some(a) = spec.prepare(&at, ckpt, &windows, &opts, cached, &cost)? {
+            prepared.push((i, a));
         }
     }
     let mut passes = specs
@@ -116,7 +127,7 @@ pub(super) fn compress_into(
             work: work.to_path_buf(),
             fingerprint,
             layer_digests,
-            owl,
+            prepared,
         };
         crate::engine::run(ckpt, &passes, &windows, &opts, &mut sink, resume_point)?
     };

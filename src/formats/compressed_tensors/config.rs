@@ -7,31 +7,80 @@ use crate::quant::{QuantArgs, Strategy};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-/// (bits, group_size, symmetric, method) of a compressed-tensors `quantization_config` block
-/// (see [`super::read_scheme`]).
-pub fn read_config_block(q: &Value, file: &std::path::Path) -> Result<(u32, usize, bool, String)> {
+/// Whether a `targets` / `ignore` entry names `module`: the module's name, a `re:` regex
+/// matched from its start (compressed-tensors' `find_name_or_class_matches`), or the class
+/// `Linear` when `class` is allowed.
+fn names(pattern: &str, module: &str, class: bool) -> bool {
+    match pattern.strip_prefix("re:") {
+        Some(r) => regex::Regex::new(&format!("^(?:{r})")).is_ok_and(|re| re.is_match(module)),
+        None => pattern == module || (class && pattern == "Linear"),
+    }
+}
+
+/// The config group of a `quantization_config` block (`q`, of config.json `file`) that
+/// quantizes linear `module`: the group naming it, else one targeting `Linear`; `None` when
+/// `module` is in `ignore` or no group targets it. An empty `module` asks for the first group.
+pub fn group_for<'a>(
+    q: &'a Value,
+    module: &str,
+    file: &std::path::Path,
+) -> Result<Option<&'a Value>> {
     let groups = q
         .get("config_groups")
         .and_then(|g| g.as_object())
+        .filter(|g| !g.is_empty())
         .with_context(|| {
             format!(
                 "{}: `quantization_config.config_groups` missing",
                 file.display()
             )
         })?;
-    if groups.len() != 1 {
-        bail!(
-            "{}: only one quantization config group is supported, found {}",
-            file.display(),
-            groups.len()
-        );
+    if module.is_empty() {
+        return Ok(groups.values().next());
     }
-    let w = groups
+    let ignored = q.get("ignore").and_then(Value::as_array).is_some_and(|v| {
+        v.iter()
+            .filter_map(Value::as_str)
+            .any(|p| names(p, module, false))
+    });
+    if ignored {
+        return Ok(None);
+    }
+    let targets = |g: &Value, class: bool| {
+        g.get("targets").and_then(Value::as_array).is_some_and(|v| {
+            v.iter()
+                .filter_map(Value::as_str)
+                .any(|p| names(p, module, class))
+        })
+    };
+    Ok(groups
         .values()
-        .next()
-        .and_then(|g| g.get("weights"))
+        .find(|g| targets(g, false))
+        .or_else(|| groups.values().find(|g| targets(g, true))))
+}
+
+/// (bits, group_size, symmetric, method) of the config group that quantizes `module` in a
+/// compressed-tensors `quantization_config` block (see [`super::read_scheme`]).
+pub fn read_config_block(
+    q: &Value,
+    module: &str,
+    file: &std::path::Path,
+) -> Result<(u32, usize, bool, String)> {
+    let g = group_for(q, module, file)?.with_context(|| {
+        format!(
+            "{}: no `quantization_config` group targets `{module}`",
+            file.display()
+        )
+    })?;
+    let w = g
+        .get("weights")
         .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
-    let fmt = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    // each group states its format; a file of one group may state it at the top only
+    let fmt = g
+        .get("format")
+        .and_then(|f| f.as_str())
+        .or_else(|| q.get("format").and_then(|f| f.as_str()))
+        .unwrap_or("");
     if FLOAT_FORMATS.contains(&fmt) {
         let a = float::read_args_block(w, "weights")
             .with_context(|| format!("{}: `quantization_config`", file.display()))?;
@@ -64,10 +113,11 @@ pub const FLOAT_FORMATS: [&str; 4] = [
     "mxfp8-quantized",
 ];
 
-/// The float weights' arguments of a `quantization_config` block (`q`, of config.json `file`).
-pub fn read_float_weights(q: &Value, file: &std::path::Path) -> Result<QuantArgs> {
-    let w = q
-        .pointer("/config_groups/group_0/weights")
+/// The float weights' arguments of the config group quantizing `module` (`""`: the first)
+/// in a `quantization_config` block (`q`, of config.json `file`).
+pub fn read_float_weights(q: &Value, module: &str, file: &std::path::Path) -> Result<QuantArgs> {
+    let w = group_for(q, module, file)?
+        .and_then(|g| g.get("weights"))
         .with_context(|| format!("{}: config group has no `weights`", file.display()))?;
     float::read_args_block(w, "weights")
         .with_context(|| format!("{}: `quantization_config`", file.display()))
@@ -81,17 +131,13 @@ pub fn read_input_activations(
     module: &str,
     file: &std::path::Path,
 ) -> Result<Option<QuantArgs>> {
-    if let Some(a) = q
-        .pointer("/config_groups/group_0/input_activations")
+    let Some(g) = group_for(q, module, file)? else {
+        return Ok(None);
+    };
+    if let Some(a) = g
+        .get("input_activations")
         .filter(|a| a.get("type").and_then(Value::as_str) == Some("float"))
     {
-        let ignored = q
-            .get("ignore")
-            .and_then(Value::as_array)
-            .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(module)));
-        if ignored {
-            return Ok(None);
-        }
         if a.get("dynamic") != Some(&Value::Bool(true)) {
             bail!(
                 "{}: static `input_activations` (calibrated scales) are not supported",
@@ -113,19 +159,12 @@ pub fn read_input_activation_bits(
     module: &str,
     file: &std::path::Path,
 ) -> Result<Option<u32>> {
-    let ignored = q
-        .get("ignore")
-        .and_then(Value::as_array)
-        .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(module)));
-    let Some(a) = q
-        .pointer("/config_groups/group_0/input_activations")
+    let Some(a) = group_for(q, module, file)?
+        .and_then(|g| g.get("input_activations"))
         .filter(|a| !a.is_null())
     else {
         return Ok(None);
     };
-    if ignored {
-        return Ok(None);
-    }
     let ok = a.get("dynamic") == Some(&Value::Bool(true))
         && a.get("strategy").and_then(Value::as_str) == Some("token")
         && a.get("symmetric") != Some(&Value::Bool(false));
@@ -209,11 +248,38 @@ pub fn quantization_config(
     unquantized: &[String],
     input: Option<&QuantArgs>,
 ) -> Value {
-    let format = match float::format_name(a) {
+    let g = ConfigGroup {
+        args: a.clone(),
+        order,
+        input: input.cloned(),
+        targets: vec!["Linear".into()],
+    };
+    quantization_config_groups(&[g], unquantized)
+}
+
+/// One config group: a scheme and the modules it targets.
+pub struct ConfigGroup {
+    pub args: QuantArgs,
+    pub order: Order,
+    pub input: Option<QuantArgs>,
+    /// `Linear` (every linear not ignored) or the module names.
+    pub targets: Vec<String>,
+}
+
+/// compressed-tensors' format name of a group.
+fn group_format(a: &QuantArgs, input: Option<&QuantArgs>) -> &'static str {
+    match float::format_name(a) {
         Some(f) => f,
         None if int_quantized(a, input) => "int-quantized",
         None => "pack-quantized",
-    };
+    }
+}
+
+/// The `quantization_config` block of several config groups (`group_0`, `group_1`, … as
+/// given: mixed schemes in one checkpoint, as a size budget writes them; vLLM and
+/// compressed-tensors match each module to the group that names it). The top-level `format`
+/// is the groups' common one, or `mixed-precision`.
+pub fn quantization_config_groups(groups: &[ConfigGroup], unquantized: &[String]) -> Value {
     // `targets: ["Linear"]` matches every nn.Linear the loader builds, `lm_head` included
     // even when it is tied to the embedding and has no tensor of its own: everything we
     // left unquantized must be listed, or transformers/vLLM turn it into a quantized
@@ -221,38 +287,22 @@ pub fn quantization_config(
     // llm-compressor lists them: the decoder's, then lm_head.
     let mut ignore: Vec<String> = unquantized.to_vec();
     ignore.push("lm_head".into());
-    let (strategy, group_size) = strategy_fields(a);
-    let float = a.float.is_some();
+    let formats: Vec<&str> = groups
+        .iter()
+        .map(|g| group_format(&g.args, g.input.as_ref()))
+        .collect();
+    let format = match formats.first() {
+        Some(f) if formats.iter().all(|x| x == f) => *f,
+        _ => "mixed-precision",
+    };
+    let config_groups: serde_json::Map<String, Value> = groups
+        .iter()
+        .zip(&formats)
+        .enumerate()
+        .map(|(i, (g, f))| (format!("group_{i}"), group_block(g, f)))
+        .collect();
     json!({
-        "config_groups": {
-            "group_0": {
-                "format": format,
-                "input_activations": input.map(input_activations_block),
-                "output_activations": null,
-                "targets": ["Linear"],
-                "weights": {
-                    "actorder": match order {
-                        Order::Columns => Value::Null,
-                        Order::Static => json!("static"),
-                        Order::Dynamic => json!("group"),
-                    },
-                    "block_structure": a.block,
-                    "dynamic": false,
-                    "group_size": group_size,
-                    "num_bits": a.bits,
-                    "observer": match a.observer {
-                        crate::quant::Observer::MinMax => "memoryless_minmax",
-                        crate::quant::Observer::Mse => "memoryless_mse",
-                    },
-                    "observer_kwargs": {},
-                    "scale_dtype": float::scale_dtype_name(a.scale_type),
-                    "strategy": strategy,
-                    "symmetric": a.symmetric,
-                    "type": a.num().kind(),
-                    "zp_dtype": if a.symmetric || float { Value::Null } else { json!("torch.int8") }
-                }
-            }
-        },
+        "config_groups": config_groups,
         "format": format,
         "global_compression_ratio": null,
         "ignore": ignore,
@@ -263,4 +313,132 @@ pub fn quantization_config(
         "transform_config": {},
         "version": "0.19.0"
     })
+}
+
+/// One entry of `config_groups`.
+fn group_block(g: &ConfigGroup, format: &str) -> Value {
+    let a = &g.args;
+    let (strategy, group_size) = strategy_fields(a);
+    let float = a.float.is_some();
+    json!({
+        "format": format,
+        "input_activations": g.input.as_ref().map(input_activations_block),
+        "output_activations": null,
+        "targets": g.targets,
+        "weights": {
+            "actorder": match g.order {
+                Order::Columns => Value::Null,
+                Order::Static => json!("static"),
+                Order::Dynamic => json!("group"),
+            },
+            "block_structure": a.block,
+            "dynamic": false,
+            "group_size": group_size,
+            "num_bits": a.bits,
+            "observer": match a.observer {
+                crate::quant::Observer::MinMax => "memoryless_minmax",
+                crate::quant::Observer::Mse => "memoryless_mse",
+            },
+            "observer_kwargs": {},
+            "scale_dtype": float::scale_dtype_name(a.scale_type),
+            "strategy": strategy,
+            "symmetric": a.symmetric,
+            "type": a.num().kind(),
+            "zp_dtype": if a.symmetric || float { Value::Null } else { json!("torch.int8") }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Observer;
+
+    fn int(bits: u32, group: usize) -> QuantArgs {
+        QuantArgs::int(bits, true, Strategy::Group, group, Observer::MinMax)
+    }
+
+    #[test]
+    fn mixed_groups_name_their_modules_and_read_back_per_module() {
+        let f = std::path::Path::new("config.json");
+        let groups = [
+            ConfigGroup {
+                args: int(4, 128),
+                order: Order::Static,
+                input: None,
+                targets: vec!["model.layers.0.mlp.up_proj".into()],
+            },
+            ConfigGroup {
+                args: int(2, 64),
+                order: Order::Columns,
+                input: None,
+                targets: vec!["model.layers.0.mlp.down_proj".into()],
+            },
+            ConfigGroup {
+                args: int(8, 0),
+                order: Order::Columns,
+                input: Some(QuantArgs::int(
+                    8,
+                    true,
+                    Strategy::Token,
+                    0,
+                    Observer::MinMax,
+                )),
+                targets: vec!["re:.*self_attn.*".into()],
+            },
+        ];
+        let q = quantization_config_groups(&groups, &["model.layers.0.mlp.gate_proj".into()]);
+        assert_eq!(q["format"], "mixed-precision");
+        assert_eq!(q["config_groups"]["group_1"]["format"], "pack-quantized");
+        assert_eq!(q["config_groups"]["group_2"]["format"], "int-quantized");
+        let scheme = |m: &str| read_config_block(&q, m, f).unwrap();
+        assert_eq!(scheme("model.layers.0.mlp.up_proj").0, 4);
+        assert_eq!(scheme("model.layers.0.mlp.down_proj").0, 2);
+        assert_eq!(scheme("model.layers.0.mlp.down_proj").1, 64);
+        assert_eq!(scheme("model.layers.1.self_attn.q_proj").3, "int-quantized");
+        // activations only where the module's group quantizes them
+        assert_eq!(
+            read_input_activation_bits(&q, "model.layers.1.self_attn.q_proj", f).unwrap(),
+            Some(8)
+        );
+        assert_eq!(
+            read_input_activation_bits(&q, "model.layers.0.mlp.up_proj", f).unwrap(),
+            None
+        );
+        // ignored and unmatched modules have no group
+        assert!(group_for(&q, "model.layers.0.mlp.gate_proj", f)
+            .unwrap()
+            .is_none());
+        assert!(group_for(&q, "model.layers.1.mlp.up_proj", f)
+            .unwrap()
+            .is_none());
+        let e = read_config_block(&q, "model.layers.1.mlp.up_proj", f).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no `quantization_config` group targets"),
+            "{e}"
+        );
+        // a name beats the class: `Linear` is the fallback
+        let mut q2 = q.clone();
+        q2["config_groups"]["group_0"]["targets"] = json!(["Linear"]);
+        assert_eq!(
+            read_config_block(&q2, "model.layers.0.mlp.down_proj", f)
+                .unwrap()
+                .0,
+            2
+        );
+        assert_eq!(
+            read_config_block(&q2, "model.layers.5.mlp.up_proj", f)
+                .unwrap()
+                .0,
+            4
+        );
+        // one group keeps the single-scheme block (`targets: ["Linear"]`, its own format)
+        let one = quantization_config(&int(4, 128), Order::Static, &[], None);
+        assert_eq!(one["format"], "pack-quantized");
+        assert_eq!(
+            one["config_groups"]["group_0"]["targets"],
+            json!(["Linear"])
+        );
+    }
 }

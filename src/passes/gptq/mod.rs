@@ -320,7 +320,7 @@ pub fn gptq_quantize_masked(
 impl Gptq {
     /// An expert no calibration token reached: round-to-nearest onto the same grid (RTN's
     /// bytes), recorded with `tokens: 0` and `fallback: rtn`.
-    fn round_starved_expert(
+    pub(crate) fn round_starved_expert(
         &self,
         ctx: &mut LayerCtx,
         name: &str,
@@ -352,6 +352,119 @@ impl Gptq {
         notes.insert("fallback".into(), json!("rtn"));
         ctx.records
             .push(LinearRecord::new(ctx.index(), name, "gptq", t).notes(notes));
+        Ok(())
+    }
+}
+
+impl Gptq {
+    /// GPTQ of `w` (stored as `dtype`) with Hessian `h` onto this pass's grid, in its column
+    /// order, keeping the mask `keep`; nothing is set on the layer.
+    pub(crate) fn sweep(
+        &self,
+        w: &Array2<f32>,
+        h: &Array2<f64>,
+        dtype: DType,
+        damp: f64,
+        keep: Option<&[bool]>,
+        global: Option<f32>,
+    ) -> Result<GptqResult> {
+        gptq_quantize_masked(
+            w,
+            h,
+            &self.args,
+            scale_dtype_for(dtype),
+            damp,
+            self.spec.block_size,
+            Ordering {
+                act_order: self.spec.act_order(),
+                static_groups: self.spec.static_groups(),
+            },
+            keep,
+            global,
+        )
+    }
+
+    /// The dampening fraction λ / mean(diag H).
+    pub fn damp(&self) -> f64 {
+        self.spec.damp
+    }
+
+    /// The weights' grid.
+    pub fn args(&self) -> &QuantArgs {
+        &self.args
+    }
+
+    /// The column order the config blocks state for this pass's linears.
+    pub fn order(&self) -> crate::formats::Order {
+        match (self.spec.act_order(), self.spec.static_groups()) {
+            (false, _) => crate::formats::Order::Columns,
+            (true, true) => crate::formats::Order::Static,
+            (true, false) => crate::formats::Order::Dynamic,
+        }
+    }
+
+    /// GPTQ of the layer's linear `name` onto this pass's grid with its input Hessian `h`
+    /// (aiming at `target` with its dampening when given: GPTAQ), then the codes set on the
+    /// linear and its record pushed. `global`: NVFP4's fused global scale.
+    pub(crate) fn quantize_linear(
+        &self,
+        ctx: &mut LayerCtx,
+        name: &str,
+        h: &Array2<f64>,
+        target: Option<(Array2<f32>, f64)>,
+        global: Option<f32>,
+        t: Instant,
+    ) -> Result<()> {
+        let module = ctx.module_name(name);
+        let lin = &ctx.layer.linears[name];
+        // a pruned linear keeps its mask (SparseGPT/Wanda then GPTQ)
+        let keep = lin.mask().map(|m| m.keep.as_slice());
+        let (aim, damp) = match &target {
+            Some((t, d)) => (t, *d),
+            None => (lin.weight(), self.spec.damp),
+        };
+        let mut r = self
+            .sweep(aim, h, lin.dtype, damp, keep, global)
+            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, h);
+        // how far the teacher target moved the weights: ‖W* − W‖ / ‖W‖
+        let shift = target.as_ref().map(|(aim, _)| {
+            let w = lin.weight();
+            let num: f64 = aim
+                .iter()
+                .zip(w)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
+            (num / den.max(1e-30)).sqrt()
+        });
+        ctx.warn_damp(&module, self.spec.damp, r.damp);
+        r.quant.true_sequential = self.spec.true_sequential;
+        let lin = ctx.layer.linears.get_mut(name).expect("linear present");
+        lin.set_quantized(r.quant)
+            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        if let Some(a) = &self.act {
+            a.check_width(lin.shape().1)
+                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        }
+        lin.set_act_quant(self.act);
+        let mut notes = std::collections::BTreeMap::new();
+        notes.insert("damp".into(), json!(r.damp));
+        // a mixture's expert: the calibration tokens its statistics saw
+        let site = input_site(ctx, name)?;
+        if ctx.config.block().site(site).expert.is_some() {
+            notes.insert("tokens".into(), json!(ctx.stats(site)?.n));
+        }
+        if let Some(shift) = shift {
+            notes.insert("target".into(), json!("teacher"));
+            notes.insert("target_shift".into(), json!(shift));
+        }
+        ctx.records.push(
+            LinearRecord::new(ctx.index(), name, "gptq", t)
+                .error(rel)
+                .loss(r.loss)
+                .notes(notes),
+        );
         Ok(())
     }
 }
@@ -437,67 +550,7 @@ impl Pass for Gptq {
                         .map_err(|e| anyhow::anyhow!("{module}: {e}"))?,
                     );
                 }
-                let lin = &ctx.layer.linears[name];
-                // a pruned linear keeps its mask (SparseGPT/Wanda then GPTQ)
-                let keep = lin.mask().map(|m| m.keep.as_slice());
-                let (aim, damp) = match &target {
-                    Some((t, d)) => (t, *d),
-                    None => (lin.weight(), self.spec.damp),
-                };
-                let mut r = gptq_quantize_masked(
-                    aim,
-                    &h,
-                    &self.args,
-                    scale_dtype_for(lin.dtype),
-                    damp,
-                    self.spec.block_size,
-                    Ordering {
-                        act_order: self.spec.act_order(),
-                        static_groups: self.spec.static_groups(),
-                    },
-                    keep,
-                    globals.get(name).copied(),
-                )
-                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-                let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, &h);
-                // how far the teacher target moved the weights: ‖W* − W‖ / ‖W‖
-                let shift = target.as_ref().map(|(aim, _)| {
-                    let w = lin.weight();
-                    let num: f64 = aim
-                        .iter()
-                        .zip(w)
-                        .map(|(a, b)| ((a - b) as f64).powi(2))
-                        .sum();
-                    let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
-                    (num / den.max(1e-30)).sqrt()
-                });
-                ctx.warn_damp(&module, self.spec.damp, r.damp);
-                r.quant.true_sequential = self.spec.true_sequential;
-                let lin = ctx.layer.linears.get_mut(name).expect("linear present");
-                lin.set_quantized(r.quant)
-                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-                if let Some(a) = &self.act {
-                    a.check_width(lin.shape().1)
-                        .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-                }
-                lin.set_act_quant(self.act);
-                let mut notes = std::collections::BTreeMap::new();
-                notes.insert("damp".into(), json!(r.damp));
-                // a mixture's expert: the calibration tokens its statistics saw
-                let site = input_site(ctx, name)?;
-                if ctx.config.block().site(site).expert.is_some() {
-                    notes.insert("tokens".into(), json!(ctx.stats(site)?.n));
-                }
-                if let Some(shift) = shift {
-                    notes.insert("target".into(), json!("teacher"));
-                    notes.insert("target_shift".into(), json!(shift));
-                }
-                ctx.records.push(
-                    LinearRecord::new(ctx.index(), name, "gptq", t)
-                        .error(rel)
-                        .loss(r.loss)
-                        .notes(notes),
-                );
+                self.quantize_linear(ctx, name, &h, target, globals.get(name).copied(), t)?;
             }
         }
         Ok(())
