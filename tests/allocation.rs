@@ -230,6 +230,29 @@ fn budget_meets_its_target_with_one_config_group_per_grid() {
     // read back: the evaluation of the written file ran
     let ppl = r["eval"]["wiki.txt"]["after"]["perplexity"].as_f64();
     assert!(ppl.is_some_and(f64::is_finite), "{}", r["eval"]);
+    // the report shows the allocation per layer and the bytes of each grid
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Size budget: the grid of each linear"),
+        "{md}"
+    );
+    let table: u64 = md
+        .split("| grid | linears | bytes |")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.trim_end_matches('|')
+                .rsplit('|')
+                .next()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(table, bytes, "{md}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Stored bits per weight per linear"));
     // deterministic: a second run writes the same bytes
     let r2 = run(&budget_pipeline(d.path(), "b2", BUDGET));
     assert_eq!(

@@ -13,6 +13,7 @@ impl Report {
         self.md_perplexity(&mut s);
         self.md_tasks(&mut s);
         self.md_also(&mut s);
+        self.md_budget(&mut s);
         self.md_layers(&mut s);
         self.md_warnings(&mut s);
         s.push_str(&format!(
@@ -205,6 +206,79 @@ impl Report {
                     any.map(|r| r.n).unwrap_or(0)
                 ));
             }
+        }
+    }
+
+    /// A size budget's allocation: the grid each linear got, per layer, with the layer's
+    /// stored bits per weight, and the bytes each grid takes in all.
+    fn md_budget(&self, s: &mut String) {
+        let recs: Vec<_> = self
+            .layers
+            .iter()
+            .filter(|r| r.notes.contains_key("candidate"))
+            .collect();
+        if recs.is_empty() {
+            return;
+        }
+        let mut linears: Vec<&str> = Vec::new();
+        for r in &recs {
+            if !linears.contains(&r.linear.as_str()) {
+                linears.push(&r.linear);
+            }
+        }
+        let num = |r: &crate::engine::LinearRecord, k: &str| {
+            r.notes.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0)
+        };
+        let label = |r: &crate::engine::LinearRecord| {
+            r.notes
+                .get("candidate")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        s.push_str("\n## Size budget: the grid of each linear\n\n| layer | ");
+        s.push_str(&linears.join(" | "));
+        s.push_str(" | bits per weight | bytes |\n|---:|");
+        s.push_str(&"---|".repeat(linears.len()));
+        s.push_str("---:|---:|\n");
+        let mut layers: Vec<usize> = recs.iter().map(|r| r.layer).collect();
+        layers.dedup();
+        let mut per_grid: Vec<(String, usize, f64)> = Vec::new();
+        for l in layers {
+            let row: Vec<_> = recs.iter().filter(|r| r.layer == l).collect();
+            let bytes: f64 = row.iter().map(|r| num(r, "bytes")).sum();
+            let weights: f64 = row
+                .iter()
+                .map(|r| 8.0 * num(r, "bytes") / num(r, "bits_per_weight").max(1e-30))
+                .sum();
+            let cells: Vec<String> = linears
+                .iter()
+                .map(|n| {
+                    row.iter()
+                        .find(|r| r.linear == *n)
+                        .map(|r| label(r))
+                        .unwrap_or_else(dash)
+                })
+                .collect();
+            s.push_str(&format!(
+                "| {l} | {} | {:.3} | {bytes:.0} |\n",
+                cells.join(" | "),
+                8.0 * bytes / weights.max(1.0)
+            ));
+            for r in row {
+                let g = label(r);
+                match per_grid.iter_mut().find(|(n, _, _)| *n == g) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += num(r, "bytes");
+                    }
+                    None => per_grid.push((g, 1, num(r, "bytes"))),
+                }
+            }
+        }
+        s.push_str("\n| grid | linears | bytes |\n|---|---:|---:|\n");
+        for (g, n, b) in per_grid {
+            s.push_str(&format!("| {g} | {n} | {b:.0} |\n"));
         }
     }
 

@@ -539,7 +539,12 @@ impl Pass for Budget {
                 Some(h) => p.quantize_linear(ctx, name, &h, None, global, t)?,
                 None => p.round_starved_expert(ctx, name, &module, global, t)?,
             }
+            let (rows, cols) = ctx.layer.linears[name].shape();
             let rec = ctx.records.last_mut().context("no record")?;
+            rec.notes.insert(
+                "bits_per_weight".into(),
+                json!(bytes as f64 * 8.0 / (rows * cols).max(1) as f64),
+            );
             rec.pass = "budget".into();
             rec.notes.insert("candidate".into(), json!(self.labels[c]));
             rec.notes.insert("bytes".into(), json!(bytes));

@@ -491,7 +491,7 @@ fn frac_pct(v: f64) -> String {
     format!("{:.2} %", if v <= 1.0 { 100.0 * v } else { v })
 }
 
-const METRICS: [Metric; 4] = [
+const METRICS: [Metric; 5] = [
     Metric {
         title: "Relative output error per linear",
         y_label: "‖(W−Ŵ)X‖² / ‖WX‖² (log)",
@@ -518,6 +518,15 @@ const METRICS: [Metric; 4] = [
         scale: Some(Scale::Linear),
         fmt: frac_pct,
         caption: "Fraction of weights pruned per linear (notes.sparsity).",
+    },
+    Metric {
+        title: "Stored bits per weight per linear (size budget)",
+        y_label: "bits per weight",
+        path: "notes.bits_per_weight",
+        value: |l| note(l, "bits_per_weight"),
+        scale: Some(Scale::Linear),
+        fmt: |v| format!("{v:.3}"),
+        caption: "The allocation of a size budget: the stored bits per weight (codes, scales, zero points) of the grid each linear got; hover a bar for the grid (notes.candidate).",
     },
     Metric {
         title: "Rank per linear",
