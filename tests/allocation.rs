@@ -253,6 +253,17 @@ fn budget_meets_its_target_with_one_config_group_per_grid() {
     assert_eq!(table, bytes, "{md}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Stored bits per weight per linear"));
+    // the scale-free measure allocates under the same target
+    let rel = run(&budget_pipeline(
+        d.path(),
+        "rel",
+        &BUDGET.replace("budget: {", "budget: {sensitivity: relative, "),
+    ));
+    let rb = rel["output"]["bits_per_weight"].as_f64().unwrap();
+    assert!(
+        rb <= 3.0 && rb > 3.0 - (2.0 + 0.25) * (h * i) as f64 / numel as f64,
+        "{rb}"
+    );
     // deterministic: a second run writes the same bytes
     let r2 = run(&budget_pipeline(d.path(), "b2", BUDGET));
     assert_eq!(
@@ -338,6 +349,11 @@ fn budget_fields_are_checked() {
             "budget: {bits_per_weight: 3, candidates: [{bits: 4}]}",
             "dense",
             "packed export format",
+        ),
+        (
+            "budget: {bits_per_weight: 3, sensitivity: kl, candidates: [{bits: 4}]}",
+            "compressed-tensors",
+            "output_error",
         ),
         (
             "budget: {bits_per_weight: 1.5, candidates: [{bits: 2, group_size: 64}, {bits: 4}]}",

@@ -7,10 +7,13 @@
 # (3-bit codes pack ten to an int32: W3 costs 3.2 bits before scales). Calibration: the first
 # 128 c4_calib documents ≤ 512 tokens; perplexity at seq 512 on the first 300,000 bytes of
 # wikitext2's test file and of the c4_eval text.
-# Usage (repository root, ../shared beside it): pipelines/bench/budget-table.sh [ref|real] [OUT]
+# `sensitivity: relative` rows beside the default (output error) ones.
+# Usage (repository root, ../shared beside it):
+#   pipelines/bench/budget-table.sh [ref|real] [OUT] [RECIPE…]   (all recipes when none named)
 set -euo pipefail
 which=${1:-ref}
 out=${2:-out/budget-$which}
+shift $(( $# < 2 ? $# : 2 ))
 mkdir -p "$out"
 bin=${BIN:-target/release/compress}
 S=../shared
@@ -32,19 +35,26 @@ recipes=(
   "gptq-w3|gptq: {bits: 3, group_size: $g, $t}"
   "gptq-w4|gptq: {bits: 4, group_size: $g, $t}"
   "budget-3.0|budget: {bits_per_weight: 3.0, $cands, $t}"
+  "budget-3.0-relative|budget: {bits_per_weight: 3.0, sensitivity: relative, $cands, $t}"
   "budget-3.5|budget: {bits_per_weight: 3.5, $cands, $t}"
 )
-run_recipes
+run_recipes "$@"
 # the budget at exactly the uniform W3 file's size
-w3=$(python3 -c "import json;print(json.load(open('$out/gptq-w3/report.json'))['output']['bits_per_weight'])")
-recipes=("budget-at-w3|budget: {bits_per_weight: $w3, $cands, $t}")
-run_recipes
+if [ -f "$out/gptq-w3/report.json" ]; then
+  w3=$(python3 -c "import json;print(json.load(open('$out/gptq-w3/report.json'))['output']['bits_per_weight'])")
+  recipes=(
+    "budget-at-w3|budget: {bits_per_weight: $w3, $cands, $t}"
+    "budget-at-w3-relative|budget: {bits_per_weight: $w3, sensitivity: relative, $cands, $t}"
+  )
+  run_recipes "$@"
+fi
 python3 - "$out" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 print("| recipe | bits per weight | wikitext2 head | c4_eval head | allocation | compress s |")
 print("|---|---:|---:|---:|---|---:|")
-for n in ["gptq-w2", "gptq-w3", "gptq-w4", "budget-3.0", "budget-at-w3", "budget-3.5"]:
+for n in ["gptq-w2", "gptq-w3", "gptq-w4", "budget-3.0", "budget-3.0-relative", "budget-at-w3",
+          "budget-at-w3-relative", "budget-3.5"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue

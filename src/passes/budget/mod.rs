@@ -16,6 +16,7 @@
 //!
 //!    (the quantity GPTQ minimises, eq. 1 of Frantar et al.; summing over tokens counts an
 //!    expert of a mixture by the tokens routed to it);
+//!    `sensitivity: relative` uses ‖ΔW X‖² / ‖W X‖² instead (every linear weighing alike);
 //! 2. **allocates** by the multiple-choice knapsack min Σ_i D_i(c_i) s.t. Σ_i B_i(c_i) ≤ B
 //!    ([`knapsack`], exact dynamic programming over bytes);
 //! 3. **applies** the chosen treatment per linear in the ordinary streaming run (GPTQ onto the
@@ -60,9 +61,34 @@ pub struct BudgetSpec {
     /// GPTQ's dampening for every candidate.
     #[serde(default = "d_damp")]
     pub damp: f64,
+    /// The damage the knapsack minimises: `output_error` (Σ_t ‖ΔW x_t‖², default) or
+    /// `relative` (‖ΔW X‖² / ‖W X‖², every linear weighing alike).
+    #[serde(default)]
+    pub sensitivity: Sensitivity,
     /// The allocation, once the scan has run (see [`prepare`]).
     #[serde(skip)]
     pub allocation: Option<Allocation>,
+}
+
+/// How a candidate's damage to a linear is measured on the calibration inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sensitivity {
+    /// D_i(c) = Σ_t ‖(W_i − Ŵ_i(c)) x_t‖²: the output error in the model's own units, so a
+    /// linear whose outputs are large (or that sees many tokens) weighs more.
+    #[default]
+    OutputError,
+    /// ‖ΔW X‖² / ‖W X‖²: scale-free, every linear weighing alike.
+    Relative,
+}
+
+impl Sensitivity {
+    fn note(self) -> &'static str {
+        match self {
+            Sensitivity::OutputError => "damage",
+            Sensitivity::Relative => "relative",
+        }
+    }
 }
 
 /// One treatment a linear may get: a weight grid, applied by GPTQ.
@@ -197,8 +223,10 @@ impl BudgetSpec {
 /// What the allocation chose, kept in the resume state.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Allocation {
-    /// The candidates' labels, in order (a resumed run checks they are the same).
+    /// The candidates' labels, in order, and the damage measure (a resumed run checks they
+    /// are the same).
     pub candidates: Vec<String>,
+    pub sensitivity: Sensitivity,
     /// Bytes of all the decoder linears allowed and used (the unselected ones included).
     pub target_bytes: u64,
     pub bytes: u64,
@@ -273,7 +301,7 @@ pub fn prepare(
     let labels = spec.labels();
     if let Some(a) = cached
         .and_then(|v| serde_json::from_value::<Allocation>(v.clone()).ok())
-        .filter(|a| a.candidates == labels)
+        .filter(|a| a.candidates == labels && a.sensitivity == spec.sensitivity)
     {
         crate::info!("{at}: budget allocation from the resume state");
         spec.allocation = Some(a.clone());
@@ -328,7 +356,7 @@ pub fn prepare(
     for rec in r.records.iter().filter(|r| r.pass == SCAN) {
         let d: Vec<f64> = rec
             .notes
-            .get("damage")
+            .get(spec.sensitivity.note())
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .context("budget scan record without damage")?;
         damage.insert(
@@ -373,6 +401,7 @@ pub fn prepare(
     let bytes = fixed + choice.values().map(|v| v.1).sum::<u64>();
     let a = Allocation {
         candidates: labels.clone(),
+        sensitivity: spec.sensitivity,
         target_bytes: target,
         bytes,
         numel,
@@ -439,9 +468,11 @@ impl Pass for Scan {
             let lin = &ctx.layer.linears[name];
             let keep = lin.mask().map(|m| m.keep.as_slice());
             let mut damage = Vec::with_capacity(self.passes.len());
+            let mut relative = Vec::with_capacity(self.passes.len());
             for (c, p) in self.passes.iter().enumerate() {
                 let Some(h) = &h else {
                     damage.push(0.0);
+                    relative.push(0.0);
                     continue;
                 };
                 let r = p
@@ -455,11 +486,18 @@ impl Pass for Scan {
                     )
                     .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
                 let d = lin.weight() - &r.dequant;
-                damage.push(n / 2.0 * crate::linalg::quad_trace(&d, h));
+                let e = crate::linalg::quad_trace(&d, h);
+                damage.push(n / 2.0 * e);
+                relative.push(e / crate::linalg::quad_trace(lin.weight(), h).max(1e-300));
             }
             ctx.records.push(
-                LinearRecord::new(ctx.index(), name, SCAN, t)
-                    .notes([("damage".to_string(), json!(damage))].into()),
+                LinearRecord::new(ctx.index(), name, SCAN, t).notes(
+                    [
+                        ("damage".to_string(), json!(damage)),
+                        ("relative".to_string(), json!(relative)),
+                    ]
+                    .into(),
+                ),
             );
         }
         Ok(())
