@@ -253,6 +253,8 @@ ROW_LIMITS["mixtral"] = {
             "mlp.gate) in bf16 in a float32 model: its forward fails (float != BFloat16)",
             "ct-mxfp4a16": "router and experts in bf16 (as ct-sym): 1.0e-1, not comparable at "
             "float32",
+            "ct-mixed": "the same loader limit as ct-sym (and the column's MLP pattern names "
+            "Mixtral's w1/w2/w3 experts not at all)",
         },
     ),
 }
@@ -297,6 +299,15 @@ def columns():
         'bits: 4, group_size: 32, sym: false, ignore: ["re:.*down_proj$"]',
         "ct",
         {"bits": 4, "sym": False, "group_size": 32, "strategy": "group", "ignored": "down_proj"},
+    )
+    # several schemes in one file (what a size budget writes): one config group per grid,
+    # each naming its modules — the attention linears 2-bit asymmetric, the MLP 4-bit
+    cols["ct-mixed"] = (
+        "compressed-tensors",
+        'bits: 4, group_size: 32, targets: ["re:.*(gate|up|down)_proj$"]}\n  - rtn: {bits: 2, group_size: 32, '
+        'sym: false, targets: ["re:.*self_attn.*"]',
+        "ct-mixed",
+        {"groups": 2},
     )
     for b in (2, 4):
         cols[f"gptq-asym-{b}"] = (
@@ -403,6 +414,15 @@ def check_config(src, out, kind, want):
         for k_ours, k_ct in (("bits", "num_bits"), ("sym", "symmetric"), ("group_size", "group_size"), ("strategy", "strategy")):
             if w.get(k_ct) != want[k_ours]:
                 errs.append(f"weights.{k_ct} = {w.get(k_ct)!r}, asked {want[k_ours]!r}")
+    if kind == "ct-mixed":
+        groups = q.get("config_groups") or {}
+        if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+            errs.append(f"quant_method/format {q.get('quant_method')}/{q.get('format')}")
+        if len(groups) != want["groups"]:
+            errs.append(f"{len(groups)} config groups, expected {want['groups']}")
+        named = [t for g in groups.values() for t in g.get("targets", [])]
+        if "Linear" in named or len(named) != len(set(named)):
+            errs.append("mixed groups must name each module once")
     if kind == "ct-float":
         if "lm_head" not in (q.get("ignore") or []):
             errs.append(f"ignore {q.get('ignore')} lacks lm_head")
