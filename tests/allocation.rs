@@ -253,11 +253,11 @@ fn budget_meets_its_target_with_one_config_group_per_grid() {
     assert_eq!(table, bytes, "{md}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Stored bits per weight per linear"));
-    // the scale-free measure allocates under the same target
+    // the output-error measure allocates under the same target
     let rel = run(&budget_pipeline(
         d.path(),
         "rel",
-        &BUDGET.replace("budget: {", "budget: {sensitivity: relative, "),
+        &BUDGET.replace("budget: {", "budget: {sensitivity: output_error, "),
     ));
     let rb = rel["output"]["bits_per_weight"].as_f64().unwrap();
     assert!(

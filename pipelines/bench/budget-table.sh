@@ -7,7 +7,7 @@
 # (3-bit codes pack ten to an int32: W3 costs 3.2 bits before scales). Calibration: the first
 # 128 c4_calib documents ≤ 512 tokens; perplexity at seq 512 on the first 300,000 bytes of
 # wikitext2's test file and of the c4_eval text.
-# `sensitivity: relative` rows beside the default (output error) ones.
+# `sensitivity: output_error` and `relative` (the default) rows side by side.
 # Usage (repository root, ../shared beside it):
 #   pipelines/bench/budget-table.sh [ref|real] [OUT] [RECIPE…]   (all recipes when none named)
 set -euo pipefail
@@ -34,16 +34,16 @@ recipes=(
   "gptq-w2|gptq: {bits: 2, group_size: $g, $t}"
   "gptq-w3|gptq: {bits: 3, group_size: $g, $t}"
   "gptq-w4|gptq: {bits: 4, group_size: $g, $t}"
-  "budget-3.0|budget: {bits_per_weight: 3.0, $cands, $t}"
+  "budget-3.0|budget: {bits_per_weight: 3.0, sensitivity: output_error, $cands, $t}"
   "budget-3.0-relative|budget: {bits_per_weight: 3.0, sensitivity: relative, $cands, $t}"
-  "budget-3.5|budget: {bits_per_weight: 3.5, $cands, $t}"
+  "budget-3.5|budget: {bits_per_weight: 3.5, sensitivity: output_error, $cands, $t}"
 )
 run_recipes "$@"
 # the budget at exactly the uniform W3 file's size
 if [ -f "$out/gptq-w3/report.json" ]; then
   w3=$(python3 -c "import json;print(json.load(open('$out/gptq-w3/report.json'))['output']['bits_per_weight'])")
   recipes=(
-    "budget-at-w3|budget: {bits_per_weight: $w3, $cands, $t}"
+    "budget-at-w3|budget: {bits_per_weight: $w3, sensitivity: output_error, $cands, $t}"
     "budget-at-w3-relative|budget: {bits_per_weight: $w3, sensitivity: relative, $cands, $t}"
   )
   run_recipes "$@"

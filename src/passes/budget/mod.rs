@@ -16,7 +16,8 @@
 //!
 //!    (the quantity GPTQ minimises, eq. 1 of Frantar et al.; summing over tokens counts an
 //!    expert of a mixture by the tokens routed to it);
-//!    `sensitivity: relative` uses ‖ΔW X‖² / ‖W X‖² instead (every linear weighing alike);
+//!    and its relative form ‖ΔW X‖² / ‖W X‖² (every linear weighing alike), which the
+//!    knapsack minimises by default (`sensitivity:`; measured better, BENCHMARKS.md);
 //! 2. **allocates** by the multiple-choice knapsack min Σ_i D_i(c_i) s.t. Σ_i B_i(c_i) ≤ B
 //!    ([`knapsack`], exact dynamic programming over bytes);
 //! 3. **applies** the chosen treatment per linear in the ordinary streaming run (GPTQ onto the
@@ -61,8 +62,8 @@ pub struct BudgetSpec {
     /// GPTQ's dampening for every candidate.
     #[serde(default = "d_damp")]
     pub damp: f64,
-    /// The damage the knapsack minimises: `output_error` (Σ_t ‖ΔW x_t‖², default) or
-    /// `relative` (‖ΔW X‖² / ‖W X‖², every linear weighing alike).
+    /// The damage the knapsack minimises: `relative` (‖ΔW X‖² / ‖W X‖², every linear
+    /// weighing alike; default) or `output_error` (Σ_t ‖ΔW x_t‖²).
     #[serde(default)]
     pub sensitivity: Sensitivity,
     /// The allocation, once the scan has run (see [`prepare`]).
@@ -75,10 +76,13 @@ pub struct BudgetSpec {
 #[serde(rename_all = "snake_case")]
 pub enum Sensitivity {
     /// D_i(c) = Σ_t ‖(W_i − Ŵ_i(c)) x_t‖²: the output error in the model's own units, so a
-    /// linear whose outputs are large (or that sees many tokens) weighs more.
-    #[default]
+    /// linear whose outputs are large (or that sees many tokens) weighs more. Measured worse
+    /// than `relative` (BENCHMARKS.md, "Size budget"): on SmolLM2-135M at 3.0 bits per weight
+    /// it put 111 of 210 linears on W2 and the model fell apart (wikitext2 5318).
     OutputError,
-    /// ‖ΔW X‖² / ‖W X‖²: scale-free, every linear weighing alike.
+    /// ‖ΔW X‖² / ‖W X‖²: scale-free, every linear weighing alike (the default: better than
+    /// `output_error` on both models and both sets where both were measured).
+    #[default]
     Relative,
 }
 
