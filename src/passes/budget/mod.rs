@@ -535,10 +535,17 @@ pub struct Budget {
 impl Budget {
     pub fn new(spec: &BudgetSpec) -> Result<Self> {
         spec.validate()?;
-        let a = spec
-            .allocation
-            .as_ref()
-            .context("budget: no allocation (the runner's prepare phase did not run)")?;
+        // without the runner's prepare phase the pass builds (pipeline checks) but has no
+        // allocation: `apply` refuses every linear
+        let empty = Allocation {
+            candidates: spec.labels(),
+            sensitivity: spec.sensitivity,
+            target_bytes: 0,
+            bytes: 0,
+            numel: 0,
+            choice: BTreeMap::new(),
+        };
+        let a = spec.allocation.as_ref().unwrap_or(&empty);
         Ok(Budget {
             scan: Scan {
                 passes: spec.passes()?,
@@ -574,7 +581,9 @@ impl Pass for Budget {
             let &(c, bytes, damage) = self
                 .choice
                 .get(&module)
-                .with_context(|| format!("budget: the allocation has no entry for `{module}`"))?;
+                .with_context(|| {
+                    format!("budget: the allocation has no entry for `{module}` (did the runner's prepare phase run?)")
+                })?;
             let p = &self.scan.passes[c];
             let global = globals[c].get(name).copied();
             match super::linear_hessian(ctx, name, "rounded to nearest (no Hessian)")? {
