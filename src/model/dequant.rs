@@ -136,8 +136,11 @@ pub fn input_activations(
     match ckpt.config.raw.get("quantization_config") {
         None => Ok(None),
         Some(_) if !act_quant => Ok(None),
-        // GPTQ v1 quantizes weights only
-        Some(q) if q.get("quant_method").and_then(|m| m.as_str()) != Some("compressed-tensors") => {
+        // GPTQ v1 quantizes weights only; a bitmask-only block has no config groups
+        Some(q)
+            if q.get("quant_method").and_then(|m| m.as_str()) != Some("compressed-tensors")
+                || q.get("config_groups").is_none() =>
+        {
             Ok(None)
         }
         Some(q) => formats::compressed_tensors::read_input_activations(q, module, &file)?
