@@ -27,7 +27,7 @@
 //! collected site by site in execution order (q/k/v, then o with the q/k/v adapters in place,
 //! then gate/up, then down).
 
-use super::prune::targeted;
+use super::harness::targeted;
 use super::svd_llm::Whitened;
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};

@@ -34,16 +34,15 @@
 //! blocks (`Linear::set_ggml`, refused unless they decode to exactly its weight), and the GGUF
 //! exporter writes them as they are.
 
+use super::harness::{Done, PerLinear, Schedule};
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::formats::gguf::{self, FileType, Overrides, TypeOverride};
 use crate::model::layer::GgmlCodes;
 use crate::quant::ggml::{self, BlockGrid, GgmlType};
 use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::time::Instant;
 
 use super::sweep::{self, ColumnRule, Factor};
 
@@ -468,21 +467,19 @@ impl Pass for GptqGgml {
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         // every linear's Hessian from the layer's inputs, one forward (as `gptq` by default)
-        ctx.refresh()?;
-        for name in ctx.config.block().linear_names() {
-            let module = ctx.module_name(name);
-            if !self.select.selects_in(ctx, name) {
-                continue;
-            }
-            let t = Instant::now();
-            let lin = &ctx.layer.linears[name];
+        let harness = PerLinear {
+            pass: "gptq_ggml",
+            select: &self.select,
+            schedule: Schedule::OneForward,
+        };
+        harness.each(ctx, |ctx, l| {
+            let lin = &ctx.layer.linears[l.name];
             if lin.mask().is_some() || lin.quant().is_some() || lin.adapter().is_some() {
-                bail!("{module}: gptq_ggml sweeps dense weights; this linear is already pruned, quantized or adapted");
+                bail!("gptq_ggml sweeps dense weights; this linear is already pruned, quantized or adapted");
             }
             let cols = lin.weight().ncols();
-            let hf = format!("{module}.weight");
-            let gname = gguf::gguf_name(&hf)
-                .with_context(|| format!("{module}: no GGUF tensor name (llama architecture)"))?;
+            let gname = gguf::gguf_name(&format!("{}.weight", l.module))
+                .context("no GGUF tensor name (llama architecture)")?;
             let ty = gguf::tensor_type(
                 self.ft,
                 &gname,
@@ -492,11 +489,14 @@ impl Pass for GptqGgml {
                 &self.overrides,
             );
             if ggml::levels(ty) == 0 {
-                continue; // a float type in this mix: nothing to round
+                return Ok(Done::skipped()); // a float type in this mix: nothing to round
             }
-            let h =
-                super::hessian_or_identity(ctx, name, "quantized without a Hessian (identity)")?;
-            let lin = &ctx.layer.linears[name];
+            let h = super::hessian_or_identity(
+                ctx,
+                l.name,
+                "quantized without a Hessian (identity)",
+            )?;
+            let lin = &ctx.layer.linears[l.name];
             let r = gptq_ggml(
                 lin.weight(),
                 &h,
@@ -505,7 +505,7 @@ impl Pass for GptqGgml {
                 self.spec.weighted,
                 self.order(),
             )
-            .with_context(|| format!("{module}: GPTQ onto {}", ty.name()))?;
+            .with_context(|| format!("GPTQ onto {}", ty.name()))?;
             // relative output error, the sweep's tr(ΔW H ΔWᵀ) over tr(W H Wᵀ)
             let total = crate::linalg::quad_trace(lin.weight(), &h);
             let rel = if total > 0.0 {
@@ -513,30 +513,19 @@ impl Pass for GptqGgml {
             } else {
                 0.0
             };
-            ctx.warn_damp(&module, self.spec.damp, r.damp);
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            let lin = ctx.layer.linears.get_mut(l.name).context("linear present")?;
             lin.set_weight(r.dequant)?;
-            lin.set_ggml(GgmlCodes { ty, bytes: r.bytes })
-                .with_context(|| module.clone())?;
-            ctx.records.push(
-                LinearRecord::new(ctx.index(), name, "gptq_ggml", t)
-                    .error(rel)
-                    .loss(r.loss)
-                    .notes(
-                        [
-                            ("type".to_string(), json!(ty.name())),
-                            ("damp".to_string(), json!(r.damp)),
-                            ("order".to_string(), json!(format!("{:?}", self.order()))),
-                            (
-                                "kept".to_string(),
-                                json!(if r.swept { "sweep" } else { "rounding" }),
-                            ),
-                        ]
-                        .into(),
-                    ),
-            );
-        }
-        Ok(())
+            lin.set_ggml(GgmlCodes { ty, bytes: r.bytes })?;
+            Ok(Done {
+                error: Some(rel),
+                loss: Some(r.loss),
+                damp: Some((self.spec.damp, r.damp)),
+                ..Default::default()
+            }
+            .note("type", ty.name())
+            .note("order", format!("{:?}", self.order()))
+            .note("kept", if r.swept { "sweep" } else { "rounding" }))
+        })
     }
 }
 

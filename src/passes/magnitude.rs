@@ -2,11 +2,11 @@
 //! linear, zero the weights of smallest |w| — over the whole matrix to the target sparsity, or
 //! within every group of M consecutive inputs for N:M. No calibration data.
 
-use super::prune::{prune_by_scores, targeted, PruneSpec};
+use super::harness::{PerLinear, Schedule};
+use super::prune::{prune_by_scores, PruneSpec};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, Pass};
 use anyhow::Result;
-use std::time::Instant;
 
 pub struct Magnitude {
     spec: PruneSpec,
@@ -33,15 +33,18 @@ impl Pass for Magnitude {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        for name in targeted(ctx, &self.select) {
-            let t = Instant::now();
-            let scores: Vec<f32> = ctx.layer.linears[name]
+        let harness = PerLinear {
+            pass: "magnitude",
+            select: &self.select,
+            schedule: Schedule::Weights,
+        };
+        harness.each(ctx, |ctx, l| {
+            let scores: Vec<f32> = ctx.layer.linears[l.name]
                 .weight()
                 .iter()
                 .map(|w| w.abs())
                 .collect();
-            prune_by_scores(ctx, "magnitude", name, &self.spec, false, &scores, t)?;
-        }
-        Ok(())
+            prune_by_scores(ctx, l.name, &self.spec, false, &scores)
+        })
     }
 }

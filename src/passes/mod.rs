@@ -6,6 +6,7 @@ pub mod budget;
 pub mod eora;
 pub mod gptq;
 pub mod gptq_ggml;
+pub mod harness;
 pub mod imatrix;
 pub mod kd;
 pub mod magnitude;
@@ -23,6 +24,7 @@ pub mod wanda;
 use crate::engine::Pass;
 use crate::quant::{Observer, QuantArgs, Strategy};
 use anyhow::{bail, ensure, Context, Result};
+pub(crate) use harness::{hessian_or_identity, input_site, linear_hessian};
 use serde::{Deserialize, Serialize};
 
 /// Every method once: its YAML key, its spec (the pass's own file defines the fields and their
@@ -341,56 +343,6 @@ pub(crate) fn fused_global_scales(
             )
         })
         .collect())
-}
-
-/// The input site a linear of the layer reads, from the block's table.
-pub(crate) fn input_site(
-    ctx: &crate::engine::LayerCtx,
-    linear: &str,
-) -> Result<crate::model::layer::Site> {
-    ctx.config
-        .block()
-        .site_of(linear)
-        .with_context(|| format!("`{linear}` is not a linear of this architecture's block"))
-}
-
-/// The Hessian H = 2/n·XᵀX of a linear's input; `None` for an expert of a mixture that no
-/// calibration token reached (it has no statistics): the caller compresses it without one —
-/// `fallback` says how, in the warning that names the module — never from an all-dead
-/// Hessian, which would zero the expert. How many tokens each expert saw is in GPTQ's records
-/// (`tokens`).
-pub(crate) fn linear_hessian(
-    ctx: &mut crate::engine::LayerCtx,
-    linear: &str,
-    fallback: &str,
-) -> Result<Option<ndarray::Array2<f64>>> {
-    let site = input_site(ctx, linear)?;
-    let expert = ctx.config.block().site(site).expert;
-    let st = ctx.stats(site)?;
-    let n = st.n;
-    let h = st.hessian().context("no Hessian collected")?;
-    if let (Some(e), 0) = (expert, n) {
-        let module = ctx.module_name(linear);
-        ctx.warnings.push(format!(
-            "{module}: no calibration token was routed to expert {e}: {fallback} (calibrate \
-             with more data, or `calibration.experts: all`)"
-        ));
-        return Ok(None);
-    }
-    Ok(Some(h))
-}
-
-/// [`linear_hessian`], with the identity for an expert no token reached (the method on it
-/// without input statistics: SparseGPT prunes by magnitude, SVD-LLM is a plain SVD).
-pub(crate) fn hessian_or_identity(
-    ctx: &mut crate::engine::LayerCtx,
-    linear: &str,
-    fallback: &str,
-) -> Result<ndarray::Array2<f64>> {
-    let dim = ctx
-        .config
-        .dim(ctx.config.block().site(input_site(ctx, linear)?).width);
-    Ok(linear_hessian(ctx, linear, fallback)?.unwrap_or_else(|| ndarray::Array2::eye(dim)))
 }
 
 impl Scheme {

@@ -3,6 +3,7 @@
 //! whether the remaining weights are updated — are in `magnitude.rs`, `wanda.rs` and
 //! `sparsegpt.rs`.
 
+use super::harness::Done;
 use crate::engine::LayerCtx;
 use crate::model::layer::Mask;
 use anyhow::{bail, Context, Result};
@@ -229,50 +230,25 @@ pub fn mask_from_scores(
     Mask::new((rows, cols), keep)
 }
 
-/// Prune linear `name` of the layer by `scores` ([rows, cols], lowest go) per `spec`, and
-/// record the measured sparsity under `pass`.
+/// Prune linear `name` of the layer by `scores` ([rows, cols], lowest go) per `spec`; the
+/// record notes the measured sparsity.
 pub fn prune_by_scores(
     ctx: &mut LayerCtx,
-    pass: &str,
     name: &str,
     spec: &PruneSpec,
     per_row: bool,
     scores: &[f32],
-    started: std::time::Instant,
-) -> Result<()> {
-    let module = ctx.module_name(name);
-    let (rows, cols) = ctx
-        .layer
-        .linears
-        .get(name)
-        .with_context(|| format!("{module}: no such linear"))?
-        .shape();
+) -> Result<Done> {
     let layer = ctx.layer.index;
     let target = spec.target_at(layer)?;
-    let lin = ctx
-        .layer
-        .linears
-        .get_mut(name)
-        .with_context(|| format!("{module}: no such linear"))?;
-    let mask = mask_from_scores(scores, rows, cols, spec.pattern, target, per_row)
-        .with_context(|| module.clone())?;
+    let lin = ctx.layer.linears.get_mut(name).context("no such linear")?;
+    let (rows, cols) = lin.shape();
+    let mask = mask_from_scores(scores, rows, cols, spec.pattern, target, per_row)?;
     let sparsity = mask.sparsity();
-    lin.set_mask(mask).with_context(|| module.clone())?;
-    let mut notes: std::collections::BTreeMap<String, serde_json::Value> =
-        [("sparsity".to_string(), serde_json::json!(sparsity))].into();
-    notes.extend(spec.notes_at(layer));
-    ctx.records
-        .push(crate::engine::LinearRecord::new(layer, name, pass, started).notes(notes));
-    Ok(())
-}
-
-/// The targeted linears of the layer, in execution order.
-pub fn targeted(ctx: &LayerCtx, select: &super::select::Selector) -> Vec<&'static str> {
-    ctx.config
-        .block()
-        .linear_names()
-        .filter(|n| select.selects_in(ctx, n))
-        .collect()
+    lin.set_mask(mask)?;
+    let mut done = Done::default().note("sparsity", sparsity);
+    done.notes.extend(spec.notes_at(layer));
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -1,14 +1,14 @@
 //! Round-to-nearest: w_q = s · (clamp(round(w/s) + z) − z) with min-max (or MSE-searched)
 //! ranges per group, channel or tensor. No calibration; the baseline every report compares to.
 
+use super::harness::{Done, PerLinear, Schedule};
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::quant::scale_dtype_for;
 use crate::quant::QuantArgs;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,39 +50,32 @@ impl Pass for Rtn {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        let names: Vec<&str> = ctx
-            .config
-            .block()
-            .linear_names()
-            .filter(|n| self.select.selects_in(ctx, n))
-            .collect();
+        let harness = PerLinear {
+            pass: "rtn",
+            select: &self.select,
+            schedule: Schedule::Weights,
+        };
         let globals = if self.args.global_scale {
-            super::fused_global_scales(ctx, &names)?
+            super::fused_global_scales(ctx, &harness.selected(ctx))?
         } else {
             Default::default()
         };
-        for name in names {
-            let module = ctx.module_name(name);
-            let t = Instant::now();
+        harness.each(ctx, |ctx, l| {
             let lin = ctx
                 .layer
                 .linears
-                .get_mut(name)
-                .expect("all linears present");
+                .get_mut(l.name)
+                .context("linear present")?;
             if let Some(a) = &self.act {
-                a.check_width(lin.shape().1)
-                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+                a.check_width(lin.shape().1)?;
             }
             let dtype = scale_dtype_for(lin.dtype);
-            let q = round_to_nearest(lin.weight(), &self.args, dtype, globals.get(name).copied())
-                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-            lin.set_quantized(q)
-                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            let global = globals.get(l.name).copied();
+            let q = round_to_nearest(lin.weight(), &self.args, dtype, global)?;
+            lin.set_quantized(q)?;
             lin.set_act_quant(self.act);
-            ctx.records
-                .push(LinearRecord::new(ctx.index(), name, "rtn", t));
-        }
-        Ok(())
+            Ok(Done::default())
+        })
     }
 }
 

@@ -20,11 +20,12 @@
 //! as in GPTQ.
 
 use super::gptq::{Grid, GridRow, Ordering};
-use super::prune::{targeted, Pattern, PruneSpec};
+use super::harness::{Done, PerLinear, Schedule};
+use super::prune::{Pattern, PruneSpec};
 use super::sweep::{self, ColumnRule, Factor};
 use super::Scheme;
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::model::layer::Mask;
 use crate::model::DType;
 use crate::quant::{scale_dtype_for, QuantArgs, QuantizedLinear};
@@ -32,8 +33,6 @@ use anyhow::{bail, Context, Result};
 use ndarray::Array2;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,19 +314,20 @@ impl Pass for SparseGpt {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         // every linear's Hessian from the layer's inputs before pruning (one statistics
         // forward), as the reference implementation and llm-compressor do
-        ctx.refresh()?;
-        for name in targeted(ctx, &self.select) {
-            let t = Instant::now();
-            let module = ctx.module_name(name);
+        let harness = PerLinear {
+            pass: "sparsegpt",
+            select: &self.select,
+            schedule: Schedule::OneForward,
+        };
+        harness.each(ctx, |ctx, l| {
             let h = super::hessian_or_identity(
                 ctx,
-                name,
+                l.name,
                 "pruned by weight magnitude (identity Hessian)",
             )?;
             let target = self.spec.prune.target_at(ctx.index())?;
-            let lin = &ctx.layer.linears[name];
-            let dtype = lin.dtype;
-            let joint = self.joint.as_ref().map(|a| (a, scale_dtype_for(dtype)));
+            let lin = &ctx.layer.linears[l.name];
+            let joint = self.joint.as_ref().map(|a| (a, scale_dtype_for(lin.dtype)));
             let r = sparsegpt_prune(
                 lin.weight(),
                 &h,
@@ -336,31 +336,29 @@ impl Pass for SparseGpt {
                 self.spec.damp,
                 self.spec.block_size,
                 joint,
-            )
-            .with_context(|| module.clone())?;
-            ctx.warn_damp(&module, self.spec.damp, r.damp);
+            )?;
             let sparsity = r.mask.sparsity();
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+            let lin = ctx
+                .layer
+                .linears
+                .get_mut(l.name)
+                .context("linear present")?;
             let before = lin.weight().clone();
-            lin.set_mask(r.mask).with_context(|| module.clone())?;
+            lin.set_mask(r.mask)?;
             match r.quant {
                 Some(q) => lin.set_quantized(q),
                 None => lin.set_weight(r.weight),
+            }?;
+            let mut done = Done {
+                error: Some(crate::linalg::rel_output_error(&before, lin.weight(), &h)),
+                loss: Some(r.loss),
+                damp: Some((self.spec.damp, r.damp)),
+                ..Default::default()
             }
-            .with_context(|| module.clone())?;
-            let rel = crate::linalg::rel_output_error(&before, lin.weight(), &h);
-            let mut notes = std::collections::BTreeMap::new();
-            notes.insert("sparsity".into(), json!(sparsity));
-            notes.insert("damp".into(), json!(r.damp));
-            notes.extend(self.spec.prune.notes_at(ctx.index()));
-            ctx.records.push(
-                LinearRecord::new(ctx.index(), name, "sparsegpt", t)
-                    .error(rel)
-                    .loss(r.loss)
-                    .notes(notes),
-            );
-        }
-        Ok(())
+            .note("sparsity", sparsity);
+            done.notes.extend(self.spec.prune.notes_at(ctx.index()));
+            Ok(done)
+        })
     }
 }
 

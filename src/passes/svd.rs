@@ -13,9 +13,9 @@
 //! why it collapses on LLMs (SVD-LLM, Table 1: LLaMA-7B wikitext2 perplexity 20,061 at 20%);
 //! `svd_llm.rs` minimises the output error instead. No calibration data.
 
-use super::prune::targeted;
+use super::harness::{Done, PerLinear, Schedule};
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::model::layer::Factor;
 use crate::model::DType;
 use crate::quant::round_to;
@@ -24,7 +24,6 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 /// How much to keep: exactly one of `ratio` (fraction of each targeted linear's parameters
 /// removed) or `rank`. Shared by `svd` and `svd_llm`.
@@ -176,29 +175,35 @@ impl Pass for Svd {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        for name in targeted(ctx, &self.select) {
-            let t = Instant::now();
-            let module = ctx.module_name(name);
-            let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+        let harness = PerLinear {
+            pass: "svd",
+            select: &self.select,
+            schedule: Schedule::Weights,
+        };
+        harness.each(ctx, |ctx, l| {
+            let lin = ctx
+                .layer
+                .linears
+                .get_mut(l.name)
+                .context("linear present")?;
             let (m, n) = lin.shape();
-            let r = self.spec.rank_for(m, n).with_context(|| module.clone())?;
-            let lr = svd_truncate(lin.weight(), r).with_context(|| module.clone())?;
+            let r = self.spec.rank_for(m, n)?;
+            let lr = svd_truncate(lin.weight(), r)?;
             let (u, v) = lr.factors(lin.dtype);
-            lin.set_factored(u, v).with_context(|| module.clone())?;
-            let removed = params_removed(m, n, r);
-            ctx.records.push(
-                LinearRecord::new(ctx.index(), name, "svd", t)
-                    .loss(lr.loss)
-                    .notes(rank_notes(m, n, r)),
-            );
-            if removed <= 0 {
+            lin.set_factored(u, v)?;
+            if params_removed(m, n, r) <= 0 {
                 ctx.warn(format!(
-                    "{module}: rank {r} factors hold {} parameters, not fewer than the {m}×{n} matrix",
+                    "{}: rank {r} factors hold {} parameters, not fewer than the {m}×{n} matrix",
+                    l.module,
                     r * (m + n)
                 ));
             }
-        }
-        Ok(())
+            Ok(Done {
+                loss: Some(lr.loss),
+                notes: rank_notes(m, n, r),
+                ..Default::default()
+            })
+        })
     }
 }
 

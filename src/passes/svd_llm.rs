@@ -41,7 +41,7 @@
 //! losses compared are in comparable units (each is the squared output error of a linear on
 //! this layer's calibration inputs). What it cannot do is move parameters between layers.
 
-use super::prune::targeted;
+use super::harness::targeted;
 use super::svd::{params_removed, rank_notes, split_sqrt, LowRank, SvdSpec};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, LinearRecord, Pass};

@@ -10,12 +10,12 @@
 //! LLMs than over the layer). N:M compares within each group of M consecutive inputs of a row.
 //! No weight update, no Hessian: one statistics forward per layer.
 
+use super::harness::{PerLinear, Schedule};
 use super::input_site;
-use super::prune::{prune_by_scores, targeted, PruneSpec};
+use super::prune::{prune_by_scores, PruneSpec};
 use crate::engine::stats::StatsRequest;
 use crate::engine::{LayerCtx, Pass};
 use anyhow::{Context, Result};
-use std::time::Instant;
 
 pub struct Wanda {
     spec: PruneSpec,
@@ -56,26 +56,27 @@ impl Pass for Wanda {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         // every linear scored on the layer's dense inputs (one statistics forward), as the
         // paper's reference implementation does
-        ctx.refresh()?;
-        for name in targeted(ctx, &self.select) {
-            let t = Instant::now();
-            let site = input_site(ctx, name)?;
-            let st = ctx.stats(site)?;
+        let harness = PerLinear {
+            pass: "wanda",
+            select: &self.select,
+            schedule: Schedule::OneForward,
+        };
+        harness.each(ctx, |ctx, l| {
+            let st = ctx.stats(input_site(ctx, l.name)?)?;
             let (n, dim) = (st.n, st.dim);
             let mut norm = st.col_norm().context("no column norms collected")?;
             if n == 0 {
                 // an expert no calibration token reached: every ‖X_j‖ is 0, so score by
                 // magnitude alone (all norms 1) rather than by ties
                 norm = vec![1.0; dim];
-                let module = ctx.module_name(name);
                 ctx.warnings.push(format!(
-                    "{module}: no calibration token was routed to this expert: pruned by weight \
-                     magnitude (calibrate with more data, or `calibration.experts: all`)"
+                    "{}: no calibration token was routed to this expert: pruned by weight \
+                     magnitude (calibrate with more data, or `calibration.experts: all`)",
+                    l.module
                 ));
             }
-            let scores = wanda_scores(ctx.layer.linears[name].weight(), &norm);
-            prune_by_scores(ctx, "wanda", name, &self.spec, true, &scores, t)?;
-        }
-        Ok(())
+            let scores = wanda_scores(ctx.layer.linears[l.name].weight(), &norm);
+            prune_by_scores(ctx, l.name, &self.spec, true, &scores)
+        })
     }
 }

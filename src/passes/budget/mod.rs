@@ -29,9 +29,10 @@
 pub mod knapsack;
 
 use super::gptq::{Gptq, GptqSpec};
+use super::harness::{Done, PerLinear, Schedule};
 use super::select::Selector;
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::formats::Order;
 use crate::quant::{Observer, QuantArgs, Strategy};
 use crate::safetensors_file::DType;
@@ -39,7 +40,6 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -455,22 +455,14 @@ impl Pass for Scan {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        ctx.refresh()?;
-        let names: Vec<&str> = ctx.config.block().linear_names().collect();
-        let selected: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| self.select.selects_in(ctx, n))
-            .collect();
-        let globals = self.globals(ctx, &selected)?;
-        for name in selected {
-            let t = Instant::now();
-            let module = ctx.module_name(name);
-            let site = super::input_site(ctx, name)?;
+        let harness = self.harness(SCAN);
+        let globals = self.globals(ctx, &harness.selected(ctx))?;
+        harness.each(ctx, |ctx, lin| {
+            let site = super::input_site(ctx, lin.name)?;
             let n = ctx.stats(site)?.n as f64;
-            let h = super::linear_hessian(ctx, name, "its damage counts as zero")?;
-            let lin = &ctx.layer.linears[name];
-            let keep = lin.mask().map(|m| m.keep.as_slice());
+            let h = super::linear_hessian(ctx, lin.name, "its damage counts as zero")?;
+            let l = &ctx.layer.linears[lin.name];
+            let keep = l.mask().map(|m| m.keep.as_slice());
             let mut damage = Vec::with_capacity(self.passes.len());
             let mut relative = Vec::with_capacity(self.passes.len());
             for (c, p) in self.passes.iter().enumerate() {
@@ -479,36 +471,30 @@ impl Pass for Scan {
                     relative.push(0.0);
                     continue;
                 };
-                let r = p
-                    .sweep(
-                        lin.weight(),
-                        h,
-                        lin.dtype,
-                        p.damp(),
-                        keep,
-                        globals[c].get(name).copied(),
-                    )
-                    .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
-                let d = lin.weight() - &r.dequant;
+                let global = globals[c].get(lin.name).copied();
+                let r = p.sweep(l.weight(), h, l.dtype, p.damp(), keep, global)?;
+                let d = l.weight() - &r.dequant;
                 let e = crate::linalg::quad_trace(&d, h);
                 damage.push(n / 2.0 * e);
-                relative.push(e / crate::linalg::quad_trace(lin.weight(), h).max(1e-300));
+                relative.push(e / crate::linalg::quad_trace(l.weight(), h).max(1e-300));
             }
-            ctx.records.push(
-                LinearRecord::new(ctx.index(), name, SCAN, t).notes(
-                    [
-                        ("damage".to_string(), json!(damage)),
-                        ("relative".to_string(), json!(relative)),
-                    ]
-                    .into(),
-                ),
-            );
-        }
-        Ok(())
+            Ok(Done::default()
+                .note("damage", damage)
+                .note("relative", relative))
+        })
     }
 }
 
 impl Scan {
+    /// The harness of the scan and of the budget pass: every linear from the layer's inputs.
+    fn harness(&self, pass: &'static str) -> PerLinear<'_> {
+        PerLinear {
+            pass,
+            select: &self.select,
+            schedule: Schedule::OneForward,
+        }
+    }
+
     /// NVFP4's fused global scales, per candidate that has one.
     fn globals(&self, ctx: &LayerCtx, selected: &[&str]) -> Result<Vec<BTreeMap<String, f32>>> {
         self.passes
@@ -567,40 +553,24 @@ impl Pass for Budget {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        ctx.refresh()?;
-        let names: Vec<&str> = ctx.config.block().linear_names().collect();
-        let selected: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| self.scan.select.selects_in(ctx, n))
-            .collect();
-        let globals = self.scan.globals(ctx, &selected)?;
-        for name in selected {
-            let t = Instant::now();
-            let module = ctx.module_name(name);
-            let &(c, bytes, damage) = self
-                .choice
-                .get(&module)
-                .with_context(|| {
-                    format!("budget: the allocation has no entry for `{module}` (did the runner's prepare phase run?)")
-                })?;
+        let harness = self.scan.harness("budget");
+        let globals = self.scan.globals(ctx, &harness.selected(ctx))?;
+        harness.each(ctx, |ctx, lin| {
+            let &(c, bytes, damage) = self.choice.get(&lin.module).context(
+                "budget: the allocation has no entry for this linear (did the runner's prepare phase run?)",
+            )?;
             let p = &self.scan.passes[c];
-            let global = globals[c].get(name).copied();
-            match super::linear_hessian(ctx, name, "rounded to nearest (no Hessian)")? {
-                Some(h) => p.quantize_linear(ctx, name, &h, None, global, t)?,
-                None => p.round_starved_expert(ctx, name, &module, global, t)?,
-            }
-            let (rows, cols) = ctx.layer.linears[name].shape();
-            let rec = ctx.records.last_mut().context("no record")?;
-            rec.notes.insert(
-                "bits_per_weight".into(),
-                json!(bytes as f64 * 8.0 / (rows * cols).max(1) as f64),
-            );
-            rec.pass = "budget".into();
-            rec.notes.insert("candidate".into(), json!(self.labels[c]));
-            rec.notes.insert("bytes".into(), json!(bytes));
-            rec.notes.insert("scan_damage".into(), json!(damage));
-        }
-        Ok(())
+            let global = globals[c].get(lin.name).copied();
+            let done = match super::linear_hessian(ctx, lin.name, super::gptq::STARVED)? {
+                Some(h) => p.quantize_linear(ctx, lin.name, &h, None, global)?,
+                None => p.round_starved_expert(ctx, lin.name, global)?,
+            };
+            let (rows, cols) = ctx.layer.linears[lin.name].shape();
+            Ok(done
+                .note("bits_per_weight", bytes as f64 * 8.0 / (rows * cols).max(1) as f64)
+                .note("candidate", self.labels[c].as_str())
+                .note("bytes", bytes)
+                .note("scan_damage", damage))
+        })
     }
 }

@@ -21,10 +21,11 @@ mod grid;
 use grid::GridRule;
 pub use grid::{Grid, GridRow, Ordering};
 
+use super::harness::{Done, PerLinear, Schedule};
 use super::input_site;
 use super::{sweep, Scheme};
 use crate::engine::stats::StatsRequest;
-use crate::engine::{LayerCtx, LinearRecord, Pass};
+use crate::engine::{LayerCtx, Pass};
 use crate::model::layer::Site;
 use crate::model::DType;
 use crate::quant::scale_dtype_for;
@@ -33,8 +34,6 @@ use anyhow::{bail, Context, Result};
 use gptaq::{asymmetric_target, Target};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -317,6 +316,9 @@ pub fn gptq_quantize_masked(
     })
 }
 
+/// The fallback of an expert with no Hessian, as its warning says it.
+pub(crate) const STARVED: &str = "rounded to nearest (no Hessian)";
+
 impl Gptq {
     /// An expert no calibration token reached: round-to-nearest onto the same grid (RTN's
     /// bytes), recorded with `tokens: 0` and `fallback: rtn`.
@@ -324,18 +326,15 @@ impl Gptq {
         &self,
         ctx: &mut LayerCtx,
         name: &str,
-        module: &str,
         global: Option<f32>,
-        t: Instant,
-    ) -> Result<()> {
-        let lin = ctx.layer.linears.get_mut(name).expect("linear present");
+    ) -> Result<Done> {
+        let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
         let mut q = super::rtn::round_to_nearest(
             lin.weight(),
             &self.args,
             scale_dtype_for(lin.dtype),
             global,
-        )
-        .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        )?;
         // the layout the other linears of this pass declare: columns in their own order, which
         // is activation order for an identity Hessian (all diagonals equal)
         q.static_order = self.spec.static_groups();
@@ -344,15 +343,9 @@ impl Gptq {
             let g = self.args.group_width(q.shape.1);
             q.g_idx = Some((0..q.shape.1).map(|j| (j / g) as i32).collect());
         }
-        lin.set_quantized(q)
-            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        lin.set_quantized(q)?;
         lin.set_act_quant(self.act);
-        let mut notes = std::collections::BTreeMap::new();
-        notes.insert("tokens".into(), json!(0));
-        notes.insert("fallback".into(), json!("rtn"));
-        ctx.records
-            .push(LinearRecord::new(ctx.index(), name, "gptq", t).notes(notes));
-        Ok(())
+        Ok(Done::default().note("tokens", 0).note("fallback", "rtn"))
     }
 }
 
@@ -405,7 +398,7 @@ impl Gptq {
 
     /// GPTQ of the layer's linear `name` onto this pass's grid with its input Hessian `h`
     /// (aiming at `target` with its dampening when given: GPTAQ), then the codes set on the
-    /// linear and its record pushed. `global`: NVFP4's fused global scale.
+    /// linear. `global`: NVFP4's fused global scale.
     pub(crate) fn quantize_linear(
         &self,
         ctx: &mut LayerCtx,
@@ -413,9 +406,7 @@ impl Gptq {
         h: &Array2<f64>,
         target: Option<(Array2<f32>, f64)>,
         global: Option<f32>,
-        t: Instant,
-    ) -> Result<()> {
-        let module = ctx.module_name(name);
+    ) -> Result<Done> {
         let lin = &ctx.layer.linears[name];
         // a pruned linear keeps its mask (SparseGPT/Wanda then GPTQ)
         let keep = lin.mask().map(|m| m.keep.as_slice());
@@ -423,9 +414,7 @@ impl Gptq {
             Some((t, d)) => (t, *d),
             None => (lin.weight(), self.spec.damp),
         };
-        let mut r = self
-            .sweep(aim, h, lin.dtype, damp, keep, global)
-            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        let mut r = self.sweep(aim, h, lin.dtype, damp, keep, global)?;
         let rel = crate::linalg::rel_output_error(lin.weight(), &r.dequant, h);
         // how far the teacher target moved the weights: ‖W* − W‖ / ‖W‖
         let shift = target.as_ref().map(|(aim, _)| {
@@ -438,34 +427,41 @@ impl Gptq {
             let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
             (num / den.max(1e-30)).sqrt()
         });
-        ctx.warn_damp(&module, self.spec.damp, r.damp);
         r.quant.true_sequential = self.spec.true_sequential;
-        let lin = ctx.layer.linears.get_mut(name).expect("linear present");
-        lin.set_quantized(r.quant)
-            .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+        let lin = ctx.layer.linears.get_mut(name).context("linear present")?;
+        lin.set_quantized(r.quant)?;
         if let Some(a) = &self.act {
-            a.check_width(lin.shape().1)
-                .map_err(|e| anyhow::anyhow!("{module}: {e}"))?;
+            a.check_width(lin.shape().1)?;
         }
         lin.set_act_quant(self.act);
-        let mut notes = std::collections::BTreeMap::new();
-        notes.insert("damp".into(), json!(r.damp));
+        let mut done = Done {
+            error: Some(rel),
+            loss: Some(r.loss),
+            damp: Some((self.spec.damp, r.damp)),
+            ..Default::default()
+        };
         // a mixture's expert: the calibration tokens its statistics saw
         let site = input_site(ctx, name)?;
         if ctx.config.block().site(site).expert.is_some() {
-            notes.insert("tokens".into(), json!(ctx.stats(site)?.n));
+            done = done.note("tokens", ctx.stats(site)?.n);
         }
         if let Some(shift) = shift {
-            notes.insert("target".into(), json!("teacher"));
-            notes.insert("target_shift".into(), json!(shift));
+            done = done.note("target", "teacher").note("target_shift", shift);
         }
-        ctx.records.push(
-            LinearRecord::new(ctx.index(), name, "gptq", t)
-                .error(rel)
-                .loss(r.loss)
-                .notes(notes),
-        );
-        Ok(())
+        Ok(done)
+    }
+
+    /// The harness of this pass.
+    fn harness(&self) -> PerLinear<'_> {
+        PerLinear {
+            pass: "gptq",
+            select: &self.select,
+            schedule: if self.spec.true_sequential {
+                Schedule::TrueSequential
+            } else {
+                Schedule::OneForward
+            },
+        }
     }
 }
 
@@ -483,76 +479,51 @@ impl Pass for Gptq {
     }
 
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
-        let block = ctx.config.block();
-        let sites: Vec<Site> = block.sites.iter().map(|s| s.site).collect();
-        let groups: Vec<Vec<&str>> = if self.spec.true_sequential {
-            sites.iter().map(|s| block.readers(*s).collect()).collect()
-        } else {
-            vec![block.linear_names().collect()]
-        };
-        let teacher = self.spec.target == Target::Teacher;
+        let harness = self.harness();
         // NVFP4: one global scale per input site, from the layer's original weights
         let globals = if self.args.global_scale {
-            let selected: Vec<&str> = block
-                .linear_names()
-                .filter(|n| self.select.selects_in(ctx, n))
-                .collect();
-            super::fused_global_scales(ctx, &selected)?
+            super::fused_global_scales(ctx, &harness.selected(ctx))?
         } else {
             Default::default()
         };
-        // GPTAQ's asymmetry statistic per input site, collected on the same weights as the
-        // Hessians it pairs with
-        let mut asym: std::collections::BTreeMap<Site, Array2<f64>> = Default::default();
-        if !self.spec.true_sequential {
-            // every linear's statistics from the layer's original inputs, one forward
-            ctx.refresh()?;
-            if teacher {
-                asym = ctx.asymmetry(&sites)?;
-            }
-        }
-        for group in groups {
-            if self.spec.true_sequential {
-                // statistics on the current (partially quantized) layer
-                ctx.invalidate();
-                if teacher {
-                    let site = input_site(ctx, group.first().context("empty group")?)?;
-                    asym = ctx.asymmetry(&[site])?;
+        let teacher = self.spec.target == Target::Teacher;
+        harness.run(
+            ctx,
+            // GPTAQ's asymmetry statistic per input site, on the weights the group's Hessians
+            // are collected on
+            |ctx, group| {
+                if !teacher {
+                    return Ok(Default::default());
                 }
-            }
-            for name in group {
-                let module = ctx.module_name(name);
-                if !self.select.selects_in(ctx, name) {
-                    continue;
-                }
-                let t = Instant::now();
-                let Some(h) = super::linear_hessian(ctx, name, "rounded to nearest (no Hessian)")?
-                else {
-                    let global = globals.get(name).copied();
-                    self.round_starved_expert(ctx, name, &module, global, t)?;
-                    continue;
+                let mut sites: Vec<Site> = group
+                    .iter()
+                    .map(|n| input_site(ctx, n))
+                    .collect::<Result<_>>()?;
+                sites.dedup();
+                ctx.asymmetry(&sites)
+            },
+            |ctx, asym, lin| {
+                let global = globals.get(lin.name).copied();
+                let Some(h) = super::linear_hessian(ctx, lin.name, STARVED)? else {
+                    return self.round_starved_expert(ctx, lin.name, global);
                 };
                 // teacher target (GPTAQ): the weights the sweep aims at
-                let mut target: Option<(Array2<f32>, f64)> = None;
-                if teacher {
-                    let site = input_site(ctx, name)?;
-                    let wt = ctx.teacher_layer()?.linears[name].weight().clone();
-                    let lin = &ctx.layer.linears[name];
-                    target = Some(
-                        asymmetric_target(
-                            lin.weight(),
-                            &wt,
-                            &h,
-                            asym.get(&site).context("no asymmetry statistic")?,
-                            self.spec.damp,
-                            self.spec.teacher_alpha(),
-                        )
-                        .map_err(|e| anyhow::anyhow!("{module}: {e}"))?,
-                    );
-                }
-                self.quantize_linear(ctx, name, &h, target, globals.get(name).copied(), t)?;
-            }
-        }
-        Ok(())
+                let target = if teacher {
+                    let site = input_site(ctx, lin.name)?;
+                    let wt = ctx.teacher_layer()?.linears[lin.name].weight();
+                    Some(asymmetric_target(
+                        ctx.layer.linears[lin.name].weight(),
+                        wt,
+                        &h,
+                        asym.get(&site).context("no asymmetry statistic")?,
+                        self.spec.damp,
+                        self.spec.teacher_alpha(),
+                    )?)
+                } else {
+                    None
+                };
+                self.quantize_linear(ctx, lin.name, &h, target, global)
+            },
+        )
     }
 }
