@@ -120,6 +120,16 @@ pub trait LayerSink {
     }
 }
 
+/// A sink that keeps nothing: a whole-model scan (OWL's outlier ratios, a budget's damage
+/// table) runs the passes for their records only.
+pub struct NullSink;
+
+impl LayerSink for NullSink {
+    fn layer(&mut self, _: &Checkpoint, _: &LayerWeights) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Stream the checkpoint through `passes`, layer by layer. `calib` holds token windows
 /// (all of one length); it may be empty when no pass needs statistics.
 pub fn run(

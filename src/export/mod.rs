@@ -1,54 +1,129 @@
 //! Writers of compressed checkpoints. An exporter only lays out bytes: it never runs an
 //! algorithm. Tensors that no pass changed are copied byte for byte from the source.
-//! This file holds the exporter and its driving loop (begin, each layer, raw copies).
+//!
+//! Each format is one [`FormatWriter`] in its own file (`dense.rs`, `compressed_tensors.rs`,
+//! `gptq.rs`, `gguf.rs`; its names, config blocks and readers in `formats/<format>`); the
+//! [`Exporter`] drives a list of them (several exports from one run) over what they share
+//! ([`out::Out`]: the streaming file, the adapter, the tallies). Adding a format is a writer
+//! file and its line in [`writer_for`].
 
-mod finish;
-mod gguf_export;
+mod compressed_tensors;
+mod dense;
+mod gguf;
+mod gptq;
 mod linear;
+mod out;
 mod state;
 pub mod writer;
 
 use crate::engine::LayerSink;
-use crate::model::layer::LayerWeights;
+use crate::model::layer::{LayerWeights, Linear};
 use crate::model::Checkpoint;
-use crate::quant::QuantArgs;
-use crate::safetensors_file::from_f32;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, Context, Result};
+use out::Out;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use writer::SafetensorsWriter;
 
-use crate::formats::gguf::{self, FileType, TypeOverride};
+use crate::formats::gguf::{FileType, TypeOverride};
 
 pub use crate::formats::compressed_tensors::SparseFormat;
 pub use crate::formats::{Format, Order};
 pub use linear::quantized_bytes;
-pub use state::{ExporterState, GgufState, SparsityTally};
+pub use out::SparsityTally;
+pub use state::ExporterState;
+
+/// One export format: how it lays out a layer and each linear, and how it ends (config blocks,
+/// container). It writes through [`Out`]; what it tallies for its config blocks is its own
+/// state, saved and restored for resume as JSON.
+pub(crate) trait FormatWriter: Send {
+    fn format(&self) -> Format;
+
+    /// The tensors before the layers (the embedding).
+    fn begin(&mut self, out: &mut Out, ckpt: &Checkpoint) -> Result<()> {
+        out.copy_raw(ckpt, "model.embed_tokens.weight")
+    }
+
+    /// One finished decoder layer: its norms, then its linears.
+    fn layer(&mut self, out: &mut Out, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
+        out.norms(ckpt, layer)?;
+        let p = LayerWeights::prefix(layer.index);
+        for (n, lin) in &layer.linears {
+            write_linear(self, out, ckpt, &format!("{p}{n}"), lin)?;
+        }
+        Ok(())
+    }
+
+    /// One decoder linear (`prefix`: its module name) as its representation says.
+    fn linear(
+        &mut self,
+        out: &mut Out,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        lin: &Linear,
+    ) -> Result<()>;
+
+    /// The tensors a quantized linear is stored as (packed formats only).
+    fn packed(
+        &self,
+        prefix: &str,
+        _q: &crate::quant::QuantizedLinear,
+        _input: Option<&crate::quant::QuantArgs>,
+    ) -> Result<Vec<crate::formats::NamedTensor>> {
+        bail!(
+            "format `{}` stores no packed linears (`{prefix}`)",
+            self.format().name()
+        )
+    }
+
+    /// Store sparse linears as `format`; only compressed-tensors has a bitmask layout.
+    fn set_sparse_format(&mut self, format: SparseFormat) -> Result<()> {
+        if format != SparseFormat::Dense {
+            bail!(
+                "export: `sparse_format: bitmask` is a compressed-tensors layout; the {} format stores sparse weights dense",
+                self.format().name()
+            );
+        }
+        Ok(())
+    }
+
+    /// The end: the tail tensors, the container or config.json with this format's blocks, the
+    /// side files. Returns the files written and the spill files to remove later.
+    fn finish(&mut self, out: &mut Out, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)>;
+
+    /// What this writer has tallied, for resuming.
+    fn state(&self) -> Result<Value>;
+}
+
+/// The writer of `format`, fresh (`state: None`) or as a checkpoint left it. The list of
+/// formats; GGUF starts with [`Exporter::begin_gguf`] (its mix) and resumes from its state.
+fn writer_for(format: Format, state: Option<Value>) -> Result<Box<dyn FormatWriter>> {
+    Ok(match format {
+        Format::Dense => Box::new(dense::Dense),
+        Format::CompressedTensors => Box::new(compressed_tensors::Writer::restore(state)?),
+        Format::Gptq => Box::new(gptq::Writer::restore(state)?),
+        Format::Gguf => Box::new(gguf::Writer::restore(
+            state.context("internal: a GGUF export starts with Exporter::begin_gguf")?,
+        )?),
+    })
+}
+
+/// The tallies every format keeps, then the format's layout of one linear.
+fn write_linear<W: FormatWriter + ?Sized>(
+    w: &mut W,
+    out: &mut Out,
+    ckpt: &Checkpoint,
+    prefix: &str,
+    lin: &Linear,
+) -> Result<()> {
+    out.sparsity.add(prefix, lin);
+    out.linears.push(prefix.to_string());
+    w.linear(out, ckpt, prefix, lin)
+}
 
 pub struct Exporter {
-    pub format: Format,
-    dir: PathBuf,
-    writer: Option<SafetensorsWriter>,
-    /// (module name, args) of every quantized linear written.
-    quantized: Vec<(String, QuantArgs, Order)>,
-    /// Decoder-layer linears left unquantized.
-    unquantized: Vec<String>,
-    /// (module name, rank) of every linear written as two factors.
-    low_rank: Vec<(String, usize)>,
-    /// Whether every quantized linear was quantized "true sequentially" (as recorded by the pass).
-    true_sequential: Option<bool>,
-    sparsity: SparsityTally,
-    /// Every decoder-layer linear written, in order.
-    linears: Vec<String>,
-    /// Input-activation bits of every quantized linear written (W8A8), in order.
-    inputs: Vec<Option<crate::quant::QuantArgs>>,
-    /// GGUF: the mix, its compiled overrides and the tensors written.
-    gguf: Option<(GgufState, gguf::Overrides)>,
-    /// The PEFT adapter's tensors (`adapter/adapter_model.safetensors`), once a linear has one.
-    adapter_writer: Option<SafetensorsWriter>,
-    /// (module name, rank) of every adapter written.
-    adapters: Vec<(String, usize)>,
-    /// How sparse linears are stored (compressed-tensors only).
-    sparse_format: SparseFormat,
+    out: Out,
+    fmt: Box<dyn FormatWriter>,
     /// The further exports of a list, each writing the same layers into its own subfolder.
     also: Vec<(String, Exporter)>,
 }
@@ -61,29 +136,8 @@ impl Exporter {
         ckpt: &Checkpoint,
         max_shard_bytes: usize,
     ) -> Result<Self> {
-        let mut e = Exporter {
-            format,
-            dir: dir.to_path_buf(),
-            writer: Some(SafetensorsWriter::new(dir, max_shard_bytes)),
-            quantized: Vec::new(),
-            unquantized: Vec::new(),
-            low_rank: Vec::new(),
-            true_sequential: None,
-            sparsity: SparsityTally::default(),
-            linears: Vec::new(),
-            inputs: Vec::new(),
-            gguf: None,
-            adapter_writer: None,
-            adapters: Vec::new(),
-            sparse_format: SparseFormat::Dense,
-            also: Vec::new(),
-        };
-        ensure!(
-            format != Format::Gguf,
-            "internal: a GGUF export starts with Exporter::begin_gguf"
-        );
-        e.copy_raw(ckpt, "model.embed_tokens.weight")?;
-        Ok(e)
+        let fmt = writer_for(format, None)?;
+        Self::start(fmt, dir, ckpt, max_shard_bytes)
     }
 
     /// Start a GGUF export into `dir` with mix `file_type` and `--tensor-type`-style overrides.
@@ -94,36 +148,29 @@ impl Exporter {
         file_type: FileType,
         overrides: Vec<TypeOverride>,
     ) -> Result<Self> {
-        gguf::arch_name(&ckpt.config)?;
-        gguf::check_mixture(&ckpt.config)?;
-        let compiled = gguf::Overrides::new(&overrides)?;
-        let mut e = Exporter {
-            format: Format::Gguf,
-            dir: dir.to_path_buf(),
-            writer: Some(SafetensorsWriter::new(dir, usize::MAX)),
-            quantized: Vec::new(),
-            unquantized: Vec::new(),
-            low_rank: Vec::new(),
-            true_sequential: None,
-            sparsity: SparsityTally::default(),
-            linears: Vec::new(),
-            inputs: Vec::new(),
-            gguf: Some((
-                GgufState {
-                    file_type,
-                    overrides,
-                    entries: Vec::new(),
-                    pending: Default::default(),
-                },
-                compiled,
-            )),
-            adapter_writer: None,
-            adapters: Vec::new(),
-            sparse_format: SparseFormat::Dense,
+        let fmt = Box::new(gguf::Writer::new(ckpt, file_type, overrides)?);
+        Self::start(fmt, dir, ckpt, usize::MAX)
+    }
+
+    fn start(
+        mut fmt: Box<dyn FormatWriter>,
+        dir: &Path,
+        ckpt: &Checkpoint,
+        max_shard_bytes: usize,
+    ) -> Result<Self> {
+        let writer = SafetensorsWriter::new(dir, max_shard_bytes);
+        let mut out = Out::new(dir.to_path_buf(), writer);
+        fmt.begin(&mut out, ckpt)?;
+        Ok(Exporter {
+            out,
+            fmt,
             also: Vec::new(),
-        };
-        e.gguf_copy(ckpt, "model.embed_tokens.weight")?;
-        Ok(e)
+        })
+    }
+
+    /// The format this exporter writes.
+    pub fn format(&self) -> Format {
+        self.fmt.format()
     }
 
     /// Also write every layer as `other` does, into its own folder `dir/<sub>` (the further
@@ -136,64 +183,33 @@ impl Exporter {
     /// Store sparse linears as `format` (compressed-tensors `sparse-bitmask` or dense with
     /// zeros); only compressed-tensors has a bitmask layout.
     pub fn with_sparse_format(mut self, format: SparseFormat) -> Result<Self> {
-        ensure!(
-            format == SparseFormat::Dense || self.format == Format::CompressedTensors,
-            "export: `sparse_format: bitmask` is a compressed-tensors layout; the {} format stores sparse weights dense",
-            self.format.name()
-        );
-        self.sparse_format = format;
+        self.fmt.set_sparse_format(format)?;
         Ok(self)
     }
 
-    fn w(&mut self) -> Result<&mut SafetensorsWriter> {
-        self.writer.as_mut().context("exporter already finished")
-    }
-
-    fn copy_raw(&mut self, ckpt: &Checkpoint, name: &str) -> Result<()> {
-        let (info, bytes) = ckpt.raw(name)?;
-        let (dtype, shape) = (info.dtype, info.shape.clone());
-        self.w()?.add(name, dtype, &shape, bytes)?;
-        ckpt.release(name);
-        Ok(())
+    /// Write the tail (final norm, LM head), config.json with its quantization block, the
+    /// tokenizer and side files. Returns the names of the files written and the spill files
+    /// to remove once the caller has recorded the artifact as complete
+    /// ([`writer::remove_spills`]).
+    pub fn finish(mut self, ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<PathBuf>)> {
+        let also = std::mem::take(&mut self.also);
+        let (mut files, mut spills) = self.fmt.finish(&mut self.out, ckpt)?;
+        for (sub, mut e) in also {
+            let (f, s) = e.fmt.finish(&mut e.out, ckpt)?;
+            files.extend(f.into_iter().map(|f| format!("{sub}/{f}")));
+            spills.extend(s);
+        }
+        Ok((files, spills))
     }
 }
 
 impl LayerSink for Exporter {
     fn layer(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
-        self.layer_one(ckpt, layer)?;
+        self.fmt.layer(&mut self.out, ckpt, layer)?;
         for (sub, e) in &mut self.also {
-            e.layer_one(ckpt, layer)
+            e.fmt
+                .layer(&mut e.out, ckpt, layer)
                 .with_context(|| format!("export into `{sub}`"))?;
-        }
-        Ok(())
-    }
-}
-
-impl Exporter {
-    fn layer_one(&mut self, ckpt: &Checkpoint, layer: &LayerWeights) -> Result<()> {
-        let p = LayerWeights::prefix(layer.index);
-        if self.format == Format::Gguf {
-            for (n, (v, _)) in &layer.norms {
-                let name = format!("{p}{n}.weight");
-                self.gguf_add(ckpt, &name, v.clone(), &[v.len()], None, None)?;
-            }
-            for (n, lin) in &layer.linears {
-                self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
-            }
-            return self.gguf_layer_done(layer.index);
-        }
-        // Tensors in the source's name order keeps identity output layouts stable.
-        for (n, (v, dt)) in &layer.norms {
-            let name = format!("{p}{n}.weight");
-            if layer.norms_modified {
-                let bytes = from_f32(*dt, v);
-                self.w()?.add(&name, *dt, &[v.len()], &bytes)?;
-            } else {
-                self.copy_raw(ckpt, &name)?;
-            }
-        }
-        for (n, lin) in &layer.linears {
-            self.write_linear(ckpt, &format!("{p}{n}"), lin)?;
         }
         Ok(())
     }

@@ -289,25 +289,25 @@ pub struct Scheme {
     pub act_bits: Option<u32>,
 }
 
-fn default_bits() -> u32 {
+pub(crate) fn default_bits() -> u32 {
     4
 }
-fn default_strategy() -> Strategy {
+pub(crate) fn default_strategy() -> Strategy {
     Strategy::Group
 }
-fn default_group() -> i64 {
+pub(crate) fn default_group() -> i64 {
     128
 }
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
-fn default_observer() -> Observer {
+pub(crate) fn default_observer() -> Observer {
     Observer::MinMax
 }
-fn default_targets() -> Vec<String> {
+pub(crate) fn default_targets() -> Vec<String> {
     vec!["Linear".into()]
 }
-fn default_ignore() -> Vec<String> {
+pub(crate) fn default_ignore() -> Vec<String> {
     vec!["lm_head".into()]
 }
 

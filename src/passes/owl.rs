@@ -156,16 +156,6 @@ pub fn prepare(
     opts: &crate::engine::StreamOptions,
     cached: Option<&Vec<(f64, f64)>>,
 ) -> Result<Vec<(f64, f64)>> {
-    struct Discard;
-    impl crate::engine::LayerSink for Discard {
-        fn layer(
-            &mut self,
-            _: &crate::model::Checkpoint,
-            _: &crate::model::layer::LayerWeights,
-        ) -> Result<()> {
-            Ok(())
-        }
-    }
     if windows.is_empty() {
         bail!("{at}: `allocation: owl` needs a `calibration:` block");
     }
@@ -180,7 +170,14 @@ pub fn prepare(
         select: Selector::new(&ps.targets, &ps.ignore)?,
     };
     let passes: Vec<Box<dyn Pass>> = vec![Box::new(scan)];
-    let r = crate::engine::run(ckpt, &passes, windows, opts, &mut Discard, None)?;
+    let r = crate::engine::run(
+        ckpt,
+        &passes,
+        windows,
+        opts,
+        &mut crate::engine::NullSink,
+        None,
+    )?;
     let ratios = ratios_from_records(&r.records, ckpt.config.num_layers)?;
     let alloc = allocate(&ratios, ps.target(), ps.owl_lambda).with_context(|| at.to_string())?;
     crate::info!(

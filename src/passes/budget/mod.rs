@@ -55,9 +55,9 @@ pub struct BudgetSpec {
     /// (`{bits: 3, group_size: 128}`, `{bits: 8, strategy: channel}`, `{scheme: W4A16}`).
     pub candidates: Vec<Candidate>,
     /// Which linears the budget allocates (the others stay dense and count at their size).
-    #[serde(default = "d_targets")]
+    #[serde(default = "super::default_targets")]
     pub targets: Vec<String>,
-    #[serde(default = "d_ignore")]
+    #[serde(default = "super::default_ignore")]
     pub ignore: Vec<String>,
     /// GPTQ's dampening for every candidate.
     #[serde(default = "d_damp")]
@@ -101,44 +101,23 @@ impl Sensitivity {
 pub struct Candidate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
-    #[serde(default = "d_bits")]
+    #[serde(default = "super::default_bits")]
     pub bits: u32,
-    #[serde(default = "d_strategy")]
+    #[serde(default = "super::default_strategy")]
     pub strategy: Strategy,
-    #[serde(default = "d_group")]
+    #[serde(default = "super::default_group")]
     pub group_size: i64,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::default_true")]
     pub sym: bool,
-    #[serde(default = "d_observer")]
+    #[serde(default = "super::default_observer")]
     pub observer: Observer,
     /// GPTQ's activation order (default by width, as `gptq`'s).
     #[serde(default)]
     pub act_order: Option<bool>,
 }
 
-fn d_targets() -> Vec<String> {
-    vec!["Linear".into()]
-}
-fn d_ignore() -> Vec<String> {
-    vec!["lm_head".into()]
-}
 fn d_damp() -> f64 {
     0.01
-}
-fn d_bits() -> u32 {
-    4
-}
-fn d_strategy() -> Strategy {
-    Strategy::Group
-}
-fn d_group() -> i64 {
-    128
-}
-fn d_true() -> bool {
-    true
-}
-fn d_observer() -> Observer {
-    Observer::MinMax
 }
 
 impl Candidate {
@@ -341,21 +320,18 @@ pub fn prepare(
         passes.len(),
         lins.iter().filter(|l| l.selected).count()
     );
-    struct Discard;
-    impl crate::engine::LayerSink for Discard {
-        fn layer(
-            &mut self,
-            _: &crate::model::Checkpoint,
-            _: &crate::model::layer::LayerWeights,
-        ) -> Result<()> {
-            Ok(())
-        }
-    }
     let scan: Vec<Box<dyn Pass>> = vec![Box::new(Scan {
         passes,
         select: Selector::new(&spec.targets, &spec.ignore)?,
     })];
-    let r = crate::engine::run(ckpt, &scan, windows, opts, &mut Discard, None)?;
+    let r = crate::engine::run(
+        ckpt,
+        &scan,
+        windows,
+        opts,
+        &mut crate::engine::NullSink,
+        None,
+    )?;
     let mut damage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for rec in r.records.iter().filter(|r| r.pass == SCAN) {
         let d: Vec<f64> = rec

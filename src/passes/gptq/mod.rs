@@ -41,19 +41,19 @@ pub struct GptqSpec {
     /// A named scheme (see [`Scheme::scheme`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
-    #[serde(default = "d_bits")]
+    #[serde(default = "super::default_bits")]
     pub bits: u32,
-    #[serde(default = "d_strategy")]
+    #[serde(default = "super::default_strategy")]
     pub strategy: Strategy,
-    #[serde(default = "d_group")]
+    #[serde(default = "super::default_group")]
     pub group_size: i64,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::default_true")]
     pub sym: bool,
-    #[serde(default = "d_observer")]
+    #[serde(default = "super::default_observer")]
     pub observer: Observer,
-    #[serde(default = "d_targets")]
+    #[serde(default = "super::default_targets")]
     pub targets: Vec<String>,
-    #[serde(default = "d_ignore")]
+    #[serde(default = "super::default_ignore")]
     pub ignore: Vec<String>,
     /// λ = damp · mean(diag H).
     #[serde(default = "d_damp")]
@@ -100,27 +100,6 @@ pub struct GptqSpec {
 /// The paper's α (its reference code's default).
 pub const DEFAULT_TEACHER_ALPHA: f64 = 0.25;
 
-fn d_bits() -> u32 {
-    4
-}
-fn d_strategy() -> Strategy {
-    Strategy::Group
-}
-fn d_group() -> i64 {
-    128
-}
-fn d_true() -> bool {
-    true
-}
-fn d_observer() -> Observer {
-    Observer::MinMax
-}
-fn d_targets() -> Vec<String> {
-    vec!["Linear".into()]
-}
-fn d_ignore() -> Vec<String> {
-    vec!["lm_head".into()]
-}
 fn d_damp() -> f64 {
     0.01
 }
