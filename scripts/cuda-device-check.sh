@@ -43,7 +43,7 @@ run)
   export LD_LIBRARY_PATH=/tmp/cl:$LD_LIBRARY_PATH
   mkdir -p "${SHARED_ROOT:-/work}" && ln -sfn "$PWD/.device/shared" "${SHARED_ROOT:-/work}/shared"
   export COMPRESS_KERNEL_CACHE=/tmp/ptx RUST_BACKTRACE=1
-  timeout "${T_TEST:-240}" .device/cuda-test --nocapture --test-threads=1 > "$OUT/test.log" 2>&1
+  timeout "${T_TEST:-240}" .device/cuda-test --include-ignored --nocapture --test-threads=1 > "$OUT/test.log" 2>&1
   echo "test rc $?" | tee -a "$OUT/env.txt"; tail -40 "$OUT/test.log"
   [ -n "${SKIP_BENCH:-}" ] && exit 0
   timeout "${T_BENCH:-260}" .device/bench gpu-gptq --layers "${LAYERS:-32}" --json > "$OUT/bench.json" 2> "$OUT/bench.log"

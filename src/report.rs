@@ -1,5 +1,5 @@
 //! The evaluation report: [`Report`] is the schema of `report.json` (`compress.report/2`,
-//! documented in README.md; fields are only ever added, and fields that `compress.report/1`
+//! documented in docs/evaluation.md; fields are only ever added, and fields that `compress.report/1`
 //! lacks default when read). Every view renders from it: `report.md` ([`Report::to_markdown`]),
 //! `report.html` ([`html::render_html`]) and the comparison of several runs
 //! ([`html::render_compare_markdown`], [`html::render_compare_html`]).

@@ -17,7 +17,7 @@
 //!   layout → GGML's interleaved pairs): rows of each head are reordered from
 //!   [2, head_dim/2] to [head_dim/2, 2];
 //! * type mixes: `src/llama-quant.cpp` `llama_tensor_get_type_impl` and `tensor_type_fallback`
-//!   (the table is in README.md, "GGUF export").
+//!   (the table is in docs/formats.md, "GGUF export").
 //!
 //! Pure functions over bytes and values: the exporter (`crate::export`) decides which tensors
 //! go in, with which values; nothing here runs a calibration algorithm. Encoding a tensor on
