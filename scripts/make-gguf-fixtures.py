@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fixtures for the ggml block codecs (tests/ggml_codecs.rs), made by the `gguf` Python package
+"""Fixtures for the ggml block codecs (tests/formats/ggml_codecs.rs), made by the `gguf` Python package
 (gguf-py, llama.cpp's own Python library; `pip install gguf numpy`).
 
 For every type the package encodes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16):

@@ -22,4 +22,4 @@ if ! "$PY" -c "import transformers, compressed_tensors" 2>/dev/null; then
     safetensors==0.8.0 numpy==2.4.6
   PY=$VENV/bin/python
 fi
-COMPRESS_REF_PYTHON=$PY cargo test --release --test interop -- --include-ignored --nocapture
+COMPRESS_REF_PYTHON=$PY cargo test --release --test formats interop:: -- --include-ignored --nocapture

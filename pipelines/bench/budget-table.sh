@@ -7,7 +7,7 @@
 # (3-bit codes pack ten to an int32: W3 costs 3.2 bits before scales). Calibration: the first
 # 128 c4_calib documents ≤ 512 tokens; perplexity at seq 512 on the first 300,000 bytes of
 # wikitext2's test file and of the c4_eval text.
-# `sensitivity: output_error` and `relative` (the default) rows side by side.
+# `sensitivity: output_error`, `relative` (the default) and `kl` (end to end) rows side by side.
 # Usage (repository root, ../shared beside it):
 #   pipelines/bench/budget-table.sh [ref|real] [OUT] [RECIPE…]   (all recipes when none named)
 set -euo pipefail
@@ -37,6 +37,7 @@ recipes=(
   "budget-3.0|budget: {bits_per_weight: 3.0, sensitivity: output_error, $cands, $t}"
   "budget-3.0-relative|budget: {bits_per_weight: 3.0, sensitivity: relative, $cands, $t}"
   "budget-3.5|budget: {bits_per_weight: 3.5, sensitivity: output_error, $cands, $t}"
+  "budget-3.0-kl|budget: {bits_per_weight: 3.0, sensitivity: kl, $cands, $t}"
 )
 run_recipes "$@"
 # the budget at exactly the uniform W3 file's size
@@ -45,6 +46,7 @@ if [ -f "$out/gptq-w3/report.json" ]; then
   recipes=(
     "budget-at-w3|budget: {bits_per_weight: $w3, sensitivity: output_error, $cands, $t}"
     "budget-at-w3-relative|budget: {bits_per_weight: $w3, sensitivity: relative, $cands, $t}"
+    "budget-at-w3-kl|budget: {bits_per_weight: $w3, sensitivity: kl, $cands, $t}"
   )
   run_recipes "$@"
 fi
@@ -53,8 +55,8 @@ import json, os, sys
 out = sys.argv[1]
 print("| recipe | bits per weight | wikitext2 head | c4_eval head | allocation | compress s |")
 print("|---|---:|---:|---:|---|---:|")
-for n in ["gptq-w2", "gptq-w3", "gptq-w4", "budget-3.0", "budget-3.0-relative", "budget-at-w3",
-          "budget-at-w3-relative", "budget-3.5"]:
+for n in ["gptq-w2", "gptq-w3", "gptq-w4", "budget-3.0", "budget-3.0-relative", "budget-3.0-kl",
+          "budget-at-w3", "budget-at-w3-relative", "budget-at-w3-kl", "budget-3.5"]:
     p = os.path.join(out, n, "report.json")
     if not os.path.exists(p):
         continue

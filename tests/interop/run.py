@@ -19,7 +19,7 @@ compares (max |ref - ours| / max |ref| <= --tol). It also checks, per cell:
   generation config load from the output as from the source.
 
 Prints a Markdown matrix (also written to --report), exits 1 on any ✗. Cells whose loader is
-not installed are marked "golden-only" (the byte fixtures of tests/packing_fixtures.rs cover
+not installed are marked "golden-only" (the byte fixtures of tests/formats/packing_fixtures.rs cover
 them) and do not fail the run.
 
   python tests/interop/run.py --compress target/release/compress [--gptq-python PY]
@@ -568,7 +568,7 @@ def main():
             if kind == "gptq":
                 if gptq_py is None:
                     cell["status"] = "golden-only"
-                    cell["msg"] = "no GPTQ loader installed (gptqmodel + optimum); bytes checked by tests/packing_fixtures.rs"
+                    cell["msg"] = "no GPTQ loader installed (gptqmodel + optimum); bytes checked by tests/formats/packing_fixtures.rs"
                     if errs:
                         cell["status"], cell["msg"] = "fail", "; ".join(errs)
                     continue
@@ -686,7 +686,7 @@ def render(rows, cols, cells, tol, binary, gptq_py, worker_versions):
     if gptq_py:
         L.append(f"- loader (GPTQ v1, `{gptq_py}`): " + ", ".join(f"{k} {x}" for k, x in worker_versions.items()))
     else:
-        L.append("- loader (GPTQ v1): none installed → GPTQ cells golden-only (bytes: tests/packing_fixtures.rs)")
+        L.append("- loader (GPTQ v1): none installed → GPTQ cells golden-only (bytes: tests/formats/packing_fixtures.rs)")
     L.append(f"- ✓ = loads with no missing/unexpected keys, config and copied tensors/files check out, and "
              f"max|logits_transformers − logits_ours| / max|logits_transformers| ≤ {tol:g}")
     L.append("- ✓ f16 = GPTQ cell whose logits differ by more than that only because GPTQModel "

@@ -26,6 +26,7 @@
 //! Linears the budget does not select (`ignore`, routers) count at their stored dense size;
 //! the target in bits per weight is over all the decoder linears, as the report counts them.
 
+mod kl;
 pub mod knapsack;
 
 use super::gptq::{Gptq, GptqSpec};
@@ -66,6 +67,10 @@ pub struct BudgetSpec {
     /// weighing alike; default) or `output_error` (Σ_t ‖ΔW x_t‖²).
     #[serde(default)]
     pub sensitivity: Sensitivity,
+    /// With `sensitivity: kl`: calibration tokens the end-to-end KL is measured on (the first
+    /// windows holding at least this many).
+    #[serde(default = "d_kl_tokens")]
+    pub kl_tokens: usize,
     /// The allocation, once the scan has run (see [`prepare`]).
     #[serde(skip)]
     pub allocation: Option<Allocation>,
@@ -84,13 +89,17 @@ pub enum Sensitivity {
     /// `output_error` on both models and both sets where both were measured).
     #[default]
     Relative,
+    /// End to end: KL(dense ‖ model with one layer's linears on the candidate) of the next-token
+    /// distribution on a calibration subset (`kl_tokens`), one measure per (layer, candidate),
+    /// shared among the layer's linears by their relative errors (`budget/kl.rs`).
+    Kl,
 }
 
 impl Sensitivity {
     fn note(self) -> &'static str {
         match self {
             Sensitivity::OutputError => "damage",
-            Sensitivity::Relative => "relative",
+            Sensitivity::Relative | Sensitivity::Kl => "relative",
         }
     }
 }
@@ -116,6 +125,9 @@ pub struct Candidate {
     pub act_order: Option<bool>,
 }
 
+fn d_kl_tokens() -> usize {
+    1024
+}
 fn d_damp() -> f64 {
     0.01
 }
@@ -168,6 +180,7 @@ impl BudgetSpec {
             (None, Some(b)) => ensure!(b > 0, "field `bytes` must be positive"),
             _ => bail!("give the target as one of `bits_per_weight` or `bytes`"),
         }
+        ensure!(self.kl_tokens > 0, "field `kl_tokens` must be at least 1");
         ensure!(
             !self.candidates.is_empty() && self.candidates.len() <= 255,
             "field `candidates` needs 1 to 255 entries, found {}",
@@ -320,9 +333,22 @@ pub fn prepare(
         passes.len(),
         lins.iter().filter(|l| l.selected).count()
     );
+    let kl = match spec.sensitivity {
+        Sensitivity::Kl => {
+            let p = kl::Probe::new(ckpt, windows, spec.kl_tokens)
+                .with_context(|| format!("{at}: the KL subset"))?;
+            crate::info!(
+                "{at}: KL sensitivity on {} calibration tokens (one forward of the layers after each layer, per candidate)",
+                p.tokens()
+            );
+            Some(p)
+        }
+        _ => None,
+    };
     let scan: Vec<Box<dyn Pass>> = vec![Box::new(Scan {
         passes,
         select: Selector::new(&spec.targets, &spec.ignore)?,
+        kl,
     })];
     let r = crate::engine::run(
         ckpt,
@@ -333,20 +359,34 @@ pub fn prepare(
         None,
     )?;
     let mut damage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for rec in r.records.iter().filter(|r| r.pass == SCAN) {
-        let d: Vec<f64> = rec
-            .notes
-            .get(spec.sensitivity.note())
+    // per layer: (module, its local damage per candidate), and the layer's KL when measured
+    type Layer = (Vec<(String, Vec<f64>)>, Option<Vec<f64>>);
+    let mut by_layer: BTreeMap<usize, Layer> = BTreeMap::new();
+    let note = |rec: &crate::engine::LinearRecord, key: &str| -> Option<Vec<f64>> {
+        rec.notes
+            .get(key)
             .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .context("budget scan record without damage")?;
-        damage.insert(
-            format!(
-                "{}{}",
-                crate::model::layer::LayerWeights::prefix(rec.layer),
-                rec.linear
-            ),
-            d,
+    };
+    for rec in r.records.iter().filter(|r| r.pass == SCAN) {
+        let d = note(rec, spec.sensitivity.note()).context("budget scan record without damage")?;
+        let module = format!(
+            "{}{}",
+            crate::model::layer::LayerWeights::prefix(rec.layer),
+            rec.linear
         );
+        let e = by_layer.entry(rec.layer).or_default();
+        e.0.push((module, d));
+        if spec.sensitivity == Sensitivity::Kl {
+            e.1 = Some(note(rec, "layer_kl").context("budget scan record without layer_kl")?);
+        }
+    }
+    for (linears, layer_kl) in by_layer.into_values() {
+        let local: Vec<Vec<f64>> = linears.iter().map(|(_, d)| d.clone()).collect();
+        let d = match layer_kl {
+            Some(k) => kl::shares(&k, &local),
+            None => local,
+        };
+        damage.extend(linears.into_iter().map(|(m, _)| m).zip(d));
     }
     let selected: Vec<&LinearInfo> = lins.iter().filter(|l| l.selected).collect();
     let mut items = Vec::new();
@@ -416,6 +456,8 @@ const SCAN: &str = "budget-scan";
 struct Scan {
     passes: Vec<Gptq>,
     select: Selector,
+    /// With `sensitivity: kl`: the dense model and its outputs on the KL subset.
+    kl: Option<kl::Probe>,
 }
 
 impl Pass for Scan {
@@ -433,6 +475,9 @@ impl Pass for Scan {
     fn apply(&self, ctx: &mut LayerCtx) -> Result<()> {
         let harness = self.harness(SCAN);
         let globals = self.globals(ctx, &harness.selected(ctx))?;
+        // with `sensitivity: kl`: every candidate's weights of each linear, for the layer's KL
+        let mut swept: Vec<Vec<(&'static str, ndarray::Array2<f32>)>> =
+            vec![Vec::new(); self.passes.len()];
         harness.each(ctx, |ctx, lin| {
             let site = super::input_site(ctx, lin.name)?;
             let n = ctx.stats(site)?.n as f64;
@@ -453,11 +498,39 @@ impl Pass for Scan {
                 let e = crate::linalg::quad_trace(&d, h);
                 damage.push(n / 2.0 * e);
                 relative.push(e / crate::linalg::quad_trace(l.weight(), h).max(1e-300));
+                if self.kl.is_some() {
+                    swept[c].push((lin.name, r.dequant));
+                }
             }
             Ok(Done::default()
                 .note("damage", damage)
                 .note("relative", relative))
-        })
+        })?;
+        let Some(probe) = &self.kl else {
+            return Ok(());
+        };
+        // the layer's KL under each candidate: every selected linear on it at once
+        let mut layer_kl = Vec::with_capacity(swept.len());
+        for weights in swept {
+            let mut layer = ctx.layer.clone();
+            for (name, w) in weights {
+                layer
+                    .linears
+                    .get_mut(name)
+                    .context("linear present")?
+                    .set_weight(w)?;
+            }
+            layer_kl.push(probe.kl(ctx.index(), &layer)?);
+        }
+        let here = ctx.index();
+        for rec in ctx
+            .records
+            .iter_mut()
+            .filter(|r| r.pass == SCAN && r.layer == here)
+        {
+            rec.notes.insert("layer_kl".into(), json!(layer_kl));
+        }
+        Ok(())
     }
 }
 
@@ -512,6 +585,7 @@ impl Budget {
             scan: Scan {
                 passes: spec.passes()?,
                 select: Selector::new(&spec.targets, &spec.ignore)?,
+                kl: None,
             },
             labels: spec.labels(),
             choice: a.choice.clone(),
